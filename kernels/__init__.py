@@ -1,0 +1,13 @@
+"""Triton kernels, installed as ``anatomask_fast.kernels``; one module per op family.
+
+Each op is a ``torch.library.triton_op`` so that torch.compile sees the kernel. On a
+machine without a CUDA device they run under the Triton interpreter on CPU tensors:
+``TRITON_INTERPRET`` is read when a kernel is defined, so it is set here, before the
+family modules define theirs, unless the user set it.
+"""
+import os
+
+from anatomask_fast.dispatch import triton_interpreted
+
+if triton_interpreted():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the package, its tests and its benchmarks need, on a
+# fresh CPU machine, and builds the C++ extension into the source tree (editable).
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch==2.13.0 is the CPU build on local disk; an unpinned torch would pull CUDA wheels.
+.venv/bin/python -m pip install -q -r requirements/cpu.txt
+ANATOMASK_STRICT_BUILD=1 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

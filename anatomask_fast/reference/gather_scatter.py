@@ -17,3 +17,47 @@ def upsample_mask(active: torch.Tensor, spatial: tuple[int, int, int]) -> torch.
 def apply_mask_reference(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """``x * upsample(active)``: hidden positions of ``x`` set to zero."""
     return x * upsample_mask(active, tuple(x.shape[2:]))
+
+
+def densify_reference(x: torch.Tensor, active: torch.Tensor,
+                      mask_token: torch.Tensor) -> torch.Tensor:
+    """Features at visible positions, the learned per-channel ``mask_token`` (shape
+    ``(1, C, 1, 1, 1)`` as in the reference, or ``(C,)``) at hidden ones: the
+    reference's ``torch.where(active_ex, x, mask_token.expand_as(x))``."""
+    token = mask_token.reshape(1, -1, 1, 1, 1).expand_as(x)
+    return torch.where(upsample_mask(active, tuple(x.shape[2:])).expand_as(x), x, token)
+
+
+ACTIVATIONS = {
+    None: lambda t: t,
+    "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.01),
+    "relu6": torch.nn.functional.relu6,
+}
+
+
+def sparse_norm_reference(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, *, per_sample: bool = False,
+                          eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
+    """Normalization with statistics over visible voxels only, hidden outputs zero, the
+    reference's way: gather the visible voxels into a ``(n, C)`` matrix by boolean
+    indexing, normalize per channel (biased variance, ``eps`` inside the square root,
+    affine), allocate zeros, scatter back, then the activation (``leaky_relu`` with
+    slope 0.01 as STU-Net, or ``relu6``; both keep zeros at zero).
+
+    ``per_sample=False`` is the reference's quirk: one ``(n, C)`` matrix for the whole
+    batch, so statistics are per channel over the batch. ``per_sample=True`` gives
+    per-sample instance statistics (what the dense network computes at fine-tuning).
+    """
+    ii = upsample_mask(active, tuple(x.shape[2:]))[:, 0]           # (B, H, W, D)
+    bhwdc = x.permute(0, 2, 3, 4, 1)
+    out = torch.zeros_like(bhwdc)
+    groups = [(ii[b:b + 1], slice(b, b + 1)) for b in range(x.shape[0])] if per_sample \
+        else [(ii, slice(None))]
+    for visible, batch in groups:
+        nc = bhwdc[batch][visible]                                    # (n, C)
+        normed = torch.nn.functional.instance_norm(
+            nc.t().unsqueeze(0), weight=weight, bias=bias, eps=eps).squeeze(0).t()
+        part = torch.zeros_like(bhwdc[batch])
+        part[visible] = normed
+        out[batch] = part
+    return ACTIVATIONS[activation](out).permute(0, 4, 1, 2, 3)

@@ -1,0 +1,81 @@
+"""The AnatoMask / SparK pretraining network: sparse STU-Net encoder, densify (sparse
+norm, mask token, projection per stage) and the light decoder.
+
+Parameter names follow the published code (``encoder.conv_blocks_context...``,
+``mask_tokens.{i}``, ``densify_norms.{i}``, ``densify_projs.{i}``, ``decoder.dec...``),
+so one state_dict serves both executions:
+
+- ``lean=False`` (reference execution): densifies all five stages, the full-resolution
+  one included, which the decoder never reads, and runs the decoder storing every
+  activation;
+- ``lean=True``: skips that unused densify and runs the decoder's memory-lean path.
+Both give the same reconstruction.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.gather_scatter import densify, sparse_norm
+from .decoder import LightDecoder
+from .sparse_encoder import SparseSTUNetEncoder
+from .stunet import STUNET_SIZES, STUNetEncoder
+
+# Decoder widths of the published setting (512 for STU-Net); the tiny test model
+# keeps the same 16x ratio to its first stage.
+DECODER_WIDTHS = {"tiny": 128, "S": 512, "B": 512, "L": 512, "H": 512}
+
+
+class AnatoMaskNet(nn.Module):
+    def __init__(self, size: str = "B", in_channels: int = 1, *, per_sample_norm: bool = True,
+                 packed_stages: int | None = None, sync_bn: bool = False) -> None:
+        super().__init__()
+        self.size = size
+        self.per_sample_norm = per_sample_norm
+        self.encoder = SparseSTUNetEncoder(STUNetEncoder.from_size(size, in_channels),
+                                           per_sample=per_sample_norm,
+                                           packed_stages=packed_stages)
+        widths = STUNET_SIZES[size].widths[::-1]              # deepest first
+        decoder_width = DECODER_WIDTHS[size]
+        self.mask_tokens = nn.ParameterList()
+        self.densify_norms = nn.ModuleList()
+        self.densify_projs = nn.ModuleList()
+        for i, width in enumerate(widths):
+            out = decoder_width // 2 ** i
+            token = nn.Parameter(torch.zeros(1, width, 1, 1, 1))
+            nn.init.trunc_normal_(token, mean=0, std=0.02, a=-0.02, b=0.02)
+            self.mask_tokens.append(token)
+            self.densify_norms.append(nn.InstanceNorm3d(width, affine=True))
+            if i == 0:
+                proj = nn.Identity() if width == out else nn.Conv3d(width, out, 1)
+            else:
+                proj = nn.Conv3d(width, out, 3, padding=1)
+            self.densify_projs.append(proj)
+        self.decoder = LightDecoder(levels=len(widths) - 1, width=decoder_width,
+                                    out_channels=in_channels, sync_bn=sync_bn)
+        self.patch_size = self.encoder.downsampling
+
+    def unused_in_lean_mode(self) -> list[nn.Parameter]:
+        """The full-resolution densify's parameters: computed by the reference, never read
+        by the decoder, so they never receive a gradient either way."""
+        last = len(self.densify_projs) - 1
+        return [self.mask_tokens[last], *self.densify_norms[last].parameters(),
+                *self.densify_projs[last].parameters()]
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense STU-Net encoder's weights (``conv_blocks_context...``)."""
+        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+
+    def forward(self, x: torch.Tensor, active: torch.Tensor, lean: bool = True) -> torch.Tensor:
+        """The reconstruction of ``x`` (B, C, H, W, D) seen through the visible mask
+        ``active`` (B, 1, H/16, W/16, D/16)."""
+        features = self.encoder(x, active)[::-1]                  # deepest first
+        used = len(self.decoder.dec) if lean else len(features)
+        to_decoder = [self._densify(i, features[i], active) for i in range(used)]
+        return self.decoder(to_decoder, lean=lean)
+
+    def _densify(self, i: int, feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        norm = self.densify_norms[i]
+        feature = sparse_norm(feature, active, norm.weight, norm.bias,
+                              per_sample=self.per_sample_norm, eps=norm.eps)
+        return self.densify_projs[i](densify(feature, active, self.mask_tokens[i]))

@@ -1,0 +1,2 @@
+"""Training jobs: ``python -m anatomask_fast.train pretrain`` (AnatoMask pretraining;
+the default when no job is named)."""

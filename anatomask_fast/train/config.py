@@ -1,0 +1,97 @@
+"""Run configuration: a dataclass per job whose fields are the command-line flags,
+saved as JSON in the run folder."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """AnatoMask pretraining. Defaults follow the published setting; with no --data the
+    run is the embedded demonstration (phantom, tiny model, a few epochs)."""
+
+    data: str | None = None           # NIfTI folder or nnU-Net raw dataset; None: phantom
+    modality: str = "CT"              # CT, MR or PET (a plain folder; nnU-Net: dataset.json)
+    out: str = "runs/pretrain"
+    size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
+    crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
+    spacing: tuple[float, float, float] | None = None
+    batch_size: int | None = None     # per process (default 4, demo 2)
+    epochs: int | None = None         # default 1000 (demo 4)
+    steps_per_epoch: int | None = None  # default: one pass over the data
+    mask_ratio: float = 0.6
+    hard_schedule: str = "linear"     # linear (easy-to-hard), hard-to-easy, constant, cosine, step
+    hard_max: float = 0.5
+    schedule_by: str = "epoch"        # epoch (as the reference) or step
+    reference_compatible: bool = False  # the published code's quirks (see README)
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-5
+    warmup_epochs: float | None = None  # default 20 (demo 1)
+    clip_grad: float = 12.0
+    ema_start: float = 0.999
+    ema_end: float = 0.9999
+    amp: str = "none"                 # none, bf16, fp16
+    workers: int = 2
+    seed: int = 0
+    save_every: int = 10
+    preview_every: int = 1
+    device: str = "auto"
+    resume: bool = False
+    phantom_cases: int = 8
+    latest_every_steps: int = 0       # also write checkpoint_latest.pt every N steps
+    stop_after_steps: int = 0         # stop (resumably) after N steps in all
+
+    @property
+    def demo(self) -> bool:
+        return self.data is None
+
+    def resolved(self) -> "PretrainConfig":
+        """Fills the defaults that depend on whether this is the demonstration."""
+        demo = self.demo
+        defaults = dict(size="tiny" if demo else "B",
+                        crop=(64, 64, 64) if demo else (112, 112, 128),
+                        batch_size=2 if demo else 4, epochs=4 if demo else 1000,
+                        warmup_epochs=1 if demo else 20)
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items()
+                                            if getattr(self, k) is None})
+
+
+def _flag_type(hint: Any) -> tuple[Any, int | None]:
+    """argparse type and nargs of a field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    if typing.get_origin(base) is tuple:
+        inner = typing.get_args(base)
+        return inner[0], len(inner)
+    return base, None
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
+    hints = typing.get_type_hints(config_type)
+    for field in dataclasses.fields(config_type):
+        flag = "--" + field.name.replace("_", "-")
+        kind, nargs = _flag_type(hints[field.name])
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=kind, nargs=nargs, default=field.default)
+
+
+def from_arguments(namespace: argparse.Namespace, config_type: type):
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_type)}
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = tuple(value)
+    return config_type(**values)
+
+
+def save(config: Any, path: Path) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", path)

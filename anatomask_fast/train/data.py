@@ -1,0 +1,218 @@
+"""Volumes for training: discovery (a folder of NIfTI files or an nnU-Net raw
+dataset), MONAI pre-processing and augmentation, and a resumable, rank-sharded,
+seeded sampling order.
+
+Determinism: the augmentation of sample ``index`` in epoch ``epoch`` is seeded from
+``(seed, epoch, index)``, not from a worker's stream, so a batch does not depend on
+how many workers loaded it, and a resumed run sees exactly the batches an
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used, with the file or folder named."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    images: tuple[Path, ...]          # one file per channel
+    label: Path | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    cases: tuple[Case, ...]
+    modality: str                     # "CT", "MR" or "PET": picks the normalization
+    description: str
+    labels: dict[str, int] | None = None
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _strip(name: str) -> str:
+    return name[:-7] if name.endswith(".nii.gz") else name[:-4]
+
+
+def _nnunet(root: Path, with_labels: bool) -> Dataset:
+    meta_path = root / "dataset.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
+    files = sorted(p for p in (root / "imagesTr").iterdir() if _is_nifti(p))
+    names = sorted({_strip(p.name)[:-5] for p in files if _strip(p.name)[-5:-4] == "_"})
+    if not names:
+        raise DataError(f"no nnU-Net images (CASE_0000.nii.gz) found in {root / 'imagesTr'}")
+    cases = []
+    for name in names:
+        images = tuple(root / "imagesTr" / f"{name}_{int(c):04d}{_suffix(files)}"
+                       for c in sorted(channels, key=int))
+        missing = [str(p) for p in images if not p.exists()]
+        if missing:
+            raise DataError(f"case {name!r} lacks channel files: {missing}")
+        label = None
+        if with_labels:
+            label = root / "labelsTr" / f"{name}{_suffix(files)}"
+            if not label.exists():
+                raise DataError(f"case {name!r} has no label file: {label} is missing")
+        cases.append(Case(name, images, label))
+    modality = str(channels[sorted(channels, key=int)[0]]).upper()
+    labels = meta.get("labels")
+    return Dataset(tuple(cases), "CT" if modality == "CT" else modality,
+                   f"nnU-Net raw dataset {root} ({len(cases)} cases, {modality})", labels)
+
+
+def _suffix(files: Sequence[Path]) -> str:
+    return ".nii.gz" if files and files[0].name.endswith(".nii.gz") else ".nii"
+
+
+def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = False) -> Dataset:
+    """An nnU-Net raw dataset (``imagesTr/``, ``dataset.json``; ``labelsTr/`` when
+    ``with_labels``) or any folder of ``.nii``/``.nii.gz`` volumes (searched
+    recursively, one channel each)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    if (root / "imagesTr").is_dir():
+        return _nnunet(root, with_labels)
+    if with_labels:
+        raise DataError(f"{root} is not an nnU-Net raw dataset (imagesTr/, labelsTr/, "
+                        "dataset.json): labels cannot be paired")
+    files = sorted(p for p in root.rglob("*") if _is_nifti(p))
+    if not files:
+        raise DataError(f"no .nii or .nii.gz volumes found in {root}")
+    cases = tuple(Case(_strip(p.name), (p,)) for p in files)
+    return Dataset(cases, modality.upper(), f"folder {root} ({len(cases)} volumes, {modality})")
+
+
+class _Check3D(mt.MapTransform):
+    """Rejects volumes that are not 3D (naming the file) and warns when one is smaller
+    than the crop and will be padded."""
+
+    def __init__(self, keys: Sequence[str], crop: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.crop = tuple(crop)
+
+    def __call__(self, data: dict) -> dict:
+        for key in self.keys:
+            image = data[key]
+            source = image.meta.get("filename_or_obj", "?") if hasattr(image, "meta") else "?"
+            if image.ndim != 4:
+                raise DataError(f"{source}: expected a 3D volume, got spatial shape "
+                                f"{tuple(image.shape[1:])}")
+            if any(s < c for s, c in zip(image.shape[1:], self.crop)):
+                warnings.warn(f"{source}: shape {tuple(image.shape[1:])} is smaller than the "
+                              f"crop {self.crop}; it is padded", stacklevel=2)
+        return data
+
+
+def preprocessing(dataset: Dataset, crop: Sequence[int],
+                  spacing: Sequence[float] | None) -> mt.Compose:
+    """Deterministic part: load, check, optional resampling, intensity normalization
+    (CT: clip to the 0.5/99.5 percentiles then z-score; MR/PET: z-score), padding."""
+    keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
+    steps: list = [mt.LoadImaged(keys, reader="NibabelReader", ensure_channel_first=True,
+                                 image_only=True),
+                   _Check3D(["image"], crop)]
+    if len(dataset.cases[0].images) > 1:
+        steps.insert(1, mt.ConcatItemsd(["image"], "image"))
+    if spacing is not None:
+        modes = ["bilinear", "nearest"][: len(keys)]
+        steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
+    if dataset.modality == "CT":
+        steps.append(mt.ClipIntensityPercentilesd(["image"], lower=0.5, upper=99.5,
+                                                  channel_wise=True))
+    steps += [mt.NormalizeIntensityd(["image"], channel_wise=True),
+              mt.SpatialPadd(keys, spatial_size=tuple(crop)),
+              mt.EnsureTyped(keys, dtype=[torch.float32, torch.int64][: len(keys)],
+                             track_meta=False)]
+    return mt.Compose(steps)
+
+
+def augmentation(keys: Sequence[str], crop: Sequence[int], flips: bool) -> mt.Compose:
+    """Random part: a crop of the input size, and flips along each axis."""
+    steps: list = [mt.RandSpatialCropd(keys, roi_size=tuple(crop), random_size=False)]
+    if flips:
+        steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+    return mt.Compose(steps)
+
+
+def _case_dict(case: Case) -> dict:
+    item = {"image": [str(p) for p in case.images] if len(case.images) > 1 else str(case.images[0])}
+    if case.label is not None:
+        item["label"] = str(case.label)
+    return item
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Pre-processed volumes (cached in memory after the first load), cropped and
+    augmented with randomness seeded by (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, crop: Sequence[int], *, seed: int,
+                 spacing: Sequence[float] | None = None, flips: bool = True,
+                 cache: bool = True) -> None:
+        self.keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
+        data = [_case_dict(case) for case in dataset.cases]
+        self.volumes = CacheDataset(data, preprocessing(dataset, crop, spacing),
+                                    cache_rate=1.0 if cache else 0.0, num_workers=0,
+                                    progress=False)
+        self.random = augmentation(self.keys, crop, flips)
+        self.names = [case.name for case in dataset.cases]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> dict:
+        self.random.set_random_state(seed=_mix(self.seed, self.epoch, index))
+        item = self.random(self.volumes[index])
+        return {key: item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key]
+                for key in self.keys}
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, sharded across ranks (padded to equal length as
+    DistributedSampler does), that can start part-way through an epoch."""
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.per_rank = math.ceil(size / world_size)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch``, skipping this rank's first ``start`` samples (resume)."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.per_rank * self.world_size - self.size]
+        return iter(order[self.rank::self.world_size][self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start

@@ -1,0 +1,88 @@
+"""Process-level helpers shared by the training jobs: device and torchrun setup,
+peak memory, metrics logging."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Runtime:
+    """Joins the torchrun process group when launched by torchrun (NCCL on CUDA, gloo
+    on CPU) and picks this process's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return Runtime(torch.device("cuda", local), rank, world_size)
+    return Runtime(torch.device(device), rank, world_size)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA allocator peak on GPU; this process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class MetricsLog:
+    """JSON lines in ``metrics.jsonl``, and TensorBoard scalars when it is installed."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = folder / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -9,6 +9,7 @@ uninterrupted run would.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -169,9 +170,10 @@ class CropDataset(torch.utils.data.Dataset):
                  cache: bool = True) -> None:
         self.keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
         data = [_case_dict(case) for case in dataset.cases]
-        self.volumes = CacheDataset(data, preprocessing(dataset, crop, spacing),
-                                    cache_rate=1.0 if cache else 0.0, num_workers=0,
-                                    progress=False)
+        with _unwrapped_data_errors():
+            self.volumes = CacheDataset(data, preprocessing(dataset, crop, spacing),
+                                        cache_rate=1.0 if cache else 0.0, num_workers=0,
+                                        progress=False)
         self.random = augmentation(self.keys, crop, flips)
         self.names = [case.name for case in dataset.cases]
         self.seed = seed
@@ -185,9 +187,25 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         self.random.set_random_state(seed=_mix(self.seed, self.epoch, index))
-        item = self.random(self.volumes[index])
+        with _unwrapped_data_errors():
+            item = self.random(self.volumes[index])
         return {key: item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key]
                 for key in self.keys}
+
+
+@contextlib.contextmanager
+def _unwrapped_data_errors() -> Iterator[None]:
+    """MONAI wraps a transform's exception in RuntimeError("applying transform ...");
+    a DataError (which names the file) is re-raised as itself."""
+    try:
+        yield
+    except RuntimeError as error:
+        cause = error.__cause__
+        while isinstance(cause, RuntimeError) and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise
 
 
 def _mix(*values: int) -> int:

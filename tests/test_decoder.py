@@ -1,0 +1,75 @@
+"""The light decoder's memory-lean execution computes what the plain one computes and
+stores less for backward."""
+import copy
+
+import pytest
+import torch
+
+from anatomask_fast.models.decoder import LightDecoder, batch_norm_act_conv
+
+
+def saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """Runs fn() and counts the distinct storage bytes autograd saves for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def features(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(2, 32, 2, 2, 2), (2, 16, 4, 4, 4), (2, 8, 8, 8, 8)]
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("levels", [3, 4])
+def test_lean_equals_plain_forward_backward_and_running_stats(levels):
+    torch.manual_seed(0)
+    plain = LightDecoder(levels=levels, width=32, out_channels=2).double().train()
+    lean = copy.deepcopy(plain)
+    a, b = features(), features()
+    out_plain, out_lean = plain(a), lean(b, lean=True)
+    grad = torch.randn_like(out_plain)
+    out_plain.backward(grad)
+    out_lean.backward(grad)
+    torch.testing.assert_close(out_lean, out_plain, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=name)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.grad, x.grad, rtol=1e-9, atol=1e-11)
+    for (name, p), q in zip(plain.named_buffers(), lean.buffers()):
+        torch.testing.assert_close(q, p, msg=name)
+
+
+def test_lean_stores_less():
+    torch.manual_seed(0)
+    decoder = LightDecoder(levels=3, width=32).train()
+    inputs = features(torch.float32)
+    _, plain = saved_bytes(lambda: decoder(inputs))
+    _, lean = saved_bytes(lambda: decoder(inputs, lean=True))
+    # Per level the plain path stores the up-sampled map, both conv inputs after
+    # BatchNorm/ReLU6 and the final BatchNorm output; the lean one only s, c1 and c2.
+    assert lean < 0.6 * plain, (lean, plain)
+
+
+def test_eval_mode_and_no_grad_use_the_plain_path():
+    decoder = LightDecoder(levels=3, width=32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(features(torch.float32), lean=True),
+                                   decoder(features(torch.float32)))
+
+
+def test_fused_batch_norm_act_conv_half_precision_statistics_in_fp32():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm3d(4)
+    conv = torch.nn.Conv3d(4, 3, 3, padding=1, bias=False)
+    x = (torch.randn(2, 4, 6, 6, 6) * 3 + 5).bfloat16().requires_grad_()
+    bn_ref = copy.deepcopy(bn)
+    out = batch_norm_act_conv(x, bn.bfloat16(), True, conv.bfloat16())
+    expected = conv.float()(torch.nn.functional.relu6(bn_ref(x.float())))
+    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)

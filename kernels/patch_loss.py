@@ -14,13 +14,18 @@ from anatomask_fast.ops.patch_loss import autograd, stats_dtype
 from anatomask_fast.outputs import new_output
 
 
+# The largest patch (values) the forward holds in registers, by device type. The
+# interpreter pays per operation, not per register, so it takes whole patches.
+MAX_ONE_CHUNK = {"cpu": 1 << 16, "cuda": 8192}
+# Values per step where patches are streamed (larger forwards, every backward).
+CHUNK = {"cpu": 1 << 16, "cuda": 2048}
+
+
 def _blocks(n: int, device: torch.device) -> tuple[int, bool, int]:
-    """(BLOCK, ONE_CHUNK, num_warps). The interpreter pays per operation, not per
-    register, so it gets whole patches up to 64K values."""
-    one_chunk_max = 1 << 16 if device.type == "cpu" else 8192
+    """(BLOCK, ONE_CHUNK, num_warps) of the forward for patches of n values."""
     block = triton.next_power_of_2(max(n, 1))
-    if block > one_chunk_max:
-        return 2048, False, 8
+    if block > MAX_ONE_CHUNK[device.type]:
+        return CHUNK[device.type], False, 8
     return block, True, 8 if block >= 4096 else 4
 
 
@@ -170,7 +175,7 @@ def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Te
     rec, x = rec.contiguous(), x.contiguous()
     grad = new_output(rec.shape, dtype=rec.dtype, device=rec.device)
     geo = _geometry(x, active)
-    block = min(_blocks(geo["N"], x.device)[0], 1 << 16 if x.device.type == "cpu" else 2048)
+    block = min(triton.next_power_of_2(max(geo["N"], 1)), CHUNK[x.device.type])
     if grad.numel():
         wrap_triton(_backward_kernel)[(active.numel(),)](
             grad_per_patch.contiguous(), rec, x, active.contiguous().view(torch.uint8),

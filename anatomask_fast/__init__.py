@@ -6,5 +6,6 @@ Public ops dispatch to CUDA C++, Triton, C++ CPU or the plain-PyTorch reference
 from ._version import __version__
 from .dispatch import backends, use_backend
 from .ops.gather_scatter import apply_mask
+from .ops.patch_loss import patch_recon_loss
 
-__all__ = ["__version__", "apply_mask", "backends", "use_backend"]
+__all__ = ["__version__", "apply_mask", "backends", "patch_recon_loss", "use_backend"]

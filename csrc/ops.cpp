@@ -10,6 +10,17 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // y = x * upsample(active): hidden patches of a (B, C, H, W, D) volume set to
   // exactly zero, reading the (B, 1, h, w, d) bool mask directly.
   m.def("apply_mask(Tensor x, Tensor active) -> Tensor");
+
+  // ---- patch-loss family (csrc/*/patch_loss.*) ----
+  // Per-patch reconstruction error of `rec` against the patches of `x` (normalized
+  // per patch when norm_pix), times hidden = !active: (per_patch, mean, rstd), each
+  // (B, L) fp32 (float64 for float64 inputs); mean/rstd are the target's statistics
+  // (0 and 1 for raw targets; 0 where hidden_only skipped a visible patch).
+  m.def("patch_recon_loss(Tensor rec, Tensor x, Tensor active, bool norm_pix, float eps, "
+        "bool hidden_only) -> (Tensor, Tensor, Tensor)");
+  // grad_rec = grad_per_patch * hidden * 2/N * (rec - (x - mean) * rstd), per patch.
+  m.def("patch_recon_loss_backward(Tensor grad_per_patch, Tensor rec, Tensor x, "
+        "Tensor active, Tensor mean, Tensor rstd, bool hidden_only) -> Tensor");
 }
 
 namespace {

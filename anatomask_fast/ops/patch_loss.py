@@ -1,0 +1,144 @@
+"""Patch-loss family: the per-patch reconstruction loss computed straight from the
+dense volumes (no patchified copies, no normalized-target or squared-error tensor)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import _extension
+from ..dispatch import Op
+from ..reference.patch_loss import patch_recon_loss_reference
+from ..validation import check_active_mask, check_same_device, check_volume
+
+PATCH_RECON_LOSS = Op("patch_recon_loss", reference=patch_recon_loss_reference,
+                      cpp="patch_recon_loss", triton="patch_loss:patch_recon_loss_triton")
+
+_NAME = "patch_recon_loss"
+
+
+def _check_patch_size(patch_size: object) -> tuple[int, int, int]:
+    if isinstance(patch_size, int) and not isinstance(patch_size, bool):
+        patch_size = (patch_size,) * 3
+    if (not isinstance(patch_size, Sequence) or
+            not all(isinstance(p, int) and not isinstance(p, bool) for p in patch_size)):
+        raise TypeError(f"{_NAME}: argument 'patch_size' must be an int or 3 ints, "
+                        f"got {patch_size!r}")
+    if len(patch_size) != 3 or min(patch_size) <= 0:
+        raise ValueError(f"{_NAME}: argument 'patch_size' must be 3 positive ints "
+                         f"(ph, pw, pd), got {tuple(patch_size)}")
+    return tuple(patch_size)
+
+
+def _check_inputs(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
+                  patch_size: object) -> tuple[int, int, int]:
+    check_volume(_NAME, "x", x)
+    check_volume(_NAME, "rec", rec)
+    if rec.shape != x.shape:
+        raise ValueError(f"{_NAME}: argument 'rec' must have the shape of 'x' "
+                         f"{tuple(x.shape)}, got {tuple(rec.shape)}")
+    if rec.dtype != x.dtype:
+        raise TypeError(f"{_NAME}: argument 'rec' must have the dtype of 'x' ({x.dtype}), "
+                        f"got {rec.dtype}")
+    check_same_device(_NAME, x=x, rec=rec)
+    patch = _check_patch_size(patch_size)
+    spatial = tuple(x.shape[2:])
+    if any(s % p for s, p in zip(spatial, patch)):
+        raise ValueError(f"{_NAME}: the spatial shape {spatial} of 'x' must be divisible by "
+                         f"'patch_size' {patch}")
+    cell = check_active_mask(_NAME, active, x)
+    if cell != patch:
+        grid = tuple(s // p for s, p in zip(spatial, patch))
+        raise ValueError(f"{_NAME}: argument 'active' must have the patch grid "
+                         f"{(x.shape[0], 1, *grid)} of 'x' at 'patch_size' {patch}, "
+                         f"got {tuple(active.shape)}")
+    return patch
+
+
+def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
+                     patch_size: int | Sequence[int], *, norm_pix: bool = True,
+                     eps: float = 1e-6,
+                     hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked reconstruction loss of ../shared/SPEC.md sections 3 and 4.
+
+    ``rec`` and ``x`` are ``(B, C, H, W, D)`` of one float dtype, ``active`` the bool
+    ``(B, 1, h, w, d)`` visible mask (True = visible) at ``patch_size`` (an int for
+    cubic patches or ``(ph, pw, pd)``). Returns ``(loss, per_patch)``: the scalar mean
+    of the per-patch error over hidden patches and the ``(B, L)`` map of
+    ``e[b, l] * hidden[b, l]`` (``l = (i*w + j)*d + k``), both fp32 (float64 for float64
+    inputs). Gradients flow to ``rec`` through both outputs; ``x`` is data.
+
+    - ``norm_pix=True`` (student): the target is each patch normalized by its mean and
+      ``sqrt(unbiased var + eps)``.
+    - ``norm_pix=False``: the raw patch is the target: the reference's teacher error,
+      ``with torch.no_grad(): patch_recon_loss(rec1, x, active1, p, norm_pix=False)``.
+      A teacher with the normalized target is the same call with ``norm_pix=True``.
+    - ``hidden_only=True`` reads and writes only the hidden patches (work
+      proportional to the hidden share). Results are the same, except that
+      non-finite values of ``rec`` in visible patches are ignored instead of turning
+      the loss into NaN as ``e * 0`` does in the reference.
+    """
+    patch = _check_inputs(rec, x, active, patch_size)
+    backend = PATCH_RECON_LOSS.select(rec.device)
+    kernel = PATCH_RECON_LOSS.kernel(backend)
+    if backend == "reference":
+        return kernel(rec, x, active, patch, norm_pix=norm_pix, eps=eps,
+                      hidden_only=hidden_only)
+    per_patch, _, _ = kernel(rec, x, active, norm_pix, float(eps), hidden_only)
+    n_hidden = active.numel() - active.sum(dtype=per_patch.dtype)
+    return per_patch.sum() / (n_hidden + 1e-8), per_patch
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-patch results and statistics: fp32, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def autograd(backward_op: Callable) -> tuple[Callable, Callable]:
+    """(backward, setup_context) of a forward op (rec, x, active, norm_pix, eps,
+    hidden_only) -> (per_patch, mean, rstd), given its backward op (grad_per_patch,
+    rec, x, active, mean, rstd, hidden_only) -> grad_rec. Only the inputs and the
+    (B, L) statistics are saved; raw targets come with mean 0 and rstd 1."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        rec, x, active, _, _, hidden_only = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(rec, x, active, mean, rstd)
+        ctx.hidden_only = hidden_only
+
+    def backward(ctx, grad_per_patch, _grad_mean, _grad_rstd):
+        rec, x, active, mean, rstd = ctx.saved_tensors
+        grad = backward_op(grad_per_patch, rec, x, active, mean, rstd, ctx.hidden_only)
+        return grad, None, None, None, None, None
+
+    return backward, setup_context
+
+
+def _register_cpp() -> None:
+    """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
+    op = torch.ops.anatomask_fast
+
+    @torch.library.register_fake("anatomask_fast::patch_recon_loss")
+    def _(rec, x, active, norm_pix, eps, hidden_only):
+        return patch_stats_like(rec, active)
+
+    @torch.library.register_fake("anatomask_fast::patch_recon_loss_backward")
+    def _(grad_per_patch, rec, x, active, mean, rstd, hidden_only):
+        return torch.empty_like(rec, memory_format=torch.contiguous_format)
+
+    backward, setup_context = autograd(op.patch_recon_loss_backward.default)
+    torch.library.register_autograd("anatomask_fast::patch_recon_loss", backward,
+                                    setup_context=setup_context)
+
+
+def patch_stats_like(rec: torch.Tensor,
+                     active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (per_patch, mean, rstd), each (B, L), for the fake kernels."""
+    shape = (active.shape[0], active[0].numel())
+    dtype = stats_dtype(rec.dtype)
+    return tuple(rec.new_empty(shape, dtype=dtype) for _ in range(3))
+
+
+if _extension.load()[0] is not None:
+    _register_cpp()

@@ -6,5 +6,8 @@ Public ops dispatch to CUDA C++, Triton, C++ CPU or the plain-PyTorch reference
 from ._version import __version__
 from .dispatch import backends, use_backend
 from .ops.gather_scatter import apply_mask
+from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
+                              random_mask)
 
-__all__ = ["__version__", "apply_mask", "backends", "use_backend"]
+__all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
+           "backends", "ids_to_active", "random_mask", "use_backend"]

@@ -10,6 +10,15 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // y = x * upsample(active): hidden patches of a (B, C, H, W, D) volume set to
   // exactly zero, reading the (B, 1, h, w, d) bool mask directly.
   m.def("apply_mask(Tensor x, Tensor active) -> Tensor");
+
+  // ---- mask_select family (csrc/*/mask_select.*) ----
+  // AnatoMask selection for errors (B, L): hide the n_hard largest errors (ties by
+  // lower index) and the L - len_keep - n_hard remaining patches with the smallest
+  // noise (given, or Philox from (seed, offset)). Returns (active, hard, ids_shuffle,
+  // ids_restore): bool (B, L) visible and loss-chosen flags, int64 (B, L) ids with
+  // the kept patches first, each part in index order. Not differentiable.
+  m.def("anatomical_mask(Tensor errors, Tensor? noise, int len_keep, int n_hard, int seed, "
+        "int offset) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -9,3 +9,8 @@ from .ops.gather_scatter import apply_mask
 from .ops.patch_loss import patch_recon_loss
 
 __all__ = ["__version__", "apply_mask", "backends", "patch_recon_loss", "use_backend"]
+from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
+                              random_mask)
+
+__all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
+           "backends", "ids_to_active", "random_mask", "use_backend"]

@@ -21,6 +21,14 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // grad_rec = grad_per_patch * hidden * 2/N * (rec - (x - mean) * rstd), per patch.
   m.def("patch_recon_loss_backward(Tensor grad_per_patch, Tensor rec, Tensor x, "
         "Tensor active, Tensor mean, Tensor rstd, bool hidden_only) -> Tensor");
+  // ---- mask_select family (csrc/*/mask_select.*) ----
+  // AnatoMask selection for errors (B, L): hide the n_hard largest errors (ties by
+  // lower index) and the L - len_keep - n_hard remaining patches with the smallest
+  // noise (given, or Philox from (seed, offset)). Returns (active, hard, ids_shuffle,
+  // ids_restore): bool (B, L) visible and loss-chosen flags, int64 (B, L) ids with
+  // the kept patches first, each part in index order. Not differentiable.
+  m.def("anatomical_mask(Tensor errors, Tensor? noise, int len_keep, int n_hard, int seed, "
+        "int offset) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

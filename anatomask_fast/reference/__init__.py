@@ -6,4 +6,7 @@ from .gather_scatter import (apply_mask_reference, densify_reference, sparse_nor
 from .patch_loss import patch_recon_loss_reference
 
 __all__ = ["apply_mask_reference", "densify_reference", "patch_recon_loss_reference",
+from .mask_select import anatomical_mask_reference
+
+__all__ = ["anatomical_mask_reference", "apply_mask_reference", "densify_reference",
            "sparse_norm_reference", "upsample_mask"]

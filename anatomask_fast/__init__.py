@@ -5,6 +5,8 @@ Public ops dispatch to CUDA C++, Triton, C++ CPU or the plain-PyTorch reference
 """
 from ._version import __version__
 from .dispatch import backends, use_backend
-from .ops.gather_scatter import apply_mask
+from .ops.gather_scatter import (apply_mask, densify, gather_tokens, scatter_tokens,
+                                 sparse_norm)
 
-__all__ = ["__version__", "apply_mask", "backends", "use_backend"]
+__all__ = ["__version__", "apply_mask", "backends", "densify", "gather_tokens", "scatter_tokens",
+           "sparse_norm", "use_backend"]

@@ -354,8 +354,9 @@ def _gather_rows_kernel(src_ptr, idx_ptr, fill_ptr, pos_ptr, out_ptr, n_src, n_i
         fill = tl.load(fill_ptr + cols, mask=inside & ~valid, other=0)
         value = tl.where(valid, value, fill)
     if HAS_POS:
-        value += tl.load(pos_ptr + (r % n_idx) * C + cols, mask=inside, other=0)
-    tl.store(out_ptr + r * C + cols, value, mask=inside)
+        pos = tl.load(pos_ptr + (r % n_idx) * C + cols, mask=inside, other=0)
+        value = value.to(pos.dtype) + pos  # pos is in the accumulation dtype
+    tl.store(out_ptr + r * C + cols, value.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None,
@@ -392,7 +393,8 @@ def scatter_tokens_triton(x_visible: torch.Tensor, ids_restore: torch.Tensor,
                           mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
     dtype = x_visible.dtype
     token = mask_token.reshape(-1).to(dtype).contiguous()
-    pos = None if pos_embed is None else pos_embed.reshape(ids_restore.shape[1], -1).to(dtype).contiguous()
+    pos = None if pos_embed is None else (
+        pos_embed.reshape(ids_restore.shape[1], -1).to(dtype).to(_acc_dtype(x_visible)).contiguous())
     return _gather_rows(x_visible, ids_restore, token, pos)
 
 

@@ -14,3 +14,8 @@ from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to
 
 __all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
            "backends", "ids_to_active", "random_mask", "use_backend"]
+from .ops.gather_scatter import (apply_mask, densify, gather_tokens, scatter_tokens,
+                                 sparse_norm)
+
+__all__ = ["__version__", "apply_mask", "backends", "densify", "gather_tokens", "scatter_tokens",
+           "sparse_norm", "use_backend"]

@@ -29,6 +29,28 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // the kept patches first, each part in index order. Not differentiable.
   m.def("anatomical_mask(Tensor errors, Tensor? noise, int len_keep, int n_hard, int seed, "
         "int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Mask token (C,) at hidden voxels, x at visible ones; backward: (grad_x, grad_token
+  // (C,) in the accumulation dtype).
+  m.def("densify(Tensor x, Tensor active, Tensor mask_token) -> Tensor");
+  m.def("densify_backward(Tensor grad, Tensor active) -> (Tensor, Tensor)");
+  // Norm over visible voxels, per (sample, channel) or pooled over the batch; returns
+  // (y, mean, rstd) with statistics (B or 1, C) in the accumulation dtype.
+  // activation: "none" | "leaky_relu" | "relu6".
+  m.def("sparse_norm(Tensor x, Tensor active, Tensor? weight, Tensor? bias, bool per_sample, "
+        "float eps, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_norm_backward(Tensor grad, Tensor x, Tensor active, Tensor? weight, "
+        "Tensor? bias, Tensor mean, Tensor rstd, str activation) -> (Tensor, Tensor, Tensor)");
+  // Token layout (B, L, C): rows of x by ids_keep (B, K); backward scatters them into
+  // zeros (B, L, C).
+  m.def("gather_tokens(Tensor x, Tensor ids_keep) -> Tensor");
+  m.def("gather_tokens_backward(Tensor grad, Tensor ids_keep, SymInt length) -> Tensor");
+  // out[b, l] = (r < K ? x_visible[b, r] : mask_token) (+ pos_embed[l]), r = ids_restore[b, l];
+  // backward: (grad_x_visible, grad_mask_token (C,), grad_pos_embed (L, C) or empty),
+  // tokens in the accumulation dtype.
+  m.def("scatter_tokens(Tensor x_visible, Tensor ids_restore, Tensor mask_token, "
+        "Tensor? pos_embed) -> Tensor");
+  m.def("scatter_tokens_backward(Tensor grad, Tensor ids_restore, SymInt len_keep, "
+        "bool with_pos) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

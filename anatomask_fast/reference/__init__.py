@@ -10,3 +10,8 @@ from .mask_select import anatomical_mask_reference
 
 __all__ = ["anatomical_mask_reference", "apply_mask_reference", "densify_reference",
            "sparse_norm_reference", "upsample_mask"]
+from .gather_scatter import (apply_mask_reference, densify_reference, gather_tokens_reference,
+                             scatter_tokens_reference, sparse_norm_reference, upsample_mask)
+
+__all__ = ["apply_mask_reference", "densify_reference", "gather_tokens_reference",
+           "scatter_tokens_reference", "sparse_norm_reference", "upsample_mask"]

@@ -61,3 +61,26 @@ def sparse_norm_reference(x: torch.Tensor, active: torch.Tensor, weight: torch.T
         part[visible] = normed
         out[batch] = part
     return ACTIVATIONS[activation](out).permute(0, 4, 1, 2, 3)
+
+
+def gather_tokens_reference(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """The visible tokens ``(B, len_keep, C)`` of ``x`` ``(B, L, C)``, MAE's way:
+    ``torch.gather`` with the index repeated over channels."""
+    index = ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[-1])
+    return torch.gather(x, dim=1, index=index)
+
+
+def scatter_tokens_reference(x_visible: torch.Tensor, ids_restore: torch.Tensor,
+                             mask_token: torch.Tensor,
+                             pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """The full sequence ``(B, L, C)``, MAE's way: append ``mask_token`` repeated over
+    the hidden slots, unshuffle with ``torch.gather`` by ``ids_restore``, then add
+    ``pos_embed`` (``(1, L, C)`` or ``(L, C)``) when given."""
+    B, K, C = x_visible.shape
+    L = ids_restore.shape[1]
+    tokens = mask_token.reshape(1, 1, C).repeat(B, L - K, 1)
+    full = torch.cat([x_visible, tokens], dim=1)
+    out = torch.gather(full, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, C))
+    if pos_embed is not None:
+        out = out + pos_embed.reshape(1, L, C)
+    return out

@@ -1,10 +1,15 @@
 // CPU kernels of the gather/scatter family (OpenMP through at::parallel_for).
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "../mask_geometry.h"
@@ -66,8 +71,596 @@ at::Tensor apply_mask_cpu(const at::Tensor& x, const at::Tensor& active) {
 
 }  // namespace
 
+namespace {
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// AT_DISPATCH as a function, so that the kernels' `#pragma omp simd` lines are not
+// inside a macro argument.
+template <typename Fn>
+void dispatch_float(at::ScalarType type, const char* op, Fn&& fn) {
+  switch (type) {
+    case at::kFloat: return fn(float{});
+    case at::kDouble: return fn(double{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", type);
+  }
+}
+
+// The visible mask of one line (b, :, i, j, :) expanded to its D voxels, rebuilt only
+// when the line crosses into another row of mask cells, so the per-voxel loops are
+// branch-free selects that vectorize.
+class LineMask {
+ public:
+  LineMask(const bool* mask, const MaskGeometry& g) : mask_(mask), g_(g), keep_(g.D) {}
+
+  // Sets the line; returns the number of visible voxels on it.
+  int64_t set(int64_t b, int64_t i, int64_t j) {
+    const bool* cells = mask_ + ((b * g_.h + i / g_.ph) * g_.w + j / g_.pw) * g_.d;
+    if (cells != built_for_) {
+      visible_ = 0;
+      for (int64_t c = 0; c < g_.d; ++c) {
+        std::fill_n(keep_.begin() + c * g_.pd, g_.pd, static_cast<uint8_t>(cells[c]));
+        visible_ += cells[c] ? g_.pd : 0;
+      }
+      built_for_ = cells;
+    }
+    return visible_;
+  }
+  const uint8_t* keep() const { return keep_.data(); }
+
+ private:
+  const bool* mask_;
+  const MaskGeometry& g_;
+  std::vector<uint8_t> keep_;
+  const bool* built_for_ = nullptr;
+  int64_t visible_ = 0;
+};
+
+// Calls fn(line_offset, keep, visible) for every line of the (b, c) row of a
+// (B, C, H, W, D) volume; line_offset is the line's first element.
+template <typename Fn>
+void for_each_line(LineMask& lines, const MaskGeometry& g, int64_t row, Fn&& fn) {
+  const int64_t b = row / g.C;
+  for (int64_t i = 0; i < g.H; ++i) {
+    for (int64_t j = 0; j < g.W; ++j) {
+      const int64_t visible = lines.set(b, i, j);
+      fn(((row * g.H + i) * g.W + j) * g.D, lines.keep(), visible);
+    }
+  }
+}
+
+// ---- densify ----
+
+at::Tensor densify_cpu(const at::Tensor& x, const at::Tensor& active, const at::Tensor& token) {
+  const MaskGeometry g = mask_geometry(x, active, "densify");
+  TORCH_CHECK(token.numel() == g.C, "densify: argument 'mask_token' must have C=", g.C,
+              " values, got shape ", token.sizes());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor mc = active.contiguous();
+  const at::Tensor tc = token.to(x.scalar_type()).contiguous();
+  at::Tensor y = new_output(xc.sizes(), xc.options());
+  if (xc.numel() == 0) return y;
+  dispatch_float(xc.scalar_type(), "densify", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* src = xc.const_data_ptr<scalar_t>();
+    const scalar_t* tok = tc.const_data_ptr<scalar_t>();
+    scalar_t* dst = y.data_ptr<scalar_t>();
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+      LineMask lines(mc.const_data_ptr<bool>(), g);
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t fill = tok[row % g.C];
+        for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
+          const scalar_t* s = src + off;
+          scalar_t* t = dst + off;
+#pragma omp simd
+          for (int64_t k = 0; k < g.D; ++k) t[k] = keep[k] ? s[k] : fill;
+        });
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> densify_backward_cpu(const at::Tensor& grad,
+                                                        const at::Tensor& active) {
+  const MaskGeometry g = mask_geometry(grad, active, "densify_backward");
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor mc = active.contiguous();
+  at::Tensor grad_x = new_output(gc.sizes(), gc.options());
+  at::Tensor grad_token;
+  dispatch_float(gc.scalar_type(), "densify_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_t<scalar_t>;
+    grad_token = new_output({g.C}, gc.options().dtype(c10::CppTypeToScalarType<acc>::value));
+    std::vector<double> row_sums(g.B * g.C, 0.0);
+    const scalar_t* src = gc.const_data_ptr<scalar_t>();
+    scalar_t* dst = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+      LineMask lines(mc.const_data_ptr<bool>(), g);
+      for (int64_t row = begin; row < end; ++row) {
+        double total = 0;
+        for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
+          const scalar_t* s = src + off;
+          scalar_t* t = dst + off;
+          acc hidden = 0;
+#pragma omp simd reduction(+ : hidden)
+          for (int64_t k = 0; k < g.D; ++k) {
+            const acc v = static_cast<acc>(s[k]);
+            t[k] = keep[k] ? s[k] : scalar_t(0);
+            hidden += keep[k] ? acc(0) : v;
+          }
+          total += hidden;
+        });
+        row_sums[row] = total;
+      }
+    });
+    acc* out = grad_token.data_ptr<acc>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      double sum = 0;
+      for (int64_t b = 0; b < g.B; ++b) sum += row_sums[b * g.C + c];
+      out[c] = static_cast<acc>(sum);
+    }
+  });
+  return {grad_x, grad_token};
+}
+
+// ---- sparse_norm ----
+
+enum class Activation { kNone, kLeakyRelu, kRelu6 };
+
+Activation parse_activation(const std::string& name, const char* op) {
+  if (name == "none") return Activation::kNone;
+  if (name == "leaky_relu") return Activation::kLeakyRelu;
+  if (name == "relu6") return Activation::kRelu6;
+  TORCH_CHECK(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ",
+              name);
+}
+
+template <Activation A, typename T>
+inline T activate(T v) {
+  if constexpr (A == Activation::kLeakyRelu) return v > T(0) ? v : v * T(0.01);
+  if constexpr (A == Activation::kRelu6) return std::min(std::max(v, T(0)), T(6));
+  return v;
+}
+
+// Derivative at pre-activation v, as PyTorch's leaky_relu / hardtanh backward.
+template <Activation A, typename T>
+inline T activation_slope(T v) {
+  if constexpr (A == Activation::kLeakyRelu) return v > T(0) ? T(1) : T(0.01);
+  if constexpr (A == Activation::kRelu6) return (v > T(0) && v < T(6)) ? T(1) : T(0);
+  return T(1);
+}
+
+template <typename Fn>
+void dispatch_activation(Activation a, Fn&& fn) {
+  switch (a) {
+    case Activation::kLeakyRelu: return fn(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+    case Activation::kRelu6: return fn(std::integral_constant<Activation, Activation::kRelu6>{});
+    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
+  }
+}
+
+// Count, mean and sum of squared deviations, merged with Chan's formula so that a
+// large mean does not cancel the variance (each line is two-pass in cache).
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double n2, double mean2, double m22) {
+    if (n2 == 0) return;
+    const double total = n + n2;
+    const double delta = mean2 - mean;
+    mean += delta * n2 / total;
+    m2 += m22 + delta * delta * n * n2 / total;
+    n = total;
+  }
+};
+
+// Per-channel affine of one row: weight and bias, or 1 and 0 without affine.
+template <typename acc>
+struct Affine {
+  const at::Tensor weight, bias;
+  acc w(int64_t c) const { return weight.defined() ? weight.const_data_ptr<acc>()[c] : acc(1); }
+  acc b(int64_t c) const { return bias.defined() ? bias.const_data_ptr<acc>()[c] : acc(0); }
+};
+
+template <typename acc>
+at::Tensor affine_param(const c10::optional<at::Tensor>& p, int64_t C, const char* name) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  TORCH_CHECK(p->numel() == C, "sparse_norm: argument '", name, "' must have C=", C,
+              " values, got shape ", p->sizes());
+  return p->to(c10::CppTypeToScalarType<acc>::value).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
+    const at::Tensor& x, const at::Tensor& active, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, bool per_sample, double eps,
+    c10::string_view activation) {
+  const MaskGeometry g = mask_geometry(x, active, "sparse_norm");
+  const Activation act = parse_activation(std::string(activation), "sparse_norm");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor mc = active.contiguous();
+  const int64_t groups = per_sample ? g.B : 1;
+  at::Tensor y = new_output(xc.sizes(), xc.options());
+  at::Tensor mean, rstd;
+  dispatch_float(xc.scalar_type(), "sparse_norm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_t<scalar_t>;
+    const auto stat_options = xc.options().dtype(c10::CppTypeToScalarType<acc>::value);
+    mean = new_output({groups, g.C}, stat_options);
+    rstd = new_output({groups, g.C}, stat_options);
+    const Affine<acc> affine{affine_param<acc>(weight, g.C, "weight"),
+                             affine_param<acc>(bias, g.C, "bias")};
+    const scalar_t* src = xc.const_data_ptr<scalar_t>();
+    const bool* mask = mc.const_data_ptr<bool>();
+    // Pass 1: moments of every (b, c) row, then merged per group.
+    std::vector<Moments> rows(g.B * g.C);
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+      LineMask lines(mask, g);
+      for (int64_t row = begin; row < end; ++row) {
+        Moments m;
+        for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t visible) {
+          if (visible == 0) return;
+          const scalar_t* s = src + off;
+          acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t k = 0; k < g.D; ++k) sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
+          const acc line_mean = sum / static_cast<acc>(visible);
+          acc m2 = 0;
+#pragma omp simd reduction(+ : m2)
+          for (int64_t k = 0; k < g.D; ++k) {
+            const acc t = static_cast<acc>(s[k]) - line_mean;
+            m2 += keep[k] ? t * t : acc(0);
+          }
+          m.merge(static_cast<double>(visible), line_mean, m2);
+        });
+        rows[row] = m;
+      }
+    });
+    acc* mean_p = mean.data_ptr<acc>();
+    acc* rstd_p = rstd.data_ptr<acc>();
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        Moments m;
+        for (int64_t b = per_sample ? grp : 0; b < (per_sample ? grp + 1 : g.B); ++b) {
+          const Moments& r = rows[b * g.C + c];
+          m.merge(r.n, r.mean, r.m2);
+        }
+        const double var = m.n > 0 ? m.m2 / m.n : 0.0;  // biased, as instance_norm
+        mean_p[grp * g.C + c] = static_cast<acc>(m.mean);
+        rstd_p[grp * g.C + c] = static_cast<acc>(1.0 / std::sqrt(var + eps));
+      }
+    }
+    // Pass 2: normalize, affine, activation; exact zeros at hidden voxels.
+    scalar_t* dst = y.data_ptr<scalar_t>();
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+        LineMask lines(mask, g);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t c = row % g.C;
+          const int64_t stat = (per_sample ? row / g.C : 0) * g.C + c;
+          const acc mu = mean_p[stat], r = rstd_p[stat], w = affine.w(c), bs = affine.b(c);
+          for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
+            const scalar_t* s = src + off;
+            scalar_t* t = dst + off;
+#pragma omp simd
+            for (int64_t k = 0; k < g.D; ++k) {
+              const acc v = activate<A>((static_cast<acc>(s[k]) - mu) * r * w + bs);
+              t[k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+            }
+          });
+        }
+      });
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& active,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& rstd, c10::string_view activation) {
+  const MaskGeometry g = mask_geometry(x, active, "sparse_norm_backward");
+  const Activation act = parse_activation(std::string(activation), "sparse_norm_backward");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "sparse_norm_backward: 'grad' must have the shape of 'x'");
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor mc = active.contiguous();
+  const int64_t groups = mean.size(0);
+  const bool per_sample = groups == g.B && groups > 1;
+  at::Tensor grad_x = new_output(xc.sizes(), xc.options());
+  at::Tensor grad_w, grad_b;
+  dispatch_float(xc.scalar_type(), "sparse_norm_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_t<scalar_t>;
+    const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+    const acc* mean_p = mean_c.const_data_ptr<acc>();
+    const acc* rstd_p = rstd_c.const_data_ptr<acc>();
+    const Affine<acc> affine{affine_param<acc>(weight, g.C, "weight"),
+                             affine_param<acc>(bias, g.C, "bias")};
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const bool* mask = mc.const_data_ptr<bool>();
+    scalar_t* dst = grad_x.data_ptr<scalar_t>();
+    // Per row: count, sum of g' and of g' * xhat over visible voxels, where g' is the
+    // gradient before the activation (its slope recomputed from x).
+    std::vector<double> count(g.B * g.C), sum_g(g.B * g.C), sum_gx(g.B * g.C);
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+        LineMask lines(mask, g);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t c = row % g.C;
+          const int64_t stat = (per_sample ? row / g.C : 0) * g.C + c;
+          const acc mu = mean_p[stat], r = rstd_p[stat], w = affine.w(c), bs = affine.b(c);
+          double n = 0, sg = 0, sgx = 0;
+          for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t visible) {
+            if (visible == 0) return;
+            acc line_g = 0, line_gx = 0;
+#pragma omp simd reduction(+ : line_g, line_gx)
+            for (int64_t k = 0; k < g.D; ++k) {
+              const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
+              const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
+              line_g += keep[k] ? gv : acc(0);
+              line_gx += keep[k] ? gv * xhat : acc(0);
+            }
+            n += static_cast<double>(visible);
+            sg += line_g;
+            sgx += line_gx;
+          });
+          count[row] = n;
+          sum_g[row] = sg;
+          sum_gx[row] = sgx;
+        }
+      });
+      // Group totals; grad bias / weight are the totals over the whole batch.
+      const auto stat_options = xc.options().dtype(c10::CppTypeToScalarType<acc>::value);
+      grad_w = new_output({g.C}, stat_options);
+      grad_b = new_output({g.C}, stat_options);
+      std::vector<acc> coef_g(groups * g.C), coef_gx(groups * g.C);
+      for (int64_t c = 0; c < g.C; ++c) {
+        double all_g = 0, all_gx = 0;
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          double n = 0, sg = 0, sgx = 0;
+          for (int64_t b = per_sample ? grp : 0; b < (per_sample ? grp + 1 : g.B); ++b) {
+            n += count[b * g.C + c];
+            sg += sum_g[b * g.C + c];
+            sgx += sum_gx[b * g.C + c];
+          }
+          coef_g[grp * g.C + c] = n > 0 ? static_cast<acc>(sg / n) : acc(0);
+          coef_gx[grp * g.C + c] = n > 0 ? static_cast<acc>(sgx / n) : acc(0);
+          all_g += sg;
+          all_gx += sgx;
+        }
+        grad_b.data_ptr<acc>()[c] = static_cast<acc>(all_g);
+        grad_w.data_ptr<acc>()[c] = static_cast<acc>(all_gx);
+      }
+      // grad_x = rstd * w * (g' - mean(g') - xhat * mean(g' * xhat)) over visible voxels.
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+        LineMask lines(mask, g);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t c = row % g.C;
+          const int64_t stat = (per_sample ? row / g.C : 0) * g.C + c;
+          const acc mu = mean_p[stat], r = rstd_p[stat], w = affine.w(c), bs = affine.b(c);
+          const acc mg = coef_g[stat], mgx = coef_gx[stat], scale = r * w;
+          for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
+#pragma omp simd
+            for (int64_t k = 0; k < g.D; ++k) {
+              const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
+              const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
+              const acc v = scale * (gv - mg - xhat * mgx);
+              dst[off + k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+            }
+          });
+        }
+      });
+    });
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+// ---- token layout ----
+
+// Every id in [0, bound); `what` names the argument in the error.
+void check_ids_range(const at::Tensor& ids, int64_t bound, const char* op, const char* what) {
+  const int64_t* p = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < bound, op, ": argument '", what,
+                "' must hold indices in [0, ", bound, "), got ", p[i]);
+  }
+}
+
+void check_ids(const at::Tensor& ids, const at::Tensor& tokens, const char* op, const char* what) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == tokens.size(0),
+              op, ": argument '", what, "' must be int64 (B=", tokens.size(0), ", n), got ",
+              ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(tokens.dim() == 3, op, ": tokens must be (B, L, C), got ", tokens.sizes());
+}
+
+// Copies row `src` (or zeros when null) of `bytes` bytes.
+inline void copy_row(const char* src, char* dst, int64_t bytes) {
+  if (src != nullptr) {
+    std::memcpy(dst, src, bytes);
+  } else {
+    std::memset(dst, 0, bytes);
+  }
+}
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep) {
+  check_ids(ids_keep, x, "gather_tokens", "ids_keep");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor ic = ids_keep.contiguous();
+  const int64_t B = xc.size(0), L = xc.size(1), C = xc.size(2), K = ic.size(1);
+  check_ids_range(ic, L, "gather_tokens", "ids_keep");
+  at::Tensor out = new_output({B, K, C}, xc.options());
+  const int64_t bytes = C * xc.element_size();
+  const char* src = static_cast<const char*>(xc.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* ids = ic.const_data_ptr<int64_t>();
+  at::parallel_for(0, B * K, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      copy_row(src + ((r / K) * L + ids[r]) * bytes, dst + r * bytes, bytes);
+    }
+  });
+  return out;
+}
+
+at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& ids_keep,
+                                      int64_t length) {
+  check_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep");
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor ic = ids_keep.contiguous();
+  const int64_t B = gc.size(0), K = gc.size(1), C = gc.size(2), L = length;
+  check_ids_range(ic, L, "gather_tokens_backward", "ids_keep");
+  // Which kept row lands in each slot (-1: none), so every output row is written once.
+  std::vector<int64_t> source(B * L, -1);
+  const int64_t* ids = ic.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < B * K; ++r) {
+    int64_t& slot = source[(r / K) * L + ids[r]];
+    TORCH_CHECK(slot < 0, "gather_tokens: argument 'ids_keep' must hold distinct indices per "
+                "sample, got ", ids[r], " twice");
+    slot = r;
+  }
+  at::Tensor out = new_output({B, L, C}, gc.options());
+  const int64_t bytes = C * gc.element_size();
+  const char* src = static_cast<const char*>(gc.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, B * L, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      copy_row(source[r] >= 0 ? src + source[r] * bytes : nullptr, dst + r * bytes, bytes);
+    }
+  });
+  return out;
+}
+
+// ids_restore must be a permutation of [0, L) per sample (MAE's argsort of argsort):
+// then the backward writes every visible token's gradient exactly once.
+void check_permutation(const at::Tensor& ids, const char* op) {
+  const int64_t B = ids.size(0), L = ids.size(1);
+  check_ids_range(ids, L, op, "ids_restore");
+  const int64_t* p = ids.const_data_ptr<int64_t>();
+  std::vector<uint8_t> seen(L);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK(!seen[p[b * L + l]], op, ": argument 'ids_restore' must be a permutation of "
+                  "[0, ", L, ") per sample, got ", p[b * L + l], " twice in sample ", b);
+      seen[p[b * L + l]] = 1;
+    }
+  }
+}
+
+at::Tensor scatter_tokens_cpu(const at::Tensor& x_visible, const at::Tensor& ids_restore,
+                              const at::Tensor& mask_token,
+                              const c10::optional<at::Tensor>& pos_embed) {
+  check_ids(ids_restore, x_visible, "scatter_tokens", "ids_restore");
+  const at::Tensor xc = x_visible.contiguous();
+  const at::Tensor ic = ids_restore.contiguous();
+  const int64_t B = xc.size(0), K = xc.size(1), C = xc.size(2), L = ic.size(1);
+  TORCH_CHECK(K <= L, "scatter_tokens: 'x_visible' has ", K, " tokens, more than the L=", L,
+              " slots of 'ids_restore'");
+  TORCH_CHECK(mask_token.numel() == C, "scatter_tokens: argument 'mask_token' must have C=", C,
+              " values, got shape ", mask_token.sizes());
+  check_permutation(ic, "scatter_tokens");
+  const bool with_pos = pos_embed.has_value() && pos_embed->defined();
+  TORCH_CHECK(!with_pos || pos_embed->numel() == L * C, "scatter_tokens: argument 'pos_embed' "
+              "must have (L, C) = (", L, ", ", C, ") values, got shape ",
+              with_pos ? pos_embed->sizes() : at::IntArrayRef{});
+  const at::Tensor tc = mask_token.to(xc.scalar_type()).contiguous();
+  const at::Tensor pc = with_pos ? pos_embed->to(xc.scalar_type()).contiguous() : at::Tensor();
+  at::Tensor out = new_output({B, L, C}, xc.options());
+  const int64_t* ids = ic.const_data_ptr<int64_t>();
+  dispatch_float(xc.scalar_type(), "scatter_tokens", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* src = xc.const_data_ptr<scalar_t>();
+    const scalar_t* tok = tc.const_data_ptr<scalar_t>();
+    const scalar_t* pos = with_pos ? pc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t id = ids[r];
+        const scalar_t* s = id < K ? src + ((r / L) * K + id) * C : tok;
+        scalar_t* t = dst + r * C;
+        if (pos == nullptr) {
+          std::memcpy(t, s, C * sizeof(scalar_t));
+          continue;
+        }
+        const scalar_t* pe = pos + (r % L) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) t[c] = s[c] + pe[c];
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& ids_restore, int64_t len_keep, bool with_pos) {
+  check_ids(ids_restore, grad, "scatter_tokens_backward", "ids_restore");
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor ic = ids_restore.contiguous();
+  const int64_t B = gc.size(0), L = gc.size(1), C = gc.size(2), K = len_keep;
+  TORCH_CHECK(ic.size(1) == L && K <= L, "scatter_tokens_backward: 'ids_restore' must be (B, L=",
+              L, ") and len_keep <= L, got ", ic.sizes(), " and ", K);
+  check_permutation(ic, "scatter_tokens_backward");
+  at::Tensor grad_x = new_output({B, K, C}, gc.options());
+  at::Tensor grad_token, grad_pos;
+  const int64_t* ids = ic.const_data_ptr<int64_t>();
+  dispatch_float(gc.scalar_type(), "scatter_tokens_backward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc = acc_t<scalar_t>;
+    const auto acc_options = gc.options().dtype(c10::CppTypeToScalarType<acc>::value);
+    grad_token = new_output({C}, acc_options);
+    grad_pos = new_output({with_pos ? L : 0, C}, acc_options);
+    const scalar_t* src = gc.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    acc* gt = grad_token.data_ptr<acc>();
+    acc* gpos = with_pos ? grad_pos.data_ptr<acc>() : nullptr;
+    // Each task owns a channel range, so the token and pos sums need no combine.
+    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+      const int64_t n = c1 - c0;
+      std::vector<acc> token(n, acc(0));
+      for (int64_t l = 0; l < L; ++l) {
+        acc* pe = gpos != nullptr ? gpos + l * C + c0 : nullptr;
+        if (pe != nullptr) std::fill_n(pe, n, acc(0));
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t id = ids[b * L + l];
+          const scalar_t* s = src + (b * L + l) * C + c0;
+          if (id < K) {
+            std::memcpy(gx + ((b * K) + id) * C + c0, s, n * sizeof(scalar_t));
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) token[c] += static_cast<acc>(s[c]);
+          }
+          if (pe != nullptr) {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) pe[c] += static_cast<acc>(s[c]);
+          }
+        }
+      }
+      std::copy(token.begin(), token.end(), gt + c0);
+    });
+  });
+  return {grad_x, grad_token, grad_pos};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(anatomask_fast, CPU, m) {
   m.impl("apply_mask", &apply_mask_cpu);
+  m.impl("densify", &densify_cpu);
+  m.impl("densify_backward", &densify_backward_cpu);
+  m.impl("sparse_norm", &sparse_norm_cpu);
+  m.impl("sparse_norm_backward", &sparse_norm_backward_cpu);
+  m.impl("gather_tokens", &gather_tokens_cpu);
+  m.impl("gather_tokens_backward", &gather_tokens_backward_cpu);
+  m.impl("scatter_tokens", &scatter_tokens_cpu);
+  m.impl("scatter_tokens_backward", &scatter_tokens_backward_cpu);
 }
 
 }  // namespace anatomask_fast

@@ -3,5 +3,8 @@ code's way of computing) literally. Every backend is tested against these, and t
 benchmarks use them as the baseline."""
 from .gather_scatter import (apply_mask_reference, densify_reference, sparse_norm_reference,
                              upsample_mask)
+from .packing import pack_patches_reference, pad_halo_reference, unpack_patches_reference
 
-__all__ = ["apply_mask_reference", "densify_reference", "sparse_norm_reference", "upsample_mask"]
+__all__ = ["apply_mask_reference", "densify_reference", "pack_patches_reference",
+           "pad_halo_reference", "sparse_norm_reference", "unpack_patches_reference",
+           "upsample_mask"]

@@ -19,3 +19,7 @@ from .ops.gather_scatter import (apply_mask, densify, gather_tokens, scatter_tok
 
 __all__ = ["__version__", "apply_mask", "backends", "densify", "gather_tokens", "scatter_tokens",
            "sparse_norm", "use_backend"]
+from .ops.packing import pack_patches, pad_halo, unpack_patches
+
+__all__ = ["__version__", "apply_mask", "backends", "pack_patches", "pad_halo", "unpack_patches",
+           "use_backend"]

@@ -51,6 +51,16 @@ TORCH_LIBRARY(anatomask_fast, m) {
         "Tensor? pos_embed) -> Tensor");
   m.def("scatter_tokens_backward(Tensor grad, Tensor ids_restore, SymInt len_keep, "
         "bool with_pos) -> (Tensor, Tensor, Tensor)");
+  // ---- packing family (csrc/*/packing.*) ----
+  // The visible patches of a (B, C, H, W, D) map as (N, C, ph, pw, pd), and back
+  // (zero-filled where hidden); `patches` (N,) flat cell indices, `slots` (B, h, w, d)
+  // packed index per cell or -1. pad_halo extends each patch by lo/hi voxels per
+  // axis read from its neighbours (`neighbours` (N, 27), -1 = zero); its backward is
+  // the deterministic gather-add adjoint.
+  m.def("pack_patches(Tensor x, Tensor patches, Tensor slots) -> Tensor");
+  m.def("unpack_patches(Tensor packed, Tensor patches, Tensor slots) -> Tensor");
+  m.def("pad_halo(Tensor packed, Tensor neighbours, int lo, int hi) -> Tensor");
+  m.def("pad_halo_backward(Tensor grad, Tensor neighbours, int lo, int hi) -> Tensor");
 }
 
 namespace {

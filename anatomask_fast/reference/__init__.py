@@ -15,3 +15,8 @@ from .gather_scatter import (apply_mask_reference, densify_reference, gather_tok
 
 __all__ = ["apply_mask_reference", "densify_reference", "gather_tokens_reference",
            "scatter_tokens_reference", "sparse_norm_reference", "upsample_mask"]
+from .packing import pack_patches_reference, pad_halo_reference, unpack_patches_reference
+
+__all__ = ["apply_mask_reference", "densify_reference", "pack_patches_reference",
+           "pad_halo_reference", "sparse_norm_reference", "unpack_patches_reference",
+           "upsample_mask"]

@@ -1,0 +1,184 @@
+"""The sparse STU-Net encoder of masked pretraining, in two executions that give the
+same numbers:
+
+- dense-masked (what the SparK/AnatoMask code does): the input is masked, every conv
+  runs on the whole volume and its output is masked, the InstanceNorms become sparse
+  norms with statistics over visible voxels only;
+- packed (``../shared/SPEC.md`` section 7): each stage's visible patches are packed
+  into (N_visible, C, q, q, q); before a 3x3x3 conv each patch gets its halo from its
+  neighbours (zero where hidden or outside), so a conv with padding 0 yields the
+  dense conv at visible positions. Compute and stored activations scale with the
+  visible share. The deepest stages, where the halo overhead ((q+2)/q)^3 outweighs
+  the saving, run dense-masked (see :class:`~anatomask_fast.models.layout.MaskLayout`).
+
+The engine runs the modules of a dense :class:`STUNetEncoder` (shared, not copied),
+so parameter names and the state_dict are those of the dense network.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.gather_scatter import apply_mask
+from ..ops.packing import pack_patches, pad_halo, unpack_patches
+# The sparse norm of the dense-masked path; the fast public op has the same signature.
+from ..reference import sparse_norm_reference as sparse_norm
+from ..validation import check_active_mask, check_volume
+from .layout import MaskLayout
+from .packed_norm import packed_norm
+
+SLOPE = 0.01  # STU-Net's LeakyReLU
+
+
+def _unsupported(name: str, layer: nn.Module, why: str) -> ValueError:
+    return ValueError(f"SparseSTUNetEncoder: layer '{name}' ({layer!r}) cannot run in the "
+                      f"sparse engine: {why}")
+
+
+def _check_conv(name: str, conv: object, kernel: int, strides: tuple[int, ...]) -> None:
+    if type(conv) is not nn.Conv3d:
+        raise _unsupported(name, conv, "expected nn.Conv3d")
+    expected = dict(kernel_size=(kernel,) * 3, padding=(kernel // 2,) * 3, dilation=(1,) * 3,
+                    groups=1, padding_mode="zeros")
+    for attribute, value in expected.items():
+        if getattr(conv, attribute) != value:
+            raise _unsupported(name, conv, f"{attribute} must be {value}, "
+                                           f"got {getattr(conv, attribute)}")
+    if conv.stride not in [(s,) * 3 for s in strides]:
+        raise _unsupported(name, conv, f"stride must be one of {strides} here, got {conv.stride}")
+
+
+def _check_block(name: str, block: nn.Module, stride: int) -> None:
+    """A STU-Net BasicResBlock: conv1, norm1, act1, conv2, norm2, [conv3], act2."""
+    children = dict(block.named_children())
+    required = ("conv1", "norm1", "act1", "conv2", "norm2", "act2")
+    for child, layer in children.items():
+        if child not in (*required, "conv3"):
+            raise _unsupported(f"{name}.{child}", layer, "not a part of a STU-Net BasicResBlock")
+    for child in required:
+        if child not in children:
+            raise _unsupported(name, block, f"a BasicResBlock needs '{child}'")
+    _check_conv(f"{name}.conv1", block.conv1, 3, (stride,))
+    _check_conv(f"{name}.conv2", block.conv2, 3, (1,))
+    if getattr(block, "conv3", None) is not None:
+        _check_conv(f"{name}.conv3", block.conv3, 1, (stride,))
+    elif stride != 1 or block.conv1.in_channels != block.conv1.out_channels:
+        raise _unsupported(name, block, "channels or stride change without a 'conv3' projection")
+    for child in ("norm1", "norm2"):
+        norm = children[child]
+        if type(norm) is not nn.InstanceNorm3d or not norm.affine or norm.track_running_stats:
+            raise _unsupported(f"{name}.{child}", norm, "expected nn.InstanceNorm3d with "
+                                                        "affine=True, track_running_stats=False")
+    for child in ("act1", "act2"):
+        act = children[child]
+        if type(act) is not nn.LeakyReLU or act.negative_slope != SLOPE:
+            raise _unsupported(f"{name}.{child}", act, f"expected nn.LeakyReLU({SLOPE})")
+
+
+class SparseSTUNetEncoder(nn.Module):
+    """Masked-pretraining execution of a dense STU-Net encoder's modules.
+
+    ``forward(x, active)`` takes the input (B, C, H, W, D), H, W, D divisible by the
+    total downsampling 2^(stages-1), and the visible mask (B, 1, H/16, W/16, D/16)
+    (or a prebuilt :class:`MaskLayout`), and returns each stage's dense-masked output
+    (hidden positions exactly zero), shallowest first: the maps densify needs.
+
+    ``per_sample=False`` reproduces the reference's batch-pooled norm statistics,
+    ``True`` gives per-sample statistics (as the dense network at fine-tuning).
+    ``packed_stages``: None chooses per stage by cost; 0 is the dense-masked
+    reference execution; k packs the first k stages.
+    """
+
+    def __init__(self, encoder: nn.Module, *, per_sample: bool = False,
+                 packed_stages: int | None = None) -> None:
+        super().__init__()
+        stages = getattr(encoder, "conv_blocks_context", None)
+        if not isinstance(stages, nn.ModuleList):
+            raise ValueError(f"SparseSTUNetEncoder: argument 'encoder' must have a "
+                             f"'conv_blocks_context' nn.ModuleList of stages, got "
+                             f"{type(encoder).__name__}")
+        for s, stage in enumerate(stages):
+            blocks = stage if isinstance(stage, nn.Sequential) else [stage]
+            for i, block in enumerate(blocks):
+                _check_block(f"conv_blocks_context.{s}.{i}" if isinstance(stage, nn.Sequential)
+                             else f"conv_blocks_context.{s}", block, 2 if s and not i else 1)
+        self.conv_blocks_context = stages
+        self.per_sample = per_sample
+        self.packed_stages = packed_stages
+        self.downsampling = 2 ** (len(stages) - 1)
+
+    def _stage_blocks(self, s: int) -> list[nn.Module]:
+        stage = self.conv_blocks_context[s]
+        return list(stage) if isinstance(stage, nn.Sequential) else [stage]
+
+    def layout(self, active: torch.Tensor) -> MaskLayout:
+        """The mask layout of one step (share it between passes with the same mask)."""
+        return MaskLayout.build(active, stages=len(self.conv_blocks_context),
+                                packed_stages=self.packed_stages)
+
+    def forward(self, x: torch.Tensor, active: torch.Tensor | MaskLayout) -> list[torch.Tensor]:
+        layout = active if isinstance(active, MaskLayout) else None
+        active = layout.active if layout is not None else active
+        self._check_inputs(x, active)
+        if layout is None:
+            layout = self.layout(active)
+        features: list[torch.Tensor] = []
+        group = layout.sample if self.per_sample else torch.zeros_like(layout.sample)
+        groups = layout.batch if self.per_sample else 1
+        h = pack_patches(x, layout.patches, layout.slots) if layout.stages[0].packed \
+            else apply_mask(x, active)
+        for s, plan in enumerate(layout.stages):
+            if not plan.packed and s and layout.stages[s - 1].packed:
+                h = features[-1]
+            for i, block in enumerate(self._stage_blocks(s)):
+                stride = 2 if s and not i else 1
+                h = (_packed_block(block, h, layout, stride, group, groups) if plan.packed
+                     else _dense_block(block, h, active, self.per_sample))
+            features.append(unpack_patches(h, layout.patches, layout.slots) if plan.packed
+                            else h)
+        return features
+
+    def _check_inputs(self, x: torch.Tensor, active: torch.Tensor) -> None:
+        op = "SparseSTUNetEncoder"
+        check_volume(op, "x", x)
+        spatial = tuple(x.shape[2:])
+        if any(s % self.downsampling for s in spatial):
+            raise ValueError(f"{op}: the spatial shape {spatial} of 'x' must be divisible by the "
+                             f"total downsampling {self.downsampling}")
+        grid = tuple(s // self.downsampling for s in spatial)
+        check_active_mask(op, active, x)
+        if tuple(active.shape[2:]) != grid:
+            raise ValueError(f"{op}: argument 'active' must have the grid {grid} (the spatial "
+                             f"shape of 'x' / {self.downsampling}), got {tuple(active.shape[2:])}")
+
+
+def _dense_block(block: nn.Module, x: torch.Tensor, active: torch.Tensor,
+                 per_sample: bool) -> torch.Tensor:
+    """One BasicResBlock, SparK-style: dense convs, outputs masked, sparse norms."""
+    def norm(t: torch.Tensor, layer: nn.Module, activation: str | None) -> torch.Tensor:
+        return sparse_norm(t, active, layer.weight, layer.bias, per_sample=per_sample,
+                           eps=layer.eps, activation=activation)
+
+    y = norm(apply_mask(block.conv1(x), active), block.norm1, "leaky_relu")
+    y = norm(apply_mask(block.conv2(y), active), block.norm2, None)
+    skip = apply_mask(block.conv3(x), active) if block.conv3 is not None else x
+    return F.leaky_relu(y + skip, SLOPE)
+
+
+def _packed_block(block: nn.Module, x: torch.Tensor, layout: MaskLayout, stride: int,
+                  group: torch.Tensor, groups: int) -> torch.Tensor:
+    """One BasicResBlock on packed patches (N, C, q, q, q). A stride-2 3x3x3 conv
+    (padding 1) reads input voxels 2o-1..2o+1: a one-voxel halo on the low side."""
+    def conv_norm(t: torch.Tensor, conv: nn.Conv3d, norm: nn.Module, lo: int, hi: int,
+                  slope: float | None) -> torch.Tensor:
+        t = F.conv3d(pad_halo(t, layout.neighbours, lo, hi), conv.weight, conv.bias,
+                     stride=conv.stride)
+        return packed_norm(t, norm.weight, norm.bias, group, groups, eps=norm.eps, slope=slope)
+
+    y = conv_norm(x, block.conv1, block.norm1, 1, 1 if stride == 1 else 0, SLOPE)
+    y = conv_norm(y, block.conv2, block.norm2, 1, 1, None)
+    skip = F.conv3d(x, block.conv3.weight, block.conv3.bias, stride=stride) \
+        if block.conv3 is not None else x
+    # In place: the block's output is the one tensor LeakyReLU's backward keeps.
+    return F.leaky_relu_(y.add_(skip), SLOPE)

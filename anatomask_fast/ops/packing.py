@@ -1,0 +1,141 @@
+"""Packing family: the visible patches of a feature map as a batch of small volumes
+(with halos from neighbouring patches), so that convolutions run on visible data only.
+Index conventions: anatomask_fast/reference/packing.py."""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ..dispatch import Op
+from ..reference.packing import (pack_patches_reference, pad_halo_reference,
+                                 unpack_patches_reference)
+from ..validation import check_same_device, check_tensor, check_volume
+
+PACK_PATCHES = Op("pack_patches", reference=pack_patches_reference, cpp="pack_patches",
+                  triton="packing:pack_patches_triton")
+UNPACK_PATCHES = Op("unpack_patches", reference=unpack_patches_reference, cpp="unpack_patches",
+                    triton="packing:unpack_patches_triton")
+PAD_HALO = Op("pad_halo", reference=pad_halo_reference, cpp="pad_halo",
+              triton="packing:pad_halo_triton")
+
+
+def _check_index(op: str, name: str, value: object, ndim: int) -> torch.Tensor:
+    return check_tensor(op, name, value, ndim=ndim, dtypes=(torch.int64,))
+
+
+def _check_layout(op: str, patches: object, slots: object, batch: int | None) -> None:
+    _check_index(op, "patches", patches, 1)
+    _check_index(op, "slots", slots, 4)
+    if batch is not None and slots.shape[0] != batch:
+        raise ValueError(f"{op}: argument 'slots' must have batch {batch} (B, h, w, d), "
+                         f"got shape {tuple(slots.shape)}")
+
+
+def pack_patches(x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The visible patches of ``x`` (B, C, H, W, D) as (N, C, ph, pw, pd), in the order
+    of ``patches``; the grid (h, w, d) is ``slots.shape[1:]``. Differentiable in ``x``
+    (the adjoint is :func:`unpack_patches`)."""
+    check_volume("pack_patches", "x", x)
+    _check_layout("pack_patches", patches, slots, x.shape[0])
+    grid, spatial = tuple(slots.shape[1:]), tuple(x.shape[2:])
+    if any(g <= 0 or s % g for g, s in zip(grid, spatial)):
+        raise ValueError(f"pack_patches: the grid {grid} of 'slots' must divide the spatial "
+                         f"shape {spatial} of 'x'")
+    check_same_device("pack_patches", x=x, patches=patches, slots=slots)
+    return PACK_PATCHES(x.device)(x, patches, slots)
+
+
+def unpack_patches(packed: torch.Tensor, patches: torch.Tensor,
+                   slots: torch.Tensor) -> torch.Tensor:
+    """Packed patches (N, C, ph, pw, pd) scattered into a (B, C, h*ph, w*pw, d*pd) map,
+    zero at hidden cells. Differentiable (the adjoint is :func:`pack_patches`)."""
+    check_volume("unpack_patches", "packed", packed)
+    _check_layout("unpack_patches", patches, slots, None)
+    if patches.shape[0] != packed.shape[0]:
+        raise ValueError(f"unpack_patches: argument 'patches' must have {packed.shape[0]} "
+                         f"entries (one per packed patch), got {patches.shape[0]}")
+    check_same_device("unpack_patches", packed=packed, patches=patches, slots=slots)
+    return UNPACK_PATCHES(packed.device)(packed, patches, slots)
+
+
+def pad_halo(packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Each patch of ``packed`` (N, C, ph, pw, pd) extended by ``lo`` voxels on the low
+    and ``hi`` on the high side of every axis, read from its neighbours (``neighbours``
+    (N, 27)), zero where a neighbour is hidden or outside the volume. ``lo=hi=1``
+    serves a stride-1 3x3x3 conv, ``lo=1, hi=0`` a stride-2 one (padding 1).
+    Differentiable; the backward is the deterministic gather-add adjoint."""
+    check_volume("pad_halo", "packed", packed)
+    _check_index("pad_halo", "neighbours", neighbours, 2)
+    if tuple(neighbours.shape) != (packed.shape[0], 27):
+        raise ValueError(f"pad_halo: argument 'neighbours' must have shape "
+                         f"({packed.shape[0]}, 27), got {tuple(neighbours.shape)}")
+    side = min(packed.shape[2:])
+    for name, value in (("lo", lo), ("hi", hi)):
+        if not isinstance(value, int) or not 0 <= value <= side:
+            raise ValueError(f"pad_halo: argument '{name}' must be an int in [0, {side}] "
+                             f"(at most the patch side), got {value!r}")
+    check_same_device("pad_halo", packed=packed, neighbours=neighbours)
+    return PAD_HALO(packed.device)(packed, neighbours, lo, hi)
+
+
+def _register_cpp() -> None:
+    """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
+    ops = torch.ops.anatomask_fast
+
+    @torch.library.register_fake("anatomask_fast::pack_patches")
+    def _(x, patches, slots):
+        B, C, H, W, D = x.shape
+        _, h, w, d = slots.shape
+        return x.new_empty(patches.shape[0], C, H // h, W // w, D // d)
+
+    @torch.library.register_fake("anatomask_fast::unpack_patches")
+    def _(packed, patches, slots):
+        B, h, w, d = slots.shape
+        _, C, ph, pw, pd = packed.shape
+        return packed.new_empty(B, C, h * ph, w * pw, d * pd)
+
+    @torch.library.register_fake("anatomask_fast::pad_halo")
+    def _(packed, neighbours, lo, hi):
+        N, C, *side = packed.shape
+        return packed.new_empty(N, C, *(s + lo + hi for s in side))
+
+    @torch.library.register_fake("anatomask_fast::pad_halo_backward")
+    def _(grad, neighbours, lo, hi):
+        N, C, *side = grad.shape
+        return grad.new_empty(N, C, *(s - lo - hi for s in side))
+
+    def save_layout(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    def pack_backward(ctx, grad):
+        patches, slots = ctx.saved_tensors
+        return ops.unpack_patches(grad, patches, slots), None, None
+
+    def unpack_backward(ctx, grad):
+        patches, slots = ctx.saved_tensors
+        return ops.pack_patches(grad, patches, slots), None, None
+
+    def save_halo(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+        ctx.lo, ctx.hi = inputs[2], inputs[3]
+
+    def halo_backward(ctx, grad):
+        (neighbours,) = ctx.saved_tensors
+        return ops.pad_halo_backward(grad, neighbours, ctx.lo, ctx.hi), None, None, None
+
+    def halo_double_backward(ctx, grad):
+        (neighbours,) = ctx.saved_tensors
+        return ops.pad_halo(grad, neighbours, ctx.lo, ctx.hi), None, None, None
+
+    torch.library.register_autograd("anatomask_fast::pack_patches", pack_backward,
+                                    setup_context=save_layout)
+    torch.library.register_autograd("anatomask_fast::unpack_patches", unpack_backward,
+                                    setup_context=save_layout)
+    torch.library.register_autograd("anatomask_fast::pad_halo", halo_backward,
+                                    setup_context=save_halo)
+    torch.library.register_autograd("anatomask_fast::pad_halo_backward", halo_double_backward,
+                                    setup_context=save_halo)
+
+
+if _extension.load()[0] is not None:
+    _register_cpp()

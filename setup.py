@@ -63,7 +63,7 @@ def extension():
 
 setup(
     packages=["anatomask_fast", "anatomask_fast.ops", "anatomask_fast.reference",
-              "anatomask_fast.kernels", "anatomask_fast.models"],
+              "anatomask_fast.kernels", "anatomask_fast.models", "anatomask_fast.train"],
     package_dir={"anatomask_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},

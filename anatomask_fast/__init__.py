@@ -5,21 +5,14 @@ Public ops dispatch to CUDA C++, Triton, C++ CPU or the plain-PyTorch reference
 """
 from ._version import __version__
 from .dispatch import backends, use_backend
-from .ops.gather_scatter import apply_mask
-from .ops.patch_loss import patch_recon_loss
-
-__all__ = ["__version__", "apply_mask", "backends", "patch_recon_loss", "use_backend"]
-from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
-                              random_mask)
-
-__all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
-           "backends", "ids_to_active", "random_mask", "use_backend"]
 from .ops.gather_scatter import (apply_mask, densify, gather_tokens, scatter_tokens,
                                  sparse_norm)
-
-__all__ = ["__version__", "apply_mask", "backends", "densify", "gather_tokens", "scatter_tokens",
-           "sparse_norm", "use_backend"]
+from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
+                              random_mask)
 from .ops.packing import pack_patches, pad_halo, unpack_patches
+from .ops.patch_loss import patch_recon_loss
 
-__all__ = ["__version__", "apply_mask", "backends", "pack_patches", "pad_halo", "unpack_patches",
-           "use_backend"]
+__all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
+           "backends", "densify", "gather_tokens", "ids_to_active", "pack_patches",
+           "pad_halo", "patch_recon_loss", "random_mask", "scatter_tokens", "sparse_norm",
+           "unpack_patches", "use_backend"]

@@ -1,22 +1,13 @@
 """Plain-PyTorch implementations that follow ../shared/SPEC.md (and the published
 code's way of computing) literally. Every backend is tested against these, and the
 benchmarks use them as the baseline."""
-from .gather_scatter import (apply_mask_reference, densify_reference, sparse_norm_reference,
-                             upsample_mask)
-from .patch_loss import patch_recon_loss_reference
-
-__all__ = ["apply_mask_reference", "densify_reference", "patch_recon_loss_reference",
-from .mask_select import anatomical_mask_reference
-
-__all__ = ["anatomical_mask_reference", "apply_mask_reference", "densify_reference",
-           "sparse_norm_reference", "upsample_mask"]
 from .gather_scatter import (apply_mask_reference, densify_reference, gather_tokens_reference,
                              scatter_tokens_reference, sparse_norm_reference, upsample_mask)
-
-__all__ = ["apply_mask_reference", "densify_reference", "gather_tokens_reference",
-           "scatter_tokens_reference", "sparse_norm_reference", "upsample_mask"]
+from .mask_select import anatomical_mask_reference
 from .packing import pack_patches_reference, pad_halo_reference, unpack_patches_reference
+from .patch_loss import patch_recon_loss_reference
 
-__all__ = ["apply_mask_reference", "densify_reference", "pack_patches_reference",
-           "pad_halo_reference", "sparse_norm_reference", "unpack_patches_reference",
-           "upsample_mask"]
+__all__ = ["anatomical_mask_reference", "apply_mask_reference", "densify_reference",
+           "gather_tokens_reference", "pack_patches_reference", "pad_halo_reference",
+           "patch_recon_loss_reference", "scatter_tokens_reference", "sparse_norm_reference",
+           "unpack_patches_reference", "upsample_mask"]

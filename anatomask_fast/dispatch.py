@@ -46,10 +46,18 @@ def triton_interpreted() -> bool:
     return flag == "1" or (flag is None and not torch.cuda.is_available())
 
 
+def enable_interpreter_if_needed() -> None:
+    """Sets ``TRITON_INTERPRET=1`` where the interpreter is to be used. Triton reads it
+    when it is imported and when a kernel is defined, so this runs before either."""
+    if triton_interpreted():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> BackendStatus:
     if importlib.util.find_spec("triton") is None:
         return BackendStatus(False, "triton is not installed")
+    enable_interpreter_if_needed()
     import triton
 
     if torch.cuda.is_available():

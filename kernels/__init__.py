@@ -2,12 +2,9 @@
 
 Each op is a ``torch.library.triton_op`` so that torch.compile sees the kernel. On a
 machine without a CUDA device they run under the Triton interpreter on CPU tensors:
-``TRITON_INTERPRET`` is read when a kernel is defined, so it is set here, before the
-family modules define theirs, unless the user set it.
+``TRITON_INTERPRET`` is read when triton is imported and when a kernel is defined, so
+it is set here, before the family modules import triton, unless the user set it.
 """
-import os
+from anatomask_fast.dispatch import enable_interpreter_if_needed
 
-from anatomask_fast.dispatch import triton_interpreted
-
-if triton_interpreted():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+enable_interpreter_if_needed()

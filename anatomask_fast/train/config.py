@@ -25,8 +25,8 @@ class PretrainConfig:
     epochs: int | None = None         # default 1000 (demo 4)
     steps_per_epoch: int | None = None  # default: one pass over the data
     mask_ratio: float = 0.6
-    hard_schedule: str = "linear"     # linear (easy-to-hard), hard-to-easy, constant, cosine, step
-    hard_max: float = 0.5
+    hard_schedule: str = "linear"     # linear (easy to hard), hard_to_easy, cosine, constant
+    hard_max: float = 0.5             # the schedule's top hard_frac (constant: its value)
     schedule_by: str = "epoch"        # epoch (as the reference) or step
     reference_compatible: bool = False  # the published code's quirks (see README)
     lr: float = 1e-4

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import anatomical_mask, patch_recon_loss, random_mask
 from ..models.anatomask import AnatoMaskNet
-from ..schedules import hard_fraction_schedule
+from ..schedules import masking_schedule
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save as save_config
 from .data import CropDataset, ResumableSampler, discover
@@ -32,6 +32,9 @@ from .previews import denormalized, save_preview
 from .runtime import MetricsLog, Runtime, peak_memory_bytes, setup, teardown
 
 FORMAT = "anatomask_fast.pretrain/1"
+# How --hard-max parameterizes each schedule kind (see anatomask_fast.schedules).
+SCHEDULE_LEVEL = {"linear": lambda v: {"max_frac": v}, "hard_to_easy": lambda v: {"max_frac": v},
+                  "cosine": lambda v: {"end": v}, "constant": lambda v: {"value": v}}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -126,9 +129,10 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     sampler = ResumableSampler(len(data), seed=config.seed, rank=runtime.rank,
                                world_size=runtime.world_size)
     steps_per_epoch = config.steps_per_epoch or max(1, len(sampler) // config.batch_size)
-    schedule = hard_fraction_schedule(config.hard_schedule, total=config.epochs if
-                                      config.schedule_by == "epoch" else
-                                      config.epochs * steps_per_epoch, max_frac=config.hard_max)
+    schedule = masking_schedule(
+        config.hard_schedule, total_epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch if config.schedule_by == "step" else None,
+        **SCHEDULE_LEVEL.get(config.hard_schedule, lambda v: {})(config.hard_max))
     state = TrainState()
     signature = _model_signature(config, in_channels)
     latest = out / "checkpoint_latest.pt"
@@ -167,7 +171,7 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                                warmup_epochs=config.warmup_epochs, total_epochs=config.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            hard_frac = schedule(state.epoch if config.schedule_by == "epoch" else state.global_step)
+            hard_frac = schedule(state.epoch, state.step_in_epoch)
             started = time.perf_counter()
             loss, mask, rec = pretrain_step(
                 model, teacher, x, mask_ratio=config.mask_ratio, hard_frac=hard_frac,

@@ -8,6 +8,8 @@ from .dispatch import backends, use_backend
 from .ops.gather_scatter import apply_mask
 from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
                               random_mask)
+from .schedules import MaskingSchedule, masking_schedule
 
-__all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
-           "backends", "ids_to_active", "random_mask", "use_backend"]
+__all__ = ["MaskResult", "MaskingSchedule", "__version__", "active_to_ids", "anatomical_mask",
+           "apply_mask", "backends", "ids_to_active", "masking_schedule", "random_mask",
+           "use_backend"]

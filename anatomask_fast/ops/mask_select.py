@@ -141,9 +141,10 @@ def _select(op: str, errors: torch.Tensor, shape: tuple[int, ...], len_keep: int
     backend = ANATOMICAL_MASK.select(errors.device)
     if n_hard > 0 and backend != "cpu":  # the C++ CPU kernel checks while it reads
         _check_finite(op, "errors", errors)
+    # Given noise, the seed is unused: no draw (and nothing data-dependent to trace).
+    seed = _draw_seed(op, seed, generator) if noise is None else 0
     active, hard, ids_shuffle, ids_restore = ANATOMICAL_MASK.kernel(backend)(
-        errors, noise, len_keep, n_hard, _draw_seed(op, seed, generator),
-        _check_int(op, "offset", offset))
+        errors, noise, len_keep, n_hard, seed, _check_int(op, "offset", offset))
     return MaskResult(active.view(shape), hard.view(shape), ids_shuffle, ids_restore,
                       len_keep, n_hard)
 
@@ -162,7 +163,8 @@ def anatomical_mask(errors: torch.Tensor, mask_ratio: float, hard_frac: float, *
     Randomness: Philox keyed by ``seed`` (default: drawn from ``generator``, torch's
     default CPU generator when None) at counter ``offset``; or an explicit ``noise``
     (B, L) (the remaining patches with the smallest noise are hidden, ties by index),
-    which makes every backend give identical masks. Not differentiable.
+    which makes every backend give identical masks. Under ``torch.compile``, pass
+    ``seed`` or ``noise``: the default seed is a host-side draw. Not differentiable.
     """
     op = "anatomical_mask"
     check_tensor(op, "errors", errors, dtypes=FLOAT_DTYPES)

@@ -9,7 +9,6 @@ from .ops.gather_scatter import (apply_mask, densify, gather_tokens, scatter_tok
                                  sparse_norm)
 from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
                               random_mask)
-<<<<<<< HEAD
 from .ops.packing import pack_patches, pad_halo, unpack_patches
 from .ops.patch_loss import patch_recon_loss
 
@@ -17,10 +16,3 @@ __all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "app
            "backends", "densify", "gather_tokens", "ids_to_active", "pack_patches",
            "pad_halo", "patch_recon_loss", "random_mask", "scatter_tokens", "sparse_norm",
            "unpack_patches", "use_backend"]
-=======
-from .schedules import MaskingSchedule, masking_schedule
-
-__all__ = ["MaskResult", "MaskingSchedule", "__version__", "active_to_ids", "anatomical_mask",
-           "apply_mask", "backends", "ids_to_active", "masking_schedule", "random_mask",
-           "use_backend"]
->>>>>>> masksel

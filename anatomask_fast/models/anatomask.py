@@ -5,17 +5,22 @@ Parameter names follow the published code (``encoder.conv_blocks_context...``,
 ``mask_tokens.{i}``, ``densify_norms.{i}``, ``densify_projs.{i}``, ``decoder.dec...``),
 so one state_dict serves both executions:
 
-- ``lean=False`` (reference execution): densifies all five stages, the full-resolution
-  one included, which the decoder never reads, and runs the decoder storing every
-  activation;
+- ``lean=False``: densifies all five stages, the full-resolution one included, which
+  the decoder never reads, and runs the decoder storing every activation;
 - ``lean=True``: skips that unused densify and runs the decoder's memory-lean path.
-Both give the same reconstruction.
+Both give the same reconstruction. :func:`reference_execution` runs the networks the
+published code's way (dense-masked encoder, plain-PyTorch reference ops, ``lean`` off):
+the baseline of the benchmarks and of the equivalence tests.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from ..dispatch import use_backend
 from ..ops.gather_scatter import densify, sparse_norm
 from .decoder import LightDecoder
 from .sparse_encoder import SparseSTUNetEncoder
@@ -54,6 +59,7 @@ class AnatoMaskNet(nn.Module):
         self.decoder = LightDecoder(levels=len(widths) - 1, width=decoder_width,
                                     out_channels=in_channels, sync_bn=sync_bn)
         self.patch_size = self.encoder.downsampling
+        self.lean = True       # False in reference_execution
 
     def unused_in_lean_mode(self) -> list[nn.Parameter]:
         """The full-resolution densify's parameters: computed by the reference, never read
@@ -66,16 +72,31 @@ class AnatoMaskNet(nn.Module):
         """The dense STU-Net encoder's weights (``conv_blocks_context...``)."""
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
 
-    def forward(self, x: torch.Tensor, active: torch.Tensor, lean: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The reconstruction of ``x`` (B, C, H, W, D) seen through the visible mask
         ``active`` (B, 1, H/16, W/16, D/16)."""
         features = self.encoder(x, active)[::-1]                  # deepest first
-        used = len(self.decoder.dec) if lean else len(features)
+        used = len(self.decoder.dec) if self.lean else len(features)
         to_decoder = [self._densify(i, features[i], active) for i in range(used)]
-        return self.decoder(to_decoder, lean=lean)
+        return self.decoder(to_decoder, lean=self.lean)
 
     def _densify(self, i: int, feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         norm = self.densify_norms[i]
         feature = sparse_norm(feature, active, norm.weight, norm.bias,
                               per_sample=self.per_sample_norm, eps=norm.eps)
         return self.densify_projs[i](densify(feature, active, self.mask_tokens[i]))
+
+
+@contextlib.contextmanager
+def reference_execution(*networks: AnatoMaskNet) -> Iterator[None]:
+    """Inside the block ``networks`` run as the published code does: every encoder
+    stage dense-masked, every op on the reference backend, no lean decoder."""
+    saved = [(net.encoder.packed_stages, net.lean) for net in networks]
+    for net in networks:
+        net.encoder.packed_stages, net.lean = 0, False
+    try:
+        with use_backend("reference"):
+            yield
+    finally:
+        for net, (packed, lean) in zip(networks, saved):
+            net.encoder.packed_stages, net.lean = packed, lean

@@ -61,19 +61,19 @@ def _autocast(device: torch.device, amp: str):
 
 def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *,
                   mask_ratio: float, hard_frac: float, seed: int, raw_teacher_target: bool,
-                  amp: str = "none", lean: bool = True):
+                  amp: str = "none"):
     """Teacher pass, anatomical mask, student loss. Returns (loss, mask, rec)."""
     patch = teacher.patch_size
     shape = (x.shape[0], 1, *(s // patch for s in x.shape[2:]))
     with torch.no_grad(), _autocast(x.device, amp):
         teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
-        rec = teacher(x, teacher_mask.active, lean=True).float()
+        rec = teacher(x, teacher_mask.active).float()
         # Reference quirk: the teacher's error is against the raw patch.
         _, errors = patch_recon_loss(rec, x, teacher_mask.active, patch,
                                      norm_pix=not raw_teacher_target, hidden_only=True)
         mask = anatomical_mask(errors.view(shape), mask_ratio, hard_frac, seed=_seed(seed, 1))
     with _autocast(x.device, amp):
-        rec = student(x, mask.active, lean=lean).float()
+        rec = student(x, mask.active).float()
     loss, _ = patch_recon_loss(rec, x, mask.active, patch, norm_pix=True)
     return loss, mask, rec
 

@@ -1,0 +1,54 @@
+"""One AnatoMask pretraining step (teacher pass, mask selection, student forward and
+backward) of the library against the reference-faithful execution of the same network
+(dense-masked encoder, full densify, plain decoder, patchify loss, host-loop masks).
+
+Not timed: the optimizer step (the same AdamW for both). Memory: the peak beyond the
+models and the input batch."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
+from anatomask_fast.train.pretrain import pretrain_step
+
+from .common import record, sizes
+
+SIZES = sizes(
+    full={"tiny-B2-1x64x64x64": dict(model="tiny", B=2, spatial=(64, 64, 64)),
+          "B-B2-1x64x64x64": dict(model="B", B=2, spatial=(64, 64, 64))},
+    quick={"quick-tiny-B1-1x32x32x32": dict(model="tiny", B=1, spatial=(32, 32, 32))},
+)
+
+
+def setup_pretrain_step(backend: str, size: dict, device: str):
+    torch.manual_seed(0)
+    student = AnatoMaskNet(size["model"], 1).to(device)
+    for unused in student.unused_in_lean_mode():
+        unused.requires_grad_(False)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    x = torch.randn(size["B"], 1, *size["spatial"], device=device)
+    def execution():
+        return reference_execution(student, teacher) if backend == "reference" \
+            else contextlib.nullcontext()
+
+    def run() -> None:
+        with execution():
+            loss, _, _ = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25,
+                                       seed=1, raw_teacher_target=True)
+            loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    return run
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu"),
+                                            pytest.param("cpu", "cpu", id="fast-cpu")])
+def test_pretrain_step(benchmark, backend, device, size):
+    benchmark.group = f"pretrain step {size['name']}"
+    record(benchmark, module="bench_pretrain_step", case="pretrain_step", backend=backend,
+           size=size, device=device, run=setup_pretrain_step(backend, size, device))

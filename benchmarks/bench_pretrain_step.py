@@ -20,7 +20,7 @@ from .common import record, sizes
 SIZES = sizes(
     full={"tiny-B2-1x64x64x64": dict(model="tiny", B=2, spatial=(64, 64, 64)),
           "B-B2-1x64x64x64": dict(model="B", B=2, spatial=(64, 64, 64))},
-    quick={"quick-tiny-B1-1x32x32x32": dict(model="tiny", B=1, spatial=(32, 32, 32))},
+    quick={"quick-tiny-B2-1x32x32x32": dict(model="tiny", B=2, spatial=(32, 32, 32))},
 )
 
 

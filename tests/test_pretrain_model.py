@@ -1,0 +1,62 @@
+"""The pretraining network: the library's execution (packed encoder, fused ops, lean
+decoder) gives the reference execution's reconstruction, loss and gradients."""
+import copy
+
+import pytest
+import torch
+
+from anatomask_fast import patch_recon_loss, random_mask
+from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
+from anatomask_fast.models.stunet import STUNetEncoder
+from anatomask_fast.train.pretrain import pretrain_step
+
+
+def loss_and_grads(net, x, active):
+    rec = net(x, active)
+    loss, per_patch = patch_recon_loss(rec, x, active, 16)
+    loss.backward()
+    return rec, loss, per_patch, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "reference-quirk"])
+@pytest.mark.parametrize("mask_ratio", [0.4, 0.75])
+def test_library_execution_equals_reference_execution(per_sample, mask_ratio):
+    torch.manual_seed(0)
+    net = AnatoMaskNet("tiny", 1, per_sample_norm=per_sample).train()
+    reference = copy.deepcopy(net)
+    x = torch.randn(2, 1, 48, 32, 32)
+    active = random_mask((2, 1, 3, 2, 2), mask_ratio, seed=3).active
+    rec, loss, per_patch, grads = loss_and_grads(net, x, active)
+    with reference_execution(reference):
+        rec_ref, loss_ref, per_patch_ref, grads_ref = loss_and_grads(reference, x, active)
+    # fp32, different conv algorithms (packed vs dense): relative 1e-5 on the loss.
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    torch.testing.assert_close(rec, rec_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(per_patch, per_patch_ref, rtol=1e-4, atol=1e-6)
+    # The reference also densifies the full-resolution stage, which gets no gradient.
+    assert set(grads) == set(grads_ref)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=2e-3, atol=1e-5, msg=name)
+
+
+def test_encoder_keys_load_into_the_dense_stunet():
+    net = AnatoMaskNet("tiny", 2)
+    dense = STUNetEncoder.from_size("tiny", 2)
+    dense.load_state_dict(net.encoder_state_dict(), strict=True)
+    assert next(iter(net.encoder_state_dict())).startswith("conv_blocks_context.0.0.conv1")
+
+
+def test_step_hides_the_teachers_worst_patches():
+    torch.manual_seed(0)
+    student = AnatoMaskNet("tiny", 1)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    x = torch.randn(2, 1, 32, 32, 64)
+    loss, mask, rec = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0,
+                                    seed=7, raw_teacher_target=True)
+    assert torch.isfinite(loss) and rec.shape == x.shape
+    assert mask.active.shape == (2, 1, 2, 2, 4)
+    assert mask.active.view(2, -1).sum(1).tolist() == [4, 4]
+    assert (mask.hard & mask.active).sum() == 0 and mask.hard.view(2, -1).sum(1).tolist() == [4, 4]
+    again = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0, seed=7,
+                          raw_teacher_target=True)[1]
+    assert torch.equal(again.active, mask.active)

@@ -18,27 +18,39 @@ def loss_and_grads(net, x, active):
     return rec, loss, per_patch, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 
 
+def run_both(per_sample: bool, mask_ratio: float, dtype: torch.dtype):
+    torch.manual_seed(0)
+    net = AnatoMaskNet("tiny", 1, per_sample_norm=per_sample).train().to(dtype)
+    reference = copy.deepcopy(net)
+    x = torch.randn(2, 1, 48, 32, 32, dtype=dtype)
+    active = random_mask((2, 1, 3, 2, 2), mask_ratio, seed=3).active
+    fast = loss_and_grads(net, x, active)
+    with reference_execution(reference):
+        return fast, loss_and_grads(reference, x, active)
+
+
 @pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "reference-quirk"])
 @pytest.mark.parametrize("mask_ratio", [0.4, 0.75])
-def test_library_execution_equals_reference_execution(per_sample, mask_ratio):
-    torch.manual_seed(0)
-    net = AnatoMaskNet("tiny", 1, per_sample_norm=per_sample).train()
-    reference = copy.deepcopy(net)
-    x = torch.randn(2, 1, 48, 32, 32)
-    active = random_mask((2, 1, 3, 2, 2), mask_ratio, seed=3).active
-    rec, loss, per_patch, grads = loss_and_grads(net, x, active)
-    with reference_execution(reference):
-        rec_ref, loss_ref, per_patch_ref, grads_ref = loss_and_grads(reference, x, active)
-    # fp32 through ~25 conv and norm layers whose sums run in other orders (packed vs
-    # dense convs, fused statistics): the loss within 1e-5 relative (the issue's bar),
-    # voxels within a few fp32 ulps of the layer scale.
-    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
-    torch.testing.assert_close(rec, rec_ref, rtol=1e-3, atol=5e-5)
-    torch.testing.assert_close(per_patch, per_patch_ref, rtol=1e-4, atol=1e-6)
+def test_library_execution_equals_reference_execution_float64(per_sample, mask_ratio):
+    """Same math: in float64 every output and gradient agrees to rounding."""
+    (rec, loss, per_patch, grads), (rec_r, loss_r, per_patch_r, grads_r) = run_both(
+        per_sample, mask_ratio, torch.float64)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-11, atol=0)
+    torch.testing.assert_close(rec, rec_r, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(per_patch, per_patch_r, rtol=1e-9, atol=1e-12)
     # The reference also densifies the full-resolution stage, which gets no gradient.
-    assert set(grads) == set(grads_ref)
+    assert set(grads) == set(grads_r)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, grads_ref[name], rtol=2e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(grad, grads_r[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "reference-quirk"])
+def test_library_loss_equals_reference_loss_float32(per_sample):
+    """fp32: the loss within 1e-5 relative. Gradients are compared in float64 above:
+    norms over the few visible voxels of the deepest stages amplify fp32 rounding."""
+    (rec, loss, _, _), (rec_r, loss_r, _, _) = run_both(per_sample, 0.6, torch.float32)
+    assert abs(loss.item() - loss_r.item()) <= 1e-5 * abs(loss_r.item())
+    torch.testing.assert_close(rec, rec_r, rtol=1e-3, atol=5e-5)
 
 
 def test_encoder_keys_load_into_the_dense_stunet():

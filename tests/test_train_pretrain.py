@@ -92,11 +92,11 @@ def test_bad_input_is_reported(tmp_path, capsys, finished_run):
 def test_two_processes_with_torchrun_on_gloo(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", "29533", "-m", "anatomask_fast.train", "pretrain",
-               "--out", str(tmp_path), *SMALL, "--epochs", "1"]
+               "--out", str(tmp_path), *SMALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1      # 4 cases / (2 per process x 2 processes): one step, rank 0 logs
+    assert len(lines) == 2      # 4 cases / (2 per process x 2 processes): a step per epoch
     assert (tmp_path / "checkpoint_latest.pt").exists()

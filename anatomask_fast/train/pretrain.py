@@ -118,7 +118,10 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
 
     student = AnatoMaskNet(config.size, in_channels,
                            per_sample_norm=not config.reference_compatible,
-                           sync_bn=runtime.distributed).to(runtime.device)
+                           # torch's SyncBatchNorm runs on CUDA only; on CPU (gloo) each
+                           # process keeps its own decoder BatchNorm statistics.
+                           sync_bn=runtime.distributed and runtime.device.type == "cuda",
+                           ).to(runtime.device)
     for unused in student.unused_in_lean_mode():
         unused.requires_grad_(False)     # the full-resolution densify the decoder never reads
     teacher = copy.deepcopy(student).requires_grad_(False)

@@ -1,0 +1,1 @@
+"""Adapters that bring AnatoMask's masks and fused ops to other libraries' models."""

@@ -116,7 +116,8 @@ def test_gradcheck_cpp_kernel():
         with use_backend("cpu"):
             assert torch.autograd.gradcheck(
                 lambda *t: anatomask_fast.sparse_norm(t[0], active, t[1], t[2], per_sample=per_sample,
-                                                      activation="leaky_relu"), (x, w, b))
+                                                      activation="leaky_relu"), (x, w, b),
+                fast_mode=True)
 
 
 def test_opcheck_cpp_operators():

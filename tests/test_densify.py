@@ -45,16 +45,22 @@ def test_matches_reference(backend, device, dtype, batch, channels, spatial, gri
     check_against_reference(backend, device, dtype, x, active, token)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@pytest.mark.parametrize("case", ["single-visible-patch", "all-visible"])
-def test_edge_masks(backend, device, case):
-    x = torch.randn(2, 3, 8, 8, 8, device=device)
+def edge_mask(case: str, device: str) -> torch.Tensor:
+    """A (2, 1, 2, 2, 2) mask: all visible, or sample 0 with a single visible patch."""
     active = torch.zeros(2, 1, 2, 2, 2, dtype=torch.bool, device=device)
     if case == "all-visible":
         active[:] = True
     else:
         active[0, 0, 1, 0, 1] = True
         active[1, 0, :, 1] = True
+    return active
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", ["single-visible-patch", "all-visible"])
+def test_edge_masks(backend, device, case):
+    x = torch.randn(2, 3, 8, 8, 8, device=device)
+    active = edge_mask(case, device)
     check_against_reference(backend, device, torch.float32, x, active, torch.randn(3, device=device))
 
 

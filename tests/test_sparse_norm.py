@@ -9,6 +9,7 @@ from anatomask_fast.reference import sparse_norm_reference
 
 from .conftest import BACKEND_DEVICES
 from .helpers import TOLERANCES, random_mask
+from .test_densify import edge_mask
 
 ACTIVATIONS = [None, "leaky_relu", "relu6"]
 
@@ -83,12 +84,7 @@ def test_other_dtypes_and_shapes(backend, device, dtype, batch, channels, spatia
 @pytest.mark.parametrize("per_sample", [False, True], ids=["pooled", "per-sample"])
 def test_edge_masks(backend, device, case, per_sample):
     x = torch.randn(2, 3, 8, 8, 8, device=device)
-    active = torch.zeros(2, 1, 2, 2, 2, dtype=torch.bool, device=device)
-    if case == "all-visible":
-        active[:] = True
-    else:
-        active[0, 0, 1, 0, 1] = True
-        active[1, 0, :, 1] = True
+    active = edge_mask(case, device)
     check_against_reference(backend, device, torch.float32, x, active, affine=True,
                             per_sample=per_sample, activation="relu6")
 

@@ -27,32 +27,81 @@ struct Scratch {
   std::vector<uint8_t> cls;
   std::vector<uint32_t> hist;
   std::vector<uint64_t> bucket;
+  std::vector<uint32_t> words;
 };
 
-// Marks with `mark` the k smallest keys among the patches still kKept, ties by lower
-// index: patches whose top bits fall below the threshold's bucket are taken at once,
-// the bucket itself is resolved by nth_element on (key, index) pairs.
-void select_smallest(Scratch& s, int64_t L, int64_t k, uint8_t mark) {
-  if (k == 0) return;
-  const int bits = std::clamp(static_cast<int>(std::ceil(std::log2(static_cast<double>(L)))), 4, 12);
-  const int shift = 32 - bits;
-  s.hist.assign(size_t{1} << bits, 0);
-  for (int64_t l = 0; l < L; ++l) {
-    if (s.cls[l] == kKept) ++s.hist[s.key[l] >> shift];
-  }
+constexpr size_t kSmallBucket = 32;
+
+// About L/8 bins per digit: histograms much larger than the sample cost more to
+// clear and scan than the sample itself.
+int digit_bits(int64_t L) {
+  int width = 0;
+  while ((int64_t{1} << width) <= L) ++width;
+  return std::clamp(width - 3, 4, 11);
+}
+
+// Index of the bucket holding the `need`-th smallest (1-based) in `hist`; `need` becomes
+// the rank inside that bucket.
+uint32_t find_bucket(const std::vector<uint32_t>& hist, int64_t& need) {
   uint32_t digit = 0;
-  int64_t below = 0;
-  while (below + s.hist[digit] < k) below += s.hist[digit++];
-  const int64_t need = k - below;
-  s.bucket.clear();
+  while (need > hist[digit]) need -= hist[digit++];
+  return digit;
+}
+
+// Marks with `mark` the k smallest keys among the patches still kKept, ties by lower
+// index; `key_of(l)` gives patch l's key (stored on the way). A radix select: the
+// first digit (the key's top bits) is histogrammed over the sample while the keys are
+// made, later digits only over the (key, index) pairs of the threshold's bucket,
+// until the bucket is small enough for nth_element. Patches in lower buckets are
+// taken at once.
+template <typename KeyOf>
+void select_smallest(Scratch& s, int64_t L, int64_t k, uint8_t mark, KeyOf key_of) {
+  const int digit_width = digit_bits(L);
+  int shift = 32 - digit_width;
+  const uint32_t ignored = uint32_t{1} << digit_width;  // an extra bin for taken patches
+  // Branch-free loops: which patch is eligible or below the threshold is random, so
+  // branches on it would mispredict half the time.
+  // Raw pointers in locals: stores through uint8_t* may alias anything, which would
+  // make the compiler reload every vector's data pointer in every iteration.
+  s.hist.assign(ignored + 1, 0);
+  s.bucket.resize(static_cast<size_t>(L));
+  uint32_t* const hist = s.hist.data();
+  uint32_t* const keys = s.key.data();
+  uint8_t* const cls = s.cls.data();
+  uint64_t* const bucket = s.bucket.data();
   for (int64_t l = 0; l < L; ++l) {
-    if (s.cls[l] != kKept) continue;
-    const uint32_t top = s.key[l] >> shift;
-    if (top < digit) {
-      s.cls[l] = mark;
-    } else if (top == digit) {
-      s.bucket.push_back((static_cast<uint64_t>(s.key[l]) << 32) | static_cast<uint64_t>(l));
+    const uint32_t key = key_of(l);
+    keys[l] = key;
+    ++hist[cls[l] == kKept ? key >> shift : ignored];
+  }
+  int64_t need = k;
+  uint32_t digit = find_bucket(s.hist, need);
+  size_t size = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const bool eligible = cls[l] == kKept;
+    const uint32_t top = keys[l] >> shift;
+    cls[l] = eligible && top < digit ? mark : cls[l];
+    bucket[size] = (static_cast<uint64_t>(keys[l]) << 32) | static_cast<uint64_t>(l);
+    size += eligible && top == digit;
+  }
+  s.bucket.resize(size);
+  while (s.bucket.size() > kSmallBucket && static_cast<size_t>(need) < s.bucket.size() &&
+         shift > 0) {
+    const int bits = std::min(digit_width, shift);
+    shift -= bits;
+    const uint64_t digit_mask = (uint64_t{1} << bits) - 1;
+    s.hist.assign(size_t{1} << bits, 0);
+    for (const uint64_t pair : s.bucket) ++s.hist[(pair >> (32 + shift)) & digit_mask];
+    digit = find_bucket(s.hist, need);
+    size_t kept = 0;
+    for (const uint64_t pair : s.bucket) {
+      const uint64_t d = (pair >> (32 + shift)) & digit_mask;
+      uint8_t& cls = s.cls[pair & 0xFFFFFFFFu];
+      cls = d < digit ? mark : cls;
+      s.bucket[kept] = pair;
+      kept += d == digit;
     }
+    s.bucket.resize(kept);
   }
   if (static_cast<int64_t>(s.bucket.size()) > need) {
     std::nth_element(s.bucket.begin(), s.bucket.begin() + need, s.bucket.end());
@@ -61,13 +110,13 @@ void select_smallest(Scratch& s, int64_t L, int64_t k, uint8_t mark) {
 }
 
 template <typename scalar_t>
-void error_keys(const scalar_t* errors, int64_t b, int64_t L, Scratch& s) {
+void select_hard(const scalar_t* errors, int64_t b, int64_t L, int64_t k, Scratch& s) {
   bool finite = true;
-  for (int64_t l = 0; l < L; ++l) {
+  select_smallest(s, L, k, kHard, [&](int64_t l) {
     const float e = static_cast<float>(errors[l]);
     finite &= std::isfinite(e);
-    s.key[l] = error_key(e);
-  }
+    return error_key(e);
+  });
   if (!finite) {
     const int64_t bad = std::find_if(errors, errors + L, [](scalar_t e) {
       return !std::isfinite(static_cast<float>(e));
@@ -77,19 +126,23 @@ void error_keys(const scalar_t* errors, int64_t b, int64_t L, Scratch& s) {
   }
 }
 
-void random_keys(const float* noise, uint64_t seed, uint64_t offset, int64_t b, int64_t L,
-                 Scratch& s) {
+void select_random(const float* noise, uint64_t seed, uint64_t offset, int64_t b, int64_t L,
+                   int64_t k, Scratch& s) {
   if (noise != nullptr) {
-    for (int64_t l = 0; l < L; ++l) s.key[l] = float_order(noise[l]);
+    select_smallest(s, L, k, kRandom, [&](int64_t l) { return float_order(noise[l]); });
     return;
   }
+  // Whole Philox blocks first (an independent loop the compiler can vectorize); the
+  // sample's words need not start at a block boundary.
   const uint64_t first = static_cast<uint64_t>(b) * static_cast<uint64_t>(L);
-  for (uint64_t g = first; g < first + static_cast<uint64_t>(L);) {
-    const Philox4 block = philox(seed, offset + g / 4);
-    for (uint32_t w = g % 4; w < 4 && g < first + static_cast<uint64_t>(L); ++w, ++g) {
-      s.key[g - first] = block.word[w];
-    }
+  const uint64_t block0 = first / 4, blocks = (first + L + 3) / 4 - block0;
+  s.words.resize(blocks * 4);
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const Philox4 block = philox(seed, offset + block0 + i);
+    for (int w = 0; w < 4; ++w) s.words[i * 4 + w] = block.word[w];
   }
+  const uint32_t* words = s.words.data() + (first - block0 * 4);
+  select_smallest(s, L, k, kRandom, [words](int64_t l) { return words[l]; });
 }
 
 template <typename scalar_t>
@@ -104,24 +157,27 @@ void select_samples(const Sizes& z, const scalar_t* errors, const float* noise, 
     s.key.resize(L);
     for (int64_t b = begin; b < end; ++b) {
       s.cls.assign(L, kKept);
-      if (z.n_hard > 0) {
-        error_keys(errors + b * L, b, L, s);
-        select_smallest(s, L, z.n_hard, kHard);
-      }
+      if (z.n_hard > 0) select_hard(errors + b * L, b, L, z.n_hard, s);
       if (z.n_random > 0) {
-        random_keys(noise == nullptr ? nullptr : noise + b * L, static_cast<uint64_t>(seed),
-                    static_cast<uint64_t>(offset), b, L, s);
-        select_smallest(s, L, z.n_random, kRandom);
+        select_random(noise == nullptr ? nullptr : noise + b * L, static_cast<uint64_t>(seed),
+                      static_cast<uint64_t>(offset), b, L, z.n_random, s);
       }
-      // Kept patches first, then hidden ones, each in index order.
+      // Kept patches first, then hidden ones, each in index order (branch-free).
+      const uint8_t* const cls = s.cls.data();
+      bool* const active_row = active + b * L;
+      bool* const hard_row = hard + b * L;
+      int64_t* const restore_row = restore + b * L;
+      int64_t* const shuffle_row = shuffle + b * L;
+      const int64_t len_keep = z.len_keep;
       int64_t kept_before = 0;
       for (int64_t l = 0; l < L; ++l) {
-        const bool kept = s.cls[l] == kKept;
-        const int64_t position = kept ? kept_before : z.len_keep + l - kept_before;
-        active[b * L + l] = kept;
-        hard[b * L + l] = s.cls[l] == kHard;
-        restore[b * L + l] = position;
-        shuffle[b * L + position] = l;
+        const int64_t kept = cls[l] == kKept;
+        const int64_t hidden_position = len_keep + l - kept_before;
+        const int64_t position = hidden_position + kept * (kept_before - hidden_position);
+        active_row[l] = kept;
+        hard_row[l] = cls[l] == kHard;
+        restore_row[l] = position;
+        shuffle_row[position] = l;
         kept_before += kept;
       }
     }

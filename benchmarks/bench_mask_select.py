@@ -1,0 +1,37 @@
+"""anatomical_mask (forward only: the mask is not differentiable): each backend vs the
+reference's per-sample host loop, at the paper's grid (7x7x8 = 392 patches) and at
+L = 4096, batch 8, mask ratio 0.6, hard_frac 0.5 (the end of the easy-to-hard
+schedule), randomness drawn from a seed (no noise tensor)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anatomask_fast import anatomical_mask, use_backend
+from anatomask_fast.ops.mask_select import ANATOMICAL_MASK
+
+from .common import backend_devices, record, sizes
+
+SIZES = sizes(
+    full={"B8-L392": dict(B=8, grid=(7, 7, 8)), "B8-L4096": dict(B=8, grid=(16, 16, 16))},
+    quick={"quick-B2-L64": dict(B=2, grid=(4, 4, 4))},
+)
+
+
+def setup_anatomical_mask(backend: str, size: dict, device: str):
+    gen = torch.Generator().manual_seed(0)
+    errors = torch.rand(size["B"], 1, *size["grid"], generator=gen).to(device)
+
+    def run() -> None:
+        with use_backend(backend):
+            anatomical_mask(errors, mask_ratio=0.6, hard_frac=0.5)
+
+    return run
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("backend,device", backend_devices(ANATOMICAL_MASK))
+def test_anatomical_mask(benchmark, backend, device, size):
+    benchmark.group = f"anatomical_mask {size['name']}"
+    record(benchmark, module="bench_mask_select", case="anatomical_mask", backend=backend,
+           size=size, device=device, run=setup_anatomical_mask(backend, size, device))

@@ -13,8 +13,8 @@ from anatomask_fast.masker import AnatoMasker  # noqa: E402
 def small_mae():
     torch.manual_seed(0)
     return monai_mae.MaskedAutoEncoderViT(
-        in_channels=1, img_size=(16, 16, 16), patch_size=(4, 4, 4), hidden_size=32,
-        mlp_dim=64, num_layers=2, num_heads=4, decoder_hidden_size=32, decoder_mlp_dim=64,
+        in_channels=1, img_size=(16, 16, 16), patch_size=(4, 4, 4), hidden_size=48,
+        mlp_dim=64, num_layers=2, num_heads=4, decoder_hidden_size=48, decoder_mlp_dim=64,
         decoder_num_layers=1, decoder_num_heads=4, masking_ratio=0.6).eval()
 
 

@@ -157,19 +157,17 @@ void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g,
       }
     }
   });
-  at::parallel_for(0, g.B * row, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / row, j = i % row;
-      double total = 0;
-      for (int64_t chunk = 0; chunk < per_sample; ++chunk)
-        total += partials[(b * per_sample + chunk) * row + j];
-      if (j == 3 * K) {
-        ce_sums[b] = static_cast<Acc>(total);
-      } else {
-        class_sums[b * 3 * K + j] = static_cast<Acc>(total);
-      }
+  // Serial: a few adds per chunk, less than a second parallel region costs.
+  std::vector<double> totals(row);
+  for (int64_t b = 0; b < g.B; ++b) {
+    std::fill(totals.begin(), totals.end(), 0.0);
+    for (int64_t chunk = 0; chunk < per_sample; ++chunk) {
+      const Acc* part = partials.data() + (b * per_sample + chunk) * row;
+      for (int64_t j = 0; j < row; ++j) totals[j] += part[j];
     }
-  });
+    for (int64_t j = 0; j < 3 * K; ++j) class_sums[b * 3 * K + j] = static_cast<Acc>(totals[j]);
+    ce_sums[b] = static_cast<Acc>(totals[3 * K]);
+  }
 }
 
 template <typename T, typename L, typename Acc = at::opmath_type<T>>

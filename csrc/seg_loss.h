@@ -56,10 +56,20 @@ void with_labels(const at::Tensor& labels, F&& body) {
   }
 }
 
-// Backward: the incoming gradients of the forward's two outputs.
-inline void check_seg_loss_grads(const at::Tensor& grad_class_sums,
-                                 const at::Tensor& grad_ce_sums, const SegLossGeometry& g,
-                                 const at::Tensor& logits, const char* op) {
+// The backward's inputs, checked and made contiguous; the incoming gradients of the
+// forward's two outputs in the sums' dtype (autograd may hand in expanded ones).
+struct SegLossBackwardInputs {
+  SegLossGeometry g;
+  at::Tensor grad_class_sums, grad_ce_sums, logits, labels;
+};
+
+inline SegLossBackwardInputs seg_loss_backward_inputs(const at::Tensor& grad_class_sums,
+                                                      const at::Tensor& grad_ce_sums,
+                                                      const at::Tensor& logits,
+                                                      const at::Tensor& labels,
+                                                      std::optional<int64_t> ignore_index) {
+  const char* op = "dice_ce_loss_backward";
+  const SegLossGeometry g = seg_loss_geometry(logits, labels, ignore_index, op);
   TORCH_CHECK_VALUE(grad_class_sums.dim() == 3 && grad_class_sums.size(0) == g.B &&
                         grad_class_sums.size(1) == 3 && grad_class_sums.size(2) == g.K,
                     op, ": argument 'grad_class_sums' must have shape (", g.B, ", 3, ", g.K,
@@ -70,6 +80,9 @@ inline void check_seg_loss_grads(const at::Tensor& grad_class_sums,
   TORCH_CHECK_VALUE(grad_class_sums.device() == logits.device() &&
                         grad_ce_sums.device() == logits.device(),
                     op, ": the gradients must be on ", logits.device(), " like 'logits'");
+  const auto dtype = sums_dtype(logits);
+  return {g, grad_class_sums.to(dtype).contiguous(), grad_ce_sums.to(dtype).contiguous(),
+          logits.contiguous(), labels.contiguous()};
 }
 
 }  // namespace anatomask_fast

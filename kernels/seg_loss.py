@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from anatomask_fast.ops.seg_loss import sums_dtype
+from anatomask_fast.ops.seg_loss import autograd_functions, sums_dtype
 from anatomask_fast.outputs import new_output
 
 from .gather_scatter import block_size
@@ -153,16 +153,5 @@ def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: to
     return grad
 
 
-def _setup(ctx, inputs, output) -> None:
-    logits, labels, ignore_index = inputs
-    ctx.save_for_backward(logits, labels)
-    ctx.ignore_index = ignore_index
-
-
-def _backward(ctx, grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor):
-    logits, labels = ctx.saved_tensors
-    return dice_ce_loss_backward_triton(grad_class_sums, grad_ce_sums, logits, labels,
-                                        ctx.ignore_index), None, None
-
-
+_backward, _setup = autograd_functions(dice_ce_loss_backward_triton)
 dice_ce_loss_triton.register_autograd(_backward, setup_context=_setup)

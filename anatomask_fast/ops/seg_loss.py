@@ -15,6 +15,8 @@ terms and set their sample's CE sum to NaN, so the loss comes out NaN.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import _extension
@@ -158,6 +160,23 @@ def deep_supervision_loss(outputs: list[torch.Tensor] | tuple[torch.Tensor, ...]
     return total
 
 
+def autograd_functions(backward_op: Callable) -> tuple[Callable, Callable]:
+    """(backward, setup_context) of a ``dice_ce_loss`` operator whose backward operator
+    is ``backward_op(grad_class_sums, grad_ce_sums, logits, labels, ignore_index)``:
+    only the logits and labels are saved, the softmax is recomputed."""
+    def setup_context(ctx, inputs, output) -> None:
+        logits, labels, ignore_index = inputs
+        ctx.save_for_backward(logits, labels)
+        ctx.ignore_index = ignore_index
+
+    def backward(ctx, grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor):
+        logits, labels = ctx.saved_tensors
+        return backward_op(grad_class_sums, grad_ce_sums, logits, labels,
+                           ctx.ignore_index), None, None
+
+    return backward, setup_context
+
+
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     op = "anatomask_fast::dice_ce_loss"
@@ -173,17 +192,7 @@ def _register_cpp() -> None:
     def _(grad_class_sums, grad_ce_sums, logits, labels, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    def setup_context(ctx, inputs, output) -> None:
-        logits, labels, ignore_index = inputs
-        ctx.save_for_backward(logits, labels)
-        ctx.ignore_index = ignore_index
-
-    def backward(ctx, grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor):
-        logits, labels = ctx.saved_tensors
-        grad = torch.ops.anatomask_fast.dice_ce_loss_backward(
-            grad_class_sums, grad_ce_sums, logits, labels, ctx.ignore_index)
-        return grad, None, None
-
+    backward, setup_context = autograd_functions(torch.ops.anatomask_fast.dice_ce_loss_backward)
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 

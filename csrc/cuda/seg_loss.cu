@@ -218,14 +218,12 @@ at::Tensor dice_ce_loss_backward_cuda(const at::Tensor& grad_class_sums,
                                       const at::Tensor& grad_ce_sums, const at::Tensor& logits,
                                       const at::Tensor& labels,
                                       std::optional<int64_t> ignore_index) {
-  const char* op = "dice_ce_loss_backward";
-  const SegLossGeometry g = seg_loss_geometry(logits, labels, ignore_index, op);
-  check_seg_loss_grads(grad_class_sums, grad_ce_sums, g, logits, op);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor x = logits.contiguous();
-  const at::Tensor y = labels.contiguous();
-  const at::Tensor gs = grad_class_sums.to(sums_dtype(x)).contiguous();
-  const at::Tensor gc = grad_ce_sums.to(sums_dtype(x)).contiguous();
+  const SegLossBackwardInputs in =
+      seg_loss_backward_inputs(grad_class_sums, grad_ce_sums, logits, labels, ignore_index);
+  const SegLossGeometry& g = in.g;
+  const at::Tensor &x = in.logits, &y = in.labels, &gs = in.grad_class_sums,
+                   &gc = in.grad_ce_sums;
   at::Tensor grad = new_output(x.sizes(), x.options());
   if (x.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dice_ce_loss_backward", [&] {

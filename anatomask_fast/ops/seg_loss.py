@@ -1,9 +1,10 @@
 """Segmentation loss family: nnU-Net's Dice + cross-entropy, fused.
 
 The compiled ``dice_ce_loss`` operator reads the logits and the integer label map
-once and returns the loss's sufficient statistics: ``class_sums`` (B, 3, K) fp32 =
-per sample and class (intersection, sum of probabilities, ground-truth count) and
-``ce_sums`` (B,) fp32 = per-sample sum of -log softmax[label]. No softmax or one-hot
+once and returns the loss's sufficient statistics (fp32; fp64 for fp64 logits):
+``class_sums`` (B, 3, K) = per sample and class (intersection, sum of probabilities,
+ground-truth count) and ``ce_sums`` (B,) = per-sample sum of -log softmax[label],
+computed over the counted voxels (not ``ignore_label``). No softmax or one-hot
 tensor exists. The scalar loss is a few torch ops on those tiny tensors, so autograd
 hands the operator's backward a (B, 3, K) and a (B,) gradient, from which it writes
 the logits' gradient in one pass, recomputing the softmax.
@@ -11,7 +12,8 @@ the logits' gradient in one pass, recomputing the softmax.
 Labels outside [0, K) (other than ``ignore_label``) raise a ValueError for CPU tensors
 (checked before the kernels, outside torch.compile). On CUDA tensors they are not
 checked on the host (that would synchronize): the kernels drop such voxels from both
-terms and set their sample's CE sum to NaN, so the loss comes out NaN.
+terms and set their sample's CE sum to NaN, so the loss comes out NaN (the reference
+backend fails there as PyTorch's scatter and cross_entropy do).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..reference.seg_loss import dice_ce_loss_reference, soft_dice_from_sums
 from ..validation import check_same_device, check_tensor, check_volume
 
 DICE_CE_LOSS = Op("dice_ce_loss", reference=dice_ce_loss_reference, cpp="dice_ce_loss",
-                  triton="seg_loss:dice_ce_loss_triton", cuda_preference=("cuda", "triton"))
+                  triton="seg_loss:dice_ce_loss_triton")
 
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 

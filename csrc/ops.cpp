@@ -61,6 +61,15 @@ TORCH_LIBRARY(anatomask_fast, m) {
   m.def("unpack_patches(Tensor packed, Tensor patches, Tensor slots) -> Tensor");
   m.def("pad_halo(Tensor packed, Tensor neighbours, int lo, int hi) -> Tensor");
   m.def("pad_halo_backward(Tensor grad, Tensor neighbours, int lo, int hi) -> Tensor");
+  // ---- segmentation loss family (csrc/*/seg_loss.*) ----
+  // nnU-Net Dice + CE statistics of logits (B, K, *spatial) and labels (B, S), in one
+  // pass: class_sums (B, 3, K) = (intersection, sum of softmax, label count) per
+  // sample and class, ce_sums (B,) = sum of -log softmax[label]; fp32 (fp64 for fp64).
+  // Voxels labelled ignore_index count nowhere.
+  m.def("dice_ce_loss(Tensor logits, Tensor labels, int? ignore_index) -> (Tensor, Tensor)");
+  // Gradient of the logits given the gradients of both outputs, softmax recomputed.
+  m.def("dice_ce_loss_backward(Tensor grad_class_sums, Tensor grad_ce_sums, Tensor logits, "
+        "Tensor labels, int? ignore_index) -> Tensor");
 }
 
 namespace {

@@ -6,6 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace anatomask_fast {
 
 struct PackGeometry {
@@ -63,6 +66,29 @@ inline void check_halo(const at::Tensor& packed, const at::Tensor& neighbours, i
               neighbours.sizes());
   TORCH_CHECK(lo >= 0 && hi >= 0 && lo <= min_side && hi <= min_side, op,
               ": halo widths lo=", lo, ", hi=", hi, " must lie in [0, ", min_side, "]");
+}
+
+// Validates pad_halo's arguments; returns the halo'd sizes.
+inline std::vector<int64_t> pad_halo_sizes(const at::Tensor& packed, const at::Tensor& neighbours,
+                                           int64_t lo, int64_t hi) {
+  TORCH_CHECK(packed.dim() == 5, "pad_halo: argument 'packed' must be 5-D, got ", packed.sizes());
+  check_halo(packed, neighbours, lo, hi,
+             std::min({packed.size(2), packed.size(3), packed.size(4)}), "pad_halo");
+  return {packed.size(0), packed.size(1), packed.size(2) + lo + hi, packed.size(3) + lo + hi,
+          packed.size(4) + lo + hi};
+}
+
+// Validates pad_halo_backward's arguments; returns the interior (patch) sizes.
+inline std::vector<int64_t> pad_halo_backward_sizes(const at::Tensor& grad,
+                                                    const at::Tensor& neighbours, int64_t lo,
+                                                    int64_t hi) {
+  TORCH_CHECK(grad.dim() == 5, "pad_halo_backward: argument 'grad' must be 5-D, got ",
+              grad.sizes());
+  const int64_t ph = grad.size(2) - lo - hi, pw = grad.size(3) - lo - hi, pd = grad.size(4) - lo - hi;
+  TORCH_CHECK(ph > 0 && pw > 0 && pd > 0, "pad_halo_backward: 'grad' ", grad.sizes(),
+              " is smaller than its halo lo=", lo, ", hi=", hi);
+  check_halo(grad, neighbours, lo, hi, std::min({ph, pw, pd}), "pad_halo_backward");
+  return {grad.size(0), grad.size(1), ph, pw, pd};
 }
 
 // Column of the neighbour table for offset (oi, oj, ok) in {-1, 0, 1}^3.

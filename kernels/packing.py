@@ -14,15 +14,21 @@ from .gather_scatter import block_size
 
 
 @triton.jit
+def _unravel(offs, C, X, Y, Z):
+    """(patch or sample, channel, x, y, z) of flat offsets into a (*, C, X, Y, Z) tensor."""
+    z = offs % Z
+    y = (offs // Z) % Y
+    x = (offs // (Z * Y)) % X
+    c = (offs // (Z * Y * X)) % C
+    return offs // (Z * Y * X * C), c, x, y, z
+
+
+@triton.jit
 def _pack_kernel(x_ptr, patches_ptr, out_ptr, n, C, h, w, d, ph, pw, pd,
                  BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    k = offs % pd
-    j = (offs // pd) % pw
-    i = (offs // (pd * pw)) % ph
-    c = (offs // (pd * pw * ph)) % C
-    p = offs // (pd * pw * ph * C)
+    p, c, i, j, k = _unravel(offs, C, ph, pw, pd)
     cell = tl.load(patches_ptr + p, mask=inside, other=0)
     k0 = cell % d
     j0 = (cell // d) % w
@@ -37,14 +43,7 @@ def _unpack_kernel(packed_ptr, slots_ptr, out_ptr, n, C, h, w, d, ph, pw, pd,
                    BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    D = d * pd
-    W = w * pw
-    H = h * ph
-    K = offs % D
-    J = (offs // D) % W
-    I = (offs // (D * W)) % H
-    c = (offs // (D * W * H)) % C
-    b = offs // (D * W * H * C)
+    b, c, I, J, K = _unravel(offs, C, h * ph, w * pw, d * pd)
     slot = tl.load(slots_ptr + ((b * h + I // ph) * w + J // pw) * d + K // pd, mask=inside,
                    other=-1)
     src = (((slot * C + c) * ph + I % ph) * pw + J % pw) * pd + K % pd
@@ -65,14 +64,7 @@ def _pad_halo_kernel(packed_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, hi,
                      BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    th = ph + lo + hi
-    tw = pw + lo + hi
-    td = pd + lo + hi
-    tk = offs % td
-    tj = (offs // td) % tw
-    ti = (offs // (td * tw)) % th
-    c = (offs // (td * tw * th)) % C
-    m = offs // (td * tw * th * C)
+    m, c, ti, tj, tk = _unravel(offs, C, ph + lo + hi, pw + lo + hi, pd + lo + hi)
     oi, li = _halo_source(ti, lo, ph)
     oj, lj = _halo_source(tj, lo, pw)
     ok, lk = _halo_source(tk, lo, pd)
@@ -91,11 +83,7 @@ def _pad_halo_backward_kernel(grad_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, h
     th = ph + lo + hi
     tw = pw + lo + hi
     td = pd + lo + hi
-    k = offs % pd
-    j = (offs // pd) % pw
-    i = (offs // (pd * pw)) % ph
-    c = (offs // (pd * pw * ph)) % C
-    m = offs // (pd * pw * ph * C)
+    m, c, i, j, k = _unravel(offs, C, ph, pw, pd)
     acc = tl.zeros([BLOCK], dtype=ACC)
     # Patch n = neighbour of m at -o reads m's voxel at halo'd position o*p + local + lo.
     for a in tl.static_range(3):

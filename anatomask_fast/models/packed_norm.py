@@ -26,8 +26,8 @@ class PackedNorm(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         count = torch.bincount(group, minlength=groups).to(acc) * xf.shape[2]
         mean = _group_mean(xf.sum(-1, dtype=acc), group, groups, count)
-        centered = xf - mean[group].unsqueeze(-1).to(x.dtype)
-        var = _group_mean(centered.square().sum(-1, dtype=acc), group, groups, count)
+        centered = (xf - mean[group].unsqueeze(-1).to(x.dtype)).square_()
+        var = _group_mean(centered.sum(-1, dtype=acc), group, groups, count)
         del centered
         rstd = (var + eps).rsqrt()
         scale = weight.to(acc) * rstd[group]                        # (N, C)
@@ -44,25 +44,28 @@ class PackedNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # Few full-size temporaries: the weight is constant per group, so
+        # dx = w*rstd * (dy - mean(dy) - xhat*mean(dy*xhat)), built in xhat's storage.
         x, weight, bias, group, mean, rstd, count = ctx.saved_tensors
         N, C = x.shape[:2]
-        xf = x.reshape(N, C, -1)
+        xhat = x.reshape(N, C, -1) - mean[group].unsqueeze(-1).to(x.dtype)
+        xhat.mul_(rstd[group].unsqueeze(-1).to(x.dtype))
         dy = grad.reshape(N, C, -1)
-        xhat = (xf - mean[group].unsqueeze(-1).to(x.dtype)) * rstd[group].unsqueeze(-1).to(x.dtype)
         if ctx.slope is not None:
-            pre = xhat * weight[:, None] + bias[:, None]
-            dy = torch.where(pre > 0, dy, dy * ctx.slope)
-            del pre
-        dweight = (dy * xhat).sum((0, 2)) if ctx.needs_input_grad[1] else None
-        dbias = dy.sum((0, 2)) if ctx.needs_input_grad[2] else None
+            negative = torch.addcmul(bias[:, None], xhat, weight[:, None]) <= 0
+            dy = dy.masked_fill(negative, 0).add_(dy.masked_fill(~negative, 0), alpha=ctx.slope)
+            del negative
+        sum_dy = dy.sum(-1)                                           # (N, C)
+        sum_dyx = (dy * xhat).sum(-1)
+        dweight = sum_dyx.sum(0) if ctx.needs_input_grad[1] else None
+        dbias = sum_dy.sum(0) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            g = dy * weight[:, None]
-            mg = _group_mean(g.sum(-1), group, ctx.groups, count)
-            mgx = _group_mean((g * xhat).sum(-1), group, ctx.groups, count)
-            dx = (g - mg[group].unsqueeze(-1) - xhat * mgx[group].unsqueeze(-1)) \
-                * rstd[group].unsqueeze(-1)
-            dx = dx.to(x.dtype).view(x.shape)
+            mean_dy = _group_mean(sum_dy, group, ctx.groups, count)[group].unsqueeze(-1)
+            mean_dyx = _group_mean(sum_dyx, group, ctx.groups, count)[group].unsqueeze(-1)
+            coef = (weight * rstd)[group].unsqueeze(-1)
+            dx = xhat.mul_(-mean_dyx.to(x.dtype)).add_(dy).sub_(mean_dy.to(x.dtype))
+            dx = dx.mul_(coef.to(x.dtype)).view(x.shape)
         return dx, dweight, dbias, None, None, None, None
 
 

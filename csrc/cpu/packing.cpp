@@ -93,14 +93,12 @@ inline void halo_source(int64_t t, int64_t lo, int64_t p, int64_t& o, int64_t& l
 
 at::Tensor pad_halo_cpu(const at::Tensor& packed, const at::Tensor& neighbours, int64_t lo,
                         int64_t hi) {
-  TORCH_CHECK(packed.dim() == 5, "pad_halo: argument 'packed' must be 5-D, got ", packed.sizes());
+  at::Tensor out = new_output(pad_halo_sizes(packed, neighbours, lo, hi), packed.options());
   const int64_t N = packed.size(0), C = packed.size(1);
   const int64_t ph = packed.size(2), pw = packed.size(3), pd = packed.size(4);
-  check_halo(packed, neighbours, lo, hi, std::min({ph, pw, pd}), "pad_halo");
+  const int64_t th = out.size(2), tw = out.size(3), td = out.size(4);
   const at::Tensor pk = packed.contiguous();
   const at::Tensor nb = neighbours.contiguous();
-  const int64_t th = ph + lo + hi, tw = pw + lo + hi, td = pd + lo + hi;
-  at::Tensor out = new_output({N, C, th, tw, td}, pk.options());
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(pk.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -165,16 +163,10 @@ void pad_halo_backward_rows(const scalar_t* grad, scalar_t* out, const int64_t* 
 
 at::Tensor pad_halo_backward_cpu(const at::Tensor& grad, const at::Tensor& neighbours,
                                  int64_t lo, int64_t hi) {
-  TORCH_CHECK(grad.dim() == 5, "pad_halo_backward: argument 'grad' must be 5-D, got ",
-              grad.sizes());
-  const int64_t N = grad.size(0), C = grad.size(1);
-  const int64_t ph = grad.size(2) - lo - hi, pw = grad.size(3) - lo - hi, pd = grad.size(4) - lo - hi;
-  TORCH_CHECK(ph > 0 && pw > 0 && pd > 0, "pad_halo_backward: 'grad' ", grad.sizes(),
-              " is smaller than its halo lo=", lo, ", hi=", hi);
-  check_halo(grad, neighbours, lo, hi, std::min({ph, pw, pd}), "pad_halo_backward");
+  at::Tensor out = new_output(pad_halo_backward_sizes(grad, neighbours, lo, hi), grad.options());
+  const int64_t N = out.size(0), C = out.size(1), ph = out.size(2), pw = out.size(3), pd = out.size(4);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor nb = neighbours.contiguous();
-  at::Tensor out = new_output({N, C, ph, pw, pd}, gc.options());
   if (out.numel() == 0) return out;
   const int64_t* table = nb.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {

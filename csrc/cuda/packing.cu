@@ -187,30 +187,23 @@ at::Tensor unpack_patches_cuda(const at::Tensor& packed, const at::Tensor& patch
 
 at::Tensor pad_halo_cuda(const at::Tensor& packed, const at::Tensor& neighbours, int64_t lo,
                          int64_t hi) {
-  TORCH_CHECK(packed.dim() == 5, "pad_halo: argument 'packed' must be 5-D, got ", packed.sizes());
-  check_halo(packed, neighbours, lo, hi,
-             std::min({packed.size(2), packed.size(3), packed.size(4)}), "pad_halo");
+  const std::vector<int64_t> sizes = pad_halo_sizes(packed, neighbours, lo, hi);
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor pk = packed.contiguous();
   const at::Tensor nb = neighbours.contiguous();
-  at::Tensor out = new_output({pk.size(0), pk.size(1), pk.size(2) + lo + hi,
-                               pk.size(3) + lo + hi, pk.size(4) + lo + hi}, pk.options());
+  at::Tensor out = new_output(sizes, pk.options());
   if (out.numel() > 0) by_width<LaunchPadHalo>(pk.element_size(), pk, nb, out, lo, hi);
   return out;
 }
 
 at::Tensor pad_halo_backward_cuda(const at::Tensor& grad, const at::Tensor& neighbours,
                                   int64_t lo, int64_t hi) {
-  TORCH_CHECK(grad.dim() == 5, "pad_halo_backward: argument 'grad' must be 5-D, got ",
-              grad.sizes());
-  const int64_t ph = grad.size(2) - lo - hi, pw = grad.size(3) - lo - hi, pd = grad.size(4) - lo - hi;
-  TORCH_CHECK(ph > 0 && pw > 0 && pd > 0, "pad_halo_backward: 'grad' ", grad.sizes(),
-              " is smaller than its halo lo=", lo, ", hi=", hi);
-  check_halo(grad, neighbours, lo, hi, std::min({ph, pw, pd}), "pad_halo_backward");
+  const std::vector<int64_t> sizes = pad_halo_backward_sizes(grad, neighbours, lo, hi);
+  const int64_t ph = sizes[2], pw = sizes[3], pd = sizes[4];
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous();
   const at::Tensor nb = neighbours.contiguous();
-  at::Tensor out = new_output({gc.size(0), gc.size(1), ph, pw, pd}, gc.options());
+  at::Tensor out = new_output(sizes, gc.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {
     pad_halo_backward_kernel<scalar_t>

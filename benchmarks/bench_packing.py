@@ -1,0 +1,45 @@
+"""Packing ops forward+backward: each backend vs the reference, at STU-Net-B stage-0
+and stage-1 sizes (1x64x64x64, B=2, mask ratio 0.6): pack the visible patches, add
+the halo a 3x3x3 conv needs, unpack."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anatomask_fast import pack_patches, pad_halo, unpack_patches, use_backend
+from anatomask_fast.models import MaskLayout
+from anatomask_fast.ops.packing import PAD_HALO
+
+from .common import backend_devices, record, sizes
+
+SIZES = sizes(
+    full={"stage0-B2-32x64x64x64": dict(B=2, C=32, spatial=(64, 64, 64), grid=(4, 4, 4)),
+          "stage1-B2-64x32x32x32": dict(B=2, C=64, spatial=(32, 32, 32), grid=(4, 4, 4))},
+    quick={"quick-B2-8x32x32x32": dict(B=2, C=8, spatial=(32, 32, 32), grid=(2, 2, 2))},
+)
+
+
+def setup_packing(backend: str, size: dict, device: str):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(size["B"], size["C"], *size["spatial"], generator=gen).to(device)
+    x.requires_grad_()
+    active = (torch.rand(size["B"], 1, *size["grid"], generator=gen) < 0.4).to(device)
+    layout = MaskLayout.build(active)
+
+    def run() -> None:
+        with use_backend(backend):
+            packed = pack_patches(x, layout.patches, layout.slots)
+            halo = pad_halo(packed, layout.neighbours, 1, 1)
+            dense = unpack_patches(halo[:, :, 1:-1, 1:-1, 1:-1], layout.patches, layout.slots)
+            (halo.sum() + dense.sum()).backward()
+        x.grad = None
+
+    return run
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("backend,device", backend_devices(PAD_HALO))
+def test_packing(benchmark, backend, device, size):
+    benchmark.group = f"pack+pad_halo+unpack fwd+bwd {size['name']}"
+    record(benchmark, module="bench_packing", case="packing", backend=backend, size=size,
+           device=device, run=setup_packing(backend, size, device))

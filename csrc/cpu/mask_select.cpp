@@ -149,8 +149,10 @@ void select_samples(const Sizes& z, const scalar_t* errors, const float* noise, 
                     int64_t offset, bool* active, bool* hard, int64_t* shuffle,
                     int64_t* restore) {
   const int64_t L = z.L;
-  // Tiny batches run on one thread: waking the pool costs more than the work.
-  const int64_t grain = std::max<int64_t>(1, 16384 / L);
+  // A sample costs about 10 ns per patch; waking the thread pool costs tens of
+  // microseconds on an idle machine and up to a scheduler time slice on a busy one,
+  // so only batches of a few milliseconds of work (256K patches) are split.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / L);
   at::parallel_for(0, z.B, grain, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.key.resize(L);

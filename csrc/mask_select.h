@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
+
+#include "outputs.h"
 
 #ifdef __CUDACC__
 #define MASK_SELECT_HD __host__ __device__ __forceinline__
@@ -92,6 +95,27 @@ inline Sizes check_args(const at::Tensor& errors, const std::optional<at::Tensor
                       "is on ", noise->device(), " but 'errors' is on ", errors.device());
   }
   return {B, L, len_keep, n_hard, L - len_keep - n_hard};
+}
+
+// Contiguous inputs and fresh (B, L) outputs, shared by the CPU and CUDA entry points.
+struct Buffers {
+  at::Tensor errors, noise;  // noise undefined when not given
+  at::Tensor active, hard, shuffle, restore;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {active, hard, shuffle, restore};
+  }
+};
+
+inline Buffers prepare(const at::Tensor& errors, const std::optional<at::Tensor>& noise,
+                       const Sizes& z) {
+  const auto flags = errors.options().dtype(at::kBool);
+  const auto ids = errors.options().dtype(at::kLong);
+  // Errors are not read without hard patches (random_mask passes an expanded zero).
+  return {z.n_hard > 0 ? errors.contiguous() : errors,
+          noise.has_value() ? noise->contiguous() : at::Tensor(),
+          new_output({z.B, z.L}, flags), new_output({z.B, z.L}, flags),
+          new_output({z.B, z.L}, ids), new_output({z.B, z.L}, ids)};
 }
 
 }  // namespace mask_select

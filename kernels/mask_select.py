@@ -31,8 +31,8 @@ def _select_smallest(key, eligible, k):
     one = tl.full([], 1, tl.uint32)
     threshold = tl.full([], 0, tl.uint32)
     # The largest t with fewer than k eligible keys below t is the k-th smallest key.
-    for bit in range(31, -1, -1):
-        mid = threshold | (one << bit)
+    for i in range(32):
+        mid = threshold | (one << (31 - i))
         below = tl.sum((eligible & (key < mid)).to(tl.int32), axis=0)
         threshold = tl.where(below < k, mid, threshold)
     less = eligible & (key < threshold)

@@ -2,6 +2,8 @@
 the spec's counts and top-k, uniformity of the random part, seeding, ids, bad input."""
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,15 +232,33 @@ def test_no_host_synchronization(backend):
     check_invariants(result, errors, 0.6, 0.3)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+CPU_BACKENDS = [p for p in BACKEND_DEVICES if p.values[1] == "cpu"]
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_errors_are_rejected(backend, device, bad):
     errors = torch.rand(2, 20, device=device)
     errors[1, 7] = bad
     with pytest.raises(ValueError, match=r"'errors' must be finite"):
         run(backend, errors, 0.6, 0.3)
-        if device == "cuda":
-            torch.cuda.synchronize()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_non_finite_errors_fail_on_the_device(backend):
+    """On a GPU the check is a device-side assertion (a host-side one would
+    synchronize), which ends the CUDA context: run it in a separate process."""
+    script = (
+        "import torch, anatomask_fast as af\n"
+        "e = torch.rand(2, 20, device='cuda'); e[1, 7] = float('nan')\n"
+        f"with af.use_backend('{backend}'):\n"
+        "    af.anatomical_mask(e, 0.6, 0.3)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -165,6 +165,9 @@ def anatomical_mask(errors: torch.Tensor, mask_ratio: float, hard_frac: float, *
     (B, L) (the remaining patches with the smallest noise are hidden, ties by index),
     which makes every backend give identical masks. Under ``torch.compile``, pass
     ``seed`` or ``noise``: the default seed is a host-side draw. Not differentiable.
+
+    Errors must be finite: a ValueError on CPU tensors; on a GPU a device-side
+    assertion (``torch._assert_async``), since a host-side check would synchronize.
     """
     op = "anatomical_mask"
     check_tensor(op, "errors", errors, dtypes=FLOAT_DTYPES)

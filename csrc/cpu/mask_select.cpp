@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "../mask_select.h"
-#include "../outputs.h"
 
 namespace anatomask_fast {
 namespace {
@@ -150,8 +149,10 @@ void select_samples(const Sizes& z, const scalar_t* errors, const float* noise, 
                     int64_t offset, bool* active, bool* hard, int64_t* shuffle,
                     int64_t* restore) {
   const int64_t L = z.L;
-  // Tiny batches run on one thread: waking the pool costs more than the work.
-  const int64_t grain = std::max<int64_t>(1, 16384 / L);
+  // A sample costs about 10 ns per patch; waking the thread pool costs tens of
+  // microseconds on an idle machine and up to a scheduler time slice on a busy one,
+  // so only batches of a few milliseconds of work (256K patches) are split.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / L);
   at::parallel_for(0, z.B, grain, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.key.resize(L);
@@ -188,26 +189,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anatomical_mask_cpu(
     const at::Tensor& errors, const std::optional<at::Tensor>& noise, int64_t len_keep,
     int64_t n_hard, int64_t seed, int64_t offset) {
   const Sizes z = check_args(errors, noise, len_keep, n_hard, seed, offset);
-  // Errors are not read without hard patches (random_mask passes an expanded zero).
-  const at::Tensor ec = z.n_hard > 0 ? errors.contiguous() : errors;
-  const at::Tensor nc = noise.has_value() ? noise->contiguous() : at::Tensor();
-  const auto flags = errors.options().dtype(at::kBool);
-  const auto ids = errors.options().dtype(at::kLong);
-  at::Tensor active = new_output({z.B, z.L}, flags);
-  at::Tensor hard = new_output({z.B, z.L}, flags);
-  at::Tensor shuffle = new_output({z.B, z.L}, ids);
-  at::Tensor restore = new_output({z.B, z.L}, ids);
-  const float* noise_ptr = nc.defined() ? nc.const_data_ptr<float>() : nullptr;
+  Buffers t = prepare(errors, noise, z);
+  const float* noise_ptr = t.noise.defined() ? t.noise.const_data_ptr<float>() : nullptr;
   const auto run = [&](auto* errors_ptr) {
-    select_samples(z, errors_ptr, noise_ptr, seed, offset, active.data_ptr<bool>(),
-                   hard.data_ptr<bool>(), shuffle.data_ptr<int64_t>(), restore.data_ptr<int64_t>());
+    select_samples(z, errors_ptr, noise_ptr, seed, offset, t.active.data_ptr<bool>(),
+                   t.hard.data_ptr<bool>(), t.shuffle.data_ptr<int64_t>(),
+                   t.restore.data_ptr<int64_t>());
   };
-  switch (ec.scalar_type()) {
-    case at::kHalf: run(static_cast<const c10::Half*>(ec.const_data_ptr())); break;
-    case at::kBFloat16: run(static_cast<const c10::BFloat16*>(ec.const_data_ptr())); break;
-    default: run(static_cast<const float*>(ec.const_data_ptr())); break;
+  switch (t.errors.scalar_type()) {
+    case at::kHalf: run(static_cast<const c10::Half*>(t.errors.const_data_ptr())); break;
+    case at::kBFloat16: run(static_cast<const c10::BFloat16*>(t.errors.const_data_ptr())); break;
+    default: run(static_cast<const float*>(t.errors.const_data_ptr())); break;
   }
-  return {active, hard, shuffle, restore};
+  return t.outputs();
 }
 
 }  // namespace

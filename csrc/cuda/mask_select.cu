@@ -17,7 +17,6 @@
 #include <tuple>
 
 #include "../mask_select.h"
-#include "../outputs.h"
 
 namespace anatomask_fast {
 namespace {
@@ -153,12 +152,10 @@ __global__ void anatomical_mask_kernel(const scalar_t* errors, const float* nois
 }
 
 template <typename scalar_t>
-void launch(const at::Tensor& errors, const at::Tensor& noise, const Sizes& z, int64_t seed,
-            int64_t offset, at::Tensor& active, at::Tensor& hard, at::Tensor& shuffle,
-            at::Tensor& restore) {
+void launch(Buffers& t, const Sizes& z, int64_t seed, int64_t offset) {
   const auto kernel = anatomical_mask_kernel<scalar_t>;
   const size_t smem = static_cast<size_t>(z.L) * (sizeof(uint32_t) + sizeof(uint8_t));
-  if (smem > 48 * 1024) {
+  if (smem + sizeof(Shared) > 48 * 1024) {  // the default limit counts static memory too
     const cudaError_t status = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     TORCH_CHECK_VALUE(status == cudaSuccess, "anatomical_mask: L=", z.L, " patches need ", smem,
@@ -166,9 +163,9 @@ void launch(const at::Tensor& errors, const at::Tensor& noise, const Sizes& z, i
                       cudaGetErrorString(status), ")");
   }
   kernel<<<static_cast<unsigned>(z.B), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      z.n_hard > 0 ? static_cast<const scalar_t*>(errors.const_data_ptr()) : nullptr,
-      noise.defined() ? noise.const_data_ptr<float>() : nullptr, active.data_ptr<bool>(),
-      hard.data_ptr<bool>(), shuffle.data_ptr<int64_t>(), restore.data_ptr<int64_t>(),
+      z.n_hard > 0 ? static_cast<const scalar_t*>(t.errors.const_data_ptr()) : nullptr,
+      t.noise.defined() ? t.noise.const_data_ptr<float>() : nullptr, t.active.data_ptr<bool>(),
+      t.hard.data_ptr<bool>(), t.shuffle.data_ptr<int64_t>(), t.restore.data_ptr<int64_t>(),
       static_cast<int>(z.L), static_cast<int>(z.len_keep), static_cast<int>(z.n_hard),
       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -180,21 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anatomical_mask_cuda(
   const Sizes z = check_args(errors, noise, len_keep, n_hard, seed, offset);
   TORCH_CHECK_VALUE(z.L < (int64_t{1} << 31), "anatomical_mask: L must be below 2**31, got ", z.L);
   const c10::cuda::CUDAGuard guard(errors.device());
-  // Errors are not read without hard patches (random_mask passes an expanded zero).
-  const at::Tensor ec = z.n_hard > 0 ? errors.contiguous() : errors;
-  const at::Tensor nc = noise.has_value() ? noise->contiguous() : at::Tensor();
-  const auto flags = errors.options().dtype(at::kBool);
-  const auto ids = errors.options().dtype(at::kLong);
-  at::Tensor active = new_output({z.B, z.L}, flags);
-  at::Tensor hard = new_output({z.B, z.L}, flags);
-  at::Tensor shuffle = new_output({z.B, z.L}, ids);
-  at::Tensor restore = new_output({z.B, z.L}, ids);
-  switch (ec.scalar_type()) {
-    case at::kHalf: launch<c10::Half>(ec, nc, z, seed, offset, active, hard, shuffle, restore); break;
-    case at::kBFloat16: launch<c10::BFloat16>(ec, nc, z, seed, offset, active, hard, shuffle, restore); break;
-    default: launch<float>(ec, nc, z, seed, offset, active, hard, shuffle, restore); break;
+  Buffers t = prepare(errors, noise, z);
+  switch (t.errors.scalar_type()) {
+    case at::kHalf: launch<c10::Half>(t, z, seed, offset); break;
+    case at::kBFloat16: launch<c10::BFloat16>(t, z, seed, offset); break;
+    default: launch<float>(t, z, seed, offset); break;
   }
-  return {active, hard, shuffle, restore};
+  return t.outputs();
 }
 
 }  // namespace

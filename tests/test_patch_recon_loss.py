@@ -7,7 +7,7 @@ import anatomask_fast
 from anatomask_fast import patch_recon_loss, use_backend
 from anatomask_fast.reference import patch_recon_loss_reference
 
-from .conftest import BACKEND_DEVICES
+from .conftest import BACKEND_DEVICES, gpu
 from .helpers import TOLERANCES, random_mask
 
 # (B, C, spatial, patch): C > 1, anisotropic, B=1, odd sizes, one patch along d.
@@ -190,17 +190,22 @@ def test_opcheck_cpp_operators():
                           (grad, rec.detach(), x, active, mean, rstd, False))
 
 
-def test_torch_compile_fullgraph_on_cpu():
-    x = torch.randn(2, 1, 8, 8, 8)
-    rec = torch.randn(x.shape, requires_grad=True)
-    active = random_mask(2, (2, 2, 2))
+@pytest.mark.parametrize("backend,device", [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[gpu, pytest.mark.gpu]),
+    pytest.param("cuda", "cuda", id="cuda", marks=[gpu, pytest.mark.gpu]),
+])
+def test_torch_compile_fullgraph(backend, device):
+    x = torch.randn(2, 1, 8, 8, 8, device=device)
+    rec = torch.randn(x.shape, device=device, requires_grad=True)
+    active = random_mask(2, (2, 2, 2), device=device)
 
     def step(r):
         loss, per_patch = patch_recon_loss(r * 2.0, x, active, 4)
         return loss + per_patch.max()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    with use_backend("cpu"):
+    with use_backend(backend):
         out = compiled(rec)
     out.backward()
     ref_rec = rec.detach().clone().requires_grad_()

@@ -124,7 +124,7 @@ def _check_finite(op: str, name: str, value: torch.Tensor) -> None:
 def _check_noise(op: str, noise: object, batch: int, length: int,
                  like: torch.Tensor) -> torch.Tensor:
     check_tensor(op, "noise", noise, dtypes=FLOAT_DTYPES)
-    if noise.shape[0] != batch or noise.numel() != batch * length:
+    if noise.dim() < 1 or noise.shape[0] != batch or noise.numel() != batch * length:
         raise ValueError(f"{op}: argument 'noise' must have shape ({batch}, {length}) or the "
                          f"errors' grid shape, got {tuple(noise.shape)}")
     check_same_device(op, errors=like, noise=noise)

@@ -1,7 +1,13 @@
-"""``python -m benchmarks.report [--quick] [pytest args]``: runs the benchmarks and
-writes benchmarks/RESULTS.md: the machine, the versions, and per benchmark group the
-median time and the peak extra memory of each backend as ratios to the reference on
-the same device."""
+"""``python -m benchmarks.report [--quick] [benchmark files...]``: runs benchmarks and
+writes the results.
+
+Full mode merges the new results into ``benchmarks/results.json`` (replacing those of
+the same name, keeping the others) and regenerates from it ``benchmarks/RESULTS.md``
+(per group: median time and peak extra memory of each backend, as ratios to the
+reference on the same device, with the machine and versions that measured it) and
+``benchmarks/ratios.png``. Quick mode (small sizes, for CI) writes
+``benchmarks/RESULTS.quick.md`` only.
+"""
 from __future__ import annotations
 
 import json
@@ -16,6 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
 
 
 def machine() -> str:
@@ -23,7 +30,7 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor())
-    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU {model}, {os.cpu_count()} cores"
 
 
 def versions() -> str:
@@ -35,55 +42,115 @@ def versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
-def table(benchmarks: list[dict]) -> list[str]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for bench in benchmarks:
-        groups[bench["group"]].append(bench)
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.3f}" if value is not None and reference else "-"
+
+
+def groups(entries: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for entry in entries:
+        grouped[entry["group"]].append(entry)
+    return dict(sorted(grouped.items()))
+
+
+def ratios(items: list[dict]) -> list[tuple[dict, float | None, float | None]]:
+    """(entry, time ratio, memory ratio) against the reference on the same device."""
+    reference = {e["device"]: e for e in items if e["backend"] == "reference"}
+    out = []
+    for entry in items:
+        ref = reference.get(entry["device"])
+        time = entry["median_s"] / ref["median_s"] if ref else None
+        memory = (entry["peak_extra_bytes"] / ref["peak_extra_bytes"]
+                  if ref and ref.get("peak_extra_bytes") else None)
+        out.append((entry, time, memory))
+    return out
+
+
+def table(entries: list[dict]) -> list[str]:
     lines = []
-    for group, items in groups.items():
-        lines += [f"### {group}", "",
+    for group, items in groups(entries).items():
+        where = sorted({f"{e['machine']}; {e['versions']}; {e['date']}" for e in items})
+        lines += [f"### {group}", "", f"_Measured on {' / '.join(where)}._", "",
                   "| backend | device | median time | time / reference | peak extra memory | memory / reference |",
                   "|---|---|---|---|---|---|"]
-        reference = {b["extra_info"]["device"]: b for b in items
-                     if b["extra_info"]["backend"] == "reference"}
-        for bench in items:
-            info = bench["extra_info"]
-            ref = reference.get(info["device"])
-            time_ms = bench["stats"]["median"] * 1e3
-            memory = info.get("peak_extra_bytes")
-            time_ratio = f"{bench['stats']['median'] / ref['stats']['median']:.3f}" if ref else "-"
-            mem_ratio = (f"{memory / ref['extra_info']['peak_extra_bytes']:.3f}"
-                         if ref and memory is not None and ref["extra_info"]["peak_extra_bytes"]
-                         else "-")
-            mem_text = f"{memory / 2**20:.1f} MiB" if memory is not None else "-"
-            lines.append(f"| {info['backend']} | {info['device']} | {time_ms:.3f} ms | "
-                         f"{time_ratio} | {mem_text} | {mem_ratio} |")
+        for entry, time, memory in ratios(items):
+            mem = entry.get("peak_extra_bytes")
+            lines.append(f"| {entry['backend']} | {entry['device']} | "
+                         f"{entry['median_s'] * 1e3:.3f} ms | {'-' if time is None else f'{time:.3f}'} | "
+                         f"{'-' if mem is None else f'{mem / 2**20:.1f} MiB'} | "
+                         f"{'-' if memory is None else f'{memory:.3f}'} |")
         lines.append("")
     return lines
 
 
-def main(argv: list[str]) -> int:
-    quick = "--quick" in argv
-    extra = [arg for arg in argv if arg != "--quick"]
+def plot(entries: list[dict], path: Path) -> None:
+    """Horizontal bars of time and memory ratios (non-reference backends), with the
+    reference at 1.0 marked."""
+    from PIL import Image, ImageDraw
+
+    rows = [(f"{group} [{e['backend']}-{e['device']}]", t, m)
+            for group, items in groups(entries).items()
+            for e, t, m in ratios(items) if e["backend"] != "reference"]
+    label_w, bar_w, row_h = 520, 360, 22
+    image = Image.new("RGB", (label_w + 2 * bar_w + 40, 40 + row_h * max(1, len(rows))), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((label_w, 8), "time / reference", fill="black")
+    draw.text((label_w + bar_w + 20, 8), "memory / reference", fill="black")
+    scale = bar_w / 1.5                              # 1.5x the reference fills a bar
+    for i, (label, time, memory) in enumerate(rows):
+        y = 30 + i * row_h
+        draw.text((4, y + 4), label[:84], fill="black")
+        for j, (value, color) in enumerate(((time, (52, 101, 164)), (memory, (78, 154, 6)))):
+            x0 = label_w + j * (bar_w + 20)
+            if value is not None:
+                draw.rectangle([x0, y + 3, x0 + min(value, 1.5) * scale, y + row_h - 3], fill=color)
+                draw.text((x0 + min(value, 1.5) * scale + 4, y + 4), f"{value:.2f}", fill="black")
+            draw.line([x0 + scale, y, x0 + scale, y + row_h], fill=(200, 0, 0))
+    image.save(path)
+
+
+def run_pytest(args: list[str], quick: bool) -> list[dict]:
     env = {**os.environ, **({"ANATOMASK_BENCH_QUICK": "1"} if quick else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        code = subprocess.call([sys.executable, "-m", "pytest", "benchmarks", "-q",
-                                "-p", "no:cacheprovider", f"--benchmark-json={out}", *extra],
+        code = subprocess.call([sys.executable, "-m", "pytest", *(args or ["benchmarks"]), "-q",
+                                "-p", "no:cacheprovider", f"--benchmark-json={out}"],
                                cwd=ROOT, env=env)
         if code != 0:
-            return code
-        benchmarks = json.loads(out.read_text())["benchmarks"]
-    target = ROOT / "benchmarks" / ("RESULTS.quick.md" if quick else "RESULTS.md")
-    lines = ["# Benchmark results", "",
-             f"Measured with `python -m benchmarks.report{' --quick' if quick else ''}`.", "",
-             f"- Machine: {machine()}", f"- Versions: {versions()}", "",
-             "Times are medians of forward+backward; memory is the peak beyond the inputs, "
-             "as peak RSS (VmHWM) of a fresh process on CPU or the CUDA allocator's peak on "
-             "GPU. Ratios are to the reference backend on the same device (lower is better).",
-             "", *table(benchmarks)]
-    target.write_text("\n".join(lines))
-    print(f"wrote {target}")
+            raise SystemExit(code)
+        raw = json.loads(out.read_text())
+    stamp = dict(machine=machine(), versions=versions(), date=raw["datetime"][:10])
+    return [{"name": b["fullname"], "group": b["group"], "median_s": b["stats"]["median"],
+             "backend": b["extra_info"]["backend"], "device": b["extra_info"]["device"],
+             "peak_extra_bytes": b["extra_info"].get("peak_extra_bytes"), **stamp}
+            for b in raw["benchmarks"]]
+
+
+def document(entries: list[dict], command: str) -> str:
+    return "\n".join([
+        "# Benchmark results", "",
+        f"Written by `{command}`. Times are medians of one forward+backward (or one training "
+        "step); memory is the peak beyond the inputs: peak RSS (VmHWM) of a fresh process on "
+        "CPU, the CUDA allocator's peak on GPU. Ratios are to the reference backend on the "
+        "same device, measured in the same run (lower is better). `ratios.png` plots them.",
+        "", *table(entries)])
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    args = [arg for arg in argv if arg != "--quick"]
+    fresh = run_pytest(args, quick)
+    if quick:
+        (HERE / "RESULTS.quick.md").write_text(document(fresh, "python -m benchmarks.report --quick"))
+        return 0
+    store = HERE / "results.json"
+    kept = json.loads(store.read_text()) if store.exists() else []
+    names = {entry["name"] for entry in fresh}
+    entries = [e for e in kept if e["name"] not in names] + fresh
+    store.write_text(json.dumps(entries, indent=1) + "\n")
+    (HERE / "RESULTS.md").write_text(document(entries, "python -m benchmarks.report"))
+    plot(entries, HERE / "ratios.png")
+    print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'ratios.png'}")
     return 0
 
 

@@ -80,3 +80,15 @@ def test_compiled_training_step_through_the_fused_token_ops():
     loss.backward()
     torch.testing.assert_close(loss, eager)
     assert model.model.mask_tokens.grad is not None
+
+
+def test_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "pretrain_monai_mae.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step   2  loss" in result.stdout

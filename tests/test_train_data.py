@@ -71,6 +71,13 @@ def test_bad_data_is_named(tmp_path):
         CropDataset(discover(tmp_path), (16, 16, 16), seed=0)[0]
 
 
+def test_unreadable_file_is_named(tmp_path):
+    save(tmp_path / "good.nii.gz", np.random.rand(16, 16, 16).astype(np.float32))
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti file at all")
+    with pytest.raises(DataError, match="broken.nii.gz: cannot be read as NIfTI"):
+        CropDataset(discover(tmp_path), (16, 16, 16), seed=0)
+
+
 def test_missing_label_is_named(tmp_path, phantom):
     import shutil
 

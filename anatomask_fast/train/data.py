@@ -161,6 +161,19 @@ def _case_dict(case: Case) -> dict:
     return item
 
 
+def check_readable(dataset: Dataset) -> None:
+    """Reads every file's NIfTI header, so that a corrupt or foreign file is named
+    before training starts (not deep inside a loader worker)."""
+    import nibabel as nib
+
+    for case in dataset.cases:
+        for path in (*case.images, *([case.label] if case.label is not None else [])):
+            try:
+                nib.load(path).header.get_data_shape()
+            except Exception as error:  # nibabel raises several types for bad files
+                raise DataError(f"{path}: cannot be read as NIfTI ({error})") from None
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Pre-processed volumes (cached in memory after the first load), cropped and
     augmented with randomness seeded by (seed, epoch, index)."""
@@ -168,6 +181,7 @@ class CropDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: Dataset, crop: Sequence[int], *, seed: int,
                  spacing: Sequence[float] | None = None, flips: bool = True,
                  cache: bool = True) -> None:
+        check_readable(dataset)
         self.keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
         data = [_case_dict(case) for case in dataset.cases]
         with _unwrapped_data_errors():

@@ -84,7 +84,12 @@ class AnatoMaskNet(nn.Module):
         norm = self.densify_norms[i]
         feature = sparse_norm(feature, active, norm.weight, norm.bias,
                               per_sample=self.per_sample_norm, eps=norm.eps)
-        return self.densify_projs[i](densify(feature, active, self.mask_tokens[i]))
+        feature = densify(feature, active, self.mask_tokens[i])
+        if self.lean:
+            # The decoder runs channels-last: oneDNN's (transposed) convolutions then need
+            # no im2col workspace, which on CPU is the largest transient of a step.
+            feature = feature.contiguous(memory_format=torch.channels_last_3d)
+        return self.densify_projs[i](feature)
 
 
 @contextlib.contextmanager

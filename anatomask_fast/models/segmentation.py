@@ -111,26 +111,41 @@ def _up_cat(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return torch.cat((F.interpolate(z, scale_factor=2, mode="nearest"), skip), 1)
 
 
+def _conv_pair(conv: nn.Conv3d, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``conv`` of the concatenation of ``first`` and ``second``, without building it."""
+    split = first.shape[1]
+    out = F.conv3d(first, conv.weight[:, :split], None, conv.stride, conv.padding)
+    return out.add_(F.conv3d(second, conv.weight[:, split:], conv.bias, conv.stride,
+                             conv.padding))
+
+
 def _conv_of(conv: nn.Conv3d, fn, *inputs: torch.Tensor) -> torch.Tensor:
     return _RecomputedConv.apply(fn, conv, conv.weight, conv.bias, *inputs)
 
 
 def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
-    """``block(x)`` with the fused ops; ``x`` a tensor, or the pair (low-resolution
-    up-sampling input already through its 1x1x1 conv, skip) of a decoder level, whose
-    up-sampled concatenation is recomputed instead of stored."""
+    """``block(x)`` with the fused ops; ``x`` a tensor, or a decoder level's pair (the
+    low-resolution up-sampling output, already through its 1x1x1 conv; the skip)."""
+    # Locals are dropped as soon as they are consumed: in a checkpointed forward
+    # nothing is saved, so the live intermediates make the peak.
     norm1, norm2 = block.norm1, block.norm2
     if isinstance(x, tuple):
-        c1 = _conv_of(block.conv1, _up_cat, *x)
-        skip = _conv_of(block.conv3, _up_cat, *x)
+        first, second = F.interpolate(x[0], scale_factor=2, mode="nearest"), x[1]
+        c1 = _conv_pair(block.conv1, first, second)
     else:
         c1 = block.conv1(x)
-        skip = block.conv3(x) if block.conv3 is not None else x
     c2 = _conv_of(block.conv2, lambda c, w, b: norm_act(c, w, b, norm1.eps, "leaky_relu"),
                   c1, norm1.weight, norm1.bias)
-    return _ResidualLeakyReLU.apply(norm_act(c2, norm2.weight, norm2.bias, norm2.eps, None),
-                                    skip)
+    del c1
+    y = norm_act(c2, norm2.weight, norm2.bias, norm2.eps, None)
+    del c2
+    if isinstance(x, tuple):
+        skip = _conv_pair(block.conv3, first, second)
+        del first
+    else:
+        skip = block.conv3(x) if block.conv3 is not None else x
+    return _ResidualLeakyReLU.apply(y, skip)
 
 
 def _stage(blocks: nn.Sequential, x, fused: bool) -> torch.Tensor:

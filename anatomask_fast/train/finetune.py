@@ -210,8 +210,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
             ckpt.atomic_save({**meta, **preprocessing_info, "model": model.state_dict(),
                               "state": dataclasses.asdict(state), **extra}, path)
 
-    progress = _progress(runtime, config.epochs * steps_per_epoch, state.global_step)
-    progress.set_description("finetune")
+    progress = _progress(runtime, config.epochs * steps_per_epoch, state.global_step,
+                         "finetune")
     while state.epoch < config.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size)
         data.set_epoch(state.epoch)
@@ -293,7 +293,7 @@ def _validate(model: STUNet, validation: CacheDataset, val_set: Dataset, classes
         image = item["image"][None].to(runtime.device)
         label = item["label"][0]
         prediction = infer(model, image, config.crop, overlap=config.sw_overlap,
-                           amp=config.amp)[0].cpu()
+                           amp=config.amp).argmax(1)[0].cpu()
         per_case.append(dice_per_class(prediction, label, classes))
         if index == 0:
             overlay(out / "overlays" / f"epoch_{epoch:04d}_{val_set.cases[0].name}.png",

@@ -1,5 +1,6 @@
-"""``python -m anatomask_fast.train [pretrain] [flags]``; with no flags, the embedded
-demonstration (a procedural phantom, the tiny model, a few minutes on a CPU)."""
+"""``python -m anatomask_fast.train [pretrain|finetune|predict] [flags]``; with no
+flags, the embedded pretraining demonstration (a procedural phantom, the tiny model, a
+few minutes on a CPU); ``finetune`` with no flags is the fine-tuning demonstration."""
 from __future__ import annotations
 
 import argparse
@@ -18,16 +19,30 @@ def main(argv: list[str] | None = None) -> int:
     pretrain = jobs.add_parser("pretrain", help="AnatoMask masked-image-modeling pretraining",
                                description=cfg.PretrainConfig.__doc__)
     cfg.add_arguments(pretrain, cfg.PretrainConfig)
+    finetune = jobs.add_parser("finetune", help="STU-Net segmentation fine-tuning",
+                               description=cfg.FinetuneConfig.__doc__)
+    cfg.add_arguments(finetune, cfg.FinetuneConfig)
+    predict = jobs.add_parser("predict", help="label maps of a folder of volumes",
+                              description=cfg.PredictConfig.__doc__)
+    cfg.add_arguments(predict, cfg.PredictConfig)
     args = parser.parse_args(argv)
-    if args.job == "pretrain":
-        from .pretrain import NonFiniteLoss, run
-        from .data import DataError
+    from .data import DataError
+    from .pretrain import NonFiniteLoss
 
-        try:
-            run(cfg.from_arguments(args, cfg.PretrainConfig))
-        except (DataError, NonFiniteLoss, ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    if args.job == "pretrain":
+        from .pretrain import run
+        config = cfg.from_arguments(args, cfg.PretrainConfig)
+    elif args.job == "finetune":
+        from .finetune import run
+        config = cfg.from_arguments(args, cfg.FinetuneConfig)
+    else:
+        from .predict import run
+        config = cfg.from_arguments(args, cfg.PredictConfig)
+    try:
+        run(config)
+    except (DataError, NonFiniteLoss, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -62,6 +62,71 @@ class PretrainConfig:
                                             if getattr(self, k) is None})
 
 
+DEMO_ENCODER = "runs/pretrain/encoder.pt"    # what the embedded pretraining writes
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """STU-Net segmentation fine-tuning, nnU-Net style, from AnatoMask encoder weights
+    (--pretrained: encoder.pt or a pretraining checkpoint) or from scratch. With no
+    --data, the embedded demonstration (labelled phantom, tiny model, a few minutes on
+    a CPU) starting from the embedded pretraining's encoder when it exists."""
+
+    data: str | None = None           # nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)
+    out: str = "runs/finetune"
+    pretrained: str | None = None     # encoder.pt or checkpoint_latest.pt of pretraining
+    from_scratch: bool = False        # ignore the demo's default pretrained encoder
+    size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
+    crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
+    spacing: tuple[float, float, float] | None = None
+    batch_size: int = 2
+    epochs: int | None = None         # default 1000 (demo 6)
+    steps_per_epoch: int | None = None  # default: one pass over the training cases
+    val_fraction: float = 0.2
+    val_every: int = 1
+    foreground: float = 0.33          # share of crops centred on a labelled voxel
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 1e-5
+    clip_grad: float = 12.0
+    fused: bool = True                # fused norm+activation, no stored concatenations
+    checkpointing: bool = True        # recompute each stage in backward
+    amp: str = "none"                 # none, bf16, fp16
+    sw_overlap: float = 0.5
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    phantom_cases: int = 8
+    latest_every_steps: int = 0
+    stop_after_steps: int = 0
+
+    @property
+    def demo(self) -> bool:
+        return self.data is None
+
+    def resolved(self) -> "FinetuneConfig":
+        demo = self.demo
+        defaults = dict(size="tiny" if demo else "B",
+                        crop=(64, 64, 64) if demo else (112, 112, 128),
+                        epochs=6 if demo else 1000)
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items()
+                                            if getattr(self, k) is None})
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Label maps (NIfTI, with each input's affine and header) for a folder of volumes,
+    pre-processed as in training, by sliding-window inference (Gaussian weighting)."""
+
+    checkpoint: str = "runs/finetune/checkpoint_best.pt"
+    input: str = ""                   # folder of .nii/.nii.gz (one file per case)
+    output: str = "predictions"
+    overlap: float = 0.5
+    amp: str = "none"
+    device: str = "auto"
+
+
 def _flag_type(hint: Any) -> tuple[Any, int | None]:
     """argparse type and nargs of a field's annotation."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]

@@ -146,9 +146,17 @@ def preprocessing(dataset: Dataset, crop: Sequence[int],
     return mt.Compose(steps)
 
 
-def augmentation(keys: Sequence[str], crop: Sequence[int], flips: bool) -> mt.Compose:
-    """Random part: a crop of the input size, and flips along each axis."""
-    steps: list = [mt.RandSpatialCropd(keys, roi_size=tuple(crop), random_size=False)]
+def augmentation(keys: Sequence[str], crop: Sequence[int], flips: bool,
+                 foreground: float | None = None) -> mt.Compose:
+    """Random part: a crop of the input size (with ``foreground``, that share of the
+    crops centred on a labelled voxel, the others anywhere: nnU-Net's oversampling),
+    and flips along each axis."""
+    if foreground is None:
+        steps: list = [mt.RandSpatialCropd(keys, roi_size=tuple(crop), random_size=False)]
+    else:
+        steps = [mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(crop),
+                                           pos=foreground, neg=1.0 - foreground, num_samples=1,
+                                           allow_smaller=True)]
     if flips:
         steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
     return mt.Compose(steps)
@@ -176,11 +184,12 @@ def check_readable(dataset: Dataset) -> None:
 
 class CropDataset(torch.utils.data.Dataset):
     """Pre-processed volumes (cached in memory after the first load), cropped and
-    augmented with randomness seeded by (seed, epoch, index)."""
+    augmented with randomness seeded by (seed, epoch, index). ``foreground``: the
+    share of crops centred on a labelled voxel (needs labels)."""
 
     def __init__(self, dataset: Dataset, crop: Sequence[int], *, seed: int,
                  spacing: Sequence[float] | None = None, flips: bool = True,
-                 cache: bool = True) -> None:
+                 cache: bool = True, foreground: float | None = None) -> None:
         check_readable(dataset)
         self.keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
         data = [_case_dict(case) for case in dataset.cases]
@@ -188,7 +197,9 @@ class CropDataset(torch.utils.data.Dataset):
             self.volumes = CacheDataset(data, preprocessing(dataset, crop, spacing),
                                         cache_rate=1.0 if cache else 0.0, num_workers=0,
                                         progress=False)
-        self.random = augmentation(self.keys, crop, flips)
+        if foreground is not None and "label" not in self.keys:
+            raise DataError("foreground oversampling needs label maps")
+        self.random = augmentation(self.keys, crop, flips, foreground)
         self.names = [case.name for case in dataset.cases]
         self.seed = seed
         self.epoch = 0
@@ -203,6 +214,8 @@ class CropDataset(torch.utils.data.Dataset):
         self.random.set_random_state(seed=_mix(self.seed, self.epoch, index))
         with _unwrapped_data_errors():
             item = self.random(self.volumes[index])
+        if isinstance(item, list):      # RandCropByPosNegLabeld's list of num_samples=1
+            item = item[0]
         return {key: item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key]
                 for key in self.keys}
 

@@ -247,8 +247,8 @@ def _restore(path: Path, signature: dict, student, teacher, optimizer, scaler) -
     return TrainState(**saved["state"])
 
 
-def _progress(runtime: Runtime, total: int, done: int):
+def _progress(runtime: Runtime, total: int, done: int, desc: str = "pretrain"):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=done, disable=not runtime.main, file=sys.stdout,
-                desc="pretrain", unit="step", dynamic_ncols=True)
+                desc=desc, unit="step", dynamic_ncols=True)

@@ -1,0 +1,266 @@
+"""The full STU-Net for segmentation (SPEC section 6): the STU-Net encoder
+(``conv_blocks_context``, so pretrained encoder weights load unchanged), a decoder of
+nearest up-sampling + 1x1x1 convolution (``upsample_layers.{u}.conv``), concatenation
+with the skip, residual blocks (``conv_blocks_localization.{u}``) and a 1x1x1 head per
+decoder level (``seg_outputs.{u}``), module for module as in the STU-Net code.
+
+Memory options (same weights, same function):
+- ``fused``: InstanceNorm + LeakyReLU as one op (``sparse_norm`` with an all-visible
+  mask) whose backward keeps only its input and statistics; the residual add +
+  LeakyReLU keeps a 1-byte sign mask instead of its output; the up-sampling applies the
+  1x1x1 convolution before the (nearest) up-sampling, which commutes with it, so the
+  full-resolution input of that convolution never exists; the first decoder block
+  convolves the up-sampled tensor and the skip separately instead of storing their
+  concatenation.
+- ``checkpoint``: each encoder stage and each decoder level (with its head) is
+  recomputed in backward instead of storing its activations.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops.gather_scatter import sparse_norm
+from .stunet import STUNET_SIZES, BasicResBlock, STUNetEncoder
+
+SLOPE = 0.01
+
+
+class UpsampleLayer(nn.Module):
+    """STU-Net's Upsample_Layer_nearest: nearest x2 up-sampling, then a 1x1x1 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``fused``: the 1x1x1 conv only, at the low resolution (it commutes with
+        nearest up-sampling, which the fused decoder block then applies)."""
+        if fused:
+            return self.conv(x)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class _ResidualLeakyReLU(torch.autograd.Function):
+    """leaky_relu(y + skip), saving only its output (its sign is the pre-activation's;
+    the output is kept by its consumer anyway)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu_(y + skip, SLOPE)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        grad_in = torch.where(out < 0, grad * SLOPE, grad)
+        return grad_in, grad_in
+
+
+class _RecomputedConv(torch.autograd.Function):
+    """``conv3d(fn(*inputs))`` keeping ``inputs`` only: ``fn(*inputs)`` (a norm +
+    activation, an up-sampling + concatenation: cheap, element-wise) is recomputed in
+    backward, the convolution is not."""
+
+    @staticmethod
+    def forward(ctx, fn, conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None,
+                *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = F.conv3d(fn(*inputs), weight, bias, conv.stride, conv.padding)
+        ctx.fn, ctx.stride, ctx.padding = fn, conv.stride, conv.padding
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight, *inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, *inputs = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        with torch.enable_grad():
+            a = ctx.fn(*leaves)
+        # The forward's convolution ran in grad's dtype (autocast): its backward too.
+        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, a.detach().to(grad.dtype), weight.to(grad.dtype),
+            [weight.shape[0]] if ctx.has_bias else None, list(ctx.stride),
+            list(ctx.padding), [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias])
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)) if wanted else ())
+        return (None, None, grad_w.to(weight.dtype),
+                grad_b.to(weight.dtype) if ctx.has_bias else None,
+                *(next(found) if t.requires_grad else None for t in leaves))
+
+
+def _all_visible(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones((x.shape[0], 1, 1, 1, 1), dtype=torch.bool, device=x.device)
+
+
+def norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+             activation: str | None) -> torch.Tensor:
+    """Fused instance norm (+ LeakyReLU) that keeps only its input and statistics."""
+    # Under autocast the convolutions give half precision; the norm takes one dtype.
+    return sparse_norm(x, _all_visible(x), weight.to(x.dtype), bias.to(x.dtype),
+                       per_sample=True, eps=eps, activation=activation)
+
+
+def _up_cat(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    return torch.cat((F.interpolate(z, scale_factor=2, mode="nearest"), skip), 1)
+
+
+def _conv_pair(conv: nn.Conv3d, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``conv`` of the concatenation of ``first`` and ``second``, without building it."""
+    split = first.shape[1]
+    out = F.conv3d(first, conv.weight[:, :split], None, conv.stride, conv.padding)
+    return out.add_(F.conv3d(second, conv.weight[:, split:], conv.bias, conv.stride,
+                             conv.padding))
+
+
+def _conv_of(conv: nn.Conv3d, fn, *inputs: torch.Tensor) -> torch.Tensor:
+    return _RecomputedConv.apply(fn, conv, conv.weight, conv.bias, *inputs)
+
+
+def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
+    """``block(x)`` with the fused ops; ``x`` a tensor, or a decoder level's pair (the
+    low-resolution up-sampling output, already through its 1x1x1 conv; the skip)."""
+    # Locals are dropped as soon as they are consumed: in a checkpointed forward
+    # nothing is saved, so the live intermediates make the peak.
+    norm1, norm2 = block.norm1, block.norm2
+    if isinstance(x, tuple):
+        first, second = F.interpolate(x[0], scale_factor=2, mode="nearest"), x[1]
+        c1 = _conv_pair(block.conv1, first, second)
+    else:
+        c1 = block.conv1(x)
+    c2 = _conv_of(block.conv2, lambda c, w, b: norm_act(c, w, b, norm1.eps, "leaky_relu"),
+                  c1, norm1.weight, norm1.bias)
+    del c1
+    y = norm_act(c2, norm2.weight, norm2.bias, norm2.eps, None)
+    del c2
+    if isinstance(x, tuple):
+        skip = _conv_pair(block.conv3, first, second)
+        del first
+    else:
+        skip = block.conv3(x) if block.conv3 is not None else x
+    return _ResidualLeakyReLU.apply(y, skip)
+
+
+def _stage(blocks: nn.Sequential, x, fused: bool) -> torch.Tensor:
+    if not fused:
+        return blocks(torch.cat(x, 1) if isinstance(x, tuple) else x)
+    for block in blocks:
+        x = fused_block(block, x)
+    return x
+
+
+class STUNet(nn.Module):
+    """STU-Net ("tiny", "S", "B", "L", "H") with ``num_classes`` outputs. ``forward``
+    returns the logits at the input resolution, or with ``deep_supervision`` a list of
+    logits for every decoder level, highest resolution first."""
+
+    def __init__(self, size: str = "B", in_channels: int = 1, num_classes: int = 2, *,
+                 deep_supervision: bool = True, fused: bool = True,
+                 checkpointing: bool = True) -> None:
+        super().__init__()
+        encoder = STUNetEncoder.from_size(size, in_channels)
+        spec = STUNET_SIZES[size]
+        dims = spec.widths
+        self.size, self.in_channels, self.num_classes = size, in_channels, num_classes
+        self.conv_blocks_context = encoder.conv_blocks_context
+        levels = len(dims) - 1
+        self.upsample_layers = nn.ModuleList(UpsampleLayer(dims[-1 - u], dims[-2 - u])
+                                             for u in range(levels))
+        self.conv_blocks_localization = nn.ModuleList(
+            nn.Sequential(BasicResBlock(2 * dims[-2 - u], dims[-2 - u]),
+                          *(BasicResBlock(dims[-2 - u], dims[-2 - u])
+                            for _ in range(spec.depth - 1)))
+            for u in range(levels))
+        self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], num_classes, 1)
+                                         for u in range(levels))
+        self.deep_supervision = deep_supervision
+        self.fused = fused
+        self.checkpointing = checkpointing
+        self.downsampling = STUNetEncoder.downsampling
+
+    def _run(self, function, *args):
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def _encode(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        return _stage(self.conv_blocks_context[stage], x, self.fused)
+
+    def _decode(self, u: int, x: torch.Tensor, skip: torch.Tensor, head: bool):
+        x = _stage(self.conv_blocks_localization[u],
+                   (self.upsample_layers[u](x, self.fused), skip), self.fused)
+        return x, (self.seg_outputs[u](x) if head else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if any(s % self.downsampling for s in x.shape[2:]):
+            raise ValueError(f"STUNet: the spatial shape {tuple(x.shape[2:])} must be "
+                             f"divisible by {self.downsampling}")
+        skips = []
+        for stage in range(len(self.conv_blocks_context)):
+            x = self._run(lambda s, t: self._encode(s, t), stage, x)
+            skips.append(x)
+        outputs = []
+        levels = len(self.conv_blocks_localization)
+        for u in range(levels):
+            last = u == levels - 1
+            x, logits = self._run(lambda i, t, s, h: self._decode(i, t, s, h), u, x,
+                                  skips[-2 - u], self.deep_supervision or last)
+            if logits is not None:
+                outputs.append(logits)
+        return outputs[::-1] if self.deep_supervision else outputs[-1]
+
+
+def _encoder_weights(saved: dict, source: Path) -> dict[str, torch.Tensor]:
+    """``conv_blocks_context...`` tensors of an encoder export (``state_dict``) or a
+    pretraining checkpoint (``model`` with ``encoder.`` prefixes)."""
+    if isinstance(saved.get("state_dict"), dict):
+        return saved["state_dict"]
+    if isinstance(saved.get("model"), dict):
+        prefix = "encoder."
+        return {k[len(prefix):]: v for k, v in saved["model"].items() if k.startswith(prefix)}
+    if saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
+        return saved
+    raise ValueError(f"{source}: not an encoder export (key 'state_dict') or a pretraining "
+                     f"checkpoint (key 'model'); it has keys {sorted(saved)[:8]}")
+
+
+def load_encoder(model: STUNet, path: str | Path, *, verbose: bool = True) -> dict[str, list[str]]:
+    """Loads the encoder weights matching ``model``'s by name and shape from a
+    pretraining checkpoint or an encoder export; prints and returns what loaded
+    (``loaded``, ``shape_mismatch``, ``missing``). Raises when nothing fits."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights {path} do not exist")
+    weights = _encoder_weights(torch.load(path, map_location="cpu", weights_only=False), path)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("conv_blocks_context.")}
+    report: dict[str, list[str]] = {"loaded": [], "shape_mismatch": [], "missing": []}
+    fitting = {}
+    for name, value in own.items():
+        if name not in weights:
+            report["missing"].append(name)
+        elif tuple(weights[name].shape) != tuple(value.shape):
+            report["shape_mismatch"].append(f"{name}: file {tuple(weights[name].shape)}, "
+                                            f"model {tuple(value.shape)}")
+        else:
+            fitting[name] = weights[name]
+            report["loaded"].append(name)
+    if not fitting:
+        detail = report["shape_mismatch"][:3] or [f"no 'conv_blocks_context.' keys among "
+                                                  f"{sorted(weights)[:4]}"]
+        raise ValueError(f"{path}: no encoder weight fits STU-Net-{model.size} with "
+                         f"{model.in_channels} input channel(s) ({'; '.join(detail)})")
+    model.load_state_dict(fitting, strict=False)
+    if verbose:
+        print(f"  encoder weights from {path}: {len(report['loaded'])}/{len(own)} tensors "
+              f"loaded, {len(report['shape_mismatch'])} shape mismatches, "
+              f"{len(report['missing'])} missing")
+        for line in report["shape_mismatch"][:5] + report["missing"][:5]:
+            print(f"    not loaded: {line}")
+    return report

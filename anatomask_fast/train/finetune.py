@@ -1,0 +1,303 @@
+"""``python -m anatomask_fast.train finetune``: STU-Net segmentation fine-tuning from
+AnatoMask encoder weights, nnU-Net style (SPEC section 6): Dice + CE on every
+deep-supervision output (the fused loss), AdamW with a cosine learning rate, patches
+with foreground oversampling and flips, sliding-window validation (Gaussian weighting)
+with per-class Dice, best and latest checkpoints, exact resume (data seeded from
+(seed, epoch, index), as in pretraining).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import deep_supervision_loss
+from ..models.segmentation import STUNet, load_encoder
+from . import checkpoint as ckpt
+from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
+from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict,
+                   _unwrapped_data_errors, discover, preprocessing)
+from .optim import param_groups, warmup_cosine
+from .phantom import write_phantom_dataset
+from .predict import infer, overlay
+from .pretrain import NonFiniteLoss, _autocast, _progress
+from .runtime import MetricsLog, Runtime, peak_memory_bytes, setup, teardown
+
+FORMAT = "anatomask_fast.segmentation/1"
+
+
+@dataclasses.dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_dice: float = -1.0
+
+
+def num_classes(dataset: Dataset, source: str) -> int:
+    """Classes of ``dataset.json``'s ``labels`` (name -> value, 0 = background)."""
+    if not dataset.labels:
+        raise DataError(f"{source}: dataset.json must list the classes under 'labels'")
+    values = sorted(int(v) for v in dataset.labels.values())
+    if values != list(range(len(values))):
+        raise DataError(f"{source}: dataset.json 'labels' must be the values 0..K-1, got "
+                        f"{values}")
+    return len(values)
+
+
+def check_cases(dataset: Dataset, classes: int) -> None:
+    """Every label map matches its images' shape and affine and holds only the classes
+    of dataset.json; raises a DataError naming the case and file."""
+    for case in dataset.cases:
+        label = nib.load(case.label)
+        for image_path in case.images:
+            image = nib.load(image_path)
+            if image.shape[:3] != label.shape[:3]:
+                raise DataError(f"case {case.name!r}: image {image_path} has shape "
+                                f"{image.shape} but label {case.label} has {label.shape}")
+            if not np.allclose(image.affine, label.affine, atol=1e-4):
+                raise DataError(f"case {case.name!r}: image {image_path} and label "
+                                f"{case.label} have different affines")
+        values = np.unique(np.asanyarray(label.dataobj))
+        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < classes]
+        if bad:
+            raise DataError(f"case {case.name!r}: label {case.label} holds values {bad[:8]} "
+                            f"outside the {classes} classes of dataset.json (0..{classes - 1})")
+
+
+def split(dataset: Dataset, fraction: float, seed: int, path: Path) -> dict[str, list[str]]:
+    """The train/validation split: read from ``path`` when it exists (a resumed or
+    repeated run keeps it), otherwise a seeded shuffle, written there."""
+    names = [case.name for case in dataset.cases]
+    if path.exists():
+        saved = json.loads(path.read_text())
+        unknown = sorted(set(saved["train"] + saved["val"]) - set(names))
+        if unknown:
+            raise DataError(f"{path} names cases the dataset lacks: {unknown[:5]}")
+        return saved
+    if len(names) < 2:
+        raise DataError(f"{dataset.description}: at least 2 cases are needed "
+                        "(training and validation)")
+    order = np.random.default_rng(seed).permutation(len(names)).tolist()
+    n_val = min(len(names) - 1, max(1, round(fraction * len(names))))
+    chosen = {"train": sorted(names[i] for i in order[n_val:]),
+              "val": sorted(names[i] for i in order[:n_val])}
+    ckpt.atomic_write_text(json.dumps(chosen, indent=2) + "\n", path)
+    return chosen
+
+
+def _subset(dataset: Dataset, names: list[str]) -> Dataset:
+    keep = set(names)
+    return dataclasses.replace(dataset, cases=tuple(c for c in dataset.cases if c.name in keep))
+
+
+def dice_per_class(prediction: torch.Tensor, label: torch.Tensor, classes: int) -> list[float]:
+    """Dice of classes 1..K-1 (NaN where a class is in neither map)."""
+    scores = []
+    for c in range(1, classes):
+        p, g = prediction == c, label == c
+        total = int(p.sum() + g.sum())
+        scores.append(2 * int((p & g).sum()) / total if total else math.nan)
+    return scores
+
+
+def _dataset(config: FinetuneConfig, out: Path, runtime: Runtime) -> Dataset:
+    if config.demo:
+        root = write_phantom_dataset(out / "data", cases=config.phantom_cases, seed=config.seed) \
+            if runtime.main else out / "data"
+        if runtime.distributed:
+            torch.distributed.barrier()
+            root = next((out / "data").glob("phantom_*"))
+        return discover(root, with_labels=True)
+    return discover(config.data, with_labels=True)
+
+
+def _pretrained(config: FinetuneConfig) -> tuple[str | None, str]:
+    """The encoder weights to start from, and a sentence saying so."""
+    if config.from_scratch:
+        return None, "from scratch (--from-scratch)"
+    if config.pretrained:
+        return config.pretrained, f"encoder from {config.pretrained}"
+    if config.demo and Path(DEMO_ENCODER).is_file():
+        return DEMO_ENCODER, f"encoder from {DEMO_ENCODER} (the embedded pretraining's output)"
+    hint = (f" ({DEMO_ENCODER} not found: run `python -m anatomask_fast.train pretrain` "
+            "first to start from it)") if config.demo else ""
+    return None, "from scratch" + hint
+
+
+def signature(config: FinetuneConfig, in_channels: int, classes: int) -> dict:
+    return {"format": FORMAT, "size": config.size, "in_channels": in_channels,
+            "num_classes": classes}
+
+
+def run(config: FinetuneConfig) -> Path:
+    config = config.resolved()
+    if not 0.0 <= config.foreground <= 1.0:
+        raise ValueError(f"--foreground must be in [0, 1], got {config.foreground}")
+    runtime = setup(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(config, runtime, out)
+    finally:
+        teardown()
+
+
+def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
+    torch.manual_seed(config.seed)
+    dataset = _dataset(config, out, runtime)
+    classes = num_classes(dataset, dataset.description)
+    check_cases(dataset, classes)
+    in_channels = len(dataset.cases[0].images)
+    say = print if runtime.main else (lambda *a, **k: None)
+    chosen = split(dataset, config.val_fraction, config.seed, out / "splits.json")
+    train_set, val_set = _subset(dataset, chosen["train"]), _subset(dataset, chosen["val"])
+    pretrained, origin = _pretrained(config)
+    say(f"anatomask_fast finetune: data = {dataset.description}"
+        + (" (embedded demonstration: labelled phantom)" if config.demo else ""))
+    say(f"  model STU-Net-{config.size}, {classes} classes, {origin}; crop {config.crop}, "
+        f"batch {config.batch_size} x {runtime.world_size} process(es), {config.epochs} "
+        f"epochs, {len(train_set.cases)} training / {len(val_set.cases)} validation cases, "
+        f"device {runtime.device}")
+
+    model = STUNet(config.size, in_channels, classes, fused=config.fused,
+                   checkpointing=config.checkpointing)
+    state = TrainState()
+    latest = out / "checkpoint_latest.pt"
+    if pretrained is not None and not config.resume:
+        load_encoder(model, pretrained, verbose=runtime.main)
+    model.to(runtime.device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
+    meta = signature(config, in_channels, classes)
+    if config.resume:
+        saved = ckpt.load(latest)
+        ckpt.check_compatible(saved, meta, latest)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["state"])
+        say(f"  resumed from {latest} at epoch {state.epoch}, step {state.global_step}")
+    if runtime.main:
+        save_config(config, out / "config.json")
+
+    data = CropDataset(train_set, config.crop, seed=config.seed, spacing=config.spacing,
+                       foreground=config.foreground)
+    with _unwrapped_data_errors():
+        validation = CacheDataset([_case_dict(c) for c in val_set.cases],
+                                  preprocessing(val_set, config.crop, config.spacing),
+                                  num_workers=0, progress=False)
+    sampler = ResumableSampler(len(data), seed=config.seed, rank=runtime.rank,
+                               world_size=runtime.world_size)
+    steps_per_epoch = config.steps_per_epoch or max(1, len(sampler) // config.batch_size)
+    network = DistributedDataParallel(model) if runtime.distributed else model
+    metrics = MetricsLog(out, runtime.main)
+    preprocessing_info = {"modality": dataset.modality, "spacing": config.spacing,
+                          "crop": config.crop, "labels": dataset.labels}
+
+    def save(path: Path, full: bool = True) -> None:
+        if runtime.main:
+            extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "config": dataclasses.asdict(config)} if full else {}
+            ckpt.atomic_save({**meta, **preprocessing_info, "model": model.state_dict(),
+                              "state": dataclasses.asdict(state), **extra}, path)
+
+    progress = _progress(runtime, config.epochs * steps_per_epoch, state.global_step,
+                         "finetune")
+    while state.epoch < config.epochs:
+        sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size)
+        data.set_epoch(state.epoch)
+        loader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, sampler=sampler,
+                                             num_workers=config.workers)
+        batches = iter(loader)
+        model.train()
+        while state.step_in_epoch < steps_per_epoch:
+            batch = next(batches, None)
+            if batch is None:
+                sampler.set_epoch(state.epoch, start=0)
+                batches = iter(loader)
+                batch = next(batches)
+            x = batch["image"].to(runtime.device, non_blocking=True)
+            y = batch["label"].to(runtime.device, non_blocking=True)
+            lr = warmup_cosine(state.epoch + state.step_in_epoch / steps_per_epoch,
+                               base_lr=config.lr, min_lr=config.min_lr, warmup_epochs=0,
+                               total_epochs=config.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            with _autocast(runtime.device, config.amp):
+                outputs = network(x)
+            loss = deep_supervision_loss([o.float() for o in outputs], y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(f"the loss became {loss_value} at epoch {state.epoch}, "
+                                    f"step {state.global_step}; the last good checkpoint "
+                                    f"{latest} is intact (lower --lr or use --amp none)")
+            elapsed = time.perf_counter() - started
+            state.step_in_epoch += 1
+            state.global_step += 1
+            peak = peak_memory_bytes(runtime.device)
+            metrics.write(state.global_step, {
+                "epoch": state.epoch, "loss": loss_value, "lr": lr, "step_seconds": elapsed,
+                "samples_per_second": x.shape[0] / elapsed, "peak_memory_mb": peak / 2**20})
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", mem=f"{peak / 2**30:.2f}G")
+            if config.latest_every_steps and state.global_step % config.latest_every_steps == 0:
+                save(latest)
+            if config.stop_after_steps and state.global_step >= config.stop_after_steps:
+                progress.close()
+                say(f"  stopped after {state.global_step} steps (--stop-after-steps)")
+                return out
+        state.epoch += 1
+        state.step_in_epoch = 0
+        if runtime.main and (state.epoch % config.val_every == 0 or state.epoch == config.epochs):
+            scores = _validate(model, validation, val_set, classes, config, runtime, out,
+                               state.epoch)
+            mean = float(np.nanmean(scores)) if not all(map(math.isnan, scores)) else 0.0
+            metrics.write(state.global_step, {"epoch": state.epoch - 1, "val_dice": mean,
+                                              "val_dice_per_class": scores})
+            progress.write(f"  epoch {state.epoch}: validation Dice {mean:.4f} per class "
+                           + " ".join(f"{s:.3f}" for s in scores))
+            if mean > state.best_dice:
+                state.best_dice = mean
+                save(out / "checkpoint_best.pt", full=False)
+        save(latest)
+    progress.close()
+    metrics.close()
+    say(f"  done: best validation Dice {state.best_dice:.4f}; checkpoints in {out}")
+    return out
+
+
+def _validate(model: STUNet, validation: CacheDataset, val_set: Dataset, classes: int,
+              config: FinetuneConfig, runtime: Runtime, out: Path, epoch: int) -> list[float]:
+    """Mean over the validation cases of the per-class Dice of sliding-window
+    predictions; an overlay PNG of the first case."""
+    per_case = []
+    for index in range(len(validation)):
+        with _unwrapped_data_errors():
+            item = validation[index]
+        image = item["image"][None].to(runtime.device)
+        label = item["label"][0]
+        prediction = infer(model, image, config.crop, overlap=config.sw_overlap,
+                           amp=config.amp).argmax(1)[0].cpu()
+        per_case.append(dice_per_class(prediction, label, classes))
+        if index == 0:
+            overlay(out / "overlays" / f"epoch_{epoch:04d}_{val_set.cases[0].name}.png",
+                    item["image"][0], label, prediction)
+    model.train()
+    table = np.array(per_case, dtype=np.float64)
+    return [float(np.nanmean(col)) if not np.isnan(col).all() else math.nan for col in table.T]

@@ -1,0 +1,48 @@
+"""One segmentation fine-tuning step (forward with deep supervision, Dice + CE on every
+output, backward) of STU-Net: the library (fused loss, fused norm + activation,
+checkpointing per stage) against a plain nnU-Net-style implementation (the plain
+STU-Net modules and the reference loss: softmax + one-hot + Dice + CE).
+
+Not timed: the optimizer step (the same AdamW for both). Memory: the peak beyond the
+model and the batch (the parameter gradients included, the same for both)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anatomask_fast
+from anatomask_fast.models.segmentation import STUNet
+
+from .common import record, sizes
+
+SIZES = sizes(
+    full={"B-B2-1x64x64x64-4cls": dict(model="B", B=2, spatial=(64, 64, 64), classes=4)},
+    quick={"quick-tiny-B2-1x32x32x32-4cls": dict(model="tiny", B=2, spatial=(32, 32, 32),
+                                                 classes=4)},
+)
+
+
+def setup_finetune_step(backend: str, size: dict, device: str):
+    torch.manual_seed(0)
+    plain = backend == "reference"
+    model = STUNet(size["model"], 1, size["classes"], fused=not plain,
+                   checkpointing=not plain).to(device)
+    x = torch.randn(size["B"], 1, *size["spatial"], device=device)
+    labels = torch.randint(0, size["classes"], (size["B"], 1, *size["spatial"]), device=device)
+
+    def run() -> None:
+        with anatomask_fast.use_backend(backend):   # reference: the plain one-hot loss
+            loss = anatomask_fast.deep_supervision_loss(model(x), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="plain-cpu"),
+                                            pytest.param("cpu", "cpu", id="fast-cpu")])
+def test_finetune_step(benchmark, backend, device, size):
+    benchmark.group = f"finetune step {size['name']}"
+    record(benchmark, module="bench_finetune_step", case="finetune_step", backend=backend,
+           size=size, device=device, run=setup_finetune_step(backend, size, device))

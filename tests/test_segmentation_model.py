@@ -1,0 +1,137 @@
+"""The full STU-Net: shapes, deep supervision, encoder loading from both formats, the
+fused execution (equal to the plain one, storing less) and checkpointing."""
+import pytest
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from anatomask_fast.models.anatomask import AnatoMaskNet
+from anatomask_fast.models.segmentation import STUNet, load_encoder, norm_act
+from anatomask_fast.models.stunet import STUNetEncoder
+
+
+def _grads(model, x, fused, checkpointing):
+    """Outputs and parameter gradients of a random linear function of the outputs."""
+    model.zero_grad(set_to_none=True)
+    model.fused, model.checkpointing = fused, checkpointing
+    outputs = model(x)
+    weights = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum()
+               for o in outputs)
+    loss.backward()
+    return [o.detach() for o in outputs], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_shapes_and_deep_supervision():
+    model = STUNet("tiny", 2, 3)
+    outputs = model(torch.randn(1, 2, 32, 32, 48))
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 32, 32, 48), (1, 3, 16, 16, 24),
+                                                  (1, 3, 8, 8, 12), (1, 3, 4, 4, 6)]
+    model.deep_supervision = False
+    assert model(torch.randn(1, 2, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+    with pytest.raises(ValueError, match="must be divisible by 16"):
+        model(torch.randn(1, 2, 16, 16, 20))
+
+
+def test_state_dict_names_follow_stunet():
+    keys = STUNet("tiny", 1, 4).state_dict().keys()
+    for name in ("conv_blocks_context.4.0.conv2.weight", "upsample_layers.0.conv.weight",
+                 "conv_blocks_localization.3.0.conv3.weight", "seg_outputs.3.bias"):
+        assert name in keys
+    assert STUNet("tiny", 1, 4).upsample_layers[0].conv.weight.shape == (64, 128, 1, 1, 1)
+
+
+@pytest.mark.parametrize("fused,checkpointing", [(True, False), (False, True), (True, True)])
+def test_memory_options_give_the_plain_results(fused, checkpointing):
+    torch.manual_seed(0)
+    # fp64: the instance norms over the 2^3 bottleneck voxels make fp32 gradients of a
+    # randomly initialised network ill-conditioned; in fp64 the executions agree to
+    # rounding.
+    model = STUNet("tiny", 1, 4, fused=False, checkpointing=False).double()
+    x = torch.randn(2, 1, 32, 16, 32, dtype=torch.float64)
+    plain_out, plain_grads = _grads(model, x, False, False)
+    out, grads = _grads(model, x, fused, checkpointing)
+    for a, b in zip(out, plain_out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    scale = max(g.abs().max() for g in plain_grads.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-9, atol=1e-11 * scale,
+                                   msg=name)
+
+
+def _saved_bytes(fn, x):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values())
+
+
+def test_fused_norm_act_equals_the_plain_pair_and_stores_less():
+    norm = nn.InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    act = nn.LeakyReLU(0.01, inplace=True)
+    x = torch.randn(2, 6, 12, 10, 14, requires_grad=True)
+    grad = torch.randn(2, 6, 12, 10, 14)
+    plain = act(norm(x * 1.0))
+    fused = norm_act(x * 1.0, norm.weight, norm.bias, norm.eps, "leaky_relu")
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(y, (x, norm.weight, norm.bias), grad) for y in (plain, fused)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    h = x.detach() + 0      # a non-leaf input, as in the network
+    h.requires_grad_()
+    plain_bytes = _saved_bytes(lambda t: act(norm(t * 1.0)), h)
+    fused_bytes = _saved_bytes(
+        lambda t: norm_act(t * 1.0, norm.weight, norm.bias, norm.eps, "leaky_relu"), h)
+    assert fused_bytes < plain_bytes - x.numel() * 4 // 2
+
+
+def test_fused_network_stores_less():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32, 16)
+    model = STUNet("tiny", 1, 4, fused=False, checkpointing=False)
+    plain = _saved_bytes(model, x)
+    model.fused = True
+    fused = _saved_bytes(model, x)
+    model.checkpointing = True
+    both = _saved_bytes(model, x)
+    assert fused < 0.8 * plain and both < 0.3 * plain
+
+
+def test_encoder_loads_from_an_export_and_from_a_pretraining_checkpoint(tmp_path, capsys):
+    pretrained = AnatoMaskNet("tiny", 1)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.uniform_(-1, 1)
+    weights = pretrained.encoder_state_dict()
+    torch.save({"model": pretrained.state_dict()}, tmp_path / "checkpoint_latest.pt")
+    torch.save({"state_dict": weights}, tmp_path / "encoder.pt")
+    for name in ("checkpoint_latest.pt", "encoder.pt"):
+        model = STUNet("tiny", 1, 4)
+        report = load_encoder(model, tmp_path / name)
+        assert len(report["loaded"]) == len(weights) and not report["missing"]
+        for key, value in weights.items():
+            assert torch.equal(model.state_dict()[key], value), key
+        assert f"{len(weights)}/{len(weights)} tensors loaded" in capsys.readouterr().out
+    two_channels = STUNet("tiny", 2, 4)
+    report = load_encoder(two_channels, tmp_path / "encoder.pt")
+    assert report["shape_mismatch"] == ["conv_blocks_context.0.0.conv1.weight: file "
+                                        "(8, 1, 3, 3, 3), model (8, 2, 3, 3, 3)",
+                                        "conv_blocks_context.0.0.conv3.weight: file "
+                                        "(8, 1, 1, 1, 1), model (8, 2, 1, 1, 1)"]
+
+
+def test_encoder_that_does_not_fit_is_an_error(tmp_path):
+    torch.save({"state_dict": STUNetEncoder.from_size("S", 1).state_dict()}, tmp_path / "s.pt")
+    with pytest.raises(ValueError, match=r"s\.pt: no encoder weight fits STU-Net-tiny"):
+        load_encoder(STUNet("tiny", 1, 4), tmp_path / "s.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an encoder export"):
+        load_encoder(STUNet("tiny", 1, 4), tmp_path / "other.pt")

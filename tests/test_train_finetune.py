@@ -1,0 +1,134 @@
+"""`python -m anatomask_fast.train finetune` and `predict` end to end on a small
+labelled dataset: outputs, exact resume, bad input, NIfTI predictions."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from anatomask_fast.train.__main__ import main
+
+SHAPE = (40, 36, 32)
+AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
+SMALL = ["--crop", "32", "32", "32", "--batch-size", "2", "--workers", "0", "--epochs", "2",
+         "--val-every", "2", "--sw-overlap", "0.25"]
+
+
+def write_dataset(root, cases=4, seed=0):
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    grid = np.indices(SHAPE)
+    for i in range(cases):
+        center = np.array(SHAPE) / 2 + rng.uniform(-4, 4, 3)
+        label = np.zeros(SHAPE, np.uint8)
+        label[((grid - center[:, None, None, None]) ** 2).sum(0) < 64] = 1
+        label[((grid - center[:, None, None, None] - 6) ** 2).sum(0) < 16] = 2
+        image = (label * 50.0 + rng.normal(0, 10, SHAPE)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTr" / f"c{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / f"c{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2}}))
+    return root
+
+
+def finetune(out, data, *extra):
+    return main(["finetune", "--data", str(data), "--out", str(out), *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("run")
+    assert finetune(out, data, "--size", "tiny") == 0
+    return out
+
+
+def test_outputs(finished_run):
+    out = finished_run
+    split = json.loads((out / "splits.json").read_text())
+    assert len(split["train"]) == 3 and len(split["val"]) == 1
+    assert not set(split["train"]) & set(split["val"])
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in steps] == [1, 2] and all(l["loss"] > 0 for l in steps)
+    (val,) = [l for l in lines if "val_dice" in l]
+    assert len(val["val_dice_per_class"]) == 2 and 0 <= val["val_dice"] <= 1
+    assert {p.name for p in out.glob("checkpoint_*.pt")} == {"checkpoint_latest.pt",
+                                                             "checkpoint_best.pt"}
+    assert [p.name for p in (out / "overlays").glob("*.png")] == [
+        f"epoch_0002_{split['val'][0]}.png"]
+
+
+def test_resume_mid_run_ends_with_the_same_weights(tmp_path, data, finished_run):
+    assert finetune(tmp_path, data, "--size", "tiny", "--stop-after-steps", "1",
+                    "--latest-every-steps", "1") == 0
+    assert finetune(tmp_path, data, "--size", "tiny", "--resume") == 0
+    resumed = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=False)
+    straight = torch.load(finished_run / "checkpoint_latest.pt", weights_only=False)
+    for name, value in straight["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    assert resumed["state"] == straight["state"]
+
+
+def test_predict_writes_label_maps_with_the_input_affine(tmp_path, data, finished_run):
+    (tmp_path / "in").mkdir()
+    image = nib.load(data / "imagesTr" / "c0_0000.nii.gz")
+    shifted = image.affine.copy()
+    shifted[:3, 3] = [10.0, -4.0, 7.5]
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), shifted), tmp_path / "in" / "x.nii.gz")
+    assert main(["predict", "--checkpoint", str(finished_run / "checkpoint_best.pt"),
+                 "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+    written = nib.load(tmp_path / "out" / "x.nii.gz")
+    assert written.shape == SHAPE and np.allclose(written.affine, shifted)
+    assert set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1, 2}
+
+
+def _broken(tmp_path, name, edit):
+    root = write_dataset(tmp_path / name, cases=3)
+    edit(root)
+    return root
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("values", lambda r: nib.save(nib.Nifti1Image(np.full(SHAPE, 5, np.uint8), AFFINE),
+                                  r / "labelsTr" / "c1.nii.gz"),
+     r"case 'c1': label .*c1.nii.gz holds values \[5\] outside the 3 classes"),
+    ("shape", lambda r: nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), AFFINE),
+                                 r / "labelsTr" / "c2.nii.gz"),
+     r"case 'c2': image .*c2_0000.nii.gz has shape \(40, 36, 32\) but label"),
+    ("affine", lambda r: nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), np.eye(4)),
+                                  r / "labelsTr" / "c0.nii.gz"),
+     r"case 'c0': image .* have different affines"),
+    ("missing", lambda r: (r / "labelsTr" / "c1.nii.gz").unlink(),
+     r"case 'c1' has no label file"),
+])
+def test_bad_data_is_reported(tmp_path, capsys, case, edit, message):
+    data = _broken(tmp_path, case, edit)
+    assert finetune(tmp_path / "out", data) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_checkpoint_that_does_not_fit_is_reported(tmp_path, capsys, data, finished_run):
+    saved = torch.load(finished_run / "checkpoint_best.pt", weights_only=False)
+    saved["num_classes"] = 5
+    torch.save(saved, tmp_path / "bad.pt")
+    assert main(["predict", "--checkpoint", str(tmp_path / "bad.pt"), "--input",
+                 str(data / "imagesTr"), "--output", str(tmp_path / "o")]) == 2
+    assert "bad.pt does not fit STU-Net-tiny with 5 classes" in capsys.readouterr().err
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "checkpoint_latest.pt").write_bytes(
+        (finished_run / "checkpoint_latest.pt").read_bytes())
+    assert finetune(tmp_path / "resume", data, "--size", "S", "--resume") == 2
+    assert "does not fit this model (size: checkpoint has 'tiny', this run has 'S')" in \
+        capsys.readouterr().err
+    torch.save({"state_dict": {"conv_blocks_context.0.0.conv1.weight": torch.zeros(3)}},
+               tmp_path / "enc.pt")
+    assert finetune(tmp_path / "o2", data, "--size", "tiny", "--pretrained",
+                    str(tmp_path / "enc.pt")) == 2
+    assert "enc.pt: no encoder weight fits STU-Net-tiny" in capsys.readouterr().err

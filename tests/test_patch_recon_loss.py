@@ -3,7 +3,6 @@ squared error, masked mean), forward and both gradient paths (loss and per_patch
 import pytest
 import torch
 
-import anatomask_fast
 from anatomask_fast import patch_recon_loss, use_backend
 from anatomask_fast.reference import patch_recon_loss_reference
 

@@ -44,6 +44,22 @@ class Dataset:
     labels: dict[str, int] | None = None
 
 
+def job_dataset(data: str | None, out: Path, runtime, *, modality: str, phantom_cases: int,
+                seed: int, with_labels: bool = False) -> Dataset:
+    """The dataset of a training job: ``data`` discovered, or without it the embedded
+    phantom, written by rank 0 under ``out/data`` while the other ranks wait."""
+    if data is not None:
+        return discover(data, modality=modality, with_labels=with_labels)
+    from .phantom import write_phantom_dataset
+
+    root = write_phantom_dataset(out / "data", cases=phantom_cases, seed=seed) \
+        if runtime.main else None
+    if runtime.distributed:
+        torch.distributed.barrier()
+        root = next((out / "data").glob("phantom_*"))
+    return discover(root, with_labels=with_labels)
+
+
 def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.endswith(NIFTI_SUFFIXES)
 

@@ -24,12 +24,11 @@ from ..models.segmentation import STUNet, load_encoder
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
 from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict,
-                   _unwrapped_data_errors, discover, preprocessing)
+                   _unwrapped_data_errors, job_dataset, preprocessing)
 from .optim import param_groups, warmup_cosine
-from .phantom import write_phantom_dataset
 from .predict import infer, overlay
-from .pretrain import NonFiniteLoss, _autocast, _progress
-from .runtime import MetricsLog, Runtime, peak_memory_bytes, setup, teardown
+from .pretrain import NonFiniteLoss
+from .runtime import MetricsLog, Runtime, autocast, peak_memory_bytes, progress_bar, run_job
 
 FORMAT = "anatomask_fast.segmentation/1"
 
@@ -109,17 +108,6 @@ def dice_per_class(prediction: torch.Tensor, label: torch.Tensor, classes: int) 
     return scores
 
 
-def _dataset(config: FinetuneConfig, out: Path, runtime: Runtime) -> Dataset:
-    if config.demo:
-        root = write_phantom_dataset(out / "data", cases=config.phantom_cases, seed=config.seed) \
-            if runtime.main else out / "data"
-        if runtime.distributed:
-            torch.distributed.barrier()
-            root = next((out / "data").glob("phantom_*"))
-        return discover(root, with_labels=True)
-    return discover(config.data, with_labels=True)
-
-
 def _pretrained(config: FinetuneConfig) -> tuple[str | None, str]:
     """The encoder weights to start from, and a sentence saying so."""
     if config.from_scratch:
@@ -139,21 +127,15 @@ def signature(config: FinetuneConfig, in_channels: int, classes: int) -> dict:
 
 
 def run(config: FinetuneConfig) -> Path:
-    config = config.resolved()
     if not 0.0 <= config.foreground <= 1.0:
         raise ValueError(f"--foreground must be in [0, 1], got {config.foreground}")
-    runtime = setup(config.device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _train(config, runtime, out)
-    finally:
-        teardown()
+    return run_job(config, _train)
 
 
 def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     torch.manual_seed(config.seed)
-    dataset = _dataset(config, out, runtime)
+    dataset = job_dataset(config.data, out, runtime, modality="CT",
+                          phantom_cases=config.phantom_cases, seed=config.seed, with_labels=True)
     classes = num_classes(dataset, dataset.description)
     check_cases(dataset, classes)
     in_channels = len(dataset.cases[0].images)
@@ -210,8 +192,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
             ckpt.atomic_save({**meta, **preprocessing_info, "model": model.state_dict(),
                               "state": dataclasses.asdict(state), **extra}, path)
 
-    progress = _progress(runtime, config.epochs * steps_per_epoch, state.global_step,
-                         "finetune")
+    progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
+                            "finetune")
     while state.epoch < config.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size)
         data.set_epoch(state.epoch)
@@ -233,7 +215,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            with _autocast(runtime.device, config.amp):
+            with autocast(runtime.device, config.amp):
                 outputs = network(x)
             loss = deep_supervision_loss([o.float() for o in outputs], y)
             optimizer.zero_grad(set_to_none=True)

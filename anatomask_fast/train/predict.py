@@ -19,7 +19,7 @@ from .config import PredictConfig
 from .data import NIFTI_SUFFIXES, Case, DataError, Dataset, _case_dict, _strip, \
     _unwrapped_data_errors, preprocessing
 from .previews import _gray
-from .runtime import setup
+from .runtime import autocast, setup
 
 COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 80], [70, 120, 240], [240, 200, 40],
                    [200, 80, 220], [40, 210, 220], [250, 140, 40]], dtype=np.float32)
@@ -30,13 +30,12 @@ def infer(model: STUNet, image: torch.Tensor, roi: tuple[int, ...], *, overlap: 
     """Class logits (B, K, ...) of ``image`` (B, C, ...) by MONAI's sliding-window
     inference with Gaussian weighting, the model in eval mode, highest-resolution head
     only."""
-    from .pretrain import _autocast
 
     model.eval()
     deep, model.deep_supervision = model.deep_supervision, False
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        with _autocast(window.device, amp):
+        with autocast(window.device, amp):
             return model(window).float()
 
     try:

@@ -8,11 +8,9 @@ repeats exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -25,11 +23,10 @@ from ..models.anatomask import AnatoMaskNet
 from ..schedules import masking_schedule
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save as save_config
-from .data import CropDataset, ResumableSampler, discover
+from .data import CropDataset, ResumableSampler, job_dataset
 from .optim import ema_decay, ema_update, param_groups, warmup_cosine
-from .phantom import write_phantom_dataset
 from .previews import denormalized, save_preview
-from .runtime import MetricsLog, Runtime, peak_memory_bytes, setup, teardown
+from .runtime import MetricsLog, Runtime, autocast, peak_memory_bytes, progress_bar, run_job
 
 FORMAT = "anatomask_fast.pretrain/1"
 # How --hard-max parameterizes each schedule kind (see anatomask_fast.schedules).
@@ -52,41 +49,23 @@ def _seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *,
                   mask_ratio: float, hard_frac: float, seed: int, raw_teacher_target: bool,
                   amp: str = "none"):
     """Teacher pass, anatomical mask, student loss. Returns (loss, mask, rec)."""
     patch = teacher.patch_size
     shape = (x.shape[0], 1, *(s // patch for s in x.shape[2:]))
-    with torch.no_grad(), _autocast(x.device, amp):
+    with torch.no_grad(), autocast(x.device, amp):
         teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
         rec = teacher(x, teacher_mask.active).float()
         # Reference quirk: the teacher's error is against the raw patch.
         _, errors = patch_recon_loss(rec, x, teacher_mask.active, patch,
                                      norm_pix=not raw_teacher_target, hidden_only=True)
         mask = anatomical_mask(errors.view(shape), mask_ratio, hard_frac, seed=_seed(seed, 1))
-    with _autocast(x.device, amp):
+    with autocast(x.device, amp):
         rec = student(x, mask.active).float()
     loss, _ = patch_recon_loss(rec, x, mask.active, patch, norm_pix=True)
     return loss, mask, rec
-
-
-def _dataset(config: PretrainConfig, out: Path, runtime: Runtime):
-    if config.demo:
-        root = write_phantom_dataset(out / "data", cases=config.phantom_cases, seed=config.seed) \
-            if runtime.main else out / "data"
-        if runtime.distributed:
-            torch.distributed.barrier()
-            root = next((out / "data").glob("phantom_*"))
-        return discover(root)
-    return discover(config.data, modality=config.modality)
 
 
 def _model_signature(config: PretrainConfig, in_channels: int) -> dict:
@@ -95,19 +74,13 @@ def _model_signature(config: PretrainConfig, in_channels: int) -> dict:
 
 
 def run(config: PretrainConfig) -> Path:
-    config = config.resolved()
-    runtime = setup(config.device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _train(config, runtime, out)
-    finally:
-        teardown()
+    return run_job(config, _train)
 
 
 def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     torch.manual_seed(config.seed)
-    dataset = _dataset(config, out, runtime)
+    dataset = job_dataset(config.data, out, runtime, modality=config.modality,
+                          phantom_cases=config.phantom_cases, seed=config.seed)
     in_channels = len(dataset.cases[0].images)
     say = print if runtime.main else (lambda *a, **k: None)
     say(f"anatomask_fast pretrain: data = {dataset.description}"
@@ -154,7 +127,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                               "scaler": scaler.state_dict(), "state": dataclasses.asdict(state),
                               "config": dataclasses.asdict(config)}, path)
 
-    progress = _progress(runtime, config.epochs * steps_per_epoch, state.global_step)
+    progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
+                            "pretrain")
     while state.epoch < config.epochs:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size)
         data.set_epoch(state.epoch)
@@ -245,10 +219,3 @@ def _restore(path: Path, signature: dict, student, teacher, optimizer, scaler) -
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
     return TrainState(**saved["state"])
-
-
-def _progress(runtime: Runtime, total: int, done: int, desc: str = "pretrain"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, disable=not runtime.main, file=sys.stdout,
-                desc=desc, unit="step", dynamic_ncols=True)

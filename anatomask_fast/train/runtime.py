@@ -2,8 +2,11 @@
 peak memory, metrics logging."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,34 @@ def setup(device: str = "auto") -> Runtime:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_job(config: Any, train: Callable[[Any, Runtime, Path], Path]) -> Path:
+    """Resolves ``config``, joins torchrun's process group, creates the run folder and
+    calls ``train(config, runtime, out)``, leaving the group however it ends."""
+    config = config.resolved()
+    runtime = setup(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return train(config, runtime, out)
+    finally:
+        teardown()
+
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for ``--amp bf16|fp16``; nothing for ``none``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def progress_bar(runtime: Runtime, total: int, done: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, disable=not runtime.main, file=sys.stdout,
+                desc=desc, unit="step", dynamic_ncols=True)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -2,13 +2,12 @@
 multiply) at STU-Net stage-0 and stage-2 feature sizes."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import apply_mask, use_backend
 from anatomask_fast.ops.gather_scatter import APPLY_MASK
 
-from .common import backend_devices, record, sizes
+from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
     full={"stage0-B4-32x112x112x128": dict(B=4, C=32, spatial=(112, 112, 128), grid=(7, 7, 8)),
@@ -29,12 +28,9 @@ def setup_apply_mask(backend: str, size: dict, device: str):
             apply_mask(x, active).backward(grad)
         x.grad = None
 
+    # The bytes that must move: read x, write y; read the gradient, write x's.
+    run.bytes_moved = 4 * x.numel() * x.element_size()
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(APPLY_MASK))
-def test_apply_mask(benchmark, backend, device, size):
-    benchmark.group = f"apply_mask fwd+bwd {size['name']}"
-    record(benchmark, module="bench_apply_mask", case="apply_mask", backend=backend, size=size,
-           device=device, run=setup_apply_mask(backend, size, device))
+test_apply_mask = benchmark_test("bench_apply_mask", "apply_mask", "apply_mask fwd+bwd", SIZES, backend_devices(APPLY_MASK))

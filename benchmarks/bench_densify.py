@@ -2,14 +2,13 @@
 torch.where; backward: where + sum) at the apply_mask benchmark's sizes."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import densify, use_backend
 from anatomask_fast.ops.gather_scatter import DENSIFY
 
 from .bench_apply_mask import SIZES
-from .common import backend_devices, record
+from .common import backend_devices, benchmark_test
 
 
 def volume_inputs(size: dict, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,12 +29,9 @@ def setup_densify(backend: str, size: dict, device: str):
             densify(x, active, token).backward(grad)
         x.grad = token.grad = None
 
+    # The bytes that must move: read x, write y; read the gradient, write x's.
+    run.bytes_moved = 4 * x.numel() * x.element_size()
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(DENSIFY))
-def test_densify(benchmark, backend, device, size):
-    benchmark.group = f"densify fwd+bwd {size['name']}"
-    record(benchmark, module="bench_densify", case="densify", backend=backend, size=size,
-           device=device, run=setup_densify(backend, size, device))
+test_densify = benchmark_test("bench_densify", "densify", "densify fwd+bwd", SIZES, backend_devices(DENSIFY))

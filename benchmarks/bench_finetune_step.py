@@ -7,13 +7,12 @@ Not timed: the optimizer step (the same AdamW for both). Memory: the peak beyond
 model and the batch (the parameter gradients included, the same for both)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import anatomask_fast
 from anatomask_fast.models.segmentation import STUNet
 
-from .common import record, sizes
+from .common import benchmark_test, sizes, training_step_pairs
 
 SIZES = sizes(
     full={"B-B2-1x64x64x64-4cls": dict(model="B", B=2, spatial=(64, 64, 64), classes=4)},
@@ -39,10 +38,4 @@ def setup_finetune_step(backend: str, size: dict, device: str):
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="plain-cpu"),
-                                            pytest.param("cpu", "cpu", id="fast-cpu")])
-def test_finetune_step(benchmark, backend, device, size):
-    benchmark.group = f"finetune step {size['name']}"
-    record(benchmark, module="bench_finetune_step", case="finetune_step", backend=backend,
-           size=size, device=device, run=setup_finetune_step(backend, size, device))
+test_finetune_step = benchmark_test("bench_finetune_step", "finetune_step", "finetune step", SIZES, training_step_pairs())

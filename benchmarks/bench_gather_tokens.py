@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from anatomask_fast import gather_tokens, use_backend
 from anatomask_fast.ops.gather_scatter import GATHER_TOKENS
 
 from .bench_apply_mask import SIZES
-from .common import backend_devices, record
+from .common import backend_devices, benchmark_test
 
 
 def token_inputs(size: dict, device: str):
@@ -35,12 +34,10 @@ def setup_gather_tokens(backend: str, size: dict, device: str):
             gather_tokens(x, ids_keep).backward(grad)
         x.grad = None
 
+    # The bytes that must move: read the kept rows, write them; read their gradient,
+    # write the (B, L, C) gradient of x.
+    run.bytes_moved = (3 * grad.numel() + x.numel()) * x.element_size()
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(GATHER_TOKENS))
-def test_gather_tokens(benchmark, backend, device, size):
-    benchmark.group = f"gather_tokens fwd+bwd {size['name']}"
-    record(benchmark, module="bench_gather_tokens", case="gather_tokens", backend=backend,
-           size=size, device=device, run=setup_gather_tokens(backend, size, device))
+test_gather_tokens = benchmark_test("bench_gather_tokens", "gather_tokens", "gather_tokens fwd+bwd", SIZES, backend_devices(GATHER_TOKENS))

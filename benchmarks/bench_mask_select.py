@@ -4,13 +4,12 @@ L = 4096, batch 8, mask ratio 0.6, hard_frac 0.5 (the end of the easy-to-hard
 schedule), randomness drawn from a seed (no noise tensor)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import anatomical_mask, use_backend
 from anatomask_fast.ops.mask_select import ANATOMICAL_MASK
 
-from .common import backend_devices, record, sizes
+from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
     full={"B8-L392": dict(B=8, grid=(7, 7, 8)), "B8-L4096": dict(B=8, grid=(16, 16, 16))},
@@ -29,9 +28,4 @@ def setup_anatomical_mask(backend: str, size: dict, device: str):
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(ANATOMICAL_MASK))
-def test_anatomical_mask(benchmark, backend, device, size):
-    benchmark.group = f"anatomical_mask {size['name']}"
-    record(benchmark, module="bench_mask_select", case="anatomical_mask", backend=backend,
-           size=size, device=device, run=setup_anatomical_mask(backend, size, device))
+test_anatomical_mask = benchmark_test("bench_mask_select", "anatomical_mask", "anatomical_mask", SIZES, backend_devices(ANATOMICAL_MASK))

@@ -3,14 +3,13 @@ and stage-1 sizes (1x64x64x64, B=2, mask ratio 0.6): pack the visible patches, a
 the halo a 3x3x3 conv needs, unpack."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import pack_patches, pad_halo, unpack_patches, use_backend
 from anatomask_fast.models import MaskLayout
 from anatomask_fast.ops.packing import PAD_HALO
 
-from .common import backend_devices, record, sizes
+from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
     full={"stage0-B2-32x64x64x64": dict(B=2, C=32, spatial=(64, 64, 64), grid=(4, 4, 4)),
@@ -37,9 +36,4 @@ def setup_packing(backend: str, size: dict, device: str):
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(PAD_HALO))
-def test_packing(benchmark, backend, device, size):
-    benchmark.group = f"pack+pad_halo+unpack fwd+bwd {size['name']}"
-    record(benchmark, module="bench_packing", case="packing", backend=backend, size=size,
-           device=device, run=setup_packing(backend, size, device))
+test_packing = benchmark_test("bench_packing", "packing", "pack+pad_halo+unpack fwd+bwd", SIZES, backend_devices(PAD_HALO))

@@ -9,13 +9,12 @@ reference and the kernels alike. ``gradient_bytes`` in extra_info says how much.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import patch_recon_loss, use_backend
 from anatomask_fast.ops.patch_loss import PATCH_RECON_LOSS
 
-from .common import backend_devices, record, sizes
+from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
     full={"pretrain-B4-1x112x112x128-p16": dict(B=4, C=1, spatial=(112, 112, 128), patch=16),
@@ -39,15 +38,9 @@ def setup_patch_recon_loss(backend: str, size: dict, device: str):
         loss.backward()
         rec.grad = None
 
+    # The bytes that must move: read rec and x; read them again with the gradient, write rec's.
+    run.bytes_moved = 5 * rec.numel() * rec.element_size()
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(PATCH_RECON_LOSS))
-def test_patch_recon_loss(benchmark, backend, device, size):
-    benchmark.group = f"patch_recon_loss fwd+bwd {size['name']}"
-    record(benchmark, module="bench_patch_recon_loss", case="patch_recon_loss",
-           backend=backend, size=size, device=device,
-           run=setup_patch_recon_loss(backend, size, device))
-    benchmark.extra_info["gradient_bytes"] = (
-        size["B"] * size["C"] * torch.Size(size["spatial"]).numel() * 4)
+test_patch_recon_loss = benchmark_test("bench_patch_recon_loss", "patch_recon_loss", "patch_recon_loss fwd+bwd", SIZES, backend_devices(PATCH_RECON_LOSS))

@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import pytest
 import torch
 
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
 from anatomask_fast.train.pretrain import pretrain_step
 
-from .common import record, sizes
+from .common import benchmark_test, sizes, training_step_pairs
 
 SIZES = sizes(
     full={"tiny-B2-1x64x64x64": dict(model="tiny", B=2, spatial=(64, 64, 64)),
@@ -45,10 +44,4 @@ def setup_pretrain_step(backend: str, size: dict, device: str):
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu"),
-                                            pytest.param("cpu", "cpu", id="fast-cpu")])
-def test_pretrain_step(benchmark, backend, device, size):
-    benchmark.group = f"pretrain step {size['name']}"
-    record(benchmark, module="bench_pretrain_step", case="pretrain_step", backend=backend,
-           size=size, device=device, run=setup_pretrain_step(backend, size, device))
+test_pretrain_step = benchmark_test("bench_pretrain_step", "pretrain_step", "pretrain step", SIZES, training_step_pairs())

@@ -3,7 +3,6 @@ way (repeat the mask token, cat, torch.gather, add pos_embed), tokens as in
 bench_gather_tokens."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import scatter_tokens, use_backend
@@ -11,7 +10,7 @@ from anatomask_fast.ops.gather_scatter import SCATTER_TOKENS
 
 from .bench_apply_mask import SIZES
 from .bench_gather_tokens import token_inputs
-from .common import backend_devices, record
+from .common import backend_devices, benchmark_test
 
 
 def setup_scatter_tokens(backend: str, size: dict, device: str):
@@ -26,12 +25,9 @@ def setup_scatter_tokens(backend: str, size: dict, device: str):
             scatter_tokens(x, ids_restore, token, pos).backward(grad)
         x.grad = token.grad = pos.grad = None
 
+    # The bytes that must move: write the (B, L, C) output; read its gradient, write pos_embed's.
+    run.bytes_moved = 3 * grad.numel() * grad.element_size()
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(SCATTER_TOKENS))
-def test_scatter_tokens(benchmark, backend, device, size):
-    benchmark.group = f"scatter_tokens fwd+bwd {size['name']}"
-    record(benchmark, module="bench_scatter_tokens", case="scatter_tokens", backend=backend,
-           size=size, device=device, run=setup_scatter_tokens(backend, size, device))
+test_scatter_tokens = benchmark_test("bench_scatter_tokens", "scatter_tokens", "scatter_tokens fwd+bwd", SIZES, backend_devices(SCATTER_TOKENS))

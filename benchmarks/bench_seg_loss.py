@@ -3,13 +3,12 @@ one-hot by scatter, products, sums, F.cross_entropy) at nnU-Net patch sizes: 4 c
 at 64^3 (the CPU fine-tuning config) and 14 classes at 128^3 (the GPU config)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from anatomask_fast import dice_ce_loss, use_backend
 from anatomask_fast.ops.seg_loss import DICE_CE_LOSS
 
-from .common import backend_devices, record, sizes
+from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
     full={"B2-K4-64^3": dict(B=2, K=4, spatial=(64, 64, 64)),
@@ -32,9 +31,4 @@ def setup_dice_ce_loss(backend: str, size: dict, device: str):
     return run
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(DICE_CE_LOSS))
-def test_dice_ce_loss(benchmark, backend, device, size):
-    benchmark.group = f"dice_ce_loss fwd+bwd {size['name']}"
-    record(benchmark, module="bench_seg_loss", case="dice_ce_loss", backend=backend, size=size,
-           device=device, run=setup_dice_ce_loss(backend, size, device))
+test_dice_ce_loss = benchmark_test("bench_seg_loss", "dice_ce_loss", "dice_ce_loss fwd+bwd", SIZES, backend_devices(DICE_CE_LOSS))

@@ -10,7 +10,7 @@ from anatomask_fast.ops.gather_scatter import SPARSE_NORM
 
 from .bench_apply_mask import SIZES
 from .bench_densify import volume_inputs
-from .common import backend_devices, record
+from .common import backend_devices, benchmark_test
 
 
 def setup_sparse_norm(backend: str, size: dict, device: str):
@@ -24,14 +24,16 @@ def setup_sparse_norm(backend: str, size: dict, device: str):
                         activation="leaky_relu").backward(grad)
         x.grad = weight.grad = bias.grad = None
 
+    # The bytes that must move: read x, write y; read the gradient and x, write x's.
+    run.bytes_moved = 5 * x.numel() * x.element_size()
     return run
 
 
-@pytest.mark.parametrize("per_sample", [False, True], ids=["pooled", "per-sample"])
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("backend,device", backend_devices(SPARSE_NORM))
-def test_sparse_norm(benchmark, backend, device, size, per_sample):
-    size = {**size, "per_sample": per_sample}
-    benchmark.group = f"sparse_norm {'per-sample' if per_sample else 'pooled'} fwd+bwd {size['name']}"
-    record(benchmark, module="bench_sparse_norm", case="sparse_norm", backend=backend, size=size,
-           device=device, run=setup_sparse_norm(backend, size, device))
+# Both statistics modes at every size: pooled (the reference's quirk) and per-sample.
+MODES = [pytest.param({**param.values[0], "per_sample": per_sample,
+                       "name": f"{'per-sample' if per_sample else 'pooled'} {param.values[0]['name']}"},
+                      id=f"{'per-sample' if per_sample else 'pooled'}-{param.id}")
+         for param in SIZES for per_sample in (False, True)]
+
+test_sparse_norm = benchmark_test("bench_sparse_norm", "sparse_norm", "sparse_norm fwd+bwd", MODES,
+                                  backend_devices(SPARSE_NORM))

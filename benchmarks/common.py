@@ -3,12 +3,16 @@ compare, and peak memory measured in a fresh process.
 
 Every benchmark module defines ``setup_<case>(backend, size, device) -> run``: it
 allocates the inputs and returns a zero-argument callable doing one forward and
-backward. Time comes from pytest-benchmark; memory from ``peak_extra_memory``: the
-peak beyond the inputs, as peak RSS of a fresh process (CPU) or the CUDA allocator's
-peak (GPU).
+backward (memory-bound ops also set ``run.bytes_moved``: the bytes the op must read
+and write), and makes its pytest test with :func:`benchmark_test`. Time comes from
+pytest-benchmark; memory from ``peak_extra_memory``: the peak beyond the inputs, as
+peak RSS of a fresh process (CPU) or the CUDA allocator's peak (GPU); on a GPU the
+achieved bandwidth is also recorded, as a fraction of the device's copy bandwidth.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import subprocess
@@ -47,6 +51,17 @@ def backend_devices(op: anatomask_fast.dispatch.Op) -> list:
     return [pytest.param(b, d, id=f"{b}-{d}") for b, d in pairs]
 
 
+def training_step_pairs() -> list:
+    """The reference-faithful execution and the library's, on CPU and (when present)
+    on the GPU: the pairs of the training-step benchmarks."""
+    pairs = [pytest.param("reference", "cpu", id="reference-cpu"),
+             pytest.param("cpu", "cpu", id="fast-cpu")]
+    if torch.cuda.is_available() and anatomask_fast.backends()["cuda"].available:
+        pairs += [pytest.param("reference", "cuda", id="reference-cuda"),
+                  pytest.param("cuda", "cuda", id="fast-cuda")]
+    return pairs
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -72,7 +87,7 @@ def _rss_peak_bytes() -> int:
 
 
 def _measure_here(module: str, case: str, backend: str, size: dict, device: str) -> int:
-    setup = getattr(__import__(f"benchmarks.{module}", fromlist=[case]), f"setup_{case}")
+    setup = getattr(importlib.import_module(f"benchmarks.{module}"), f"setup_{case}")
     if device == "cuda":
         torch.cuda.synchronize()
         run = setup(backend, size, device)
@@ -96,13 +111,49 @@ def peak_extra_memory(module: str, case: str, backend: str, size: dict, device: 
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    source = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * source.numel() / (start.elapsed_time(end) / 1e3)
+
+
 def record(benchmark, *, module: str, case: str, backend: str, size: dict, device: str,
            run: Callable[[], None]) -> None:
-    """Times ``run`` and stores the fresh-process peak memory next to the time."""
+    """Times ``run`` and stores the fresh-process peak memory (and on a GPU the achieved
+    share of the copy bandwidth) next to the time."""
     time_it(benchmark, run, device)
     benchmark.extra_info.update(
         backend=backend, device=device, case=case, size=size,
         peak_extra_bytes=peak_extra_memory(module, case, backend, size, device))
+    moved = getattr(run, "bytes_moved", None)
+    if device == "cuda" and moved:
+        achieved = moved / benchmark.stats.stats.median
+        benchmark.extra_info.update(bandwidth_fraction=achieved / copy_bandwidth(device))
+
+
+def benchmark_test(module: str, case: str, title: str, size_params: list,
+                   pairs: list) -> Callable:
+    """The pytest test of ``benchmarks.<module>.setup_<case>``: every size against
+    every (backend, device) pair, grouped as ``"<title> <size name>"``."""
+
+    @pytest.mark.parametrize("size", size_params)
+    @pytest.mark.parametrize("backend,device", pairs)
+    def test(benchmark, backend: str, device: str, size: dict) -> None:
+        benchmark.group = f"{title} {size['name']}"
+        setup = getattr(importlib.import_module(f"benchmarks.{module}"), f"setup_{case}")
+        record(benchmark, module=module, case=case, backend=backend, size=size, device=device,
+               run=setup(backend, size, device))
+
+    return test
 
 
 if __name__ == "__main__":

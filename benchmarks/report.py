@@ -5,7 +5,7 @@ Full mode merges the new results into ``benchmarks/results.json`` (replacing tho
 the same name, keeping the others) and regenerates from it ``benchmarks/RESULTS.md``
 (per group: median time and peak extra memory of each backend, as ratios to the
 reference on the same device, with the machine and versions that measured it) and
-``benchmarks/ratios.png``. Quick mode (small sizes, for CI) writes
+``benchmarks/ratios.png``, and the README's summary table. Quick mode (small sizes, for CI) writes
 ``benchmarks/RESULTS.quick.md`` only.
 """
 from __future__ import annotations
@@ -42,8 +42,9 @@ def versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
-def _ratio(value: float | None, reference: float | None) -> str:
-    return f"{value / reference:.3f}" if value is not None and reference else "-"
+def _fraction(value: float | None) -> str:
+    """Achieved bandwidth over the device's copy bandwidth (GPU runs only)."""
+    return "-" if value is None else f"{value:.0%}"
 
 
 def groups(entries: list[dict]) -> dict[str, list[dict]]:
@@ -71,14 +72,16 @@ def table(entries: list[dict]) -> list[str]:
     for group, items in groups(entries).items():
         where = sorted({f"{e['machine']}; {e['versions']}; {e['date']}" for e in items})
         lines += [f"### {group}", "", f"_Measured on {' / '.join(where)}._", "",
-                  "| backend | device | median time | time / reference | peak extra memory | memory / reference |",
-                  "|---|---|---|---|---|---|"]
+                  "| backend | device | median time | time / reference | peak extra memory "
+                  "| memory / reference | bandwidth / copy bandwidth |",
+                  "|---|---|---|---|---|---|---|"]
         for entry, time, memory in ratios(items):
             mem = entry.get("peak_extra_bytes")
             lines.append(f"| {entry['backend']} | {entry['device']} | "
                          f"{entry['median_s'] * 1e3:.3f} ms | {'-' if time is None else f'{time:.3f}'} | "
                          f"{'-' if mem is None else f'{mem / 2**20:.1f} MiB'} | "
-                         f"{'-' if memory is None else f'{memory:.3f}'} |")
+                         f"{'-' if memory is None else f'{memory:.3f}'} | "
+                         f"{_fraction(entry.get('bandwidth_fraction'))} |")
         lines.append("")
     return lines
 
@@ -122,8 +125,36 @@ def run_pytest(args: list[str], quick: bool) -> list[dict]:
     stamp = dict(machine=machine(), versions=versions(), date=raw["datetime"][:10])
     return [{"name": b["fullname"], "group": b["group"], "median_s": b["stats"]["median"],
              "backend": b["extra_info"]["backend"], "device": b["extra_info"]["device"],
-             "peak_extra_bytes": b["extra_info"].get("peak_extra_bytes"), **stamp}
+             "peak_extra_bytes": b["extra_info"].get("peak_extra_bytes"),
+             "bandwidth_fraction": b["extra_info"].get("bandwidth_fraction"), **stamp}
             for b in raw["benchmarks"]]
+
+
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def readme_summary(entries: list[dict]) -> str:
+    """The compact table the README shows: ratios per group and backend."""
+    where = sorted({e["machine"] for e in entries})
+    lines = [README_START, "",
+             f"Measured on {' / '.join(where)} (details, absolute numbers and versions in "
+             "`benchmarks/RESULTS.md`). Ratios to the reference on the same device; lower "
+             "is better.", "",
+             "| benchmark | backend | time / reference | memory / reference |", "|---|---|---|---|"]
+    for group, items in groups(entries).items():
+        for entry, time, memory in ratios(items):
+            if entry["backend"] != "reference":
+                lines.append(f"| {group} | {entry['backend']}-{entry['device']} | "
+                             f"{'-' if time is None else f'{time:.2f}'} | "
+                             f"{'-' if memory is None else f'{memory:.2f}'} |")
+    return "\n".join([*lines, "", README_END])
+
+
+def update_readme(entries: list[dict]) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + readme_summary(entries) + text[end:])
 
 
 def document(entries: list[dict], command: str) -> str:
@@ -132,7 +163,9 @@ def document(entries: list[dict], command: str) -> str:
         f"Written by `{command}`. Times are medians of one forward+backward (or one training "
         "step); memory is the peak beyond the inputs: peak RSS (VmHWM) of a fresh process on "
         "CPU, the CUDA allocator's peak on GPU. Ratios are to the reference backend on the "
-        "same device, measured in the same run (lower is better). `ratios.png` plots them.",
+        "same device, measured in the same run (lower is better). `ratios.png` plots them. "
+        "On a GPU, memory-bound ops also report the bytes they must move per second as a "
+        "share of the device's measured copy bandwidth.",
         "", *table(entries)])
 
 
@@ -150,7 +183,8 @@ def main(argv: list[str]) -> int:
     store.write_text(json.dumps(entries, indent=1) + "\n")
     (HERE / "RESULTS.md").write_text(document(entries, "python -m benchmarks.report"))
     plot(entries, HERE / "ratios.png")
-    print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'ratios.png'}")
+    update_readme(entries)
+    print(f"wrote {HERE / 'RESULTS.md'}, {HERE / 'ratios.png'} and the README's table")
     return 0
 
 

@@ -12,6 +12,7 @@ from anatomask_fast.models.stunet import STUNetEncoder
 from anatomask_fast.train import pretrain
 from anatomask_fast.train.__main__ import main
 from anatomask_fast.train.config import PretrainConfig
+from anatomask_fast.train.runtime import NonFiniteLoss
 
 SMALL = ["--crop", "32", "32", "32", "--batch-size", "2", "--phantom-cases", "4",
          "--workers", "0", "--epochs", "2", "--save-every", "1"]
@@ -71,7 +72,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(pretrain, "patch_recon_loss", poisoned)
     config = PretrainConfig(out=str(tmp_path), crop=(32, 32, 32), batch_size=2,
                             phantom_cases=4, workers=0, epochs=2, latest_every_steps=1)
-    with pytest.raises(pretrain.NonFiniteLoss, match="loss became nan at epoch 0, step 1"):
+    with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 0, step 1"):
         pretrain.run(config)
     saved = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=False)
     assert saved["state"]["global_step"] == 1

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.add_arguments(predict, cfg.PredictConfig)
     args = parser.parse_args(argv)
     from .data import DataError
-    from .pretrain import NonFiniteLoss
+    from .runtime import NonFiniteLoss
 
     if args.job == "pretrain":
         from .pretrain import run

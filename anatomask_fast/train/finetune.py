@@ -27,8 +27,8 @@ from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict
                    _unwrapped_data_errors, job_dataset, preprocessing)
 from .optim import param_groups, warmup_cosine
 from .predict import infer, overlay
-from .pretrain import NonFiniteLoss
-from .runtime import MetricsLog, Runtime, autocast, peak_memory_bytes, progress_bar, run_job
+from .runtime import (MetricsLog, Runtime, autocast, checked_loss, optimizer_step,
+                      peak_memory_bytes, progress_bar, run_job)
 
 FORMAT = "anatomask_fast.segmentation/1"
 
@@ -218,17 +218,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
             with autocast(runtime.device, config.amp):
                 outputs = network(x)
             loss = deep_supervision_loss([o.float() for o in outputs], y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"the loss became {loss_value} at epoch {state.epoch}, "
-                                    f"step {state.global_step}; the last good checkpoint "
-                                    f"{latest} is intact (lower --lr or use --amp none)")
+            optimizer_step(loss, optimizer, scaler, model.parameters(), config.clip_grad)
+            loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
             state.step_in_epoch += 1
             state.global_step += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -26,16 +25,13 @@ from .config import PretrainConfig, save as save_config
 from .data import CropDataset, ResumableSampler, job_dataset
 from .optim import ema_decay, ema_update, param_groups, warmup_cosine
 from .previews import denormalized, save_preview
-from .runtime import MetricsLog, Runtime, autocast, peak_memory_bytes, progress_bar, run_job
+from .runtime import (MetricsLog, Runtime, autocast, checked_loss,
+                      optimizer_step, peak_memory_bytes, progress_bar, run_job)
 
 FORMAT = "anatomask_fast.pretrain/1"
 # How --hard-max parameterizes each schedule kind (see anatomask_fast.schedules).
 SCHEDULE_LEVEL = {"linear": lambda v: {"max_frac": v}, "hard_to_easy": lambda v: {"max_frac": v},
                   "cosine": lambda v: {"end": v}, "constant": lambda v: {"value": v}}
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is left untouched."""
 
 
 @dataclasses.dataclass
@@ -154,19 +150,10 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                 model, teacher, x, mask_ratio=config.mask_ratio, hard_frac=hard_frac,
                 seed=_seed(config.seed, runtime.rank, state.global_step),
                 raw_teacher_target=config.reference_compatible, amp=config.amp)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler, student.parameters(), config.clip_grad)
             ema_update(teacher, student, ema_decay(epochs_done, config.epochs,
                                                    config.ema_start, config.ema_end))
-            loss_value = loss.item()     # the one host sync of a step: logging
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"the loss became {loss_value} at epoch {state.epoch}, "
-                                    f"step {state.global_step}; the last good checkpoint "
-                                    f"{latest} is intact (lower --lr or use --amp none)")
+            loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
             state.step_in_epoch += 1
             state.global_step += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -62,6 +63,31 @@ def run_job(config: Any, train: Callable[[Any, Runtime, Path], Path]) -> Path:
         return train(config, runtime, out)
     finally:
         teardown()
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left untouched."""
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, parameters, clip: float) -> None:
+    """Backward (scaled for fp16), gradient clipping at ``clip``, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def checked_loss(loss: torch.Tensor, epoch: int, step: int, latest: Path) -> float:
+    """The loss as a float (the one host sync of a step, for logging); a non-finite
+    loss stops the run with the checkpoint that is still intact named."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step}; the last "
+                            f"good checkpoint {latest} is intact (lower --lr or use --amp none)")
+    return value
 
 
 def autocast(device: torch.device, amp: str):

@@ -39,7 +39,7 @@ def setup_sparse_encoder(backend: str, size: dict, device: str):
     active = (order < keep).view(size["B"], 1, *grid).to(device)
 
     def run() -> None:
-        with use_backend("auto" if backend == "reference" else backend):
+        with use_backend(backend):
             features = sparse(x, active)
             sum(f.mean() for f in features).backward()
         encoder.zero_grad(set_to_none=True)

@@ -13,6 +13,49 @@ from torch.autograd.function import once_differentiable
 from ..ops.packing import pad_halo
 from .packed_norm import NormStats
 
+# On CPU, oneDNN copies NCDHW operands into its blocked layout (in backward about the
+# size of the input and of the output): running the backward over chunks of patches
+# bounds those copies by the chunk. The forward's copies are not at the peak.
+_CPU_CHUNK_BYTES = 8 << 20
+
+
+def _chunks(padded: torch.Tensor) -> list[slice]:
+    n = padded.shape[0]
+    if padded.device.type != "cpu" or n == 0:
+        return [slice(0, n)]
+    step = max(1, _CPU_CHUNK_BYTES // max(1, padded[0].numel() * padded.element_size()))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _conv_backward(grad: torch.Tensor, padded: torch.Tensor, weight: torch.Tensor,
+                   has_bias: bool, stride: int, needs: tuple[bool, bool, bool]):
+    """Gradients of ``conv3d(padded, weight, bias, stride)`` (padding 0) in (padded,
+    weight, bias), chunked over patches on CPU."""
+    def run(g: torch.Tensor, p: torch.Tensor):
+        return torch.ops.aten.convolution_backward(
+            g, p, weight, [weight.shape[0]] if has_bias else None, [stride] * 3, [0] * 3,
+            [1] * 3, False, [0] * 3, 1, list(needs))
+
+    chunks = _chunks(padded)
+    if len(chunks) == 1:
+        return run(grad, padded)
+    grad_padded = torch.empty_like(padded) if needs[0] else None
+    grad_weight = grad_bias = None
+    for chunk in chunks:
+        gp, gw, gb = run(grad[chunk], padded[chunk])
+        if needs[0]:
+            grad_padded[chunk] = gp
+        del gp
+        if needs[1]:
+            grad_weight = gw if grad_weight is None else grad_weight.add_(gw)
+        if needs[2]:
+            grad_bias = gb if grad_bias is None else grad_bias.add_(gb)
+    return grad_padded, grad_weight, grad_bias
+
+
+def _pad(x: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return pad_halo(x, neighbours, lo, hi) if lo or hi else x
+
 
 def _halo_conv_backward(grad: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor,
                         lo: int, hi: int, weight: torch.Tensor, has_bias: bool, stride: int,
@@ -20,12 +63,13 @@ def _halo_conv_backward(grad: torch.Tensor, x: torch.Tensor, neighbours: torch.T
     """Gradients of ``conv3d(pad_halo(x), weight, bias, stride)`` in (x, weight, bias).
     The halo adjoint comes from pad_halo's own autograd, so every backend's pad_halo
     (and its deterministic adjoint) is used as is."""
+    if not (lo or hi):
+        return _conv_backward(grad.contiguous(), x, weight, has_bias, stride, needs)
     with torch.enable_grad():
         source = x.detach().requires_grad_(needs[0])
         padded = pad_halo(source, neighbours, lo, hi)
-    grad_padded, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad.contiguous(), padded.detach(), weight, [weight.shape[0]] if has_bias else None,
-        [stride] * 3, [0] * 3, [1] * 3, False, [0] * 3, 1, [needs[0], needs[1], needs[2]])
+    grad_padded, grad_weight, grad_bias = _conv_backward(
+        grad.contiguous(), padded.detach(), weight, has_bias, stride, needs)
     grad_x = None
     if needs[0]:
         (grad_x,) = torch.autograd.grad(padded, source, grad_padded)
@@ -37,7 +81,7 @@ class _HaloConv(torch.autograd.Function):
     def forward(ctx, x, neighbours, lo, hi, weight, bias, stride):
         ctx.save_for_backward(x, neighbours, weight)
         ctx.lo, ctx.hi, ctx.stride, ctx.has_bias = lo, hi, stride, bias is not None
-        return F.conv3d(pad_halo(x, neighbours, lo, hi), weight, bias, stride=stride)
+        return F.conv3d(_pad(x, neighbours, lo, hi), weight, bias, stride=stride)
 
     @staticmethod
     @once_differentiable
@@ -52,8 +96,9 @@ class _HaloConv(torch.autograd.Function):
 
 def halo_conv(x: torch.Tensor, neighbours: torch.Tensor, conv: torch.nn.Conv3d, lo: int,
               hi: int) -> torch.Tensor:
-    """``conv`` (3x3x3, padding 1) at packed ``x``: a conv with padding 0 on the patches
-    extended by a halo of ``lo``/``hi`` voxels; stores ``x`` only."""
+    """``conv`` at packed ``x``: a conv with padding 0 on the patches extended by a halo
+    of ``lo``/``hi`` voxels (1/1 for a stride-1 3x3x3 conv with padding 1, 1/0 for a
+    stride-2 one, 0/0 for a 1x1x1 conv); stores ``x`` only."""
     return _HaloConv.apply(x.contiguous(), neighbours, lo, hi, conv.weight, conv.bias,
                            conv.stride[0])
 

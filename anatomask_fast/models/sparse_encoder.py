@@ -182,7 +182,6 @@ def _packed_block(block: nn.Module, x: torch.Tensor, layout: MaskLayout, stride:
     y = halo_conv(x, layout.neighbours, block.conv1, 1, 1 if stride == 1 else 0)
     y = norm_act_halo_conv(y, block.norm1, group, groups, SLOPE, layout.neighbours, block.conv2)
     y = packed_norm(y, block.norm2.weight, block.norm2.bias, group, groups, eps=block.norm2.eps)
-    skip = F.conv3d(x, block.conv3.weight, block.conv3.bias, stride=stride) \
-        if block.conv3 is not None else x
+    skip = halo_conv(x, layout.neighbours, block.conv3, 0, 0) if block.conv3 is not None else x
     # In place: the block's output is the one tensor LeakyReLU's backward keeps.
     return F.leaky_relu_(y.add_(skip), SLOPE)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..ops.packing import pad_halo
+from ..ops.packing import pad_halo, pad_halo_backward
 from .packed_norm import NormStats
 
 # On CPU, oneDNN copies NCDHW operands into its blocked layout (in backward about the
@@ -60,20 +60,17 @@ def _pad(x: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -> torch.T
 def _halo_conv_backward(grad: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor,
                         lo: int, hi: int, weight: torch.Tensor, has_bias: bool, stride: int,
                         needs: tuple[bool, bool, bool]):
-    """Gradients of ``conv3d(pad_halo(x), weight, bias, stride)`` in (x, weight, bias).
-    The halo adjoint comes from pad_halo's own autograd, so every backend's pad_halo
-    (and its deterministic adjoint) is used as is."""
-    if not (lo or hi):
-        return _conv_backward(grad.contiguous(), x, weight, has_bias, stride, needs)
-    with torch.enable_grad():
-        source = x.detach().requires_grad_(needs[0])
-        padded = pad_halo(source, neighbours, lo, hi)
-    grad_padded, grad_weight, grad_bias = _conv_backward(
-        grad.contiguous(), padded.detach(), weight, has_bias, stride, needs)
-    grad_x = None
-    if needs[0]:
-        (grad_x,) = torch.autograd.grad(padded, source, grad_padded)
-    return grad_x, grad_weight, grad_bias
+    """Gradients of ``conv3d(pad_halo(x), weight, bias, stride)`` in (x, weight, bias),
+    the halo'd input rebuilt and freed before the halo adjoint runs (a temporary ``x``
+    passed straight in is freed once padded)."""
+    padded = _pad(x, neighbours, lo, hi)
+    del x
+    grad_padded, grad_weight, grad_bias = _conv_backward(grad.contiguous(), padded, weight,
+                                                         has_bias, stride, needs)
+    del padded
+    if grad_padded is not None and (lo or hi):
+        grad_padded = pad_halo_backward(grad_padded, neighbours, lo, hi)
+    return grad_padded, grad_weight, grad_bias
 
 
 class _HaloConv(torch.autograd.Function):
@@ -121,11 +118,9 @@ class _NormActHaloConv(torch.autograd.Function):
         x, norm_weight, norm_bias, neighbours, conv_weight, *saved = ctx.saved_tensors
         stats = NormStats.restore(tuple(saved), ctx.groups)
         needs = ctx.needs_input_grad
-        y = stats.normalize(x, norm_weight, norm_bias, ctx.slope)
         grad_y, grad_conv_weight, grad_conv_bias = _halo_conv_backward(
-            grad, y, neighbours, 1, 1, conv_weight, ctx.has_bias, 1,
-            (any(needs[:3]), needs[8], needs[9]))
-        del y
+            grad, stats.normalize(x, norm_weight, norm_bias, ctx.slope), neighbours, 1, 1,
+            conv_weight, ctx.has_bias, 1, (any(needs[:3]), needs[8], needs[9]))
         grad_x = grad_norm_weight = grad_norm_bias = None
         if grad_y is not None:
             grad_x, grad_norm_weight, grad_norm_bias = stats.backward(

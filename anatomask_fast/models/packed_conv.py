@@ -16,7 +16,7 @@ from .packed_norm import NormStats
 # On CPU, oneDNN copies NCDHW operands into its blocked layout (in backward about the
 # size of the input and of the output): running the backward over chunks of patches
 # bounds those copies by the chunk. The forward's copies are not at the peak.
-_CPU_CHUNK_BYTES = 8 << 20
+_CPU_CHUNK_BYTES = 16 << 20
 
 
 def _chunks(padded: torch.Tensor) -> list[slice]:

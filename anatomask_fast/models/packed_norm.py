@@ -23,6 +23,12 @@ def _group_mean(values: torch.Tensor, group: torch.Tensor, groups: int,
     return (members.T @ values) / count[:, None]
 
 
+def _rows(per_group: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(groups, C) -> (N, C), the row of each patch's group. index_select: CPU advanced
+    indexing with repeated indices takes milliseconds even for a few KB."""
+    return per_group.index_select(0, group)
+
+
 def _per_patch(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N, C) -> (N, C, 1, 1, 1) in ``like``'s dtype, broadcastable against ``like``."""
     return t.to(like.dtype).view(t.shape + (1,) * (like.dim() - 2))
@@ -44,7 +50,7 @@ class NormStats:
         acc = torch.promote_types(x.dtype, torch.float32)
         count = torch.bincount(group, minlength=groups).to(acc) * xf.shape[2]
         mean = _group_mean(xf.sum(-1, dtype=acc), group, groups, count)
-        centered = (xf - mean[group].unsqueeze(-1).to(x.dtype)).square_()
+        centered = (xf - _rows(mean, group).unsqueeze(-1).to(x.dtype)).square_()
         var = _group_mean(centered.sum(-1, dtype=acc), group, groups, count)
         del centered
         return cls(group, groups, mean, (var + eps).rsqrt(), count)
@@ -53,8 +59,8 @@ class NormStats:
                   slope: float | None) -> torch.Tensor:
         """``act(weight * (x - mean) * rstd + bias)``, a new tensor in ``x``'s shape
         (not a view: the encoder adds the residual into it in place)."""
-        scale = weight.to(self.mean.dtype) * self.rstd[self.group]            # (N, C)
-        shift = bias.to(self.mean.dtype) - self.mean[self.group] * scale
+        scale = weight.to(self.mean.dtype) * _rows(self.rstd, self.group)            # (N, C)
+        shift = bias.to(self.mean.dtype) - _rows(self.mean, self.group) * scale
         y = torch.addcmul(_per_patch(shift, x), x, _per_patch(scale, x))
         return F.leaky_relu_(y, slope) if slope is not None else y
 
@@ -66,22 +72,22 @@ class NormStats:
         dx = w*rstd * (dy - mean(dy) - xhat*mean(dy*xhat)), built in xhat's storage."""
         N, C = x.shape[:2]
         group = self.group
-        xhat = x.reshape(N, C, -1) - self.mean[group].unsqueeze(-1).to(x.dtype)
-        xhat.mul_(self.rstd[group].unsqueeze(-1).to(x.dtype))
+        xhat = x.reshape(N, C, -1) - _rows(self.mean, group).unsqueeze(-1).to(x.dtype)
+        xhat.mul_(_rows(self.rstd, group).unsqueeze(-1).to(x.dtype))
         dy = grad.reshape(N, C, -1)
         if slope is not None:
-            negative = torch.addcmul(bias[:, None], xhat, weight[:, None]) <= 0
-            dy = dy.masked_fill(negative, 0).add_(dy.masked_fill(~negative, 0), alpha=slope)
-            del negative
+            before = torch.addcmul(bias[:, None].to(x.dtype), xhat, weight[:, None].to(x.dtype))
+            dy = torch.ops.aten.leaky_relu_backward(dy, before, slope, False)
+            del before
         sum_dy = dy.sum(-1)                                           # (N, C)
         sum_dyx = (dy * xhat).sum(-1)
         dweight = sum_dyx.sum(0) if needs[1] else None
         dbias = sum_dy.sum(0) if needs[2] else None
         dx = None
         if needs[0]:
-            mean_dy = _group_mean(sum_dy, group, self.groups, self.count)[group].unsqueeze(-1)
-            mean_dyx = _group_mean(sum_dyx, group, self.groups, self.count)[group].unsqueeze(-1)
-            coef = (weight * self.rstd)[group].unsqueeze(-1)
+            mean_dy = _rows(_group_mean(sum_dy, group, self.groups, self.count), group).unsqueeze(-1)
+            mean_dyx = _rows(_group_mean(sum_dyx, group, self.groups, self.count), group).unsqueeze(-1)
+            coef = _rows(weight * self.rstd, group).unsqueeze(-1)
             dx = xhat.mul_(-mean_dyx.to(x.dtype)).add_(dy).sub_(mean_dy.to(x.dtype))
             dx = dx.mul_(coef.to(x.dtype)).view(x.shape)
         return dx, dweight, dbias

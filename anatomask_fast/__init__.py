@@ -16,5 +16,6 @@ from .ops.seg_loss import deep_supervision_loss, dice_ce_loss
 __all__ = ["MaskResult", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
            "backends", "deep_supervision_loss", "densify", "dice_ce_loss", "gather_tokens",
            "ids_to_active", "pack_patches",
-           "pad_halo", "pad_halo_backward", "patch_recon_loss", "random_mask", "scatter_tokens", "sparse_norm",
+           "pad_halo", "pad_halo_backward", "patch_recon_loss", "random_mask", "scatter_tokens",
+           "sparse_norm",
            "unpack_patches", "use_backend"]

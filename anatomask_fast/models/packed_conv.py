@@ -101,38 +101,75 @@ def halo_conv(x: torch.Tensor, neighbours: torch.Tensor, conv: torch.nn.Conv3d, 
 
 
 class _NormActHaloConv(torch.autograd.Function):
+    """conv(act(norm(t))), ``t`` = ``x`` or, with a ``first`` conv (weight, bias, lo,
+    hi, stride), ``t`` = that halo conv of ``x``, recomputed in backward: stores ``x``."""
+
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, group, groups, eps, slope, neighbours,
-                conv_weight, conv_bias):
-        stats = NormStats.of(x, group, groups, eps)
-        y = stats.normalize(x, norm_weight, norm_bias, slope)
+    def forward(ctx, x, first, norm_weight, norm_bias, group, groups, eps, slope, neighbours,
+                conv_weight, conv_bias, *first_params):
+        t = _first_conv(x, first, first_params, neighbours)
+        stats = NormStats.of(t, group, groups, eps)
+        y = stats.normalize(t, norm_weight, norm_bias, slope)
+        del t
         padded = pad_halo(y, neighbours, 1, 1)
         del y
-        ctx.save_for_backward(x, norm_weight, norm_bias, neighbours, conv_weight, *stats.saved())
-        ctx.groups, ctx.slope, ctx.has_bias = groups, slope, conv_bias is not None
+        ctx.save_for_backward(x, norm_weight, norm_bias, neighbours, conv_weight, *first_params,
+                              *stats.saved())
+        ctx.first, ctx.groups, ctx.slope = first, groups, slope
+        ctx.has_bias = conv_bias is not None
         return F.conv3d(padded, conv_weight, conv_bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, norm_weight, norm_bias, neighbours, conv_weight, *saved = ctx.saved_tensors
-        stats = NormStats.restore(tuple(saved), ctx.groups)
+        x, norm_weight, norm_bias, neighbours, conv_weight, *rest = ctx.saved_tensors
+        first_params = tuple(rest[:-4])
+        stats = NormStats.restore(tuple(rest[-4:]), ctx.groups)
         needs = ctx.needs_input_grad
-        grad_y, grad_conv_weight, grad_conv_bias = _halo_conv_backward(
-            grad, stats.normalize(x, norm_weight, norm_bias, ctx.slope), neighbours, 1, 1,
-            conv_weight, ctx.has_bias, 1, (any(needs[:3]), needs[8], needs[9]))
-        grad_x = grad_norm_weight = grad_norm_bias = None
-        if grad_y is not None:
-            grad_x, grad_norm_weight, grad_norm_bias = stats.backward(
-                x, grad_y, norm_weight, norm_bias, ctx.slope, needs[:3])
-        return (grad_x, grad_norm_weight, grad_norm_bias, None, None, None, None, None,
-                grad_conv_weight, grad_conv_bias)
+        needs_x = needs[0] or any(needs[11:])          # the gradient of t, for x or conv1
+        t = _first_conv(x, ctx.first, first_params, neighbours)
+        grad_t, grad_conv_weight, grad_conv_bias = _halo_conv_backward(
+            grad, stats.normalize(t, norm_weight, norm_bias, ctx.slope), neighbours, 1, 1,
+            conv_weight, ctx.has_bias, 1, (needs_x or needs[2] or needs[3], needs[9], needs[10]))
+        grad_norm_weight = grad_norm_bias = None
+        if grad_t is not None:
+            grad_t, grad_norm_weight, grad_norm_bias = stats.backward(
+                t, grad_t, norm_weight, norm_bias, ctx.slope, (needs_x, needs[2], needs[3]))
+        del t
+        grad_first: list = []
+        if ctx.first is not None:
+            lo, hi, stride = ctx.first
+            if grad_t is None:
+                grad_first = [None] * len(first_params)
+            else:
+                grad_t, *grad_first = _halo_conv_backward(
+                    grad_t, x, neighbours, lo, hi, first_params[0], len(first_params) > 1,
+                    stride, (needs[0], needs[11], any(needs[12:])))
+                grad_first = grad_first[:len(first_params)]
+        return (grad_t, None, grad_norm_weight, grad_norm_bias, None, None, None, None, None,
+                grad_conv_weight, grad_conv_bias, *grad_first)
+
+
+def _first_conv(x: torch.Tensor, first: tuple[int, int, int] | None, params: tuple,
+                neighbours: torch.Tensor) -> torch.Tensor:
+    if first is None:
+        return x
+    lo, hi, stride = first
+    return F.conv3d(_pad(x, neighbours, lo, hi), params[0], params[1] if len(params) > 1 else None,
+                    stride=stride)
 
 
 def norm_act_halo_conv(x: torch.Tensor, norm: torch.nn.Module, group: torch.Tensor, groups: int,
-                       slope: float | None, neighbours: torch.Tensor,
-                       conv: torch.nn.Conv3d) -> torch.Tensor:
-    """``conv(act(packed_norm(x)))`` for a stride-1 3x3x3 ``conv`` (halo 1 on both
-    sides), storing only ``x`` and the norm's per-group statistics."""
-    return _NormActHaloConv.apply(x.contiguous(), norm.weight, norm.bias, group, groups,
-                                  norm.eps, slope, neighbours, conv.weight, conv.bias)
+                       slope: float | None, neighbours: torch.Tensor, conv: torch.nn.Conv3d, *,
+                       first: tuple[torch.nn.Conv3d, int, int] | None = None) -> torch.Tensor:
+    """``conv(act(packed_norm(t)))`` for a stride-1 3x3x3 ``conv`` (halo 1 on both
+    sides), storing only ``x`` and the norm's per-group statistics; ``t`` = ``x``, or
+    with ``first`` = (conv1, lo, hi) ``t`` = :func:`halo_conv` (x, conv1, lo, hi),
+    recomputed in backward (cheaper than storing it when ``x`` has few channels)."""
+    spec, params = None, ()
+    if first is not None:
+        conv1, lo, hi = first
+        spec = (lo, hi, conv1.stride[0])
+        params = (conv1.weight,) if conv1.bias is None else (conv1.weight, conv1.bias)
+    return _NormActHaloConv.apply(x.contiguous(), spec, norm.weight, norm.bias, group, groups,
+                                  norm.eps, slope, neighbours, conv.weight, conv.bias, *params)

@@ -176,11 +176,18 @@ def _dense_block(block: nn.Module, x: torch.Tensor, active: torch.Tensor,
 def _packed_block(block: nn.Module, x: torch.Tensor, layout: MaskLayout, stride: int,
                   group: torch.Tensor, groups: int) -> torch.Tensor:
     """One BasicResBlock on packed patches (N, C, q, q, q), storing for backward only
-    the outputs of conv1 and conv2 (the norms' inputs) and the block's output (also the
-    next block's input). A stride-2 3x3x3 conv (padding 1) reads input voxels
+    the outputs of conv1 (unless recomputed) and conv2 (the norms' inputs) and the
+    block's output (also the next block's input). A stride-2 3x3x3 conv (padding 1) reads input voxels
     2o-1..2o+1: a one-voxel halo on the low side."""
-    y = halo_conv(x, layout.neighbours, block.conv1, 1, 1 if stride == 1 else 0)
-    y = norm_act_halo_conv(y, block.norm1, group, groups, SLOPE, layout.neighbours, block.conv2)
+    conv1 = (block.conv1, 1, 1 if stride == 1 else 0)
+    if block.conv1.in_channels * stride ** 3 < block.conv1.out_channels:
+        # conv1's input is smaller than its output (the image channels): recompute
+        # conv1 in backward instead of storing its output.
+        y = norm_act_halo_conv(x, block.norm1, group, groups, SLOPE, layout.neighbours,
+                               block.conv2, first=conv1)
+    else:
+        y = norm_act_halo_conv(halo_conv(x, layout.neighbours, *conv1), block.norm1, group,
+                               groups, SLOPE, layout.neighbours, block.conv2)
     y = packed_norm(y, block.norm2.weight, block.norm2.bias, group, groups, eps=block.norm2.eps)
     skip = halo_conv(x, layout.neighbours, block.conv3, 0, 0) if block.conv3 is not None else x
     # In place: the block's output is the one tensor LeakyReLU's backward keeps.

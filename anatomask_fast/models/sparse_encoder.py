@@ -8,7 +8,9 @@ same numbers:
   into (N_visible, C, q, q, q); before a 3x3x3 conv each patch gets its halo from its
   neighbours (zero where hidden or outside), so a conv with padding 0 yields the
   dense conv at visible positions. Compute and stored activations scale with the
-  visible share. The deepest stages, where the halo overhead ((q+2)/q)^3 outweighs
+  visible share: per block only the norms' inputs and the block's output are stored;
+  halos are rebuilt and norm + LeakyReLU recomputed in backward
+  (:mod:`~anatomask_fast.models.packed_conv`). The deepest stages, where the halo overhead ((q+2)/q)^3 outweighs
   the saving, run dense-masked (see :class:`~anatomask_fast.models.layout.MaskLayout`).
 
 The engine runs the modules of a dense :class:`STUNetEncoder` (shared, not copied),

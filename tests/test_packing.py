@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import anatomask_fast
 from anatomask_fast import use_backend
 from anatomask_fast.models import MaskLayout
-from anatomask_fast.ops.packing import pack_patches, pad_halo, unpack_patches
+from anatomask_fast.ops.packing import pack_patches, pad_halo, pad_halo_backward, unpack_patches
 from anatomask_fast.reference import (apply_mask_reference, pack_patches_reference,
                                       pad_halo_reference, unpack_patches_reference)
 
@@ -78,10 +78,12 @@ def test_pad_halo_matches_reference(backend, device, dtype, lo, hi, batch, chann
     expected.backward(grad)
     with use_backend(backend):
         out = pad_halo(p_test, neighbours, lo, hi)
+        adjoint = pad_halo_backward(grad, neighbours, lo, hi)
     out.backward(grad)
     assert torch.equal(out, expected)
     # The adjoint sums up to 8 values in fp32: one rounding of the stored dtype.
     torch.testing.assert_close(p_test.grad, p_ref.grad, **TOLERANCES[dtype])
+    torch.testing.assert_close(adjoint, p_ref.grad, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -163,6 +165,9 @@ def test_torch_compile_fullgraph_on_cpu():
      ValueError, r"'lo' must be an int in \[0, 4\].*got 5"),
     (lambda x, lay: pad_halo(pack_patches(x, lay.patches, lay.slots), lay.neighbours[:, :9], 1,
                              1), ValueError, r"'neighbours' must have shape \(\d+, 27\)"),
+    (lambda x, lay: pad_halo_backward(pack_patches(x, lay.patches, lay.slots), lay.neighbours,
+                                      2, 1), ValueError, r"pad_halo_backward: argument 'lo' must "
+                                                         r"be an int in \[0, 1\].*got 2"),
 ])
 def test_bad_input_names_the_argument(call, error, match):
     active = random_mask(2, (2, 2, 2), generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ from torch import nn
 
 from anatomask_fast.models import (STUNET_SIZES, MaskLayout, SparseSTUNetEncoder,
                                    STUNetEncoder)
+from anatomask_fast.models import packed_conv
 from anatomask_fast.reference import upsample_mask
 
 from .helpers import random_mask
@@ -95,6 +96,12 @@ def test_packed_matches_dense_masked(ratio, batch, per_sample):
 def test_every_packed_prefix_matches_dense_masked():
     """Every transition packed -> dense-masked, and all five stages packed (q down to 1)."""
     _check_equivalence(0.6, 2, True, [1, 2, 3, 4, 5], seed=7)
+
+
+def test_chunked_conv_backward_matches_dense_masked(monkeypatch):
+    """One patch per chunk in the CPU conv backward (real sizes use several chunks)."""
+    monkeypatch.setattr(packed_conv, "_CPU_CHUNK_BYTES", 1)
+    _check_equivalence(0.6, 2, True, [None, 5], seed=5)
 
 
 def test_fp32_outputs_match_dense_masked():

@@ -8,7 +8,9 @@ same numbers:
   into (N_visible, C, q, q, q); before a 3x3x3 conv each patch gets its halo from its
   neighbours (zero where hidden or outside), so a conv with padding 0 yields the
   dense conv at visible positions. Compute and stored activations scale with the
-  visible share. The deepest stages, where the halo overhead ((q+2)/q)^3 outweighs
+  visible share: per block only the norms' inputs and the block's output are stored;
+  halos are rebuilt and norm + LeakyReLU recomputed in backward
+  (:mod:`~anatomask_fast.models.packed_conv`). The deepest stages, where the halo overhead ((q+2)/q)^3 outweighs
   the saving, run dense-masked (see :class:`~anatomask_fast.models.layout.MaskLayout`).
 
 The engine runs the modules of a dense :class:`STUNetEncoder` (shared, not copied),
@@ -20,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.gather_scatter import apply_mask
-from ..ops.packing import pack_patches, pad_halo, unpack_patches
-# The sparse norm of the dense-masked path; the fast public op has the same signature.
-from ..reference import sparse_norm_reference as sparse_norm
+from ..ops.gather_scatter import apply_mask, sparse_norm
+from ..ops.packing import pack_patches, unpack_patches
 from ..validation import check_active_mask, check_volume
 from .layout import MaskLayout
+from .packed_conv import halo_conv, norm_act_halo_conv
 from .packed_norm import packed_norm
 
 SLOPE = 0.01  # STU-Net's LeakyReLU
@@ -123,20 +124,28 @@ class SparseSTUNetEncoder(nn.Module):
         self._check_inputs(x, active)
         if layout is None:
             layout = self.layout(active)
-        features: list[torch.Tensor] = []
+        features: list[torch.Tensor | None] = []
+        packed: dict[int, torch.Tensor] = {}
         group = layout.sample if self.per_sample else torch.zeros_like(layout.sample)
         groups = layout.batch if self.per_sample else 1
         h = pack_patches(x, layout.patches, layout.slots) if layout.stages[0].packed \
             else apply_mask(x, active)
         for s, plan in enumerate(layout.stages):
             if not plan.packed and s and layout.stages[s - 1].packed:
-                h = features[-1]
+                # The dense-masked stages read the last packed stage's dense map.
+                h = features[-1] = unpack_patches(packed.pop(s - 1), layout.patches,
+                                                  layout.slots)
             for i, block in enumerate(self._stage_blocks(s)):
                 stride = 2 if s and not i else 1
                 h = (_packed_block(block, h, layout, stride, group, groups) if plan.packed
                      else _dense_block(block, h, active, self.per_sample))
-            features.append(unpack_patches(h, layout.patches, layout.slots) if plan.packed
-                            else h)
+            features.append(None if plan.packed else h)
+            if plan.packed:
+                packed[s] = h
+        # The other packed stages are unpacked last, so that backward runs their unpack
+        # first and frees the dense gradients of these maps early.
+        for s, p in packed.items():
+            features[s] = unpack_patches(p, layout.patches, layout.slots)
         return features
 
     def _check_inputs(self, x: torch.Tensor, active: torch.Tensor) -> None:
@@ -168,17 +177,20 @@ def _dense_block(block: nn.Module, x: torch.Tensor, active: torch.Tensor,
 
 def _packed_block(block: nn.Module, x: torch.Tensor, layout: MaskLayout, stride: int,
                   group: torch.Tensor, groups: int) -> torch.Tensor:
-    """One BasicResBlock on packed patches (N, C, q, q, q). A stride-2 3x3x3 conv
-    (padding 1) reads input voxels 2o-1..2o+1: a one-voxel halo on the low side."""
-    def conv_norm(t: torch.Tensor, conv: nn.Conv3d, norm: nn.Module, lo: int, hi: int,
-                  slope: float | None) -> torch.Tensor:
-        t = F.conv3d(pad_halo(t, layout.neighbours, lo, hi), conv.weight, conv.bias,
-                     stride=conv.stride)
-        return packed_norm(t, norm.weight, norm.bias, group, groups, eps=norm.eps, slope=slope)
-
-    y = conv_norm(x, block.conv1, block.norm1, 1, 1 if stride == 1 else 0, SLOPE)
-    y = conv_norm(y, block.conv2, block.norm2, 1, 1, None)
-    skip = F.conv3d(x, block.conv3.weight, block.conv3.bias, stride=stride) \
-        if block.conv3 is not None else x
+    """One BasicResBlock on packed patches (N, C, q, q, q), storing for backward only
+    the outputs of conv1 (unless recomputed) and conv2 (the norms' inputs) and the
+    block's output (also the next block's input). A stride-2 3x3x3 conv (padding 1) reads input voxels
+    2o-1..2o+1: a one-voxel halo on the low side."""
+    conv1 = (block.conv1, 1, 1 if stride == 1 else 0)
+    if block.conv1.in_channels * stride ** 3 < block.conv1.out_channels:
+        # conv1's input is smaller than its output (the image channels): recompute
+        # conv1 in backward instead of storing its output.
+        y = norm_act_halo_conv(x, block.norm1, group, groups, SLOPE, layout.neighbours,
+                               block.conv2, first=conv1)
+    else:
+        y = norm_act_halo_conv(halo_conv(x, layout.neighbours, *conv1), block.norm1, group,
+                               groups, SLOPE, layout.neighbours, block.conv2)
+    y = packed_norm(y, block.norm2.weight, block.norm2.bias, group, groups, eps=block.norm2.eps)
+    skip = halo_conv(x, layout.neighbours, block.conv3, 0, 0) if block.conv3 is not None else x
     # In place: the block's output is the one tensor LeakyReLU's backward keeps.
     return F.leaky_relu_(y.add_(skip), SLOPE)

@@ -7,8 +7,8 @@ import torch
 
 from .. import _extension
 from ..dispatch import Op
-from ..reference.packing import (pack_patches_reference, pad_halo_reference,
-                                 unpack_patches_reference)
+from ..reference.packing import (pack_patches_reference, pad_halo_backward_reference,
+                                 pad_halo_reference, unpack_patches_reference)
 from ..validation import check_same_device, check_tensor, check_volume
 
 PACK_PATCHES = Op("pack_patches", reference=pack_patches_reference, cpp="pack_patches",
@@ -17,6 +17,8 @@ UNPACK_PATCHES = Op("unpack_patches", reference=unpack_patches_reference, cpp="u
                     triton="packing:unpack_patches_triton")
 PAD_HALO = Op("pad_halo", reference=pad_halo_reference, cpp="pad_halo",
               triton="packing:pad_halo_triton")
+PAD_HALO_BACKWARD = Op("pad_halo_backward", reference=pad_halo_backward_reference,
+                       cpp="pad_halo_backward", triton="packing:pad_halo_backward_triton")
 
 
 def _check_index(op: str, name: str, value: object, ndim: int) -> torch.Tensor:
@@ -64,18 +66,36 @@ def pad_halo(packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -
     (N, 27)), zero where a neighbour is hidden or outside the volume. ``lo=hi=1``
     serves a stride-1 3x3x3 conv, ``lo=1, hi=0`` a stride-2 one (padding 1).
     Differentiable; the backward is the deterministic gather-add adjoint."""
-    check_volume("pad_halo", "packed", packed)
-    _check_index("pad_halo", "neighbours", neighbours, 2)
-    if tuple(neighbours.shape) != (packed.shape[0], 27):
-        raise ValueError(f"pad_halo: argument 'neighbours' must have shape "
-                         f"({packed.shape[0]}, 27), got {tuple(neighbours.shape)}")
-    side = min(packed.shape[2:])
-    for name, value in (("lo", lo), ("hi", hi)):
-        if not isinstance(value, int) or not 0 <= value <= side:
-            raise ValueError(f"pad_halo: argument '{name}' must be an int in [0, {side}] "
-                             f"(at most the patch side), got {value!r}")
-    check_same_device("pad_halo", packed=packed, neighbours=neighbours)
+    _check_halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False)
     return PAD_HALO(packed.device)(packed, neighbours, lo, hi)
+
+
+def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
+                      hi: int) -> torch.Tensor:
+    """The adjoint of :func:`pad_halo` applied to ``grad`` (N, C, ph+lo+hi, pw+lo+hi,
+    pd+lo+hi): each patch (N, C, ph, pw, pd) sums the gradient of every halo'd patch
+    that read it (deterministic gather-add). For backward passes that rebuild a halo'd
+    tensor themselves; not differentiable."""
+    _check_halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True)
+    return PAD_HALO_BACKWARD(grad.device)(grad, neighbours, lo, hi)
+
+
+def _check_halo(op: str, name: str, tensor: torch.Tensor, neighbours: torch.Tensor, lo: int,
+                hi: int, *, padded: bool) -> None:
+    """``tensor`` (N, C, ...) (its patches already ``padded`` by the halo or not),
+    ``neighbours`` (N, 27), halo widths in [0, the unpadded patch side]."""
+    check_volume(op, name, tensor)
+    _check_index(op, "neighbours", neighbours, 2)
+    if tuple(neighbours.shape) != (tensor.shape[0], 27):
+        raise ValueError(f"{op}: argument 'neighbours' must have shape "
+                         f"({tensor.shape[0]}, 27), got {tuple(neighbours.shape)}")
+    widths = lo + hi if padded and all(isinstance(v, int) for v in (lo, hi)) else 0
+    bound = min(tensor.shape[2:]) - widths
+    for arg, value in (("lo", lo), ("hi", hi)):
+        if not isinstance(value, int) or not 0 <= value <= bound:
+            raise ValueError(f"{op}: argument '{arg}' must be an int in [0, {bound}] "
+                             f"(at most the patch side), got {value!r}")
+    check_same_device(op, **{name: tensor}, neighbours=neighbours)
 
 
 def _register_cpp() -> None:

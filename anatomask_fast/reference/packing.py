@@ -61,3 +61,13 @@ def pad_halo_reference(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
                 rows = torch.where(column < 0, N, column)
                 out[:, :, ti, tj, tk] = source[rows][:, :, si, sj, sk]
     return out
+
+
+def pad_halo_backward_reference(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
+                                hi: int) -> torch.Tensor:
+    """The adjoint of :func:`pad_halo_reference` applied to ``grad`` (N, C, ph+lo+hi,
+    ...): its vector-Jacobian product (the op is linear, so at any input)."""
+    N, C, *side = grad.shape
+    with torch.enable_grad():
+        x = grad.new_zeros(N, C, *(s - lo - hi for s in side), requires_grad=True)
+        return torch.autograd.grad(pad_halo_reference(x, neighbours, lo, hi), x, grad)[0]

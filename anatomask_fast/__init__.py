@@ -14,9 +14,8 @@ from .ops.patch_loss import patch_recon_loss
 from .ops.seg_loss import deep_supervision_loss, dice_ce_loss
 from .schedules import MaskingSchedule, masking_schedule
 
-__all__ = ["MaskResult", "MaskingSchedule", "__version__", "active_to_ids", "anatomical_mask", "apply_mask",
-           "backends", "deep_supervision_loss", "densify", "dice_ce_loss", "gather_tokens",
-           "ids_to_active", "masking_schedule", "pack_patches", "pad_halo",
+__all__ = ["MaskResult", "MaskingSchedule", "__version__", "active_to_ids", "anatomical_mask",
+           "apply_mask", "backends", "deep_supervision_loss", "densify", "dice_ce_loss",
+           "gather_tokens", "ids_to_active", "masking_schedule", "pack_patches", "pad_halo",
            "pad_halo_backward", "patch_recon_loss", "random_mask", "scatter_tokens",
-           "sparse_norm",
-           "unpack_patches", "use_backend"]
+           "sparse_norm", "unpack_patches", "use_backend"]

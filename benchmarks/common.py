@@ -106,7 +106,11 @@ def _measure_here(module: str, case: str, backend: str, size: dict, device: str)
 def peak_extra_memory(module: str, case: str, backend: str, size: dict, device: str) -> int:
     """Bytes one forward+backward needs beyond its inputs, measured in a fresh process."""
     spec = json.dumps(dict(module=module, case=case, backend=backend, size=size, device=device))
-    out = subprocess.run([sys.executable, "-m", "benchmarks.common", spec], cwd=ROOT,
+    # A fixed mmap threshold: glibc otherwise raises it after the first large free and
+    # keeps later freed tensors in the heap, so RSS would count allocator retention
+    # instead of live memory (and vary from run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.common", spec], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 

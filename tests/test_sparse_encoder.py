@@ -1,6 +1,5 @@
 """The packed sparse STU-Net encoder against the dense-masked reference execution:
 every stage's output and every parameter's gradient, for random masks and weights."""
-import copy
 
 import pytest
 import torch

@@ -27,8 +27,8 @@ from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict
                    _unwrapped_data_errors, job_dataset, preprocessing)
 from .optim import param_groups, warmup_cosine
 from .predict import infer, overlay
-from .runtime import (MetricsLog, Runtime, autocast, checked_loss, optimizer_step,
-                      peak_memory_bytes, progress_bar, run_job)
+from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
+                      optimizer_step, progress_bar, run_job)
 
 FORMAT = "anatomask_fast.segmentation/1"
 
@@ -221,17 +221,10 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
             optimizer_step(loss, optimizer, scaler, model.parameters(), config.clip_grad)
             loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
-            state.step_in_epoch += 1
-            state.global_step += 1
-            peak = peak_memory_bytes(runtime.device)
-            metrics.write(state.global_step, {
-                "epoch": state.epoch, "loss": loss_value, "lr": lr, "step_seconds": elapsed,
-                "samples_per_second": x.shape[0] / elapsed, "peak_memory_mb": peak / 2**20})
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", mem=f"{peak / 2**30:.2f}G")
-            if config.latest_every_steps and state.global_step % config.latest_every_steps == 0:
-                save(latest)
-            if config.stop_after_steps and state.global_step >= config.stop_after_steps:
+            if finish_step(state, config, runtime, metrics, progress, lambda: save(latest),
+                           {"loss": loss_value, "lr": lr, "step_seconds": elapsed,
+                            "samples_per_second": x.shape[0] / elapsed},
+                           {"loss": f"{loss_value:.4f}"}):
                 progress.close()
                 say(f"  stopped after {state.global_step} steps (--stop-after-steps)")
                 return out

@@ -25,8 +25,8 @@ from .config import PretrainConfig, save as save_config
 from .data import CropDataset, ResumableSampler, job_dataset
 from .optim import ema_decay, ema_update, param_groups, warmup_cosine
 from .previews import denormalized, save_preview
-from .runtime import (MetricsLog, Runtime, autocast, checked_loss,
-                      optimizer_step, peak_memory_bytes, progress_bar, run_job)
+from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
+                      optimizer_step, progress_bar, run_job)
 
 FORMAT = "anatomask_fast.pretrain/1"
 # How --hard-max parameterizes each schedule kind (see anatomask_fast.schedules).
@@ -155,20 +155,11 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                                                    config.ema_start, config.ema_end))
             loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
-            state.step_in_epoch += 1
-            state.global_step += 1
-            peak = peak_memory_bytes(runtime.device)
-            metrics.write(state.global_step, {
-                "epoch": state.epoch, "loss": loss_value, "hard_frac": hard_frac, "lr": lr,
-                "step_seconds": elapsed, "samples_per_second": x.shape[0] / elapsed,
-                "peak_memory_mb": peak / 2**20})
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", hard=f"{hard_frac:.2f}",
-                                 vol_s=f"{x.shape[0] * runtime.world_size / elapsed:.2f}",
-                                 mem=f"{peak / 2**30:.2f}G")
-            if config.latest_every_steps and state.global_step % config.latest_every_steps == 0:
-                save(latest)
-            if config.stop_after_steps and state.global_step >= config.stop_after_steps:
+            if finish_step(state, config, runtime, metrics, progress, lambda: save(latest),
+                           {"loss": loss_value, "hard_frac": hard_frac, "lr": lr,
+                            "step_seconds": elapsed, "samples_per_second": x.shape[0] / elapsed},
+                           {"loss": f"{loss_value:.4f}", "hard": f"{hard_frac:.2f}",
+                            "vol_s": f"{x.shape[0] * runtime.world_size / elapsed:.2f}"}):
                 progress.close()
                 say(f"  stopped after {state.global_step} steps (--stop-after-steps)")
                 return out

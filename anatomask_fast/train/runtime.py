@@ -90,6 +90,24 @@ def checked_loss(loss: torch.Tensor, epoch: int, step: int, latest: Path) -> flo
     return value
 
 
+def finish_step(state: Any, config: Any, runtime: Runtime, metrics: "MetricsLog",
+                progress: Any, save_latest: Callable[[], None], values: dict[str, Any],
+                postfix: dict[str, str]) -> bool:
+    """Counts the step and logs it (metrics.jsonl and the progress bar, with the peak
+    memory), writes the latest checkpoint every ``--latest-every-steps``; True once
+    ``--stop-after-steps`` is reached."""
+    state.step_in_epoch += 1
+    state.global_step += 1
+    peak = peak_memory_bytes(runtime.device)
+    metrics.write(state.global_step, {"epoch": state.epoch, **values,
+                                      "peak_memory_mb": peak / 2**20})
+    progress.update(1)
+    progress.set_postfix(**postfix, mem=f"{peak / 2**30:.2f}G")
+    if config.latest_every_steps and state.global_step % config.latest_every_steps == 0:
+        save_latest()
+    return bool(config.stop_after_steps and state.global_step >= config.stop_after_steps)
+
+
 def autocast(device: torch.device, amp: str):
     """``torch.autocast`` for ``--amp bf16|fp16``; nothing for ``none``."""
     if amp == "none":

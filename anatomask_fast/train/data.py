@@ -277,3 +277,13 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+def epoch_loader(data: CropDataset, sampler: ResumableSampler, *, epoch: int, start_step: int,
+                 batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """The loader of epoch ``epoch`` from step ``start_step`` on (a resumed run skips the
+    samples already seen; augmentation is seeded by (seed, epoch, index))."""
+    sampler.set_epoch(epoch, start=start_step * batch_size)
+    data.set_epoch(epoch)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers)

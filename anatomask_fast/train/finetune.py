@@ -23,7 +23,7 @@ from .. import deep_supervision_loss
 from ..models.segmentation import STUNet, load_encoder
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
-from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict,
+from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict, epoch_loader,
                    _unwrapped_data_errors, job_dataset, preprocessing)
 from .optim import param_groups, warmup_cosine
 from .predict import infer, overlay
@@ -195,10 +195,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
                             "finetune")
     while state.epoch < config.epochs:
-        sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size)
-        data.set_epoch(state.epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, sampler=sampler,
-                                             num_workers=config.workers)
+        loader = epoch_loader(data, sampler, epoch=state.epoch, start_step=state.step_in_epoch,
+                              batch_size=config.batch_size, workers=config.workers)
         batches = iter(loader)
         model.train()
         while state.step_in_epoch < steps_per_epoch:

@@ -22,7 +22,7 @@ from ..models.anatomask import AnatoMaskNet
 from ..schedules import masking_schedule
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save as save_config
-from .data import CropDataset, ResumableSampler, job_dataset
+from .data import CropDataset, ResumableSampler, epoch_loader, job_dataset
 from .optim import ema_decay, ema_update, param_groups, warmup_cosine
 from .previews import denormalized, save_preview
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
@@ -126,11 +126,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
                             "pretrain")
     while state.epoch < config.epochs:
-        sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size)
-        data.set_epoch(state.epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, sampler=sampler,
-                                             num_workers=config.workers, drop_last=False,
-                                             persistent_workers=False)
+        loader = epoch_loader(data, sampler, epoch=state.epoch, start_step=state.step_in_epoch,
+                              batch_size=config.batch_size, workers=config.workers)
         batches = iter(loader)
         while state.step_in_epoch < steps_per_epoch:
             batch = next(batches, None)

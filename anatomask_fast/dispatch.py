@@ -136,6 +136,11 @@ def use_backend(name: str) -> Iterator[None]:
         _forced_stack.pop()
 
 
+# Every Op by name: _select takes the name, a constant that every torch.compile version
+# can pass to an assume_constant_result function (torch 2.11 cannot pass a dataclass).
+_OPS: dict[str, "Op"] = {}
+
+
 @dataclass(frozen=True)
 class Op:
     """Where each backend of one op lives; found by the op's name.
@@ -151,13 +156,16 @@ class Op:
     triton: str | None = None
     cuda_preference: tuple[str, ...] = ("cuda", "triton")
 
+    def __post_init__(self) -> None:
+        _OPS[self.name] = self
+
     def implements(self, backend: str) -> bool:
         return backend == "reference" or (
             self.cpp is not None if backend in ("cpu", "cuda") else self.triton is not None)
 
     def select(self, device: torch.device) -> str:
         """The backend that runs this op for inputs on ``device``."""
-        return _select(self, device.type)
+        return _select(self.name, device.type)
 
     def kernel(self, backend: str) -> Callable:
         if backend == "reference":
@@ -176,7 +184,8 @@ class Op:
 # Run eagerly even under torch.compile, whose graph then holds the chosen kernel:
 # the choice depends on the environment and imports modules, neither traceable.
 @torch.compiler.assume_constant_result
-def _select(op: Op, device_type: str) -> str:
+def _select(op_name: str, device_type: str) -> str:
+    op = _OPS[op_name]
     device = torch.device(device_type)
     forced = forced_backend()
     if forced is not None:

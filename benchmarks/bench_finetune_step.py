@@ -18,6 +18,7 @@ SIZES = sizes(
     full={"B-B2-1x64x64x64-4cls": dict(model="B", B=2, spatial=(64, 64, 64), classes=4)},
     quick={"quick-tiny-B2-1x32x32x32-4cls": dict(model="tiny", B=2, spatial=(32, 32, 32),
                                                  classes=4)},
+    gpu={"B-B2-1x128x128x128-14cls": dict(model="B", B=2, spatial=(128, 128, 128), classes=14)},
 )
 
 

@@ -29,3 +29,27 @@ def setup_anatomical_mask(backend: str, size: dict, device: str):
 
 
 test_anatomical_mask = benchmark_test("bench_mask_select", "anatomical_mask", "anatomical_mask", SIZES, backend_devices(ANATOMICAL_MASK))
+
+
+def setup_anatomical_mask_graph(backend: str, size: dict, device: str):
+    """One replay of a CUDA graph holding the selection: the device time without Python
+    and launch overhead. Capture itself fails if the op synchronizes with the host."""
+    errors = torch.rand(size["B"], 1, *size["grid"], device=device)
+    with use_backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):             # compile and warm up outside capture
+            anatomical_mask(errors, mask_ratio=0.6, hard_frac=0.5, seed=1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            anatomical_mask(errors, mask_ratio=0.6, hard_frac=0.5, seed=1)
+    return graph.replay
+
+
+def _graph_pairs() -> list:
+    return [p for p in backend_devices(ANATOMICAL_MASK)
+            if p.values[1] == "cuda" and p.values[0] != "reference"]
+
+
+test_anatomical_mask_graph = benchmark_test("bench_mask_select", "anatomical_mask_graph", "anatomical_mask CUDA graph replay", SIZES, _graph_pairs())

@@ -1,6 +1,8 @@
 """One AnatoMask pretraining step (teacher pass, mask selection, student forward and
 backward) of the library against the reference-faithful execution of the same network
 (dense-masked encoder, full densify, plain decoder, patchify loss, host-loop masks).
+On a GPU also the issue's configuration, STU-Net-B at 1x112x112x128, B=4, in fp32 and
+under bf16 autocast.
 
 Not timed: the optimizer step (the same AdamW for both). Memory: the peak beyond the
 models and the input batch."""
@@ -13,6 +15,7 @@ import torch
 
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
 from anatomask_fast.train.pretrain import pretrain_step
+from anatomask_fast.train.runtime import autocast
 
 from .common import benchmark_test, sizes, training_step_pairs
 
@@ -20,6 +23,8 @@ SIZES = sizes(
     full={"tiny-B2-1x64x64x64": dict(model="tiny", B=2, spatial=(64, 64, 64)),
           "B-B2-1x64x64x64": dict(model="B", B=2, spatial=(64, 64, 64))},
     quick={"quick-tiny-B2-1x32x32x32": dict(model="tiny", B=2, spatial=(32, 32, 32))},
+    gpu={"B-B4-1x112x112x128-fp32": dict(model="B", B=4, spatial=(112, 112, 128)),
+         "B-B4-1x112x112x128-bf16": dict(model="B", B=4, spatial=(112, 112, 128), amp="bf16")},
 )
 
 
@@ -35,7 +40,7 @@ def setup_pretrain_step(backend: str, size: dict, device: str):
             else contextlib.nullcontext()
 
     def run() -> None:
-        with execution():
+        with execution(), autocast(torch.device(device), size.get("amp", "none")):
             loss, _, _ = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25,
                                        seed=1, raw_teacher_target=True)
             loss.backward()

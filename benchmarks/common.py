@@ -29,10 +29,20 @@ QUICK = os.environ.get("ANATOMASK_BENCH_QUICK") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sizes(full: dict[str, dict], quick: dict[str, dict]) -> list:
-    """pytest params of named sizes: the realistic ones, or the quick ones for CI."""
-    chosen = quick if QUICK else full
+def sizes(full: dict[str, dict], quick: dict[str, dict],
+          gpu: dict[str, dict] | None = None) -> list:
+    """pytest params of named sizes: the realistic ones, or the quick ones for CI.
+    ``gpu`` sizes (the issues' GPU configurations, too large for a CPU) run on CUDA
+    devices only; the others run everywhere."""
+    chosen = dict(quick) if QUICK else {**full, **{name: {**value, "only_device": "cuda"}
+                                                   for name, value in (gpu or {}).items()}}
     return [pytest.param({"name": name, **value}, id=name) for name, value in chosen.items()]
+
+
+def skip_other_device(size: dict, device: str) -> None:
+    """Skips a GPU-only size on the CPU."""
+    if size.get("only_device", device) != device:
+        pytest.skip(f"size {size['name']} is for {size['only_device']} only")
 
 
 def backend_devices(op: anatomask_fast.dispatch.Op) -> list:
@@ -104,7 +114,12 @@ def _measure_here(module: str, case: str, backend: str, size: dict, device: str)
 
 
 def peak_extra_memory(module: str, case: str, backend: str, size: dict, device: str) -> int:
-    """Bytes one forward+backward needs beyond its inputs, measured in a fresh process."""
+    """Bytes one forward+backward needs beyond its inputs: the CUDA allocator's peak
+    (per process and resettable, so measured here), or on CPU the peak RSS of a fresh
+    process."""
+    if device == "cuda":
+        with anatomask_fast.use_backend(backend):
+            return _measure_here(module, case, backend, size, device)
     spec = json.dumps(dict(module=module, case=case, backend=backend, size=size, device=device))
     # A fixed mmap threshold: glibc otherwise raises it after the first large free and
     # keeps later freed tensors in the heap, so RSS would count allocator retention
@@ -130,18 +145,37 @@ def copy_bandwidth(device: str) -> float:
     return 10 * 2 * source.numel() / (start.elapsed_time(end) / 1e3)
 
 
+def kernel_seconds(run: Callable[[], None], repeats: int = 5) -> float:
+    """Seconds the device spends in kernels (and device copies) per call of ``run``,
+    from the profiler: the call's time without the host's Python, dispatch and launch
+    overhead, which dominates small ops on a fast GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    busy_us = sum(event.self_device_time_total for event in prof.key_averages()
+                  if event.device_type == DeviceType.CUDA)
+    return busy_us / 1e6 / repeats
+
+
 def record(benchmark, *, module: str, case: str, backend: str, size: dict, device: str,
            run: Callable[[], None]) -> None:
     """Times ``run`` and stores the fresh-process peak memory (and on a GPU the achieved
-    share of the copy bandwidth) next to the time."""
+    share of the copy bandwidth, per call and per kernel time) next to the time."""
     time_it(benchmark, run, device)
     benchmark.extra_info.update(
         backend=backend, device=device, case=case, size=size,
         peak_extra_bytes=peak_extra_memory(module, case, backend, size, device))
     moved = getattr(run, "bytes_moved", None)
     if device == "cuda" and moved:
-        achieved = moved / benchmark.stats.stats.median
-        benchmark.extra_info.update(bandwidth_fraction=achieved / copy_bandwidth(device))
+        copy = copy_bandwidth(device)
+        kernels = kernel_seconds(run)
+        benchmark.extra_info.update(
+            bandwidth_fraction=moved / benchmark.stats.stats.median / copy,
+            kernel_bandwidth_fraction=moved / kernels / copy if kernels > 0 else None)
 
 
 def benchmark_test(module: str, case: str, title: str, size_params: list,
@@ -152,6 +186,7 @@ def benchmark_test(module: str, case: str, title: str, size_params: list,
     @pytest.mark.parametrize("size", size_params)
     @pytest.mark.parametrize("backend,device", pairs)
     def test(benchmark, backend: str, device: str, size: dict) -> None:
+        skip_other_device(size, device)
         benchmark.group = f"{title} {size['name']}"
         setup = getattr(importlib.import_module(f"benchmarks.{module}"), f"setup_{case}")
         record(benchmark, module=module, case=case, backend=backend, size=size, device=device,

@@ -1,5 +1,7 @@
 """``python -m benchmarks.report [--quick] [benchmark files...]``: runs benchmarks and
-writes the results.
+writes the results. ``python -m benchmarks.report --merge results.json...`` merges
+results measured elsewhere (a GPU machine's ``benchmarks/results.json``; later files win)
+and rewrites the documents without running anything.
 
 Full mode merges the new results into ``benchmarks/results.json`` (replacing those of
 the same name, keeping the others) and regenerates from it ``benchmarks/RESULTS.md``
@@ -42,9 +44,13 @@ def versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
-def _fraction(value: float | None) -> str:
-    """Achieved bandwidth over the device's copy bandwidth (GPU runs only)."""
-    return "-" if value is None else f"{value:.0%}"
+def _fraction(entry: dict) -> str:
+    """Achieved bandwidth over the device's copy bandwidth (GPU runs only): per call,
+    and over the kernels' device time alone."""
+    call, kernels = entry.get("bandwidth_fraction"), entry.get("kernel_bandwidth_fraction")
+    if call is None:
+        return "-"
+    return f"{call:.0%}" + ("" if kernels is None else f" (kernels {kernels:.0%})")
 
 
 def groups(entries: list[dict]) -> dict[str, list[dict]]:
@@ -81,7 +87,7 @@ def table(entries: list[dict]) -> list[str]:
                          f"{entry['median_s'] * 1e3:.3f} ms | {'-' if time is None else f'{time:.3f}'} | "
                          f"{'-' if mem is None else f'{mem / 2**20:.1f} MiB'} | "
                          f"{'-' if memory is None else f'{memory:.3f}'} | "
-                         f"{_fraction(entry.get('bandwidth_fraction'))} |")
+                         f"{_fraction(entry)} |")
         lines.append("")
     return lines
 
@@ -112,22 +118,26 @@ def plot(entries: list[dict], path: Path) -> None:
     image.save(path)
 
 
-def run_pytest(args: list[str], quick: bool) -> list[dict]:
+def run_pytest(args: list[str], quick: bool) -> tuple[list[dict], int]:
+    """The results of the benchmarks that passed, and pytest's exit code (a failure
+    still fails the command, after the others' results are written)."""
     env = {**os.environ, **({"ANATOMASK_BENCH_QUICK": "1"} if quick else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         code = subprocess.call([sys.executable, "-m", "pytest", *(args or ["benchmarks"]), "-q",
                                 "-p", "no:cacheprovider", f"--benchmark-json={out}"],
                                cwd=ROOT, env=env)
-        if code != 0:
-            raise SystemExit(code)
+        if not out.exists():
+            raise SystemExit(code or 1)
         raw = json.loads(out.read_text())
     stamp = dict(machine=machine(), versions=versions(), date=raw["datetime"][:10])
     return [{"name": b["fullname"], "group": b["group"], "median_s": b["stats"]["median"],
              "backend": b["extra_info"]["backend"], "device": b["extra_info"]["device"],
              "peak_extra_bytes": b["extra_info"].get("peak_extra_bytes"),
-             "bandwidth_fraction": b["extra_info"].get("bandwidth_fraction"), **stamp}
-            for b in raw["benchmarks"]]
+             "bandwidth_fraction": b["extra_info"].get("bandwidth_fraction"),
+             "kernel_bandwidth_fraction": b["extra_info"].get("kernel_bandwidth_fraction"),
+             **stamp}
+            for b in raw["benchmarks"]], code
 
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -144,8 +154,9 @@ def readme_summary(entries: list[dict]) -> str:
     for group, items in groups(entries).items():
         for entry, time, memory in ratios(items):
             if entry["backend"] != "reference":
-                lines.append(f"| {group} | {entry['backend']}-{entry['device']} | "
-                             f"{'-' if time is None else f'{time:.2f}'} | "
+                # Without a reference (CUDA graph replays): the absolute time.
+                shown = f"{entry['median_s'] * 1e6:.0f} us" if time is None else f"{time:.2f}"
+                lines.append(f"| {group} | {entry['backend']}-{entry['device']} | {shown} | "
                              f"{'-' if memory is None else f'{memory:.2f}'} |")
     return "\n".join([*lines, "", README_END])
 
@@ -165,27 +176,38 @@ def document(entries: list[dict], command: str) -> str:
         "CPU, the CUDA allocator's peak on GPU. Ratios are to the reference backend on the "
         "same device, measured in the same run (lower is better). `ratios.png` plots them. "
         "On a GPU, memory-bound ops also report the bytes they must move per second as a "
-        "share of the device's measured copy bandwidth.",
+        "share of the device's measured copy bandwidth, per call (host overhead included) and, "
+        "in parentheses, over the time the device spends in the op's kernels (profiler).",
         "", *table(entries)])
+
+
+def merged(kept: list[dict], fresh: list[dict]) -> list[dict]:
+    """``kept`` with the entries of the same name replaced by ``fresh`` ones."""
+    names = {entry["name"] for entry in fresh}
+    return [e for e in kept if e["name"] not in names] + fresh
 
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
-    args = [arg for arg in argv if arg != "--quick"]
-    fresh = run_pytest(args, quick)
-    if quick:
-        (HERE / "RESULTS.quick.md").write_text(document(fresh, "python -m benchmarks.report --quick"))
-        return 0
     store = HERE / "results.json"
-    kept = json.loads(store.read_text()) if store.exists() else []
-    names = {entry["name"] for entry in fresh}
-    entries = [e for e in kept if e["name"] not in names] + fresh
+    entries = json.loads(store.read_text()) if store.exists() else []
+    if argv[:1] == ["--merge"]:
+        code = 0
+        for path in argv[1:]:
+            entries = merged(entries, json.loads(Path(path).read_text()))
+    else:
+        fresh, code = run_pytest([arg for arg in argv if arg != "--quick"], quick)
+        if quick:
+            (HERE / "RESULTS.quick.md").write_text(
+                document(fresh, "python -m benchmarks.report --quick"))
+            return code
+        entries = merged(entries, fresh)
     store.write_text(json.dumps(entries, indent=1) + "\n")
     (HERE / "RESULTS.md").write_text(document(entries, "python -m benchmarks.report"))
     plot(entries, HERE / "ratios.png")
     update_readme(entries)
     print(f"wrote {HERE / 'RESULTS.md'}, {HERE / 'ratios.png'} and the README's table")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

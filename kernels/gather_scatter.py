@@ -7,10 +7,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from anatomask_fast.ops.gather_scatter import register_autograd
 from anatomask_fast.outputs import new_output
+
+from . import launchable
 
 
 def block_size(device: torch.device, gpu_block: int) -> int:
@@ -46,7 +48,7 @@ def apply_mask_triton(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     block = block_size(x.device, 1024)
     if n:
-        wrap_triton(_apply_mask_kernel)[(triton.cdiv(n, block),)](
+        launchable(_apply_mask_kernel)[(triton.cdiv(n, block),)](
             x, mask, y, n, C, H, W, D, h, w, d, H // h, W // w, D // d, BLOCK=block)
     return y
 
@@ -116,7 +118,7 @@ def densify_triton(x: torch.Tensor, active: torch.Tensor, mask_token: torch.Tens
     y = new_output(x.shape, dtype=x.dtype, device=x.device)
     block = block_size(x.device, 1024)
     if x.numel():
-        wrap_triton(_densify_kernel)[(triton.cdiv(x.numel(), block),)](
+        launchable(_densify_kernel)[(triton.cdiv(x.numel(), block),)](
             x, _mask_bytes(active), token, y, x.numel(), *_geometry(x, active), BLOCK=block)
     return y
 
@@ -156,7 +158,7 @@ def densify_backward_triton(grad: torch.Tensor, active: torch.Tensor) -> tuple[t
     rows, chunks, block = _row_grid(grad, 4096)
     part = new_output((B, C, chunks), dtype=_acc_dtype(grad), device=grad.device)
     if grad.numel():
-        wrap_triton(_densify_backward_kernel)[(rows, chunks)](
+        launchable(_densify_backward_kernel)[(rows, chunks)](
             grad, _mask_bytes(active), grad_x, part, *_geometry(grad, active), BLOCK=block)
     return grad_x, part.sum(dim=(0, 2))
 
@@ -242,7 +244,7 @@ def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[t
     rows, chunks, block = _row_grid(x, 4096)
     part = new_output((B, C, chunks, 3), dtype=_acc_dtype(x), device=x.device)
     if x.numel():
-        wrap_triton(_moments_kernel)[(rows, chunks)](x, mask, part, *geometry, BLOCK=block)
+        launchable(_moments_kernel)[(rows, chunks)](x, mask, part, *geometry, BLOCK=block)
     # Tiny combine (Chan's parallel formula) over the chunks, and the batch if pooled.
     n, mu, m2 = _group(part, per_sample).unbind(-1)
     total = n.sum(-1)
@@ -252,7 +254,7 @@ def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[t
     y = new_output(x.shape, dtype=x.dtype, device=x.device)
     block = block_size(x.device, 1024)
     if x.numel():
-        wrap_triton(_normalize_kernel)[(triton.cdiv(x.numel(), block),)](
+        launchable(_normalize_kernel)[(triton.cdiv(x.numel(), block),)](
             x, mask, mean, rstd, y_ptr=y, n=x.numel(), groups=mean.shape[0], C=C,
             S=geometry[1], H=geometry[2], W=geometry[3], D=geometry[4], h=geometry[5],
             w=geometry[6], d=geometry[7], ph=geometry[8], pw=geometry[9], pd=geometry[10],
@@ -321,14 +323,14 @@ def sparse_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, active: tor
     rows, chunks, block = _row_grid(x, 4096)
     part = new_output((B, C, chunks, 3), dtype=_acc_dtype(x), device=x.device)
     if x.numel():
-        wrap_triton(_norm_grad_sums_kernel)[(rows, chunks)](
+        launchable(_norm_grad_sums_kernel)[(rows, chunks)](
             grad, x, mask, mean, rstd, part_ptr=part, BLOCK=block, **common)
     n, sum_g, sum_gx = _group(part, groups == B).sum(2).unbind(-1)
     coef = torch.stack([sum_g, sum_gx], dim=-1) / n.clamp_min(1).unsqueeze(-1)
     grad_x = new_output(x.shape, dtype=x.dtype, device=x.device)
     block = block_size(x.device, 1024)
     if x.numel():
-        wrap_triton(_norm_grad_kernel)[(triton.cdiv(x.numel(), block),)](
+        launchable(_norm_grad_kernel)[(triton.cdiv(x.numel(), block),)](
             grad, x, mask, mean, rstd, coef_ptr=coef.contiguous(), gx_ptr=grad_x, n=x.numel(),
             BLOCK=block, **common)
     return grad_x, sum_gx.sum(0), sum_g.sum(0)
@@ -367,7 +369,7 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None
     out = new_output((B, n_idx, C), dtype=src.dtype, device=src.device)
     block_c = min(block_size(src.device, 1024), triton.next_power_of_2(max(C, 1)))
     if out.numel():
-        wrap_triton(_gather_rows_kernel)[(B * n_idx, triton.cdiv(C, block_c))](
+        launchable(_gather_rows_kernel)[(B * n_idx, triton.cdiv(C, block_c))](
             src, idx, src if fill is None else fill, src if pos is None else pos, out, n_src,
             n_idx, C, HAS_FILL=fill is not None, HAS_POS=pos is not None, BLOCK_C=block_c)
     return out
@@ -432,7 +434,7 @@ def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor
     grad_pos = new_output((L if with_pos else 0, C), dtype=acc, device=grad.device)
     block_c = min(block_size(grad.device, 1024), triton.next_power_of_2(max(C, 1)))
     if grad.numel():
-        wrap_triton(_scatter_tokens_backward_kernel)[(L, triton.cdiv(C, block_c))](
+        launchable(_scatter_tokens_backward_kernel)[(L, triton.cdiv(C, block_c))](
             grad, ids, grad_x, token_part, grad_pos if with_pos else token_part, B, L, len_keep,
             C, HAS_POS=with_pos, BLOCK_C=block_c)
     return grad_x, token_part.sum(0), grad_pos

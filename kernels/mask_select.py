@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from anatomask_fast.outputs import new_output
+
+from . import launchable
 
 
 @triton.jit
@@ -83,7 +85,7 @@ def anatomical_mask_triton(errors: torch.Tensor, noise: torch.Tensor | None, len
     shuffle = new_output((B, L), dtype=torch.int64, device=errors.device)
     restore = new_output((B, L), dtype=torch.int64, device=errors.device)
     block = triton.next_power_of_2(L)
-    wrap_triton(_anatomical_mask_kernel)[(B,)](
+    launchable(_anatomical_mask_kernel)[(B,)](
         errors, errors if noise is None else noise, active.view(torch.uint8),
         hard.view(torch.uint8), shuffle, restore, L, len_keep, n_hard, seed, offset,
         HAS_NOISE=noise is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)))

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from anatomask_fast.outputs import new_output
 
+from . import launchable
 from .gather_scatter import block_size
 
 
@@ -104,7 +105,7 @@ def _pad_halo_backward_kernel(grad_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, h
 def _launch(kernel, n: int, device: torch.device, *args, **meta) -> None:
     block = block_size(device, 1024)
     if n:
-        wrap_triton(kernel)[(triton.cdiv(n, block),)](*args, BLOCK=block, **meta)
+        launchable(kernel)[(triton.cdiv(n, block),)](*args, BLOCK=block, **meta)
 
 
 @triton_op("anatomask_fast::pack_patches_triton", mutates_args=())

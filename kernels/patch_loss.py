@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from anatomask_fast.ops.patch_loss import autograd, stats_dtype
 from anatomask_fast.outputs import new_output
+
+from . import launchable
 
 
 # The largest patch (values) the forward holds in registers, by device type. The
@@ -161,7 +163,7 @@ def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Te
     geo = _geometry(x, active)
     block, one_chunk, warps = _blocks(geo["N"], x.device)
     if per_patch.numel() and geo["N"]:
-        wrap_triton(_forward_kernel)[(per_patch.numel(),)](
+        launchable(_forward_kernel)[(per_patch.numel(),)](
             rec, x, mask, per_patch, mean, rstd, eps=eps, NORM_PIX=norm_pix,
             HIDDEN_ONLY=hidden_only, ACC=_acc(x.dtype), BLOCK=block, ONE_CHUNK=one_chunk,
             num_warps=warps, **geo)
@@ -177,7 +179,7 @@ def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Te
     geo = _geometry(x, active)
     block = min(triton.next_power_of_2(max(geo["N"], 1)), CHUNK[x.device.type])
     if grad.numel():
-        wrap_triton(_backward_kernel)[(active.numel(),)](
+        launchable(_backward_kernel)[(active.numel(),)](
             grad_per_patch.contiguous(), rec, x, active.contiguous().view(torch.uint8),
             mean.contiguous(), rstd.contiguous(), grad, HIDDEN_ONLY=hidden_only,
             ACC=_acc(x.dtype), BLOCK=block, num_warps=8, **geo)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from anatomask_fast.ops.seg_loss import autograd_functions, sums_dtype
 from anatomask_fast.outputs import new_output
 
+from . import launchable
 from .gather_scatter import block_size
 
 
@@ -126,7 +127,7 @@ def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
     class_part = new_output((B, n_prog, 3, K), dtype=dtype, device=x.device)
     ce_part = new_output((B, n_prog), dtype=dtype, device=x.device)
     if B:
-        wrap_triton(_forward_kernel)[(B, n_prog)](
+        launchable(_forward_kernel)[(B, n_prog)](
             x, y, class_part, ce_part, S, K, 0 if ignore_index is None else ignore_index,
             tiles_per_prog, HAS_IGNORE=ignore_index is not None, K_PAD=k_pad, BLOCK=block,
             FP64=dtype == torch.float64)
@@ -146,7 +147,7 @@ def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: to
     grad = new_output(x.shape, dtype=x.dtype, device=x.device)
     k_pad, block = _tiles(x)
     if x.numel():
-        wrap_triton(_backward_kernel)[(B, triton.cdiv(S, block))](
+        launchable(_backward_kernel)[(B, triton.cdiv(S, block))](
             gs, gc, x, y, grad, S, K, 0 if ignore_index is None else ignore_index,
             HAS_IGNORE=ignore_index is not None, K_PAD=k_pad, BLOCK=block,
             FP64=dtype == torch.float64)

@@ -308,3 +308,19 @@ def test_cpp_operator_checks_its_arguments():
 def test_exports():
     assert anatomask_fast.anatomical_mask is anatomical_mask
     assert anatomask_fast.MaskResult.__dataclass_params__.frozen
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_non_finite_errors_stop_the_device(backend):
+    """On a GPU the check is a device-side assertion (a host check would synchronize);
+    it poisons the CUDA context, so it runs in a fresh process."""
+    code = ("import torch, anatomask_fast as a\n"
+            "e = torch.rand(2, 64, device='cuda'); e[1, 5] = float('nan')\n"
+            f"with a.use_backend({backend!r}):\n"
+            "    a.anatomical_mask(e, 0.6, 0.5).active.cpu()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "device-side assert" in done.stderr or "must be finite" in done.stderr, done.stderr

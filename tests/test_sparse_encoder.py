@@ -10,6 +10,7 @@ from anatomask_fast.models import (STUNET_SIZES, MaskLayout, SparseSTUNetEncoder
 from anatomask_fast.models import packed_conv
 from anatomask_fast.reference import upsample_mask
 
+from .conftest import gpu
 from .helpers import random_mask
 
 # Equivalence is checked in float64, where only summation order differs: in fp32 a
@@ -67,9 +68,10 @@ def _assert_grads_close(encoder, got, expected):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def _check_equivalence(ratio, batch, per_sample, packed_stages_list, seed):
-    x, active, probes = _case(ratio, batch, seed)
-    encoder = _encoder(seed).double()
+def _check_equivalence(ratio, batch, per_sample, packed_stages_list, seed, device="cpu"):
+    x, active, probes = (t.to(device) if torch.is_tensor(t) else [p.to(device) for p in t]
+                         for t in _case(ratio, batch, seed))
+    encoder = _encoder(seed).double().to(device)
     probes = [p.double() for p in probes]
     expected, expected_grads = _run(encoder, x, active, probes, per_sample=per_sample,
                                     packed_stages=0)
@@ -90,6 +92,14 @@ def _check_equivalence(ratio, batch, per_sample, packed_stages_list, seed):
 def test_packed_matches_dense_masked(ratio, batch, per_sample):
     """The cost-chosen plan (some stages packed, the deepest dense-masked)."""
     _check_equivalence(ratio, batch, per_sample, [None], seed=int(ratio * 100) + batch)
+
+
+@gpu
+@pytest.mark.gpu
+def test_packed_matches_dense_masked_on_cuda():
+    """The CUDA kernels and cuDNN convs in the packed execution (float64: exact)."""
+    _check_equivalence(0.6, 3, True, [None, 5], seed=11, device="cuda")
+    _check_equivalence(0.75, 2, False, [None], seed=12, device="cuda")
 
 
 def test_every_packed_prefix_matches_dense_masked():

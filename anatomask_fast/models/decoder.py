@@ -67,15 +67,19 @@ class _BatchNormActConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mean, rstd, weight, bias, conv_weight, count = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        y = _normalize_act(x, mean, rstd, weight, bias, ctx.relu6)
-        grad_y = torch.nn.grad.conv3d_input(y.shape, conv_weight, grad_out, padding=ctx.padding)
+        # The forward's conv ran in grad_out's dtype (autocast's, under autocast).
+        y = _normalize_act(x, mean, rstd, weight, bias, ctx.relu6).to(grad_out.dtype)
+        compute_weight = conv_weight.to(grad_out.dtype)
+        grad_y = torch.nn.grad.conv3d_input(y.shape, compute_weight, grad_out,
+                                            padding=ctx.padding).to(x.dtype)
         grad_conv_weight = torch.nn.grad.conv3d_weight(y, conv_weight.shape, grad_out,
-                                                       padding=ctx.padding)
-        grad_conv_bias = grad_out.sum(_DIMS) if ctx.has_conv_bias else None
+                                                       padding=ctx.padding).to(conv_weight.dtype)
+        grad_conv_bias = grad_out.sum(_DIMS, dtype=conv_weight.dtype) if ctx.has_conv_bias \
+            else None
         if ctx.relu6:
             grad_y.mul_((y > 0) & (y < 6))        # ReLU6's derivative, read off its output
-        del y
-        xhat = (x - _per_channel(mean)) * _per_channel(rstd)
+        del y, compute_weight
+        xhat = (x - _per_channel(mean.to(x.dtype))) * _per_channel(rstd.to(x.dtype))
         grad_bias = grad_y.sum(_DIMS, dtype=count.dtype)
         grad_weight = torch.einsum("ncdhw,ncdhw->c", grad_y, xhat).to(count.dtype)
         # d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)), means over the batch.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..ops.packing import pad_halo, pad_halo_backward
+from .amp import AutocastState
 from .packed_norm import NormStats
 
 # On CPU, oneDNN copies NCDHW operands into its blocked layout (in backward about the
@@ -30,11 +31,18 @@ def _chunks(padded: torch.Tensor) -> list[slice]:
 def _conv_backward(grad: torch.Tensor, padded: torch.Tensor, weight: torch.Tensor,
                    has_bias: bool, stride: int, needs: tuple[bool, bool, bool]):
     """Gradients of ``conv3d(padded, weight, bias, stride)`` (padding 0) in (padded,
-    weight, bias), chunked over patches on CPU."""
+    weight, bias), chunked over patches on CPU. The forward's conv ran in ``grad``'s
+    dtype (autocast's, under autocast): so does its backward; the gradients come back
+    in the dtypes of ``padded`` and ``weight``."""
+    compute = weight.to(grad.dtype)
+
     def run(g: torch.Tensor, p: torch.Tensor):
-        return torch.ops.aten.convolution_backward(
-            g, p, weight, [weight.shape[0]] if has_bias else None, [stride] * 3, [0] * 3,
-            [1] * 3, False, [0] * 3, 1, list(needs))
+        gp, gw, gb = torch.ops.aten.convolution_backward(
+            g, p.to(g.dtype), compute, [weight.shape[0]] if has_bias else None, [stride] * 3,
+            [0] * 3, [1] * 3, False, [0] * 3, 1, list(needs))
+        return (None if gp is None else gp.to(padded.dtype),
+                None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(weight.dtype))
 
     chunks = _chunks(padded)
     if len(chunks) == 1:
@@ -117,6 +125,7 @@ class _NormActHaloConv(torch.autograd.Function):
                               *stats.saved())
         ctx.first, ctx.groups, ctx.slope = first, groups, slope
         ctx.has_bias = conv_bias is not None
+        ctx.autocast = AutocastState.current(x.device)
         return F.conv3d(padded, conv_weight, conv_bias)
 
     @staticmethod
@@ -127,7 +136,8 @@ class _NormActHaloConv(torch.autograd.Function):
         stats = NormStats.restore(tuple(rest[-4:]), ctx.groups)
         needs = ctx.needs_input_grad
         needs_x = needs[0] or any(needs[11:])          # the gradient of t, for x or conv1
-        t = _first_conv(x, ctx.first, first_params, neighbours)
+        with ctx.autocast.restored():                  # t as the forward computed it
+            t = _first_conv(x, ctx.first, first_params, neighbours)
         grad_t, grad_conv_weight, grad_conv_bias = _halo_conv_backward(
             grad, stats.normalize(t, norm_weight, norm_bias, ctx.slope), neighbours, 1, 1,
             conv_weight, ctx.has_bias, 1, (needs_x or needs[2] or needs[3], needs[9], needs[10]))

@@ -15,16 +15,20 @@ from ..reference.gather_scatter import (ACTIVATIONS, apply_mask_reference, densi
                                         sparse_norm_reference)
 from ..validation import FLOAT_DTYPES, check_active_mask, check_same_device, check_tensor, check_volume
 
+# On a GPU: the Triton kernels of densify, sparse_norm and the token gather/scatter
+# moved 1.3-2.2x more bytes per second than the CUDA C++ ones at STU-Net stage-0 size
+# (H200, benchmarks/RESULTS.md); apply_mask's CUDA C++ kernel was the faster one.
+TRITON_FIRST = ("triton", "cuda")
 APPLY_MASK = Op("apply_mask", reference=apply_mask_reference, cpp="apply_mask",
                 triton="gather_scatter:apply_mask_triton")
 DENSIFY = Op("densify", reference=densify_reference, cpp="densify",
-             triton="gather_scatter:densify_triton")
+             triton="gather_scatter:densify_triton", cuda_preference=TRITON_FIRST)
 SPARSE_NORM = Op("sparse_norm", reference=sparse_norm_reference, cpp="sparse_norm",
-                 triton="gather_scatter:sparse_norm_triton")
+                 triton="gather_scatter:sparse_norm_triton", cuda_preference=TRITON_FIRST)
 GATHER_TOKENS = Op("gather_tokens", reference=gather_tokens_reference, cpp="gather_tokens",
-                   triton="gather_scatter:gather_tokens_triton")
+                   triton="gather_scatter:gather_tokens_triton", cuda_preference=TRITON_FIRST)
 SCATTER_TOKENS = Op("scatter_tokens", reference=scatter_tokens_reference, cpp="scatter_tokens",
-                    triton="gather_scatter:scatter_tokens_triton")
+                    triton="gather_scatter:scatter_tokens_triton", cuda_preference=TRITON_FIRST)
 
 
 def apply_mask(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def _select(op: str, errors: torch.Tensor, shape: tuple[int, ...], len_keep: int
     if noise is not None:
         noise = _check_noise(op, noise, batch, length, errors)
     backend = ANATOMICAL_MASK.select(errors.device)
-    if n_hard > 0 and backend != "cpu":  # the C++ CPU kernel checks while it reads
+    if n_hard > 0 and backend not in ("cpu", "cuda"):  # the C++ kernels check as they read
         _check_finite(op, "errors", errors)
     # Given noise, the seed is unused: no draw (and nothing data-dependent to trace).
     seed = _draw_seed(op, seed, generator) if noise is None else 0

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -118,20 +119,32 @@ __global__ void anatomical_mask_kernel(const scalar_t* errors, const float* nois
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L;
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     cls[l] = kKept;
-    if (n_hard > 0) key[l] = error_key(static_cast<float>(errors[row + l]));
-  }
-  select_smallest(key, cls, L, n_hard, kHard, sh);
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    if (noise != nullptr) {
-      key[l] = float_order(noise[row + l]);
-    } else {
-      const uint64_t g = static_cast<uint64_t>(row + l);
-      const Philox4 block = philox(seed, offset + g / 4);
-      const uint32_t w = g % 4;
-      key[l] = w == 0 ? block.word[0] : w == 1 ? block.word[1] : w == 2 ? block.word[2]
-                                                                        : block.word[3];
+    if (n_hard > 0) {
+      const float e = static_cast<float>(errors[row + l]);
+      // Checked here rather than by a separate reduction: a device-side assertion, as
+      // a host-side check would synchronize.
+      CUDA_KERNEL_ASSERT_MSG(isfinite(e),
+                             "anatomical_mask: argument 'errors' must be finite (no NaN or Inf)");
+      key[l] = error_key(e);
     }
   }
+  select_smallest(key, cls, L, n_hard, kHard, sh);
+  __syncthreads();  // the random keys below are written across thread ownership
+  if (noise != nullptr) {
+    for (int l = threadIdx.x; l < L; l += blockDim.x) key[l] = float_order(noise[row + l]);
+  } else {
+    // Word g of the stream is word g % 4 of Philox block offset + g / 4: one block per
+    // thread gives up to four consecutive keys of the row.
+    const int64_t first = row / 4, last = (row + L - 1) / 4;
+    for (int64_t j = first + threadIdx.x; j <= last; j += blockDim.x) {
+      const Philox4 block = philox(seed, offset + static_cast<uint64_t>(j));
+      for (int w = 0; w < 4; ++w) {
+        const int64_t l = 4 * j + w - row;
+        if (l >= 0 && l < L) key[l] = block.word[w];
+      }
+    }
+  }
+  __syncthreads();
   select_smallest(key, cls, L, L - len_keep - n_hard, kRandom, sh);
   // Kept patches first, then hidden ones, each in index order.
   int kept_before = 0;

@@ -1,0 +1,26 @@
+"""Autocast in hand-written backward passes: a backward that recomputes part of its
+forward must compute it in the forward's precision, and autograd does not restore the
+forward's autocast state (``torch.amp.custom_bwd`` does, but fixes the device type at
+definition)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def current(cls, device: torch.device) -> "AutocastState":
+        return cls(device.type, torch.is_autocast_enabled(device.type),
+                   torch.get_autocast_dtype(device.type))
+
+    def restored(self) -> contextlib.AbstractContextManager:
+        """This state, for the block (autocast off when it was off)."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)

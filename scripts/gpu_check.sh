@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent GPU machine (the device tool runs it in a
+# copy of the working tree, with python3 holding a CUDA torch and Triton):
+#   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [BENCH_FILES...]
+# 1. makes the package importable from the tree (extension: a prebuilt .so carried in
+#    .gpubuild/ when it loads there, else built for sm_90 here);
+# 2. runs the GPU tests (`-m gpu`) for at most TEST_SECONDS (0: skip);
+# 3. runs the GPU benchmarks (`-k cuda`) for at most BENCH_SECONDS (0: skip) through
+#    `python -m benchmarks.report`, which merges them into benchmarks/results.json and
+#    rewrites RESULTS.md, ratios.png and the README table.
+# Logs and the rewritten files land in $OUT (default /tmp/gpu_check).
+set -u
+TEST_SECONDS=${1:-240}
+BENCH_SECONDS=${2:-240}
+shift $(( $# < 2 ? $# : 2 ))
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PY=${PYTHON:-python3}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+# Packages the image lacks (monai, nibabel, expecttest), carried as wheels in .whl/.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+# The tree as the installed package: kernels/ is installed as anatomask_fast.kernels.
+ln -sfn ../kernels anatomask_fast/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+cuda_ready() {
+  $PY -c "import sys, anatomask_fast as a; r = a.backends(); print({k: (v.available, v.detail) for k, v in r.items()}); sys.exit(0 if r['cuda'].available else 1)"
+}
+cp .gpubuild/_C*.so anatomask_fast/ 2>/dev/null
+if ! cuda_ready 2>&1 | tee -a "$OUT/env.txt"; then
+  echo "prebuilt extension unusable here: building for sm_90" | tee -a "$OUT/env.txt"
+  rm -f anatomask_fast/_C*.so
+  start=$(date +%s)
+  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 ANATOMASK_BUILD_CUDA=1 ANATOMASK_STRICT_BUILD=1 \
+    $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
+  echo "build: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+  tail -20 "$OUT/build.log"
+  cuda_ready 2>&1 | tee -a "$OUT/env.txt" || exit 1
+fi
+
+if [ "$TEST_SECONDS" != 0 ]; then
+  start=$(date +%s)
+  timeout "$TEST_SECONDS" $PY -m pytest tests -m gpu -q -n 8 -p no:cacheprovider --tb=short \
+    -rf --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+  echo "tests: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
+fi
+
+if [ "$BENCH_SECONDS" != 0 ]; then
+  # One report per file, so that a file cut off by the time limit loses only itself.
+  deadline=$(( $(date +%s) + BENCH_SECONDS ))
+  files=("$@")
+  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{mask_select,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,packing,seg_loss,sparse_encoder,pretrain_step,finetune_step}.py)
+  for file in "${files[@]}"; do
+    left=$(( deadline - $(date +%s) ))
+    [ $left -lt 20 ] && { echo "benchmarks: no time left for $file" | tee -a "$OUT/env.txt"; continue; }
+    start=$(date +%s)
+    timeout $left $PY -m benchmarks.report "$file" -k cuda >>"$OUT/bench.log" 2>&1
+    echo "benchmark $file: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+    cp benchmarks/results.json benchmarks/RESULTS.md benchmarks/ratios.png "$OUT/"
+  done
+  grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/bench.log" | tail -20
+fi

@@ -7,9 +7,10 @@ level ``dec.{i}``: ``up_sample`` (ConvTranspose3d k4 s2 p1) then ``conv`` = [con
 from ``width``; ``proj`` is a 1x1x1 conv to the image channels.
 
 Memory-lean execution (training mode), per level with input ``s``:
-- ``up_sample`` is recomputed in backward instead of stored (selective checkpointing
-  that keeps the output of the following conv), so the full-resolution up-sampled
-  map is never stored; the recompute costs ~8/27 of that conv.
+- ``up_sample`` and the following conv run as one autograd function that stores the
+  level's input only and recomputes the up-sampled map in backward, one sample at a
+  time (so the full-resolution map, its gradient and the convolutions' temporaries
+  exist for one sample at once); the recompute costs ~8/27 of that conv.
 - BatchNorm -> ReLU6 -> conv, and the last BatchNorm -> ``proj``, run as one autograd
   function that stores only the BatchNorm input and recomputes the normalized,
   activated map in backward (element-wise work).
@@ -17,13 +18,13 @@ What stays stored per level: ``s``, and the outputs of the two 3x3x3 convs.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.autograd.function import once_differentiable
+
+from .amp import AutocastState
 
 _DIMS = (0, 2, 3, 4)
 
@@ -67,28 +68,46 @@ class _BatchNormActConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mean, rstd, weight, bias, conv_weight, count = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        # The forward's conv ran in grad_out's dtype (autocast's, under autocast).
-        y = _normalize_act(x, mean, rstd, weight, bias, ctx.relu6).to(grad_out.dtype)
+        # One sample at a time: the activated map, its gradient and the convolution's
+        # temporaries exist for one sample at once (the gradient buffer for the batch,
+        # which becomes d x in place). The forward's conv ran in grad_out's dtype
+        # (autocast's, under autocast): so does its backward.
         compute_weight = conv_weight.to(grad_out.dtype)
-        grad_y = torch.nn.grad.conv3d_input(y.shape, compute_weight, grad_out,
-                                            padding=ctx.padding).to(x.dtype)
-        grad_conv_weight = torch.nn.grad.conv3d_weight(y, conv_weight.shape, grad_out,
-                                                       padding=ctx.padding).to(conv_weight.dtype)
+        grad_y = torch.empty_like(x)
+        grad_conv_weight = None
+        for n in range(x.shape[0]):
+            y = _normalize_act(x[n:n + 1], mean, rstd, weight, bias,
+                               ctx.relu6).to(grad_out.dtype)
+            g, gw, _ = torch.ops.aten.convolution_backward(
+                grad_out[n:n + 1], y, compute_weight, None, [1] * 3, list(ctx.padding),
+                [1] * 3, False, [0] * 3, 1, [True, True, False])
+            gw = gw.to(torch.promote_types(gw.dtype, torch.float32))
+            grad_conv_weight = gw if grad_conv_weight is None else grad_conv_weight.add_(gw)
+            if ctx.relu6:
+                g.mul_((y > 0) & (y < 6))        # ReLU6's derivative, read off its output
+            grad_y[n:n + 1] = g
+            del y, g
+        grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         grad_conv_bias = grad_out.sum(_DIMS, dtype=conv_weight.dtype) if ctx.has_conv_bias \
             else None
-        if ctx.relu6:
-            grad_y.mul_((y > 0) & (y < 6))        # ReLU6's derivative, read off its output
-        del y, compute_weight
-        xhat = (x - _per_channel(mean.to(x.dtype))) * _per_channel(rstd.to(x.dtype))
+        del compute_weight
+        # Per-channel sums of g and g * x (a per-sample batched dot: no permuted copy),
+        # then d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the
+        # batch) as a * g + b * x + c in place: xhat is never materialized.
+        C = x.shape[1]
         grad_bias = grad_y.sum(_DIMS, dtype=count.dtype)
-        grad_weight = torch.einsum("ncdhw,ncdhw->c", grad_y, xhat).to(count.dtype)
-        # d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)), means over the batch.
+        sum_gx = sum(torch.bmm(g.reshape(C, 1, -1), v.reshape(C, -1, 1)).view(C).to(count.dtype)
+                     for g, v in zip(grad_y, x))
+        grad_weight = (sum_gx - mean * grad_bias) * rstd            # sum(g * xhat)
         sums = torch.stack([grad_bias, grad_weight])
         if ctx.sync:
             dist.all_reduce(sums)
         mean_g, mean_gx = (sums / count).unbind(0)
-        grad_x = grad_y.sub_(_per_channel(mean_g)).sub_(xhat.mul_(_per_channel(mean_gx)))
-        grad_x.mul_(_per_channel(rstd * weight))
+        a = rstd * weight
+        b = -a * rstd * mean_gx
+        c = -a * mean_g - b * mean
+        grad_x = grad_y.mul_(_per_channel(a.to(x.dtype))).add_(_per_channel(c.to(x.dtype)))
+        grad_x.addcmul_(x, _per_channel(b.to(x.dtype)))
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
                 None, None, grad_conv_weight, grad_conv_bias, None, None)
 
@@ -111,15 +130,57 @@ def batch_norm_act_conv(x: torch.Tensor, bn: nn.BatchNorm3d, relu6: bool,
                                    conv.padding, sync)
 
 
-def _keep_non_transposed_convs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Store convolution outputs; recompute transposed convolutions (the up-sampling)."""
-    if op is torch.ops.aten.convolution.default and not args[6]:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+class _UpsampleConv(torch.autograd.Function):
+    """``conv(up_sample(s))`` (a stride-2 transposed conv, then a 3x3x3 conv without
+    bias) storing only ``s``. Backward runs one sample at a time: it recomputes the
+    sample's up-sampled map (in the forward's precision) and takes both convolutions'
+    gradients, so the full-resolution map, its gradient and the convolutions' layout
+    copies exist for one sample at a time, not for the batch."""
+
+    @staticmethod
+    def forward(ctx, s, up_weight, up_bias, weight, up_stride, up_padding, padding):
+        ctx.save_for_backward(s, up_weight, up_bias, weight)
+        ctx.geometry = (up_stride, up_padding, padding)
+        ctx.autocast = AutocastState.current(s.device)
+        up = F.conv_transpose3d(s, up_weight, up_bias, stride=up_stride, padding=up_padding)
+        return F.conv3d(up, weight, None, padding=padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, up_weight, up_bias, weight = ctx.saved_tensors
+        up_stride, up_padding, padding = ctx.geometry
+        grad_s = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        sums: list[torch.Tensor | None] = [None, None, None]   # up_weight, up_bias, weight
+        compute_weight, compute_up_weight = weight.to(grad.dtype), up_weight.to(grad.dtype)
+        for n in range(s.shape[0]):
+            sample = s[n:n + 1]
+            with ctx.autocast.restored():
+                up = F.conv_transpose3d(sample, up_weight, up_bias, stride=up_stride,
+                                        padding=up_padding)
+            grad_up, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad[n:n + 1].contiguous(), up.to(grad.dtype), compute_weight, None, [1] * 3,
+                list(padding), [1] * 3, False, [0] * 3, 1, [True, True, False])
+            del up
+            grad_sample, grad_up_weight, grad_up_bias = torch.ops.aten.convolution_backward(
+                grad_up, sample.to(grad.dtype), compute_up_weight, [up_weight.shape[1]],
+                list(up_stride), list(up_padding), [1] * 3, True, [0] * 3, 1,
+                [grad_s is not None, True, True])
+            del grad_up
+            if grad_s is not None:
+                grad_s[n:n + 1] = grad_sample
+            for i, g in enumerate((grad_up_weight, grad_up_bias, grad_weight)):
+                # Summed over samples in at least fp32 (half-precision grads under autocast).
+                sums[i] = g.to(torch.promote_types(g.dtype, torch.float32)) if sums[i] is None \
+                    else sums[i].add_(g)
+        up_w, up_b, w = (t.to(p.dtype) for t, p in zip(sums, (up_weight, up_bias, weight)))
+        return grad_s, up_w, up_b, w, None, None, None
 
 
-_RECOMPUTE_UPSAMPLING = functools.partial(create_selective_checkpoint_contexts,
-                                          _keep_non_transposed_convs)
+def up_sample_conv(s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv3d) -> torch.Tensor:
+    """``conv(up_sample(s))`` storing only ``s`` (see :class:`_UpsampleConv`)."""
+    return _UpsampleConv.apply(s, up_sample.weight, up_sample.bias, conv.weight,
+                               up_sample.stride, up_sample.padding, conv.padding)
 
 
 class UNetBlock(nn.Module):
@@ -135,8 +196,7 @@ class UNetBlock(nn.Module):
         if not (lean and self.training and torch.is_grad_enabled()):
             return self.conv(self.up_sample(x))
         conv1, bn1, _, conv2, bn2 = self.conv
-        c1 = checkpoint(lambda s: conv1(self.up_sample(s)), x, use_reentrant=False,
-                        context_fn=_RECOMPUTE_UPSAMPLING)
+        c1 = up_sample_conv(x, self.up_sample, conv1)
         return bn2(batch_norm_act_conv(c1, bn1, True, conv2))
 
 
@@ -166,7 +226,6 @@ class LightDecoder(nn.Module):
     def _last_level_lean(self, level: UNetBlock, x: torch.Tensor) -> torch.Tensor:
         # As UNetBlock's lean path, with the last BatchNorm fused into `proj`.
         conv1, bn1, _, conv2, bn2 = level.conv
-        c1 = checkpoint(lambda s: conv1(level.up_sample(s)), x, use_reentrant=False,
-                        context_fn=_RECOMPUTE_UPSAMPLING)
+        c1 = up_sample_conv(x, level.up_sample, conv1)
         return batch_norm_act_conv(batch_norm_act_conv(c1, bn1, True, conv2), bn2, False,
                                    self.proj)

@@ -107,15 +107,17 @@ def norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
                        per_sample=True, eps=eps, activation=activation)
 
 
-def _up_cat(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    return torch.cat((F.interpolate(z, scale_factor=2, mode="nearest"), skip), 1)
+def _upsample(z: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(z, scale_factor=2, mode="nearest")
 
 
-def _conv_pair(conv: nn.Conv3d, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """``conv`` of the concatenation of ``first`` and ``second``, without building it."""
-    split = first.shape[1]
-    out = F.conv3d(first, conv.weight[:, :split], None, conv.stride, conv.padding)
-    return out.add_(F.conv3d(second, conv.weight[:, split:], conv.bias, conv.stride,
+def _conv_pair(conv: nn.Conv3d, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``conv`` of the concatenation of the up-sampled ``low`` and ``skip``, without
+    building it, and without storing the up-sampled map: its half of the convolution
+    recomputes the (cheap) up-sampling in backward."""
+    split = low.shape[1]
+    out = _RecomputedConv.apply(_upsample, conv, conv.weight[:, :split], None, low)
+    return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 
 
@@ -131,8 +133,7 @@ def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torc
     # nothing is saved, so the live intermediates make the peak.
     norm1, norm2 = block.norm1, block.norm2
     if isinstance(x, tuple):
-        first, second = F.interpolate(x[0], scale_factor=2, mode="nearest"), x[1]
-        c1 = _conv_pair(block.conv1, first, second)
+        c1 = _conv_pair(block.conv1, *x)
     else:
         c1 = block.conv1(x)
     c2 = _conv_of(block.conv2, lambda c, w, b: norm_act(c, w, b, norm1.eps, "leaky_relu"),
@@ -141,8 +142,7 @@ def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torc
     y = norm_act(c2, norm2.weight, norm2.bias, norm2.eps, None)
     del c2
     if isinstance(x, tuple):
-        skip = _conv_pair(block.conv3, first, second)
-        del first
+        skip = _conv_pair(block.conv3, *x)
     else:
         skip = block.conv3(x) if block.conv3 is not None else x
     return _ResidualLeakyReLU.apply(y, skip)

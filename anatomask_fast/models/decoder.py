@@ -75,6 +75,7 @@ class _BatchNormActConv(torch.autograd.Function):
         compute_weight = conv_weight.to(grad_out.dtype)
         grad_y = torch.empty_like(x)
         grad_conv_weight = None
+        sum_gx = torch.zeros_like(mean)            # per channel, sum of g * x
         for n in range(x.shape[0]):
             y = _normalize_act(x[n:n + 1], mean, rstd, weight, bias,
                                ctx.relu6).to(grad_out.dtype)
@@ -86,18 +87,15 @@ class _BatchNormActConv(torch.autograd.Function):
             if ctx.relu6:
                 g.mul_((y > 0) & (y < 6))        # ReLU6's derivative, read off its output
             grad_y[n:n + 1] = g
+            sum_gx += y.copy_(x[n:n + 1]).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
             del y, g
         grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         grad_conv_bias = grad_out.sum(_DIMS, dtype=conv_weight.dtype) if ctx.has_conv_bias \
             else None
         del compute_weight
-        # Per-channel sums of g and g * x (a per-sample batched dot: no permuted copy),
-        # then d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the
-        # batch) as a * g + b * x + c in place: xhat is never materialized.
-        C = x.shape[1]
+        # d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the batch)
+        # as a * g + b * x + c in place: xhat is never materialized.
         grad_bias = grad_y.sum(_DIMS, dtype=count.dtype)
-        sum_gx = sum(torch.bmm(g.reshape(C, 1, -1), v.reshape(C, -1, 1)).view(C).to(count.dtype)
-                     for g, v in zip(grad_y, x))
         grad_weight = (sum_gx - mean * grad_bias) * rstd            # sum(g * xhat)
         sums = torch.stack([grad_bias, grad_weight])
         if ctx.sync:

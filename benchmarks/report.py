@@ -172,8 +172,10 @@ def document(entries: list[dict], command: str) -> str:
     return "\n".join([
         "# Benchmark results", "",
         f"Written by `{command}`. Times are medians of one forward+backward (or one training "
-        "step); memory is the peak beyond the inputs: peak RSS (VmHWM) of a fresh process on "
-        "CPU, the CUDA allocator's peak on GPU. Ratios are to the reference backend on the "
+        "step); memory is the peak beyond the inputs of a call after a first one (the steady "
+        "state): on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after the "
+        "first call) of a fresh process with a fixed glibc mmap threshold, on GPU the CUDA "
+        "allocator's peak. Ratios are to the reference backend on the "
         "same device, measured in the same run (lower is better). `ratios.png` plots them. "
         "On a GPU, memory-bound ops also report the bytes they must move per second as a "
         "share of the device's measured copy bandwidth, per call (host overhead included) and, "

@@ -9,6 +9,12 @@
 #    `python -m benchmarks.report`, which merges them into benchmarks/results.json and
 #    rewrites RESULTS.md, ratios.png and the README table.
 # Logs and the rewritten files land in $OUT (default /tmp/gpu_check).
+#
+# Prebuilding here saves device time (a build there takes minutes): in a Python 3.12
+# venv with the device's torch (torch==2.11.0, the cu130 wheel) and CUDA_HOME set to
+# nvcc 13.0, `TORCH_CUDA_ARCH_LIST=9.0 ANATOMASK_BUILD_CUDA=1 python setup.py build_ext
+# --inplace`, then copy anatomask_fast/_C.cpython-312-*.so into .gpubuild/ (ignored by
+# git, named in the device call's carry, with the wheels in .whl/).
 set -u
 TEST_SECONDS=${1:-240}
 BENCH_SECONDS=${2:-240}

@@ -34,7 +34,7 @@ def sizes(full: dict[str, dict], quick: dict[str, dict],
     """pytest params of named sizes: the realistic ones, or the quick ones for CI.
     ``gpu`` sizes (the issues' GPU configurations, too large for a CPU) run on CUDA
     devices only; the others run everywhere."""
-    chosen = dict(quick) if QUICK else {**full, **{name: {**value, "only_device": "cuda"}
+    chosen = quick if QUICK else {**full, **{name: {**value, "only_device": "cuda"}
                                                    for name, value in (gpu or {}).items()}}
     return [pytest.param({"name": name, **value}, id=name) for name, value in chosen.items()]
 
@@ -180,8 +180,9 @@ def kernel_seconds(run: Callable[[], None], repeats: int = 5) -> float:
 
 def record(benchmark, *, module: str, case: str, backend: str, size: dict, device: str,
            run: Callable[[], None]) -> None:
-    """Times ``run`` and stores the fresh-process peak memory (and on a GPU the achieved
-    share of the copy bandwidth, per call and per kernel time) next to the time."""
+    """Times ``run`` and stores its peak memory (:func:`peak_extra_memory`; on a GPU also
+    the achieved share of the copy bandwidth, per call and per kernel time) next to the
+    time."""
     time_it(benchmark, run, device)
     benchmark.extra_info.update(
         backend=backend, device=device, case=case, size=size,

@@ -82,8 +82,7 @@ class _BatchNormActConv(torch.autograd.Function):
             g, gw, _ = torch.ops.aten.convolution_backward(
                 grad_out[n:n + 1], y, compute_weight, None, [1] * 3, list(ctx.padding),
                 [1] * 3, False, [0] * 3, 1, [True, True, False])
-            gw = gw.to(torch.promote_types(gw.dtype, torch.float32))
-            grad_conv_weight = gw if grad_conv_weight is None else grad_conv_weight.add_(gw)
+            grad_conv_weight = _accumulate(grad_conv_weight, gw)
             if ctx.relu6:
                 g.mul_((y > 0) & (y < 6))        # ReLU6's derivative, read off its output
             grad_y[n:n + 1] = g
@@ -108,6 +107,13 @@ class _BatchNormActConv(torch.autograd.Function):
         grad_x.addcmul_(x, _per_channel(b.to(x.dtype)))
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
                 None, None, grad_conv_weight, grad_conv_bias, None, None)
+
+
+def _accumulate(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    """``total + grad`` for per-sample parameter gradients, summed in at least fp32
+    (they are half precision under autocast)."""
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    return grad if total is None else total.add_(grad)
 
 
 def _normalize_act(x, mean, rstd, weight, bias, relu6: bool) -> torch.Tensor:
@@ -168,9 +174,7 @@ class _UpsampleConv(torch.autograd.Function):
             if grad_s is not None:
                 grad_s[n:n + 1] = grad_sample
             for i, g in enumerate((grad_up_weight, grad_up_bias, grad_weight)):
-                # Summed over samples in at least fp32 (half-precision grads under autocast).
-                sums[i] = g.to(torch.promote_types(g.dtype, torch.float32)) if sums[i] is None \
-                    else sums[i].add_(g)
+                sums[i] = _accumulate(sums[i], g)
         up_w, up_b, w = (t.to(p.dtype) for t, p in zip(sums, (up_weight, up_bias, weight)))
         return grad_s, up_w, up_b, w, None, None, None
 

@@ -2,9 +2,11 @@
 //
 // Work unit: a chunk of kChunk voxels of one sample. Its K x kChunk logits are
 // converted to the accumulation type in a small buffer (L1/L2-resident), the softmax
-// is done there class by class (inner loops over voxels vectorize), and the chunk's
-// sums go to one row of a partials table, reduced in double afterwards: the result
-// does not depend on the thread count. Neither a softmax nor a one-hot tensor exists.
+// is done there class by class (inner loops over voxels vectorize: exp and log are
+// branch-free polynomials, and each chunk function is compiled per ISA level, see
+// simd.h), and the chunk's sums go to one row of a partials table, reduced in double
+// afterwards: the result does not depend on the thread count. Neither a softmax nor a
+// one-hot tensor exists.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,6 +24,7 @@
 
 #include "../outputs.h"
 #include "../seg_loss.h"
+#include "simd.h"
 
 // Selects (clamps, one-hot masks) in the voxel loops vectorize only when comparisons
 // may be executed speculatively; nothing here reads floating-point exception flags.
@@ -36,7 +39,7 @@ constexpr int64_t kChunk = 256;
 
 // exp for x <= 0 (softmax arguments), branch-free so that loops calling it vectorize;
 // Cephes' polynomial, relative error ~2e-7. Below -87 it returns ~1.6e-38, not 0.
-inline float exp_nonpositive(float x) {
+ANATOMASK_INLINE float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -55,10 +58,38 @@ inline float exp_nonpositive(float x) {
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// log for x >= 1 (a softmax denominator), branch-free: x = 2^e * m with m in
+// [sqrt(1/2), sqrt(2)), then Cephes' logf polynomial in m - 1; relative error ~1e-7.
+ANATOMASK_INLINE float log_at_least_one(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  // Exponent and mantissa of x / sqrt(2)'s binade, so that m lands around 1.
+  const int32_t shifted = bits - 0x3f3504f3;                    // bits of sqrt(1/2)
+  const int32_t e = shifted >> 23;
+  const int32_t mbits = (shifted & 0x007fffff) + 0x3f3504f3;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const float r = m - 1.0f;
+  float p = 7.0376836292e-2f;
+  p = p * r - 1.1514610310e-1f;
+  p = p * r + 1.1676998740e-1f;
+  p = p * r - 1.2420140846e-1f;
+  p = p * r + 1.4249322787e-1f;
+  p = p * r - 1.6668057665e-1f;
+  p = p * r + 2.0000714765e-1f;
+  p = p * r - 2.4999993993e-1f;
+  p = p * r + 3.3333331174e-1f;
+  const float r2 = r * r;
+  const float fe = static_cast<float>(e);
+  return (r + r2 * (r * p - 0.5f)) + fe * 0.693147180559945f;
+}
+
+inline double log_at_least_one(double x) { return std::log(x); }
+
 // One chunk's labels: y[v] = class or -1 (ignored or invalid), w[v] = 1 where counted.
 // Returns the number of labels outside [0, K) that are not the ignored label.
 template <typename L, typename Acc>
-int64_t load_labels(const L* labels, int64_t n, const SegLossGeometry& g, int32_t* y, Acc* w) {
+ANATOMASK_INLINE int64_t load_labels(const L* labels, int64_t n, const SegLossGeometry& g, int32_t* y, Acc* w) {
   int64_t bad = 0;
   for (int64_t v = 0; v < n; ++v) {
     const int64_t label = static_cast<int64_t>(labels[v]);
@@ -82,7 +113,7 @@ struct Chunk {
   // Loads logits x[k * S + v], v < n, and leaves e = exp(x - max), s = sum_k e,
   // m = max and xy = the logit at the label (0 where not counted).
   template <typename T>
-  void softmax(const T* x, int64_t S, int64_t K, int64_t n) {
+  ANATOMASK_INLINE void softmax(const T* x, int64_t S, int64_t K, int64_t n) {
     Acc* __restrict ep = e.data();
     Acc* __restrict mp = m.data();
     Acc* __restrict sp = s.data();
@@ -116,6 +147,45 @@ struct Chunk {
   }
 };
 
+// One chunk's partial sums: out = intersect[K], sum_pred[K], sum_gt[K], ce (NaN when a
+// label is out of range).
+template <typename T, typename L, typename Acc>
+ANATOMASK_SIMD_CLONES void forward_chunk(const T* logits, const L* labels,
+                                         const SegLossGeometry& g, int64_t n, Chunk<Acc>& c,
+                                         Acc* out) {
+  const int64_t K = g.K;
+  const int64_t bad = load_labels(labels, n, g, c.y.data(), c.w.data());
+  c.softmax(logits, g.S, K, n);
+  Acc* __restrict s = c.s.data();
+  const Acc* __restrict m = c.m.data();
+  const Acc* __restrict xy = c.xy.data();
+  const Acc* __restrict w = c.w.data();
+  const int32_t* __restrict y = c.y.data();
+  Acc ce = 0;
+#pragma omp simd reduction(+ : ce)
+  for (int64_t v = 0; v < n; ++v) {
+    ce += w[v] * (m[v] + log_at_least_one(s[v]) - xy[v]);
+    s[v] = Acc(1) / s[v];  // from here on: 1 / sum
+  }
+  out[3 * K] = bad ? std::numeric_limits<Acc>::quiet_NaN() : ce;
+  for (int64_t k = 0; k < K; ++k) {
+    const Acc* __restrict er = c.e.data() + k * kChunk;
+    const int32_t kk = static_cast<int32_t>(k);
+    Acc inter = 0, pred = 0, gt = 0;
+#pragma omp simd reduction(+ : inter, pred, gt)
+    for (int64_t v = 0; v < n; ++v) {
+      const Acc p = er[v] * s[v];
+      const bool hit = y[v] == kk;
+      inter += hit ? p : Acc(0);
+      pred += w[v] * p;
+      gt += hit ? Acc(1) : Acc(0);
+    }
+    out[k] = inter;
+    out[K + k] = pred;
+    out[2 * K + k] = gt;
+  }
+}
+
 template <typename T, typename L, typename Acc = at::opmath_type<T>>
 void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g,
                     Acc* class_sums, Acc* ce_sums) {
@@ -126,35 +196,8 @@ void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g,
     Chunk<Acc> c(K);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t b = chunk / per_sample, v0 = (chunk % per_sample) * kChunk;
-      const int64_t n = std::min(kChunk, S - v0);
-      const int64_t bad = load_labels(labels + b * S + v0, n, g, c.y.data(), c.w.data());
-      c.softmax(logits + b * K * S + v0, S, K, n);
-      Acc* out = partials.data() + chunk * row;
-      Acc ce = 0;
-      for (int64_t v = 0; v < n; ++v) {
-        c.s[v] = Acc(1) / c.s[v];  // from here on: 1 / sum
-        ce += c.w[v] * (c.m[v] - std::log(c.s[v]) - c.xy[v]);
-      }
-      out[3 * K] = bad ? std::numeric_limits<Acc>::quiet_NaN() : ce;
-      const Acc* __restrict inv = c.s.data();
-      const Acc* __restrict w = c.w.data();
-      const int32_t* __restrict y = c.y.data();
-      for (int64_t k = 0; k < K; ++k) {
-        const Acc* __restrict er = c.e.data() + k * kChunk;
-        const int32_t kk = static_cast<int32_t>(k);
-        Acc inter = 0, pred = 0, gt = 0;
-#pragma omp simd reduction(+ : inter, pred, gt)
-        for (int64_t v = 0; v < n; ++v) {
-          const Acc p = er[v] * inv[v];
-          const bool hit = y[v] == kk;
-          inter += hit ? p : Acc(0);
-          pred += w[v] * p;
-          gt += hit ? Acc(1) : Acc(0);
-        }
-        out[k] = inter;
-        out[K + k] = pred;
-        out[2 * K + k] = gt;
-      }
+      forward_chunk(logits + b * K * S + v0, labels + b * S + v0, g,
+                    std::min(kChunk, S - v0), c, partials.data() + chunk * row);
     }
   });
   // Serial: a few adds per chunk, less than a second parallel region costs.
@@ -170,6 +213,49 @@ void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g,
   }
 }
 
+// One chunk's logit gradients, written to grad[k * S + v], v < n. g_inter, g_pred: the
+// sample's incoming gradients of the Dice sums; g_ce: of the CE sum.
+template <typename T, typename L, typename Acc>
+ANATOMASK_SIMD_CLONES void backward_chunk(const Acc* g_inter, const Acc* g_pred, Acc g_ce,
+                                          const T* logits, const L* labels,
+                                          const SegLossGeometry& g, int64_t n, Chunk<Acc>& c,
+                                          Acc* dot, T* grad) {
+  const int64_t K = g.K, S = g.S;
+  load_labels(labels, n, g, c.y.data(), c.w.data());
+  c.softmax(logits, S, K, n);
+  Acc* __restrict inv = c.s.data();
+  Acc* __restrict dp = dot;
+  const int32_t* __restrict y = c.y.data();
+  const Acc* __restrict w = c.w.data();
+  for (int64_t v = 0; v < n; ++v) {
+    inv[v] = Acc(1) / inv[v];
+    dp[v] = Acc(0);
+  }
+  // d loss / d p_k = g_pred[k] + [k = y] g_inter[k]; dot = sum_k p_k d loss / d p_k.
+  for (int64_t k = 0; k < K; ++k) {
+    Acc* __restrict er = c.e.data() + k * kChunk;
+    const Acc gp = g_pred[k], gi = g_inter[k];
+    const int32_t kk = static_cast<int32_t>(k);
+    for (int64_t v = 0; v < n; ++v) {
+      const Acc p = er[v] * inv[v];
+      er[v] = p;
+      dp[v] += p * (y[v] == kk ? gp + gi : gp);
+    }
+  }
+  // Softmax Jacobian for the Dice part, p - onehot for the CE part.
+  for (int64_t k = 0; k < K; ++k) {
+    const Acc* __restrict er = c.e.data() + k * kChunk;
+    const Acc gp = g_pred[k] + g_ce, gi = g_inter[k];
+    const int32_t kk = static_cast<int32_t>(k);
+    T* __restrict out = grad + k * S;
+    for (int64_t v = 0; v < n; ++v) {
+      const Acc p = er[v];
+      const Acc hit = y[v] == kk ? p * gi - g_ce : Acc(0);
+      out[v] = static_cast<T>(w[v] * (p * (gp - dp[v]) + hit));
+    }
+  }
+}
+
 template <typename T, typename L, typename Acc = at::opmath_type<T>>
 void backward_kernel(const Acc* grad_sums, const Acc* grad_ce, const T* logits,
                      const L* labels, const SegLossGeometry& g, T* grad) {
@@ -179,43 +265,10 @@ void backward_kernel(const Acc* grad_sums, const Acc* grad_ce, const T* logits,
     std::vector<Acc> dot(kChunk);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t b = chunk / per_sample, v0 = (chunk % per_sample) * kChunk;
-      const int64_t n = std::min(kChunk, S - v0);
-      load_labels(labels + b * S + v0, n, g, c.y.data(), c.w.data());
-      c.softmax(logits + b * K * S + v0, S, K, n);
       const Acc* g_inter = grad_sums + b * 3 * K;
-      const Acc* g_pred = g_inter + K;
-      const Acc g_ce = grad_ce[b];
-      Acc* __restrict inv = c.s.data();
-      Acc* __restrict dp = dot.data();
-      const int32_t* __restrict y = c.y.data();
-      const Acc* __restrict w = c.w.data();
-      for (int64_t v = 0; v < n; ++v) {
-        inv[v] = Acc(1) / inv[v];
-        dp[v] = Acc(0);
-      }
-      // d loss / d p_k = g_pred[k] + [k = y] g_inter[k]; dot = sum_k p_k d loss / d p_k.
-      for (int64_t k = 0; k < K; ++k) {
-        Acc* __restrict er = c.e.data() + k * kChunk;
-        const Acc gp = g_pred[k], gi = g_inter[k];
-        const int32_t kk = static_cast<int32_t>(k);
-        for (int64_t v = 0; v < n; ++v) {
-          const Acc p = er[v] * inv[v];
-          er[v] = p;
-          dp[v] += p * (y[v] == kk ? gp + gi : gp);
-        }
-      }
-      // Softmax Jacobian for the Dice part, p - onehot for the CE part.
-      for (int64_t k = 0; k < K; ++k) {
-        const Acc* __restrict er = c.e.data() + k * kChunk;
-        const Acc gp = g_pred[k] + g_ce, gi = g_inter[k];
-        const int32_t kk = static_cast<int32_t>(k);
-        T* __restrict out = grad + (b * K + k) * S + v0;
-        for (int64_t v = 0; v < n; ++v) {
-          const Acc p = er[v];
-          const Acc hit = y[v] == kk ? p * gi - g_ce : Acc(0);
-          out[v] = static_cast<T>(w[v] * (p * (gp - dp[v]) + hit));
-        }
-      }
+      backward_chunk(g_inter, g_inter + K, grad_ce[b], logits + b * K * S + v0,
+                     labels + b * S + v0, g, std::min(kChunk, S - v0), c, dot.data(),
+                     grad + b * K * S + v0);
     }
   });
 }

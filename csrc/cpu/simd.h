@@ -1,0 +1,24 @@
+// Runtime ISA dispatch for the CPU kernels' hot loops.
+//
+// The extension is compiled for the baseline x86-64 (SSE2) so that it loads on any
+// x86 machine; the functions marked ANATOMASK_SIMD_CLONES are also compiled for
+// x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), and the loader picks the widest
+// clone the CPU supports (GCC/Clang function multi-versioning, an ifunc resolver),
+// as ATen picks its own kernels' CPU_CAPABILITY at run time. Elsewhere: a no-op.
+// Helpers called from a clone's loops are marked ANATOMASK_INLINE: inlined, they are
+// compiled for the clone's ISA; called, they would run the baseline code.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__CUDACC__) && !defined(ANATOMASK_NO_SIMD_CLONES)
+#define ANATOMASK_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ANATOMASK_SIMD_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define ANATOMASK_INLINE __attribute__((always_inline)) inline
+#else
+#define ANATOMASK_INLINE inline
+#endif

@@ -49,7 +49,10 @@ def extension():
     debug = os.environ.get("ANATOMASK_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = [*opt, "-fopenmp"]
+    # Selects (masks, clamps, activation slopes) in the voxel loops vectorize only when
+    # comparisons may run speculatively; no kernel reads floating-point exception flags
+    # or errno.
+    cxx = [*opt, "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if not build_cuda():
         return CppExtension("anatomask_fast._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])

@@ -14,6 +14,7 @@
 
 #include "../mask_geometry.h"
 #include "../outputs.h"
+#include "simd.h"
 
 namespace anatomask_fast {
 namespace {
@@ -121,8 +122,10 @@ class LineMask {
 
 // Calls fn(line_offset, keep, visible) for every line of the (b, c) row of a
 // (B, C, H, W, D) volume; line_offset is the line's first element.
+// Inlined (as the per-line lambdas: ANATOMASK_INLINE) so that the voxel loops are
+// compiled for the ISA of the kernel function calling it (simd.h).
 template <typename Fn>
-void for_each_line(LineMask& lines, const MaskGeometry& g, int64_t row, Fn&& fn) {
+ANATOMASK_INLINE void for_each_line(LineMask& lines, const MaskGeometry& g, int64_t row, Fn&& fn) {
   const int64_t b = row / g.C;
   for (int64_t i = 0; i < g.H; ++i) {
     for (int64_t j = 0; j < g.W; ++j) {
@@ -133,6 +136,51 @@ void for_each_line(LineMask& lines, const MaskGeometry& g, int64_t row, Fn&& fn)
 }
 
 // ---- densify ----
+
+// Rows [begin, end) of the (B*C, H*W*D) view: the token at hidden voxels.
+template <typename scalar_t>
+ANATOMASK_SIMD_CLONES void densify_rows(const scalar_t* src, const bool* mask,
+                                        const scalar_t* tok, const MaskGeometry& g,
+                                        scalar_t* dst, int64_t begin, int64_t end) {
+  LineMask lines(mask, g);
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t fill = tok[row % g.C];
+    for_each_line(lines, g, row,
+                  [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
+      const scalar_t* s = src + off;
+      scalar_t* t = dst + off;
+#pragma omp simd
+      for (int64_t k = 0; k < g.D; ++k) t[k] = keep[k] ? s[k] : fill;
+    });
+  }
+}
+
+// Rows [begin, end): the gradient at visible voxels to grad_x, zeros at hidden ones;
+// row_sums[row] = the sum of the gradient at hidden voxels (the token's share).
+template <typename scalar_t>
+ANATOMASK_SIMD_CLONES void densify_backward_rows(const scalar_t* src, const bool* mask,
+                                                 const MaskGeometry& g, scalar_t* dst,
+                                                 double* row_sums, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  LineMask lines(mask, g);
+  for (int64_t row = begin; row < end; ++row) {
+    double total = 0;
+    for_each_line(lines, g, row,
+                  [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
+      const scalar_t* s = src + off;
+      scalar_t* t = dst + off;
+      acc hidden = 0;
+#pragma omp simd reduction(+ : hidden)
+      for (int64_t k = 0; k < g.D; ++k) {
+        const acc v = static_cast<acc>(s[k]);
+        t[k] = keep[k] ? s[k] : scalar_t(0);
+        hidden += keep[k] ? acc(0) : v;
+      }
+      total += hidden;
+    });
+    row_sums[row] = total;
+  }
+}
 
 at::Tensor densify_cpu(const at::Tensor& x, const at::Tensor& active, const at::Tensor& token) {
   const MaskGeometry g = mask_geometry(x, active, "densify");
@@ -145,20 +193,9 @@ at::Tensor densify_cpu(const at::Tensor& x, const at::Tensor& active, const at::
   if (xc.numel() == 0) return y;
   dispatch_float(xc.scalar_type(), "densify", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* src = xc.const_data_ptr<scalar_t>();
-    const scalar_t* tok = tc.const_data_ptr<scalar_t>();
-    scalar_t* dst = y.data_ptr<scalar_t>();
     at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-      LineMask lines(mc.const_data_ptr<bool>(), g);
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t fill = tok[row % g.C];
-        for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
-          const scalar_t* s = src + off;
-          scalar_t* t = dst + off;
-#pragma omp simd
-          for (int64_t k = 0; k < g.D; ++k) t[k] = keep[k] ? s[k] : fill;
-        });
-      }
+      densify_rows(xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
+                   tc.const_data_ptr<scalar_t>(), g, y.data_ptr<scalar_t>(), begin, end);
     });
   });
   return y;
@@ -176,26 +213,9 @@ std::tuple<at::Tensor, at::Tensor> densify_backward_cpu(const at::Tensor& grad,
     using acc = acc_t<scalar_t>;
     grad_token = new_output({g.C}, gc.options().dtype(c10::CppTypeToScalarType<acc>::value));
     std::vector<double> row_sums(g.B * g.C, 0.0);
-    const scalar_t* src = gc.const_data_ptr<scalar_t>();
-    scalar_t* dst = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-      LineMask lines(mc.const_data_ptr<bool>(), g);
-      for (int64_t row = begin; row < end; ++row) {
-        double total = 0;
-        for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
-          const scalar_t* s = src + off;
-          scalar_t* t = dst + off;
-          acc hidden = 0;
-#pragma omp simd reduction(+ : hidden)
-          for (int64_t k = 0; k < g.D; ++k) {
-            const acc v = static_cast<acc>(s[k]);
-            t[k] = keep[k] ? s[k] : scalar_t(0);
-            hidden += keep[k] ? acc(0) : v;
-          }
-          total += hidden;
-        });
-        row_sums[row] = total;
-      }
+      densify_backward_rows(gc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), g,
+                            grad_x.data_ptr<scalar_t>(), row_sums.data(), begin, end);
     });
     acc* out = grad_token.data_ptr<acc>();
     for (int64_t c = 0; c < g.C; ++c) {
@@ -220,7 +240,7 @@ Activation parse_activation(const std::string& name, const char* op) {
 }
 
 template <Activation A, typename T>
-inline T activate(T v) {
+ANATOMASK_INLINE T activate(T v) {
   if constexpr (A == Activation::kLeakyRelu) return v > T(0) ? v : v * T(0.01);
   if constexpr (A == Activation::kRelu6) return std::min(std::max(v, T(0)), T(6));
   return v;
@@ -228,7 +248,7 @@ inline T activate(T v) {
 
 // Derivative at pre-activation v, as PyTorch's leaky_relu / hardtanh backward.
 template <Activation A, typename T>
-inline T activation_slope(T v) {
+ANATOMASK_INLINE T activation_slope(T v) {
   if constexpr (A == Activation::kLeakyRelu) return v > T(0) ? T(1) : T(0.01);
   if constexpr (A == Activation::kRelu6) return (v > T(0) && v < T(6)) ? T(1) : T(0);
   return T(1);
@@ -273,6 +293,133 @@ at::Tensor affine_param(const c10::optional<at::Tensor>& p, int64_t C, const cha
   return p->to(c10::CppTypeToScalarType<acc>::value).contiguous();
 }
 
+// Row (b, c)'s statistics: mean, rstd (per group) and the channel's affine.
+template <typename acc>
+struct RowStats {
+  const acc* mean;
+  const acc* rstd;
+  const Affine<acc>& affine;
+  bool per_sample;
+  // Index of row's statistics in the (groups, C) tables.
+  int64_t index(int64_t row, const MaskGeometry& g) const {
+    return (per_sample ? row / g.C : 0) * g.C + row % g.C;
+  }
+};
+
+// Rows [begin, end): count, mean and M2 of the visible voxels of each (b, c) row.
+template <typename scalar_t>
+ANATOMASK_SIMD_CLONES void moments_rows(const scalar_t* src, const bool* mask,
+                                        const MaskGeometry& g, Moments* rows, int64_t begin,
+                                        int64_t end) {
+  using acc = acc_t<scalar_t>;
+  LineMask lines(mask, g);
+  for (int64_t row = begin; row < end; ++row) {
+    Moments m;
+    for_each_line(lines, g, row,
+                  [&](int64_t off, const uint8_t* keep, int64_t visible) ANATOMASK_INLINE_LAMBDA {
+      if (visible == 0) return;
+      const scalar_t* s = src + off;
+      acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < g.D; ++k) sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
+      const acc line_mean = sum / static_cast<acc>(visible);
+      acc m2 = 0;
+#pragma omp simd reduction(+ : m2)
+      for (int64_t k = 0; k < g.D; ++k) {
+        const acc t = static_cast<acc>(s[k]) - line_mean;
+        m2 += keep[k] ? t * t : acc(0);
+      }
+      m.merge(static_cast<double>(visible), line_mean, m2);
+    });
+    rows[row] = m;
+  }
+}
+
+// Rows [begin, end) of the output: normalized, affine, activated; zeros where hidden.
+template <Activation A, typename scalar_t, typename acc>
+ANATOMASK_SIMD_CLONES void normalize_rows(const scalar_t* src, const bool* mask,
+                                          const MaskGeometry& g, const RowStats<acc>& stats,
+                                          scalar_t* dst, int64_t begin, int64_t end) {
+  LineMask lines(mask, g);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t c = row % g.C, stat = stats.index(row, g);
+    const acc mu = stats.mean[stat], r = stats.rstd[stat];
+    const acc w = stats.affine.w(c), bs = stats.affine.b(c);
+    for_each_line(lines, g, row,
+                  [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
+      const scalar_t* s = src + off;
+      scalar_t* t = dst + off;
+#pragma omp simd
+      for (int64_t k = 0; k < g.D; ++k) {
+        const acc v = activate<A>((static_cast<acc>(s[k]) - mu) * r * w + bs);
+        t[k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+      }
+    });
+  }
+}
+
+// Rows [begin, end): count, sum of g' and of g' * xhat over visible voxels, where g' is
+// the gradient before the activation (its slope recomputed from x).
+template <Activation A, typename scalar_t, typename acc>
+ANATOMASK_SIMD_CLONES void gradient_sums_rows(const scalar_t* gp, const scalar_t* xp,
+                                              const bool* mask, const MaskGeometry& g,
+                                              const RowStats<acc>& stats, double* count,
+                                              double* sum_g, double* sum_gx, int64_t begin,
+                                              int64_t end) {
+  LineMask lines(mask, g);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t c = row % g.C, stat = stats.index(row, g);
+    const acc mu = stats.mean[stat], r = stats.rstd[stat];
+    const acc w = stats.affine.w(c), bs = stats.affine.b(c);
+    double n = 0, sg = 0, sgx = 0;
+    for_each_line(lines, g, row,
+                  [&](int64_t off, const uint8_t* keep, int64_t visible) ANATOMASK_INLINE_LAMBDA {
+      if (visible == 0) return;
+      acc line_g = 0, line_gx = 0;
+#pragma omp simd reduction(+ : line_g, line_gx)
+      for (int64_t k = 0; k < g.D; ++k) {
+        const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
+        const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
+        line_g += keep[k] ? gv : acc(0);
+        line_gx += keep[k] ? gv * xhat : acc(0);
+      }
+      n += static_cast<double>(visible);
+      sg += line_g;
+      sgx += line_gx;
+    });
+    count[row] = n;
+    sum_g[row] = sg;
+    sum_gx[row] = sgx;
+  }
+}
+
+// Rows [begin, end) of grad_x = rstd * w * (g' - mean(g') - xhat * mean(g' * xhat)) over
+// visible voxels, zeros where hidden; coef_g / coef_gx hold the group means.
+template <Activation A, typename scalar_t, typename acc>
+ANATOMASK_SIMD_CLONES void input_gradient_rows(const scalar_t* gp, const scalar_t* xp,
+                                               const bool* mask, const MaskGeometry& g,
+                                               const RowStats<acc>& stats, const acc* coef_g,
+                                               const acc* coef_gx, scalar_t* dst,
+                                               int64_t begin, int64_t end) {
+  LineMask lines(mask, g);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t c = row % g.C, stat = stats.index(row, g);
+    const acc mu = stats.mean[stat], r = stats.rstd[stat];
+    const acc w = stats.affine.w(c), bs = stats.affine.b(c);
+    const acc mg = coef_g[stat], mgx = coef_gx[stat], scale = r * w;
+    for_each_line(lines, g, row,
+                  [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
+#pragma omp simd
+      for (int64_t k = 0; k < g.D; ++k) {
+        const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
+        const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
+        const acc v = scale * (gv - mg - xhat * mgx);
+        dst[off + k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+      }
+    });
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
     const at::Tensor& x, const at::Tensor& active, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, bool per_sample, double eps,
@@ -297,26 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
     // Pass 1: moments of every (b, c) row, then merged per group.
     std::vector<Moments> rows(g.B * g.C);
     at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-      LineMask lines(mask, g);
-      for (int64_t row = begin; row < end; ++row) {
-        Moments m;
-        for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t visible) {
-          if (visible == 0) return;
-          const scalar_t* s = src + off;
-          acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t k = 0; k < g.D; ++k) sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
-          const acc line_mean = sum / static_cast<acc>(visible);
-          acc m2 = 0;
-#pragma omp simd reduction(+ : m2)
-          for (int64_t k = 0; k < g.D; ++k) {
-            const acc t = static_cast<acc>(s[k]) - line_mean;
-            m2 += keep[k] ? t * t : acc(0);
-          }
-          m.merge(static_cast<double>(visible), line_mean, m2);
-        });
-        rows[row] = m;
-      }
+      moments_rows(src, mask, g, rows.data(), begin, end);
     });
     acc* mean_p = mean.data_ptr<acc>();
     acc* rstd_p = rstd.data_ptr<acc>();
@@ -333,25 +461,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
       }
     }
     // Pass 2: normalize, affine, activation; exact zeros at hidden voxels.
-    scalar_t* dst = y.data_ptr<scalar_t>();
+    const RowStats<acc> stats{mean_p, rstd_p, affine, per_sample};
     dispatch_activation(act, [&](auto a) {
-      constexpr Activation A = decltype(a)::value;
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        LineMask lines(mask, g);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t c = row % g.C;
-          const int64_t stat = (per_sample ? row / g.C : 0) * g.C + c;
-          const acc mu = mean_p[stat], r = rstd_p[stat], w = affine.w(c), bs = affine.b(c);
-          for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
-            const scalar_t* s = src + off;
-            scalar_t* t = dst + off;
-#pragma omp simd
-            for (int64_t k = 0; k < g.D; ++k) {
-              const acc v = activate<A>((static_cast<acc>(s[k]) - mu) * r * w + bs);
-              t[k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
-            }
-          });
-        }
+        normalize_rows<decltype(a)::value>(src, mask, g, stats, y.data_ptr<scalar_t>(), begin,
+                                           end);
       });
     });
   });
@@ -387,33 +501,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
     // Per row: count, sum of g' and of g' * xhat over visible voxels, where g' is the
     // gradient before the activation (its slope recomputed from x).
     std::vector<double> count(g.B * g.C), sum_g(g.B * g.C), sum_gx(g.B * g.C);
+    const RowStats<acc> stats{mean_p, rstd_p, affine, per_sample};
     dispatch_activation(act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        LineMask lines(mask, g);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t c = row % g.C;
-          const int64_t stat = (per_sample ? row / g.C : 0) * g.C + c;
-          const acc mu = mean_p[stat], r = rstd_p[stat], w = affine.w(c), bs = affine.b(c);
-          double n = 0, sg = 0, sgx = 0;
-          for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t visible) {
-            if (visible == 0) return;
-            acc line_g = 0, line_gx = 0;
-#pragma omp simd reduction(+ : line_g, line_gx)
-            for (int64_t k = 0; k < g.D; ++k) {
-              const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
-              const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
-              line_g += keep[k] ? gv : acc(0);
-              line_gx += keep[k] ? gv * xhat : acc(0);
-            }
-            n += static_cast<double>(visible);
-            sg += line_g;
-            sgx += line_gx;
-          });
-          count[row] = n;
-          sum_g[row] = sg;
-          sum_gx[row] = sgx;
-        }
+        gradient_sums_rows<A>(gp, xp, mask, g, stats, count.data(), sum_g.data(),
+                              sum_gx.data(), begin, end);
       });
       // Group totals; grad bias / weight are the totals over the whole batch.
       const auto stat_options = xc.options().dtype(c10::CppTypeToScalarType<acc>::value);
@@ -437,24 +530,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
         grad_b.data_ptr<acc>()[c] = static_cast<acc>(all_g);
         grad_w.data_ptr<acc>()[c] = static_cast<acc>(all_gx);
       }
-      // grad_x = rstd * w * (g' - mean(g') - xhat * mean(g' * xhat)) over visible voxels.
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        LineMask lines(mask, g);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t c = row % g.C;
-          const int64_t stat = (per_sample ? row / g.C : 0) * g.C + c;
-          const acc mu = mean_p[stat], r = rstd_p[stat], w = affine.w(c), bs = affine.b(c);
-          const acc mg = coef_g[stat], mgx = coef_gx[stat], scale = r * w;
-          for_each_line(lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) {
-#pragma omp simd
-            for (int64_t k = 0; k < g.D; ++k) {
-              const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
-              const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
-              const acc v = scale * (gv - mg - xhat * mgx);
-              dst[off + k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
-            }
-          });
-        }
+        input_gradient_rows<A>(gp, xp, mask, g, stats, coef_g.data(), coef_gx.data(), dst,
+                               begin, end);
       });
     });
   });

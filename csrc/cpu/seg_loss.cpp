@@ -26,12 +26,6 @@
 #include "../seg_loss.h"
 #include "simd.h"
 
-// Selects (clamps, one-hot masks) in the voxel loops vectorize only when comparisons
-// may be executed speculatively; nothing here reads floating-point exception flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-
 namespace anatomask_fast {
 namespace {
 

@@ -22,3 +22,10 @@
 #else
 #define ANATOMASK_INLINE inline
 #endif
+
+// The same for a lambda (after its parameter list): `[&](int i) ANATOMASK_INLINE_LAMBDA {`.
+#if defined(__GNUC__) || defined(__clang__)
+#define ANATOMASK_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define ANATOMASK_INLINE_LAMBDA
+#endif

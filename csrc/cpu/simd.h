@@ -5,6 +5,8 @@
 // x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), and the loader picks the widest
 // clone the CPU supports (GCC/Clang function multi-versioning, an ifunc resolver),
 // as ATen picks its own kernels' CPU_CAPABILITY at run time. Elsewhere: a no-op.
+// A cloned function must not throw: GCC (12) treats calls through the resolver as
+// nothrow, so an exception ends the process. Clones report errors to their caller.
 // Helpers called from a clone's loops are marked ANATOMASK_INLINE: inlined, they are
 // compiled for the clone's ISA; called, they would run the baseline code.
 #pragma once

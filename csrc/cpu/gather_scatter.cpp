@@ -264,7 +264,7 @@ void dispatch_activation(Activation a, Fn&& fn) {
 }
 
 // Count, mean and sum of squared deviations, merged with Chan's formula so that a
-// large mean does not cancel the variance (each line is two-pass in cache).
+// large mean does not cancel the variance.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
   void merge(double n2, double mean2, double m22) {
@@ -306,7 +306,10 @@ struct RowStats {
   }
 };
 
-// Rows [begin, end): count, mean and M2 of the visible voxels of each (b, c) row.
+// Rows [begin, end): count, mean and M2 of the visible voxels of each (b, c) row, from
+// the sums of x - K and (x - K)^2 with K the mean of the row's first visible line
+// (shifted data: K is near the mean, so a large mean does not cancel the variance, and
+// every line is one pass with no per-line division).
 template <typename scalar_t>
 ANATOMASK_SIMD_CLONES void moments_rows(const scalar_t* src, const bool* mask,
                                         const MaskGeometry& g, Moments* rows, int64_t begin,
@@ -314,24 +317,30 @@ ANATOMASK_SIMD_CLONES void moments_rows(const scalar_t* src, const bool* mask,
   using acc = acc_t<scalar_t>;
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
-    Moments m;
+    double n = 0, s1 = 0, s2 = 0;
+    acc shift = 0;
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t visible) ANATOMASK_INLINE_LAMBDA {
       if (visible == 0) return;
       const scalar_t* s = src + off;
-      acc sum = 0;
+      if (n == 0) {
+        acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < g.D; ++k) sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
-      const acc line_mean = sum / static_cast<acc>(visible);
-      acc m2 = 0;
-#pragma omp simd reduction(+ : m2)
-      for (int64_t k = 0; k < g.D; ++k) {
-        const acc t = static_cast<acc>(s[k]) - line_mean;
-        m2 += keep[k] ? t * t : acc(0);
+        for (int64_t k = 0; k < g.D; ++k) sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
+        shift = sum / static_cast<acc>(visible);
       }
-      m.merge(static_cast<double>(visible), line_mean, m2);
+      acc line1 = 0, line2 = 0;
+#pragma omp simd reduction(+ : line1, line2)
+      for (int64_t k = 0; k < g.D; ++k) {
+        const acc t = keep[k] ? static_cast<acc>(s[k]) - shift : acc(0);
+        line1 += t;
+        line2 += t * t;
+      }
+      n += static_cast<double>(visible);
+      s1 += line1;
+      s2 += line2;
     });
-    rows[row] = m;
+    rows[row] = n > 0 ? Moments{n, shift + s1 / n, std::max(0.0, s2 - s1 * s1 / n)} : Moments{};
   }
 }
 

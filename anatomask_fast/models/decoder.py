@@ -33,6 +33,14 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1, 1)
 
 
+def _layout_of(t: torch.Tensor) -> torch.memory_format:
+    """The dense memory format ``t`` is in. The decoder runs channels-last on CPU: an
+    incoming gradient made plain-contiguous would be a full copy (and every convolution
+    backward would reorder between the two formats)."""
+    channels_last = t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
 class _BatchNormActConv(torch.autograd.Function):
     """conv(act(batch_norm(x))) storing x and the per-channel statistics only.
 
@@ -67,7 +75,7 @@ class _BatchNormActConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, rstd, weight, bias, conv_weight, count = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.contiguous(memory_format=_layout_of(x))
         # One sample at a time: the activated map, its gradient and the convolution's
         # temporaries exist for one sample at once (the gradient buffer for the batch,
         # which becomes d x in place). The forward's conv ran in grad_out's dtype
@@ -163,8 +171,9 @@ class _UpsampleConv(torch.autograd.Function):
                 up = F.conv_transpose3d(sample, up_weight, up_bias, stride=up_stride,
                                         padding=up_padding)
             grad_up, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad[n:n + 1].contiguous(), up.to(grad.dtype), compute_weight, None, [1] * 3,
-                list(padding), [1] * 3, False, [0] * 3, 1, [True, True, False])
+                grad[n:n + 1].contiguous(memory_format=_layout_of(up)), up.to(grad.dtype),
+                compute_weight, None, [1] * 3, list(padding), [1] * 3, False, [0] * 3, 1,
+                [True, True, False])
             del up
             grad_sample, grad_up_weight, grad_up_bias = torch.ops.aten.convolution_backward(
                 grad_up, sample.to(grad.dtype), compute_up_weight, [up_weight.shape[1]],

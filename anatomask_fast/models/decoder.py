@@ -228,7 +228,7 @@ class LightDecoder(nn.Module):
         x: torch.Tensor | int = 0
         for i, level in enumerate(self.dec):
             if i < len(features) and features[i] is not None:
-                x = x + features[i]
+                x = features[i] + x      # in the feature's memory format
             if lean and i == len(self.dec) - 1 and self.training and torch.is_grad_enabled():
                 return self._last_level_lean(level, x)
             x = level(x, lean)

@@ -83,7 +83,8 @@ inline double log_at_least_one(double x) { return std::log(x); }
 // One chunk's labels: y[v] = class or -1 (ignored or invalid), w[v] = 1 where counted.
 // Returns the number of labels outside [0, K) that are not the ignored label.
 template <typename L, typename Acc>
-ANATOMASK_INLINE int64_t load_labels(const L* labels, int64_t n, const SegLossGeometry& g, int32_t* y, Acc* w) {
+ANATOMASK_INLINE int64_t load_labels(const L* labels, int64_t n, const SegLossGeometry& g,
+                                     int32_t* y, Acc* w) {
   int64_t bad = 0;
   for (int64_t v = 0; v < n; ++v) {
     const int64_t label = static_cast<int64_t>(labels[v]);

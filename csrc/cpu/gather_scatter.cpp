@@ -122,8 +122,8 @@ class LineMask {
 
 // Calls fn(line_offset, keep, visible) for every line of the (b, c) row of a
 // (B, C, H, W, D) volume; line_offset is the line's first element.
-// Inlined (as the per-line lambdas: ANATOMASK_INLINE) so that the voxel loops are
-// compiled for the ISA of the kernel function calling it (simd.h).
+// Force-inlined (and so are the per-line lambdas given to it) so that the voxel loops
+// are compiled for the ISA of the kernel function calling it (simd.h).
 template <typename Fn>
 ANATOMASK_INLINE void for_each_line(LineMask& lines, const MaskGeometry& g, int64_t row, Fn&& fn) {
   const int64_t b = row / g.C;
@@ -293,16 +293,24 @@ at::Tensor affine_param(const c10::optional<at::Tensor>& p, int64_t C, const cha
   return p->to(c10::CppTypeToScalarType<acc>::value).contiguous();
 }
 
-// Row (b, c)'s statistics: mean, rstd (per group) and the channel's affine.
+// What normalizes one (b, c) row: its index in the (groups, C) statistics tables, its
+// mean and rstd, and the channel's affine weight and bias.
+template <typename acc>
+struct RowCoefs {
+  int64_t stat;
+  acc mu, r, w, bs;
+};
+
+// The statistics tables (per group) and the affine, looked up per row.
 template <typename acc>
 struct RowStats {
   const acc* mean;
   const acc* rstd;
   const Affine<acc>& affine;
   bool per_sample;
-  // Index of row's statistics in the (groups, C) tables.
-  int64_t index(int64_t row, const MaskGeometry& g) const {
-    return (per_sample ? row / g.C : 0) * g.C + row % g.C;
+  RowCoefs<acc> at(int64_t row, const MaskGeometry& g) const {
+    const int64_t c = row % g.C, stat = (per_sample ? row / g.C : 0) * g.C + c;
+    return {stat, mean[stat], rstd[stat], affine.w(c), affine.b(c)};
   }
 };
 
@@ -351,17 +359,15 @@ ANATOMASK_SIMD_CLONES void normalize_rows(const scalar_t* src, const bool* mask,
                                           scalar_t* dst, int64_t begin, int64_t end) {
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t c = row % g.C, stat = stats.index(row, g);
-    const acc mu = stats.mean[stat], r = stats.rstd[stat];
-    const acc w = stats.affine.w(c), bs = stats.affine.b(c);
+    const RowCoefs<acc> k = stats.at(row, g);
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
       const scalar_t* s = src + off;
       scalar_t* t = dst + off;
 #pragma omp simd
-      for (int64_t k = 0; k < g.D; ++k) {
-        const acc v = activate<A>((static_cast<acc>(s[k]) - mu) * r * w + bs);
-        t[k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+      for (int64_t v = 0; v < g.D; ++v) {
+        const acc out = activate<A>((static_cast<acc>(s[v]) - k.mu) * k.r * k.w + k.bs);
+        t[v] = keep[v] ? static_cast<scalar_t>(out) : scalar_t(0);
       }
     });
   }
@@ -377,20 +383,18 @@ ANATOMASK_SIMD_CLONES void gradient_sums_rows(const scalar_t* gp, const scalar_t
                                               int64_t end) {
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t c = row % g.C, stat = stats.index(row, g);
-    const acc mu = stats.mean[stat], r = stats.rstd[stat];
-    const acc w = stats.affine.w(c), bs = stats.affine.b(c);
+    const RowCoefs<acc> k = stats.at(row, g);
     double n = 0, sg = 0, sgx = 0;
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t visible) ANATOMASK_INLINE_LAMBDA {
       if (visible == 0) return;
       acc line_g = 0, line_gx = 0;
 #pragma omp simd reduction(+ : line_g, line_gx)
-      for (int64_t k = 0; k < g.D; ++k) {
-        const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
-        const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
-        line_g += keep[k] ? gv : acc(0);
-        line_gx += keep[k] ? gv * xhat : acc(0);
+      for (int64_t v = 0; v < g.D; ++v) {
+        const acc xhat = (static_cast<acc>(xp[off + v]) - k.mu) * k.r;
+        const acc gv = static_cast<acc>(gp[off + v]) * activation_slope<A>(xhat * k.w + k.bs);
+        line_g += keep[v] ? gv : acc(0);
+        line_gx += keep[v] ? gv * xhat : acc(0);
       }
       n += static_cast<double>(visible);
       sg += line_g;
@@ -412,18 +416,16 @@ ANATOMASK_SIMD_CLONES void input_gradient_rows(const scalar_t* gp, const scalar_
                                                int64_t begin, int64_t end) {
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t c = row % g.C, stat = stats.index(row, g);
-    const acc mu = stats.mean[stat], r = stats.rstd[stat];
-    const acc w = stats.affine.w(c), bs = stats.affine.b(c);
-    const acc mg = coef_g[stat], mgx = coef_gx[stat], scale = r * w;
+    const RowCoefs<acc> k = stats.at(row, g);
+    const acc mg = coef_g[k.stat], mgx = coef_gx[k.stat], scale = k.r * k.w;
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
 #pragma omp simd
-      for (int64_t k = 0; k < g.D; ++k) {
-        const acc xhat = (static_cast<acc>(xp[off + k]) - mu) * r;
-        const acc gv = static_cast<acc>(gp[off + k]) * activation_slope<A>(xhat * w + bs);
-        const acc v = scale * (gv - mg - xhat * mgx);
-        dst[off + k] = keep[k] ? static_cast<scalar_t>(v) : scalar_t(0);
+      for (int64_t v = 0; v < g.D; ++v) {
+        const acc xhat = (static_cast<acc>(xp[off + v]) - k.mu) * k.r;
+        const acc gv = static_cast<acc>(gp[off + v]) * activation_slope<A>(xhat * k.w + k.bs);
+        const acc out = scale * (gv - mg - xhat * mgx);
+        dst[off + v] = keep[v] ? static_cast<scalar_t>(out) : scalar_t(0);
       }
     });
   }

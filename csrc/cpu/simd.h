@@ -20,15 +20,12 @@
 #define ANATOMASK_SIMD_CLONES
 #endif
 
+// ANATOMASK_INLINE_LAMBDA is the same for a lambda, after its parameter list:
+// `[&](int i) ANATOMASK_INLINE_LAMBDA {`.
 #if defined(__GNUC__) || defined(__clang__)
 #define ANATOMASK_INLINE __attribute__((always_inline)) inline
-#else
-#define ANATOMASK_INLINE inline
-#endif
-
-// The same for a lambda (after its parameter list): `[&](int i) ANATOMASK_INLINE_LAMBDA {`.
-#if defined(__GNUC__) || defined(__clang__)
 #define ANATOMASK_INLINE_LAMBDA __attribute__((always_inline))
 #else
+#define ANATOMASK_INLINE inline
 #define ANATOMASK_INLINE_LAMBDA
 #endif

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from anatomask_fast.models import decoder as decoder_module
 from anatomask_fast.models.decoder import LightDecoder, batch_norm_act_conv
 
 
@@ -27,8 +28,13 @@ def features(dtype=torch.float64, seed=0):
     return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-samples", "channel-slices"])
 @pytest.mark.parametrize("levels", [3, 4])
-def test_lean_equals_plain_forward_backward_and_running_stats(levels):
+def test_lean_equals_plain_forward_backward_and_running_stats(levels, sliced, monkeypatch):
+    if sliced:  # the fused BatchNorm backward in uneven groups of at least 5 channels
+        monkeypatch.setattr(decoder_module, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(decoder_module, "_MIN_SLICE_CHANNELS", 5)
+        assert len(decoder_module._channel_groups(torch.empty(1, 32, 2, 2, 2))) == 6
     torch.manual_seed(0)
     plain = LightDecoder(levels=levels, width=32, out_channels=2).double().train()
     lean = copy.deepcopy(plain)

@@ -8,15 +8,20 @@ from ``width``; ``proj`` is a 1x1x1 conv to the image channels.
 
 Memory-lean execution (training mode), per level with input ``s``:
 - ``up_sample`` and the following conv run as one autograd function that stores the
-  level's input only and recomputes the up-sampled map in backward, one sample at a
-  time (so the full-resolution map, its gradient and the convolutions' temporaries
-  exist for one sample at once); the recompute costs ~8/27 of that conv.
+  level's input only and recomputes the up-sampled map in backward; the recompute
+  costs ~8/27 of that conv.
 - BatchNorm -> ReLU6 -> conv, and the last BatchNorm -> ``proj``, run as one autograd
   function that stores only the BatchNorm input and recomputes the normalized,
   activated map in backward (element-wise work).
-What stays stored per level: ``s``, and the outputs of the two 3x3x3 convs.
+What stays stored per level: ``s``, and the outputs of the two 3x3x3 convs. Forward and
+backward run one sample at a time (the fused BatchNorm backward one group of input
+channels of a sample at a time), so the full-resolution intermediates, their
+gradients and the convolutions' temporaries exist for one slice at once. Peak memory
+of a CPU pretraining step (STU-Net-B, 1x64^3, B=2) is set by these slices.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -66,40 +71,46 @@ class _BatchNormActConv(torch.autograd.Function):
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             running_var.mul_(1 - momentum).add_(var * count / (count - 1).clamp_min(1),
                                                 alpha=momentum)
-        y = _normalize_act(x, mean, rstd, bn_weight, bn_bias, relu6)
         ctx.save_for_backward(x, mean, rstd, bn_weight, bn_bias, conv_weight, count)
         ctx.relu6, ctx.padding, ctx.sync = relu6, padding, sync
         ctx.has_conv_bias = conv_bias is not None
-        return F.conv3d(y, conv_weight, conv_bias, padding=padding)
+        return _per_sample(lambda n: F.conv3d(
+            _normalize_act(x[n:n + 1], mean, rstd, bn_weight, bn_bias, relu6), conv_weight,
+            conv_bias, padding=padding), x.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, rstd, weight, bias, conv_weight, count = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=_layout_of(x))
-        # One sample at a time: the activated map, its gradient and the convolution's
-        # temporaries exist for one sample at once (the gradient buffer for the batch,
-        # which becomes d x in place). The forward's conv ran in grad_out's dtype
-        # (autocast's, under autocast): so does its backward.
-        compute_weight = conv_weight.to(grad_out.dtype)
+        # One sample and one group of input channels at a time: the activated map, its
+        # gradient and the convolution's temporaries exist for that slice only (the
+        # gradient buffer is for the batch, and becomes d x in place). Input channels
+        # split exactly: each channel's gradient and weight gradient are sums over the
+        # output channels only. The forward's conv ran in grad_out's dtype (autocast's,
+        # under autocast): so does its backward.
         grad_y = torch.empty_like(x)
-        grad_conv_weight = None
+        grad_conv_weight = torch.zeros_like(conv_weight, dtype=torch.promote_types(
+            grad_out.dtype, torch.float32))
         sum_gx = torch.zeros_like(mean)            # per channel, sum of g * x
         for n in range(x.shape[0]):
-            y = _normalize_act(x[n:n + 1], mean, rstd, weight, bias,
-                               ctx.relu6).to(grad_out.dtype)
-            g, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out[n:n + 1], y, compute_weight, None, [1] * 3, list(ctx.padding),
-                [1] * 3, False, [0] * 3, 1, [True, True, False])
-            grad_conv_weight = _accumulate(grad_conv_weight, gw)
-            if ctx.relu6:
-                g.mul_((y > 0) & (y < 6))        # ReLU6's derivative, read off its output
-            grad_y[n:n + 1] = g
-            sum_gx += y.copy_(x[n:n + 1]).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
-            del y, g
+            for ch in _channel_groups(x[n:n + 1]):
+                sample = x[n:n + 1, ch]
+                y = _normalize_act(sample, mean[ch], rstd[ch], weight[ch], bias[ch], ctx.relu6)
+                g, gw, _ = torch.ops.aten.convolution_backward(
+                    grad_out[n:n + 1], y.to(grad_out.dtype),
+                    conv_weight[:, ch].to(grad_out.dtype), None, [1] * 3,
+                    list(ctx.padding), [1] * 3, False, [0] * 3, 1, [True, True, False])
+                grad_conv_weight[:, ch] += gw
+                if ctx.relu6:
+                    # ReLU6's derivative, read off its output. A bool mask, not mul_ by
+                    # one: that would promote the mask to a float copy of the slice.
+                    g.masked_fill_(y.le(0).logical_or_(y.ge(6)), 0)
+                grad_y[n:n + 1, ch] = g
+                sum_gx[ch] += y.copy_(sample).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
+                del y, g
         grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         grad_conv_bias = grad_out.sum(_DIMS, dtype=conv_weight.dtype) if ctx.has_conv_bias \
             else None
-        del compute_weight
         # d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the batch)
         # as a * g + b * x + c in place: xhat is never materialized.
         grad_bias = grad_y.sum(_DIMS, dtype=count.dtype)
@@ -117,6 +128,36 @@ class _BatchNormActConv(torch.autograd.Function):
                 None, None, grad_conv_weight, grad_conv_bias, None, None)
 
 
+def _per_sample(run: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
+    """The batch of ``run(n)`` (each a batch of one), computed one sample at a time: a
+    forward's full-resolution intermediate (up-sampled or activated map) exists for one
+    sample at once."""
+    out = None
+    for n in range(batch):
+        sample = run(n)
+        if out is None:
+            out = torch.empty((batch, *sample.shape[1:]), dtype=sample.dtype,
+                              device=sample.device, memory_format=_layout_of(sample))
+        out[n:n + 1] = sample
+        del sample
+    return out
+
+
+# The largest slice of a sample the fused BatchNorm backward activates at once (CPU:
+# the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample), and the fewest
+# channels a slice has (narrower convolutions lose efficiency).
+_SLICE_BYTES = 16 * 2 ** 20
+_MIN_SLICE_CHANNELS = 16
+
+
+def _channel_groups(sample: torch.Tensor) -> list[slice]:
+    channels = sample.shape[1]
+    groups = -(-sample.numel() * sample.element_size() // _SLICE_BYTES)
+    groups = max(1, min(groups, channels // _MIN_SLICE_CHANNELS))
+    step = -(-channels // groups)
+    return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]
+
+
 def _accumulate(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
     """``total + grad`` for per-sample parameter gradients, summed in at least fp32
     (they are half precision under autocast)."""
@@ -126,7 +167,8 @@ def _accumulate(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
 
 def _normalize_act(x, mean, rstd, weight, bias, relu6: bool) -> torch.Tensor:
     scale = rstd * weight
-    y = x * _per_channel(scale.to(x.dtype)) + _per_channel((bias - mean * scale).to(x.dtype))
+    # add_ in place: x * scale + shift would allocate the map twice
+    y = (x * _per_channel(scale.to(x.dtype))).add_(_per_channel((bias - mean * scale).to(x.dtype)))
     return y.clamp_(0, 6) if relu6 else y
 
 
@@ -154,8 +196,9 @@ class _UpsampleConv(torch.autograd.Function):
         ctx.save_for_backward(s, up_weight, up_bias, weight)
         ctx.geometry = (up_stride, up_padding, padding)
         ctx.autocast = AutocastState.current(s.device)
-        up = F.conv_transpose3d(s, up_weight, up_bias, stride=up_stride, padding=up_padding)
-        return F.conv3d(up, weight, None, padding=padding)
+        return _per_sample(lambda n: F.conv3d(F.conv_transpose3d(
+            s[n:n + 1], up_weight, up_bias, stride=up_stride, padding=up_padding), weight, None,
+            padding=padding), s.shape[0])
 
     @staticmethod
     @once_differentiable

@@ -202,6 +202,18 @@ def _norm_args(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 @triton.jit
+def _element_site(mask_ptr, n, groups, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK: tl.constexpr):
+    """The element-wise passes' block: offsets, in-bounds, channel, visible and the
+    index of the row's statistics (per sample or pooled)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    row = offs // S
+    b, c = row // C, row % C
+    keep = inside & _visible(mask_ptr, b, offs % S, inside, H, W, D, h, w, d, ph, pw, pd)
+    return offs, inside, c, keep, (b % groups) * C + c
+
+
+@triton.jit
 def _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr, b_ptr,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """(xhat, weight, pre-activation) of the voxels at ``offs``."""
@@ -221,12 +233,8 @@ def _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr, b
 def _normalize_kernel(x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, n, groups, C, S,
                       H, W, D, h, w, d, ph, pw, pd, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    row = offs // S
-    b, c = row // C, row % C
-    keep = inside & _visible(mask_ptr, b, offs % S, inside, H, W, D, h, w, d, ph, pw, pd)
-    stat = (b % groups) * C + c
+    offs, inside, c, keep, stat = _element_site(mask_ptr, n, groups, C, S, H, W, D, h, w, d,
+                                                ph, pw, pd, BLOCK)
     _, _, _, pre = _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr,
                                b_ptr, HAS_W, HAS_B)
     y = tl.where(keep, _activate(pre, ACT), 0.0)
@@ -291,12 +299,8 @@ def _norm_grad_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
                       n, groups, C, S, H, W, D, h, w, d, ph, pw, pd, HAS_W: tl.constexpr,
                       HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
     """grad_x = rstd * w * (g' - mean(g') - xhat * mean(g' * xhat)) at visible voxels."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    row = offs // S
-    b, c = row // C, row % C
-    keep = inside & _visible(mask_ptr, b, offs % S, inside, H, W, D, h, w, d, ph, pw, pd)
-    stat = (b % groups) * C + c
+    offs, inside, c, keep, stat = _element_site(mask_ptr, n, groups, C, S, H, W, D, h, w, d,
+                                                ph, pw, pd, BLOCK)
     xhat, wt, rstd, pre = _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr,
                                       w_ptr, b_ptr, HAS_W, HAS_B)
     g = tl.load(g_ptr + offs, mask=keep, other=0).to(xhat.dtype) * _activation_slope(pre, ACT)

@@ -58,7 +58,9 @@ class _ResidualLeakyReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (out,) = ctx.saved_tensors
-        grad_in = torch.where(out < 0, grad * SLOPE, grad)
+        # One pass, one output (where(out < 0, grad * SLOPE, grad) made two maps and a
+        # mask); as nn.LeakyReLU's backward, read off the output's sign.
+        grad_in = torch.ops.aten.leaky_relu_backward(grad, out, SLOPE, True)
         return grad_in, grad_in
 
 

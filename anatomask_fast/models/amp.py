@@ -1,7 +1,8 @@
 """Autocast in hand-written backward passes: a backward that recomputes part of its
 forward must compute it in the forward's precision, and autograd does not restore the
 forward's autocast state (``torch.amp.custom_bwd`` does, but fixes the device type at
-definition)."""
+definition); a backward that runs one sample at a time sums its half-precision
+parameter gradients in fp32."""
 from __future__ import annotations
 
 import contextlib
@@ -24,3 +25,10 @@ class AutocastState:
     def restored(self) -> contextlib.AbstractContextManager:
         """This state, for the block (autocast off when it was off)."""
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def accumulate_fp32(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    """``total + grad`` for per-sample parameter gradients, summed in at least fp32
+    (they are half precision under autocast)."""
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    return grad if total is None else total.add_(grad)

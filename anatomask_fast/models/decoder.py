@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .amp import AutocastState
+from .amp import AutocastState, accumulate_fp32
 
 _DIMS = (0, 2, 3, 4)
 
@@ -158,13 +158,6 @@ def _channel_groups(sample: torch.Tensor) -> list[slice]:
     return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]
 
 
-def _accumulate(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
-    """``total + grad`` for per-sample parameter gradients, summed in at least fp32
-    (they are half precision under autocast)."""
-    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    return grad if total is None else total.add_(grad)
-
-
 def _normalize_act(x, mean, rstd, weight, bias, relu6: bool) -> torch.Tensor:
     scale = rstd * weight
     # add_ in place: x * scale + shift would allocate the map twice
@@ -226,7 +219,7 @@ class _UpsampleConv(torch.autograd.Function):
             if grad_s is not None:
                 grad_s[n:n + 1] = grad_sample
             for i, g in enumerate((grad_up_weight, grad_up_bias, grad_weight)):
-                sums[i] = _accumulate(sums[i], g)
+                sums[i] = accumulate_fp32(sums[i], g)
         up_w, up_b, w = (t.to(p.dtype) for t, p in zip(sums, (up_weight, up_bias, weight)))
         return grad_s, up_w, up_b, w, None, None, None
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.gather_scatter import sparse_norm
+from .amp import accumulate_fp32
 from .stunet import STUNET_SIZES, BasicResBlock, STUNetEncoder
 
 SLOPE = 0.01
@@ -67,14 +68,17 @@ class _ResidualLeakyReLU(torch.autograd.Function):
 class _RecomputedConv(torch.autograd.Function):
     """``conv3d(fn(*inputs))`` keeping ``inputs`` only: ``fn(*inputs)`` (a norm +
     activation, an up-sampling + concatenation: cheap, element-wise) is recomputed in
-    backward, the convolution is not."""
+    backward, the convolution is not. ``fn`` acts on each sample alone (instance norm,
+    up-sampling), the first ``batched`` inputs being per sample and the others shared
+    (the norm's affine): backward runs one sample at a time, so the recomputed map, its
+    gradient and the convolution's temporaries exist for one sample at once."""
 
     @staticmethod
-    def forward(ctx, fn, conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None,
-                *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, fn, batched: int, conv: nn.Conv3d, weight: torch.Tensor,
+                bias: torch.Tensor | None, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out = F.conv3d(fn(*inputs), weight, bias, conv.stride, conv.padding)
-        ctx.fn, ctx.stride, ctx.padding = fn, conv.stride, conv.padding
+        ctx.fn, ctx.batched, ctx.stride, ctx.padding = fn, batched, conv.stride, conv.padding
         ctx.has_bias = bias is not None
         ctx.save_for_backward(weight, *inputs)
         return out
@@ -82,19 +86,38 @@ class _RecomputedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, *inputs = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-        with torch.enable_grad():
-            a = ctx.fn(*leaves)
+        per_sample = [torch.empty_like(t) if i < ctx.batched and t.requires_grad else None
+                      for i, t in enumerate(inputs)]
+        shared: list[torch.Tensor | None] = [None] * len(inputs)
+        grad_w = grad_b = None
         # The forward's convolution ran in grad's dtype (autocast): its backward too.
-        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, a.detach().to(grad.dtype), weight.to(grad.dtype),
-            [weight.shape[0]] if ctx.has_bias else None, list(ctx.stride),
-            list(ctx.padding), [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias])
-        wanted = [t for t in leaves if t.requires_grad]
-        found = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)) if wanted else ())
-        return (None, None, grad_w.to(weight.dtype),
-                grad_b.to(weight.dtype) if ctx.has_bias else None,
-                *(next(found) if t.requires_grad else None for t in leaves))
+        compute_weight = weight.to(grad.dtype)
+        for n in range(grad.shape[0]):
+            leaves = [(t[n:n + 1] if i < ctx.batched else t).detach().requires_grad_(
+                t.requires_grad) for i, t in enumerate(inputs)]
+            with torch.enable_grad():
+                a = ctx.fn(*leaves)
+            grad_a, gw, gb = torch.ops.aten.convolution_backward(
+                grad[n:n + 1], a.detach().to(grad.dtype), compute_weight,
+                [weight.shape[0]] if ctx.has_bias else None, list(ctx.stride),
+                list(ctx.padding), [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias])
+            grad_w = accumulate_fp32(grad_w, gw)
+            if ctx.has_bias:
+                grad_b = accumulate_fp32(grad_b, gb)
+            wanted = [t for t in leaves if t.requires_grad]
+            found = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)) if wanted else ())
+            del a, grad_a
+            for i, t in enumerate(leaves):
+                if t.requires_grad:
+                    g = next(found)
+                    if i < ctx.batched:
+                        per_sample[i][n:n + 1] = g
+                    else:
+                        shared[i] = accumulate_fp32(shared[i], g)
+        grads = [p if i < ctx.batched else (None if s is None else s.to(t.dtype))
+                 for i, (p, s, t) in enumerate(zip(per_sample, shared, inputs))]
+        return (None, None, None, grad_w.to(weight.dtype),
+                grad_b.to(weight.dtype) if ctx.has_bias else None, *grads)
 
 
 def _all_visible(x: torch.Tensor) -> torch.Tensor:
@@ -118,13 +141,14 @@ def _conv_pair(conv: nn.Conv3d, low: torch.Tensor, skip: torch.Tensor) -> torch.
     building it, and without storing the up-sampled map: its half of the convolution
     recomputes the (cheap) up-sampling in backward."""
     split = low.shape[1]
-    out = _RecomputedConv.apply(_upsample, conv, conv.weight[:, :split], None, low)
+    out = _RecomputedConv.apply(_upsample, 1, conv, conv.weight[:, :split], None, low)
     return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 
 
 def _conv_of(conv: nn.Conv3d, fn, *inputs: torch.Tensor) -> torch.Tensor:
-    return _RecomputedConv.apply(fn, conv, conv.weight, conv.bias, *inputs)
+    """``conv(fn(*inputs))``, ``inputs[0]`` the per-sample map."""
+    return _RecomputedConv.apply(fn, 1, conv, conv.weight, conv.bias, *inputs)
 
 
 def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]

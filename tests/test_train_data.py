@@ -108,3 +108,42 @@ def test_sampler_shards_pads_and_resumes():
     assert list(ranks[0]) == orders[0][2:]
     ranks[0].set_epoch(1)
     assert list(ranks[0]) != orders[0]
+
+
+def _paired_folders(root, shape=(12, 10, 8), cases=3):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(cases):
+        save(root / "images" / f"case{i}.nii.gz", rng.normal(size=shape).astype(np.float32))
+        label = np.zeros(shape, np.uint8)
+        label[2:5, 2:5, 2:5] = 1 + i % 2          # largest value: 2
+        save(root / "labels" / f"case{i}.nii.gz", label)
+    return root
+
+
+def test_paired_folders_with_classes_read_off_the_labels(tmp_path):
+    dataset = discover(_paired_folders(tmp_path), modality="mr", with_labels=True)
+    assert [c.name for c in dataset.cases] == ["case0", "case1", "case2"]
+    assert all(c.label == tmp_path / "labels" / f"{c.name}.nii.gz" for c in dataset.cases)
+    assert dataset.modality == "MR"
+    assert dataset.labels == {"background": 0, "class_1": 1, "class_2": 2}
+    assert "3 classes read off the label maps" in dataset.description
+
+
+def test_paired_folders_take_the_classes_of_dataset_json(tmp_path):
+    root = _paired_folders(tmp_path)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"bg": 0, "a": 1, "b": 2, "c": 3}}))
+    assert discover(root, with_labels=True).labels == {"bg": 0, "a": 1, "b": 2, "c": 3}
+
+
+def test_paired_folders_errors_name_the_case(tmp_path):
+    root = _paired_folders(tmp_path)
+    (root / "labels" / "case1.nii.gz").unlink()
+    with pytest.raises(DataError, match="'case1' has no label file"):
+        discover(root, with_labels=True)
+    (root / "labels" / "case1.nii.gz").write_bytes(b"not a volume")
+    with pytest.raises(DataError, match="label .*case1.nii.gz cannot be read"):
+        discover(root, with_labels=True)
+    with pytest.raises(DataError, match="nor paired images/ and labels/ folders"):
+        discover(tmp_path / "images", with_labels=True)

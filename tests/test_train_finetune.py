@@ -132,3 +132,34 @@ def test_checkpoint_that_does_not_fit_is_reported(tmp_path, capsys, data, finish
     assert finetune(tmp_path / "o2", data, "--size", "tiny", "--pretrained",
                     str(tmp_path / "enc.pt")) == 2
     assert "enc.pt: no encoder weight fits STU-Net-tiny" in capsys.readouterr().err
+
+
+def test_paired_folders_train_with_their_modality(tmp_path, data, capsys):
+    """images/ + labels/ with the same names, no dataset.json: the classes are read off
+    the label maps, the normalization follows --modality, and predict uses it."""
+    for sub in ("images", "labels"):
+        (tmp_path / "paired" / sub).mkdir(parents=True)
+    for i in range(4):
+        (tmp_path / "paired" / "images" / f"c{i}.nii.gz").write_bytes(
+            (data / "imagesTr" / f"c{i}_0000.nii.gz").read_bytes())
+        (tmp_path / "paired" / "labels" / f"c{i}.nii.gz").write_bytes(
+            (data / "labelsTr" / f"c{i}.nii.gz").read_bytes())
+    out = tmp_path / "run"
+    assert finetune(out, tmp_path / "paired", "--size", "tiny", "--modality", "MR",
+                    "--epochs", "1", "--val-every", "1") == 0
+    printed = capsys.readouterr().out
+    assert "3 classes read off the label maps" in printed and "3 classes" in printed
+    assert torch.load(out / "checkpoint_best.pt", weights_only=False)["modality"] == "MR"
+
+
+@pytest.mark.parametrize("job,expected", [
+    ("finetune", ["--modality", "images/ + labels/ folders", "(default: 0.33)"]),
+    ("pretrain", ["share of hidden patches (default: 0.6)", "--reference-compatible"]),
+    ("predict", ["folder for the label maps (CASE.nii.gz)"]),
+])
+def test_help_describes_every_flag(capsys, job, expected):
+    with pytest.raises(SystemExit):
+        main([job, "--help"])
+    text = " ".join(capsys.readouterr().out.split())     # argparse wraps lines
+    for fragment in expected:
+        assert fragment in text, fragment

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,33 +19,33 @@ class PretrainConfig:
 
     data: str | None = None           # NIfTI folder or nnU-Net raw dataset; None: phantom
     modality: str = "CT"              # CT, MR or PET (a plain folder; nnU-Net: dataset.json)
-    out: str = "runs/pretrain"
+    out: str = "runs/pretrain"        # run folder (config, checkpoints, encoder.pt, logs)
     size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
     crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
-    spacing: tuple[float, float, float] | None = None
+    spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
     batch_size: int | None = None     # per process (default 4, demo 2)
     epochs: int | None = None         # default 1000 (demo 4)
     steps_per_epoch: int | None = None  # default: one pass over the data
-    mask_ratio: float = 0.6
+    mask_ratio: float = 0.6           # share of hidden patches
     hard_schedule: str = "linear"     # linear (easy to hard), hard_to_easy, cosine, constant
     hard_max: float = 0.5             # the schedule's top hard_frac (constant: its value)
     schedule_by: str = "epoch"        # epoch (as the reference) or step
     reference_compatible: bool = False  # the published code's quirks (see README)
-    lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-5
+    lr: float = 1e-4                  # AdamW peak learning rate
+    min_lr: float = 1e-6              # end of the cosine decay
+    weight_decay: float = 1e-5        # not on biases, norms and mask tokens
     warmup_epochs: float | None = None  # default 20 (demo 1)
-    clip_grad: float = 12.0
-    ema_start: float = 0.999
+    clip_grad: float = 12.0           # gradient-norm clipping
+    ema_start: float = 0.999          # EMA teacher decay, ramped over the first quarter
     ema_end: float = 0.9999
     amp: str = "none"                 # none, bf16, fp16
-    workers: int = 2
+    workers: int = 2                  # DataLoader worker processes
     seed: int = 0
-    save_every: int = 10
-    preview_every: int = 1
-    device: str = "auto"
-    resume: bool = False
-    phantom_cases: int = 8
+    save_every: int = 10              # also keep checkpoint_epoch_NNNN.pt every N epochs
+    preview_every: int = 1            # PNG previews every N epochs
+    device: str = "auto"              # auto (cuda when available), cpu or cuda
+    resume: bool = False              # continue from the run folder's latest checkpoint
+    phantom_cases: int = 8            # volumes of the embedded demonstration phantom
     latest_every_steps: int = 0       # also write checkpoint_latest.pt every N steps
     stop_after_steps: int = 0         # stop (resumably) after N steps in all
 
@@ -72,34 +74,35 @@ class FinetuneConfig:
     --data, the embedded demonstration (labelled phantom, tiny model, a few minutes on
     a CPU) starting from the embedded pretraining's encoder when it exists."""
 
-    data: str | None = None           # nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)
-    out: str = "runs/finetune"
+    data: str | None = None           # nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) or images/ + labels/ folders
+    modality: str = "CT"              # CT, MR or PET (paired folders; nnU-Net: dataset.json)
+    out: str = "runs/finetune"        # run folder (config, split, checkpoints, logs)
     pretrained: str | None = None     # encoder.pt or checkpoint_latest.pt of pretraining
     from_scratch: bool = False        # ignore the demo's default pretrained encoder
     size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
     crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
-    spacing: tuple[float, float, float] | None = None
-    batch_size: int = 2
+    spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
+    batch_size: int = 2               # per process
     epochs: int | None = None         # default 1000 (demo 6)
     steps_per_epoch: int | None = None  # default: one pass over the training cases
-    val_fraction: float = 0.2
-    val_every: int = 1
+    val_fraction: float = 0.2         # cases held out for validation (split saved)
+    val_every: int = 1                # validate every N epochs
     foreground: float = 0.33          # share of crops centred on a labelled voxel
-    lr: float = 1e-4
-    min_lr: float = 0.0
+    lr: float = 1e-4                  # AdamW peak learning rate
+    min_lr: float = 0.0               # end of the cosine decay
     weight_decay: float = 1e-5
-    clip_grad: float = 12.0
+    clip_grad: float = 12.0           # gradient-norm clipping
     fused: bool = True                # fused norm+activation, no stored concatenations
     checkpointing: bool = True        # recompute each stage in backward
     amp: str = "none"                 # none, bf16, fp16
-    sw_overlap: float = 0.5
-    workers: int = 2
+    sw_overlap: float = 0.5           # sliding-window overlap in validation
+    workers: int = 2                  # DataLoader worker processes
     seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    phantom_cases: int = 8
-    latest_every_steps: int = 0
-    stop_after_steps: int = 0
+    device: str = "auto"              # auto (cuda when available), cpu or cuda
+    resume: bool = False              # continue from the run folder's latest checkpoint
+    phantom_cases: int = 8            # volumes of the embedded demonstration phantom
+    latest_every_steps: int = 0       # also write checkpoint_latest.pt every N steps
+    stop_after_steps: int = 0         # stop (resumably) after N steps in all
 
     @property
     def demo(self) -> bool:
@@ -119,12 +122,12 @@ class PredictConfig:
     """Label maps (NIfTI, with each input's affine and header) for a folder of volumes,
     pre-processed as in training, by sliding-window inference (Gaussian weighting)."""
 
-    checkpoint: str = "runs/finetune/checkpoint_best.pt"
-    input: str = ""                   # folder of .nii/.nii.gz (one file per case)
-    output: str = "predictions"
-    overlap: float = 0.5
-    amp: str = "none"
-    device: str = "auto"
+    checkpoint: str = "runs/finetune/checkpoint_best.pt"   # a fine-tuning checkpoint
+    input: str = ""                   # folder of .nii/.nii.gz (a file per case, or nnU-Net CASE_XXXX channels)
+    output: str = "predictions"       # folder for the label maps (CASE.nii.gz)
+    overlap: float = 0.5              # sliding-window overlap
+    amp: str = "none"                 # none, bf16, fp16
+    device: str = "auto"              # auto (cuda when available), cpu or cuda
 
 
 def _flag_type(hint: Any) -> tuple[Any, int | None]:
@@ -137,15 +140,31 @@ def _flag_type(hint: Any) -> tuple[Any, int | None]:
     return base, None
 
 
+def _field_comments(config_type: type) -> dict[str, str]:
+    """The comment after each field in the dataclass's source: the flag's help."""
+    pattern = re.compile(r"^\s+(\w+): [^#]*#\s*(.+)$")
+    try:
+        source = inspect.getsource(config_type)
+    except OSError:               # installed without sources: flags without help
+        return {}
+    found = (pattern.match(line) for line in source.splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
     hints = typing.get_type_hints(config_type)
+    comments = _field_comments(config_type)
     for field in dataclasses.fields(config_type):
         flag = "--" + field.name.replace("_", "-")
         kind, nargs = _flag_type(hints[field.name])
+        help_text = comments.get(field.name, "").replace("%", "%%")   # argparse's % format
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(flag, type=kind, nargs=nargs, default=field.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help_text)
+            continue
+        if field.default is not None:     # None: the comment says what is chosen
+            help_text += (" " if help_text else "") + "(default: %(default)s)"
+        parser.add_argument(flag, type=kind, nargs=nargs, default=field.default, help=help_text)
 
 
 def from_arguments(namespace: argparse.Namespace, config_type: type):

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
@@ -99,18 +100,54 @@ def _suffix(files: Sequence[Path]) -> str:
     return ".nii.gz" if files and files[0].name.endswith(".nii.gz") else ".nii"
 
 
+def _largest_value(label: Path) -> int:
+    try:
+        return int(np.asanyarray(nib.load(label).dataobj).max())
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise DataError(f"label {label} cannot be read: {error}") from error
+
+
+def _paired(root: Path, modality: str) -> Dataset:
+    """``images/`` and ``labels/`` holding the same file names, one channel a case; the
+    classes from a ``dataset.json`` beside them (``labels``) when there is one, else
+    0..K-1 with K - 1 the largest value of the label maps."""
+    files = sorted(p for p in (root / "images").iterdir() if _is_nifti(p))
+    if not files:
+        raise DataError(f"no .nii or .nii.gz volumes found in {root / 'images'}")
+    cases = []
+    for path in files:
+        label = root / "labels" / path.name
+        if not label.exists():
+            raise DataError(f"case {_strip(path.name)!r} has no label file: {label} is missing")
+        cases.append(Case(_strip(path.name), (path,), label))
+    meta_path = root / "dataset.json"
+    description = f"paired folders {root}/images and labels ({len(cases)} cases, {modality}"
+    if meta_path.exists():
+        labels = json.loads(meta_path.read_text()).get("labels")
+        description += ")"
+    else:
+        largest = max(_largest_value(case.label) for case in cases)
+        labels = {"background": 0, **{f"class_{k}": k for k in range(1, largest + 1)}}
+        description += f"; {largest + 1} classes read off the label maps: no dataset.json)"
+    return Dataset(tuple(cases), modality.upper(), description, labels)
+
+
 def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = False) -> Dataset:
     """An nnU-Net raw dataset (``imagesTr/``, ``dataset.json``; ``labelsTr/`` when
-    ``with_labels``) or any folder of ``.nii``/``.nii.gz`` volumes (searched
-    recursively, one channel each)."""
+    ``with_labels``); with labels also paired ``images/`` and ``labels/`` folders;
+    without, any folder of ``.nii``/``.nii.gz`` volumes (searched recursively, one
+    channel each)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     if (root / "imagesTr").is_dir():
         return _nnunet(root, with_labels)
     if with_labels:
-        raise DataError(f"{root} is not an nnU-Net raw dataset (imagesTr/, labelsTr/, "
-                        "dataset.json): labels cannot be paired")
+        if (root / "images").is_dir() and (root / "labels").is_dir():
+            return _paired(root, modality)
+        raise DataError(f"{root} is neither an nnU-Net raw dataset (imagesTr/, labelsTr/, "
+                        "dataset.json) nor paired images/ and labels/ folders: labels "
+                        "cannot be paired")
     files = sorted(p for p in root.rglob("*") if _is_nifti(p))
     if not files:
         raise DataError(f"no .nii or .nii.gz volumes found in {root}")

@@ -134,7 +134,7 @@ def run(config: FinetuneConfig) -> Path:
 
 def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     torch.manual_seed(config.seed)
-    dataset = job_dataset(config.data, out, runtime, modality="CT",
+    dataset = job_dataset(config.data, out, runtime, modality=config.modality,
                           phantom_cases=config.phantom_cases, seed=config.seed, with_labels=True)
     classes = num_classes(dataset, dataset.description)
     check_cases(dataset, classes)

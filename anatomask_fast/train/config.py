@@ -88,7 +88,7 @@ class FinetuneConfig:
     val_fraction: float = 0.2         # cases held out for validation (split saved)
     val_every: int = 1                # validate every N epochs
     foreground: float = 0.33          # share of crops centred on a labelled voxel
-    lr: float = 1e-4                  # AdamW peak learning rate
+    lr: float | None = None           # AdamW peak learning rate (default 1e-4, demo 3e-3)
     min_lr: float = 0.0               # end of the cosine decay
     weight_decay: float = 1e-5
     clip_grad: float = 12.0           # gradient-norm clipping
@@ -110,9 +110,11 @@ class FinetuneConfig:
 
     def resolved(self) -> "FinetuneConfig":
         demo = self.demo
+        # The demo's 18 steps: at 1e-4 the tiny net's validation Dice stays near 0.03,
+        # at 3e-3 the liver reaches ~0.4 (measured on the phantom, CPU).
         defaults = dict(size="tiny" if demo else "B",
                         crop=(64, 64, 64) if demo else (112, 112, 128),
-                        epochs=6 if demo else 1000)
+                        epochs=6 if demo else 1000, lr=3e-3 if demo else 1e-4)
         return dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                             if getattr(self, k) is None})
 

@@ -11,7 +11,8 @@ Memory options (same weights, same function):
   1x1x1 convolution before the (nearest) up-sampling, which commutes with it, so the
   full-resolution input of that convolution never exists; the first decoder block
   convolves the up-sampled tensor and the skip separately instead of storing their
-  concatenation.
+  concatenation; the convolutions that recompute their input (norm + activation,
+  up-sampling) run their backward one sample at a time.
 - ``checkpoint``: each encoder stage and each decoder level (with its head) is
   recomputed in backward instead of storing its activations.
 """

@@ -91,7 +91,9 @@ class _BatchNormActConv(torch.autograd.Function):
         grad_y = torch.empty_like(x)
         grad_conv_weight = torch.zeros_like(conv_weight, dtype=torch.promote_types(
             grad_out.dtype, torch.float32))
-        sum_gx = torch.zeros_like(mean)            # per channel, sum of g * x
+        # Per channel, sums of g and of g * x, taken slice by slice: a sum over the whole
+        # half-precision gradient with an fp32 result would first copy it to fp32.
+        sum_g, sum_gx = torch.zeros_like(mean), torch.zeros_like(mean)
         for n in range(x.shape[0]):
             for ch in _channel_groups(x[n:n + 1]):
                 sample = x[n:n + 1, ch]
@@ -106,6 +108,7 @@ class _BatchNormActConv(torch.autograd.Function):
                     # one: that would promote the mask to a float copy of the slice.
                     g.masked_fill_(y.le(0).logical_or_(y.ge(6)), 0)
                 grad_y[n:n + 1, ch] = g
+                sum_g[ch] += g.sum(_DIMS, dtype=sum_g.dtype)
                 sum_gx[ch] += y.copy_(sample).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
                 del y, g
         grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
@@ -113,7 +116,7 @@ class _BatchNormActConv(torch.autograd.Function):
             else None
         # d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the batch)
         # as a * g + b * x + c in place: xhat is never materialized.
-        grad_bias = grad_y.sum(_DIMS, dtype=count.dtype)
+        grad_bias = sum_g
         grad_weight = (sum_gx - mean * grad_bias) * rstd            # sum(g * xhat)
         sums = torch.stack([grad_bias, grad_weight])
         if ctx.sync:

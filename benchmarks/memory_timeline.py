@@ -55,8 +55,9 @@ def timeline(run, device: str, window_ms: float = 300.0, min_bytes: int = 8 * MI
         return sorted((e for e in ops if e.start_ns() <= t <= e.start_ns() + e.duration_ns()),
                       key=lambda e: e.start_ns())
 
-    backward = [e.start_ns() for e in ops if e.name().startswith("autograd::engine")]
-    at_backward = (sum(b for t, b in memory if t < min(backward)) if backward else None)
+    backward = min((e.start_ns() for e in ops if e.name().startswith("autograd::engine")),
+                   default=None)
+    at_backward = None if backward is None else sum(b for t, b in memory if t < backward)
     recent = [((peak_ns - t) / 1e6, b, " > ".join(e.name() for e in running(t)[-2:]))
               for t, b in memory if 0 <= peak_ns - t <= window_ms * 1e6 and b >= min_bytes]
     return Timeline(peak, at_backward, [e.name() for e in running(peak_ns)],

@@ -94,14 +94,15 @@ class _BatchNormActConv(torch.autograd.Function):
         # Per channel, sums of g and of g * x, taken slice by slice: a sum over the whole
         # half-precision gradient with an fp32 result would first copy it to fp32.
         sum_g, sum_gx = torch.zeros_like(mean), torch.zeros_like(mean)
+        compute_weight = conv_weight.to(grad_out.dtype)
+        groups = _channel_groups(x[:1])
         for n in range(x.shape[0]):
-            for ch in _channel_groups(x[n:n + 1]):
+            for ch in groups:
                 sample = x[n:n + 1, ch]
                 y = _normalize_act(sample, mean[ch], rstd[ch], weight[ch], bias[ch], ctx.relu6)
                 g, gw, _ = torch.ops.aten.convolution_backward(
-                    grad_out[n:n + 1], y.to(grad_out.dtype),
-                    conv_weight[:, ch].to(grad_out.dtype), None, [1] * 3,
-                    list(ctx.padding), [1] * 3, False, [0] * 3, 1, [True, True, False])
+                    grad_out[n:n + 1], y.to(grad_out.dtype), compute_weight[:, ch], None,
+                    [1] * 3, list(ctx.padding), [1] * 3, False, [0] * 3, 1, [True, True, False])
                 grad_conv_weight[:, ch] += gw
                 if ctx.relu6:
                     # ReLU6's derivative, read off its output. A bool mask, not mul_ by
@@ -111,6 +112,7 @@ class _BatchNormActConv(torch.autograd.Function):
                 sum_g[ch] += g.sum(_DIMS, dtype=sum_g.dtype)
                 sum_gx[ch] += y.copy_(sample).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
                 del y, g
+        del compute_weight
         grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         grad_conv_bias = grad_out.sum(_DIMS, dtype=conv_weight.dtype) if ctx.has_conv_bias \
             else None

@@ -67,35 +67,32 @@ class _ResidualLeakyReLU(torch.autograd.Function):
 
 
 class _RecomputedConv(torch.autograd.Function):
-    """``conv3d(fn(*inputs))`` keeping ``inputs`` only: ``fn(*inputs)`` (a norm +
-    activation, an up-sampling + concatenation: cheap, element-wise) is recomputed in
-    backward, the convolution is not. ``fn`` acts on each sample alone (instance norm,
-    up-sampling), the first ``batched`` inputs being per sample and the others shared
-    (the norm's affine): backward runs one sample at a time, so the recomputed map, its
+    """``conv3d(fn(x, *shared))`` keeping the inputs only: ``fn`` (a norm + activation,
+    an up-sampling: cheap, element-wise) is recomputed in backward, the convolution is
+    not. ``fn`` acts on each sample of ``x`` alone (instance norm, up-sampling; ``shared``
+    is the norm's affine), so backward runs one sample at a time: the recomputed map, its
     gradient and the convolution's temporaries exist for one sample at once."""
 
     @staticmethod
-    def forward(ctx, fn, batched: int, conv: nn.Conv3d, weight: torch.Tensor,
-                bias: torch.Tensor | None, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, fn, conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None,
+                x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = F.conv3d(fn(*inputs), weight, bias, conv.stride, conv.padding)
-        ctx.fn, ctx.batched, ctx.stride, ctx.padding = fn, batched, conv.stride, conv.padding
+            out = F.conv3d(fn(x, *shared), weight, bias, conv.stride, conv.padding)
+        ctx.fn, ctx.stride, ctx.padding = fn, conv.stride, conv.padding
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, *inputs)
+        ctx.save_for_backward(weight, x, *shared)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight, *inputs = ctx.saved_tensors
-        per_sample = [torch.empty_like(t) if i < ctx.batched and t.requires_grad else None
-                      for i, t in enumerate(inputs)]
-        shared: list[torch.Tensor | None] = [None] * len(inputs)
+        weight, x, *shared = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if x.requires_grad else None
+        grad_shared: list[torch.Tensor | None] = [None] * len(shared)
         grad_w = grad_b = None
         # The forward's convolution ran in grad's dtype (autocast): its backward too.
         compute_weight = weight.to(grad.dtype)
-        for n in range(grad.shape[0]):
-            leaves = [(t[n:n + 1] if i < ctx.batched else t).detach().requires_grad_(
-                t.requires_grad) for i, t in enumerate(inputs)]
+        for n in range(x.shape[0]):
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x[n:n + 1], *shared)]
             with torch.enable_grad():
                 a = ctx.fn(*leaves)
             grad_a, gw, gb = torch.ops.aten.convolution_backward(
@@ -108,17 +105,14 @@ class _RecomputedConv(torch.autograd.Function):
             wanted = [t for t in leaves if t.requires_grad]
             found = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)) if wanted else ())
             del a, grad_a
-            for i, t in enumerate(leaves):
+            if grad_x is not None:
+                grad_x[n:n + 1] = next(found)
+            for i, t in enumerate(leaves[1:]):
                 if t.requires_grad:
-                    g = next(found)
-                    if i < ctx.batched:
-                        per_sample[i][n:n + 1] = g
-                    else:
-                        shared[i] = accumulate_fp32(shared[i], g)
-        grads = [p if i < ctx.batched else (None if s is None else s.to(t.dtype))
-                 for i, (p, s, t) in enumerate(zip(per_sample, shared, inputs))]
-        return (None, None, None, grad_w.to(weight.dtype),
-                grad_b.to(weight.dtype) if ctx.has_bias else None, *grads)
+                    grad_shared[i] = accumulate_fp32(grad_shared[i], next(found))
+        return (None, None, grad_w.to(weight.dtype),
+                grad_b.to(weight.dtype) if ctx.has_bias else None, grad_x,
+                *(None if g is None else g.to(t.dtype) for g, t in zip(grad_shared, shared)))
 
 
 def _all_visible(x: torch.Tensor) -> torch.Tensor:
@@ -142,14 +136,13 @@ def _conv_pair(conv: nn.Conv3d, low: torch.Tensor, skip: torch.Tensor) -> torch.
     building it, and without storing the up-sampled map: its half of the convolution
     recomputes the (cheap) up-sampling in backward."""
     split = low.shape[1]
-    out = _RecomputedConv.apply(_upsample, 1, conv, conv.weight[:, :split], None, low)
+    out = _RecomputedConv.apply(_upsample, conv, conv.weight[:, :split], None, low)
     return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 
 
-def _conv_of(conv: nn.Conv3d, fn, *inputs: torch.Tensor) -> torch.Tensor:
-    """``conv(fn(*inputs))``, ``inputs[0]`` the per-sample map."""
-    return _RecomputedConv.apply(fn, 1, conv, conv.weight, conv.bias, *inputs)
+def _conv_of(conv: nn.Conv3d, fn, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
+    return _RecomputedConv.apply(fn, conv, conv.weight, conv.bias, x, *shared)
 
 
 def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]

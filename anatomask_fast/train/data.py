@@ -121,15 +121,14 @@ def _paired(root: Path, modality: str) -> Dataset:
             raise DataError(f"case {_strip(path.name)!r} has no label file: {label} is missing")
         cases.append(Case(_strip(path.name), (path,), label))
     meta_path = root / "dataset.json"
-    description = f"paired folders {root}/images and labels ({len(cases)} cases, {modality}"
     if meta_path.exists():
-        labels = json.loads(meta_path.read_text()).get("labels")
-        description += ")"
+        labels, note = json.loads(meta_path.read_text()).get("labels"), ""
     else:
         largest = max(_largest_value(case.label) for case in cases)
         labels = {"background": 0, **{f"class_{k}": k for k in range(1, largest + 1)}}
-        description += f"; {largest + 1} classes read off the label maps: no dataset.json)"
-    return Dataset(tuple(cases), modality.upper(), description, labels)
+        note = f"; {largest + 1} classes read off the label maps: no dataset.json"
+    return Dataset(tuple(cases), modality.upper(), f"paired folders {root}/images and labels "
+                   f"({len(cases)} cases, {modality}{note})", labels)
 
 
 def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = False) -> Dataset:

@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is the CPU build on local disk; an unpinned torch would pull CUDA wheels.
-.venv/bin/python -m pip install -q -r requirements/cpu.txt
+.venv/bin/python -m pip install -q -c requirements/constraints.txt -r requirements/cpu.txt
+# nnU-Net v2 and its readers (pre-processed input, loader interop tests), same torch.
+.venv/bin/python -m pip install -q -c requirements/constraints.txt -r requirements/nnunet.txt
 ANATOMASK_STRICT_BUILD=1 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

@@ -41,8 +41,8 @@ def setup_pretrain_step(backend: str, size: dict, device: str):
 
     def run() -> None:
         with execution(), autocast(torch.device(device), size.get("amp", "none")):
-            loss, _, _ = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25,
-                                       seed=1, raw_teacher_target=True)
+            loss = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=1,
+                                 raw_teacher_target=True).loss
             loss.backward()
         student.zero_grad(set_to_none=True)
 

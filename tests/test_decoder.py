@@ -70,6 +70,42 @@ def test_eval_mode_and_no_grad_use_the_plain_path():
                                    decoder(features(torch.float32)))
 
 
+def test_batchnorm_in_eval_mode_inside_a_training_decoder_uses_running_statistics():
+    """A training-mode decoder whose BatchNorms are in eval mode (e.g. frozen): the lean
+    path must not normalize with batch statistics; it gives the plain result (running
+    statistics, left unchanged) with gradients, as the EMA teacher's eval pass does."""
+    torch.manual_seed(0)
+    plain = LightDecoder(levels=3, width=32).double().train()
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.eval()
+    lean = copy.deepcopy(plain)
+    a, b = features(), features()
+    out_plain, out_lean = plain(a), lean(b, lean=True)
+    out_plain.sum().backward()
+    out_lean.sum().backward()
+    torch.testing.assert_close(out_lean, out_plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b[0].grad, a[0].grad, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(plain.named_buffers(), lean.buffers()):
+        assert torch.equal(q, p), name
+    bn = lean.dec[0].conv[1]
+    assert bn.num_batches_tracked.item() == 0 and bn.running_mean.abs().max() > 0
+
+
+def test_published_initialization():
+    torch.manual_seed(0)
+    decoder = LightDecoder(levels=3, width=64)
+    conv = decoder.dec[0].conv[0].weight
+    assert conv.std().item() == pytest.approx(0.02, rel=0.05)
+    up = decoder.dec[0].up_sample
+    fan_out = up.weight.shape[0] * up.weight[0, 0].numel()
+    assert up.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+    assert up.bias.abs().max() == 0 and decoder.proj.bias.abs().max() == 0
+
+
 def test_fused_batch_norm_act_conv_half_precision_statistics_in_fp32():
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm3d(4)

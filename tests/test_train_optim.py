@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from anatomask_fast.train import checkpoint as ckpt
-from anatomask_fast.train.optim import ema_decay, ema_update, param_groups, warmup_cosine
+from anatomask_fast.train.optim import ema_update, param_groups, warmup_cosine
 
 
 class Tiny(nn.Module):
@@ -35,16 +35,18 @@ def test_warmup_then_cosine():
     assert warmup_cosine(1000, **kw) == pytest.approx(1e-6)
 
 
-def test_ema_decay_ramps_over_the_first_quarter_and_updates():
-    assert ema_decay(0, 100) == pytest.approx(0.999)
-    assert ema_decay(12.5, 100) == pytest.approx(0.99945)
-    assert ema_decay(60, 100) == pytest.approx(0.9999)
+def test_ema_update_is_timm_model_ema_with_integer_buffers_truncated():
     teacher, student = Tiny(), Tiny()
     before = teacher.conv.weight.detach().clone()
-    student.norm.num_batches_tracked.fill_(7)
+    with torch.no_grad():
+        student.norm.running_mean.fill_(2.0)
+    teacher.norm.num_batches_tracked.fill_(10)
+    student.norm.num_batches_tracked.fill_(17)
     ema_update(teacher, student, 0.9)
     torch.testing.assert_close(teacher.conv.weight, 0.9 * before + 0.1 * student.conv.weight)
-    assert teacher.norm.num_batches_tracked.item() == 7
+    torch.testing.assert_close(teacher.norm.running_mean, torch.full((3,), 0.2))
+    # 10 * 0.9 + 0.1 * 17 = 10.7, truncated (not copied, not rounded)
+    assert teacher.norm.num_batches_tracked.item() == 10
 
 
 def test_atomic_save_replaces_and_leaves_nothing_on_failure(tmp_path):

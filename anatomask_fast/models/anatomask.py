@@ -34,10 +34,15 @@ DECODER_WIDTHS = {"tiny": 128, "S": 512, "B": 512, "L": 512, "H": 512}
 # forward: 512 ch at 4^3 is 1.5x slower channels-last, 256 at 8^3 equal, 128 at 16^3
 # and 64 at 32^3 1.1x and 1.5x faster.
 CHANNELS_LAST_MIN_VOXELS = 16 ** 3
+# The published densify norm (SparseInstanceNorm) uses eps 1e-6, not PyTorch's 1e-5.
+DENSIFY_EPS = 1e-6
 
 
 class AnatoMaskNet(nn.Module):
-    def __init__(self, size: str = "B", in_channels: int = 1, *, per_sample_norm: bool = True,
+    """``per_sample_norm=False`` (published): the sparse norms' statistics are pooled over
+    the batch; True: per sample, as the dense network at fine-tuning."""
+
+    def __init__(self, size: str = "B", in_channels: int = 1, *, per_sample_norm: bool = False,
                  packed_stages: int | None = None, sync_bn: bool = False) -> None:
         super().__init__()
         self.size = size
@@ -55,7 +60,7 @@ class AnatoMaskNet(nn.Module):
             token = nn.Parameter(torch.zeros(1, width, 1, 1, 1))
             nn.init.trunc_normal_(token, mean=0, std=0.02, a=-0.02, b=0.02)
             self.mask_tokens.append(token)
-            self.densify_norms.append(nn.InstanceNorm3d(width, affine=True))
+            self.densify_norms.append(nn.InstanceNorm3d(width, affine=True, eps=DENSIFY_EPS))
             if i == 0:
                 proj = nn.Identity() if width == out else nn.Conv3d(width, out, 1)
             else:

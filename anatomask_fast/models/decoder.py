@@ -13,6 +13,10 @@ Memory-lean execution (training mode), per level with input ``s``:
 - BatchNorm -> ReLU6 -> conv, and the last BatchNorm -> ``proj``, run as one autograd
   function that stores only the BatchNorm input and recomputes the normalized,
   activated map in backward (element-wise work).
+The lean path runs only where it computes what the plain modules would: the block in
+training mode with its BatchNorms in training mode (batch statistics) and gradients
+enabled. Otherwise (the EMA teacher in eval mode: running statistics, not updated;
+a BatchNorm put in eval mode on its own) the plain modules run.
 What stays stored per level: ``s``, and the outputs of the two 3x3x3 convs. Forward and
 backward run one sample at a time (the fused BatchNorm backward one group of input
 channels of a sample at a time), so the full-resolution intermediates, their
@@ -244,8 +248,14 @@ class UNetBlock(nn.Module):
             nn.Conv3d(cin, cin, 3, padding=1, bias=False), norm(cin), nn.ReLU6(inplace=True),
             nn.Conv3d(cin, cout, 3, padding=1, bias=False), norm(cout))
 
+    def runs_lean(self, lean: bool) -> bool:
+        """Whether the lean path gives the plain modules' result: batch statistics."""
+        bn1, bn2 = self.conv[1], self.conv[4]
+        return lean and self.training and bn1.training and bn2.training \
+            and torch.is_grad_enabled()
+
     def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
-        if not (lean and self.training and torch.is_grad_enabled()):
+        if not self.runs_lean(lean):
             return self.conv(self.up_sample(x))
         conv1, bn1, _, conv2, bn2 = self.conv
         c1 = up_sample_conv(x, self.up_sample, conv1)
@@ -263,6 +273,23 @@ class LightDecoder(nn.Module):
         self.dec = nn.ModuleList(UNetBlock(cin, cout, sync_bn)
                                  for cin, cout in zip(channels[:-1], channels[1:]))
         self.proj = nn.Conv3d(channels[-1], out_channels, kernel_size=1, bias=True)
+        self._initialize()
+
+    def _initialize(self) -> None:
+        """The published decoder's initialization: convolutions truncated-normal (std
+        0.02), transposed convolutions Kaiming-normal (fan out, ReLU), biases zero,
+        BatchNorm weight one and bias zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.ConvTranspose3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(m.weight)
+            else:
+                continue
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, features: list[torch.Tensor | None], lean: bool = False) -> torch.Tensor:
         """``features[i]`` (decoder width ``widths[i]``) is added before level ``i``."""
@@ -270,7 +297,7 @@ class LightDecoder(nn.Module):
         for i, level in enumerate(self.dec):
             if i < len(features) and features[i] is not None:
                 x = features[i] + x      # in the feature's memory format
-            if lean and i == len(self.dec) - 1 and self.training and torch.is_grad_enabled():
+            if i == len(self.dec) - 1 and level.runs_lean(lean):
                 return self._last_level_lean(level, x)
             x = level(x, lean)
         return self.proj(x)

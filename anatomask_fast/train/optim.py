@@ -1,6 +1,11 @@
-"""Optimizer and schedules of the reference: AdamW without weight decay on biases,
-norms and mask tokens; linear warm-up then cosine learning rate; an EMA teacher whose
-decay rises linearly over the first quarter of training."""
+"""Optimizers, schedules and the EMA teacher of the training jobs.
+
+Pretraining follows the published loop (ricklisz/AnatoMask ``pretrain_AntoMask.py``):
+AdamW with weight decay on every parameter, a learning rate set once per epoch by
+lightning-bolts' ``LinearWarmupCosineAnnealingLR``, and a timm ``ModelEma`` teacher
+whose decay is set once per epoch. Fine-tuning uses :func:`param_groups` and the
+per-step :func:`warmup_cosine`.
+"""
 from __future__ import annotations
 
 import math
@@ -32,21 +37,38 @@ def warmup_cosine(progress_epochs: float, *, base_lr: float, min_lr: float,
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
-def ema_decay(progress_epochs: float, total_epochs: float, start: float = 0.999,
-              end: float = 0.9999) -> float:
-    """Rises linearly from ``start`` to ``end`` over the first quarter of training."""
-    ramp = max(total_epochs / 4, 1e-12)
-    return start + (end - start) * min(1.0, progress_epochs / ramp)
+def linear_warmup_cosine_annealing(epoch: int, *, base_lr: float, warmup_epochs: int,
+                                   max_epochs: int, warmup_start_lr: float = 0.0,
+                                   eta_min: float = 0.0) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under lightning-bolts'
+    ``LinearWarmupCosineAnnealingLR`` stepped once per epoch (its closed form): linear
+    from ``warmup_start_lr`` at epoch 0 to ``base_lr`` at epoch ``warmup_epochs - 1``,
+    then a cosine from ``base_lr`` at epoch ``warmup_epochs`` to ``eta_min`` at
+    ``max_epochs``. With one warm-up epoch, epoch 0 is at ``warmup_start_lr`` (the
+    scheduler's recursive form; its closed form would divide by zero)."""
+    if epoch < warmup_epochs:
+        return warmup_start_lr + epoch * (base_lr - warmup_start_lr) / max(warmup_epochs - 1, 1)
+    span = max(max_epochs - warmup_epochs, 1)
+    return eta_min + 0.5 * (base_lr - eta_min) * (
+        1 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+
+def ema_decay_at_epoch(epoch: int, total_epochs: int, start: float = 0.999,
+                       end: float = 0.9999) -> float:
+    """The published teacher decay of epoch ``epoch``: ``start + epoch / (E // 4) * (end -
+    start)`` for ``epoch < E // 4`` (integer division), else ``end``. With fewer than 4
+    epochs ``E // 4`` is 0 and every epoch uses ``end``."""
+    quarter = total_epochs // 4
+    if epoch < quarter:
+        return start + epoch / quarter * (end - start)
+    return end
 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """teacher = decay * teacher + (1 - decay) * student, for parameters and float
-    buffers (BatchNorm running statistics); integer buffers are copied."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.lerp_(s.detach(), 1 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.dtype.is_floating_point:
-            t.lerp_(s, 1 - decay)
-        else:
-            t.copy_(s)
+    """timm ``ModelEma.update``: every entry of the state (parameters and buffers, the
+    BatchNorm running statistics included) becomes ``ema * decay + (1 - decay) *
+    student``; integer buffers (``num_batches_tracked``) get that value truncated to
+    their type, as ``copy_`` does."""
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
+        t.copy_(t * decay + (1.0 - decay) * s)

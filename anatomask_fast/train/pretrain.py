@@ -8,10 +8,13 @@ repeats exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import anatomical_mask, patch_recon_loss, random_mask
 from ..models.anatomask import AnatoMaskNet
-from ..schedules import masking_schedule
+from ..ops.mask_select import MaskResult
+from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save as save_config
 from .data import CropDataset, ResumableSampler, epoch_loader, job_dataset
-from .optim import ema_decay, ema_update, param_groups, warmup_cosine
+from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
 from .previews import denormalized, save_preview
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
                       optimizer_step, progress_bar, run_job)
@@ -45,28 +49,107 @@ def _seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+class StepResult(NamedTuple):
+    loss: torch.Tensor            # the student's loss (section 3 of SPEC)
+    mask: MaskResult              # the anatomical mask the student saw
+    rec: torch.Tensor             # the student's reconstruction, in x's dtype
+    teacher_mask: MaskResult      # the teacher pass's random mask
+    teacher_errors: torch.Tensor  # its per-patch errors (B, L), zero at visible patches
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def teacher_reconstruction(teacher: torch.nn.Module, x: torch.Tensor, active: torch.Tensor,
+                           amp: str = "none") -> torch.Tensor:
+    """The EMA teacher's reconstruction under the visible mask ``active``, in ``x``'s
+    dtype. The teacher runs in eval mode (timm ``ModelEma``: decoder BatchNorm with its
+    running statistics, left unchanged), without gradients."""
+    with torch.no_grad(), _eval_mode(teacher), autocast(x.device, amp):
+        return teacher(x, active).to(x.dtype)
+
+
+def patch_errors(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, patch: int, *,
+                 raw_target: bool) -> torch.Tensor:
+    """Per-patch errors (B, L) of a teacher reconstruction, zero at visible patches:
+    against the raw patch (published) or the normalized one."""
+    with torch.no_grad():
+        return patch_recon_loss(rec, x, active, patch, norm_pix=not raw_target,
+                                hidden_only=True)[1]
+
+
 def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *,
-                  mask_ratio: float, hard_frac: float, seed: int, raw_teacher_target: bool,
-                  amp: str = "none"):
-    """Teacher pass, anatomical mask, student loss. Returns (loss, mask, rec)."""
+                  mask_ratio: float, hard_frac: float, seed: int, raw_teacher_target: bool = True,
+                  amp: str = "none", noise: torch.Tensor | None = None) -> StepResult:
+    """One published step up to the loss: a random mask, the eval-mode teacher's
+    per-patch errors, the anatomical mask, the student's (training-mode) loss. Runs in
+    ``x``'s dtype (float64 for equivalence checks); under ``amp`` the reconstructions
+    are cast back to it. ``noise`` (B, L): the random part of the anatomical mask from
+    these values instead of the seeded draw (for comparisons with a reference)."""
     patch = teacher.patch_size
     shape = (x.shape[0], 1, *(s // patch for s in x.shape[2:]))
-    with torch.no_grad(), autocast(x.device, amp):
-        teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
-        rec = teacher(x, teacher_mask.active).float()
-        # Reference quirk: the teacher's error is against the raw patch.
-        _, errors = patch_recon_loss(rec, x, teacher_mask.active, patch,
-                                     norm_pix=not raw_teacher_target, hidden_only=True)
-        mask = anatomical_mask(errors.view(shape), mask_ratio, hard_frac, seed=_seed(seed, 1))
+    teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
+    rec = teacher_reconstruction(teacher, x, teacher_mask.active, amp)
+    errors = patch_errors(rec, x, teacher_mask.active, patch, raw_target=raw_teacher_target)
+    with torch.no_grad():
+        mask = anatomical_mask(errors.view(shape), mask_ratio, hard_frac, noise=noise,
+                               seed=None if noise is not None else _seed(seed, 1))
     with autocast(x.device, amp):
-        rec = student(x, mask.active).float()
+        rec = student(x, mask.active).to(x.dtype)
     loss, _ = patch_recon_loss(rec, x, mask.active, patch, norm_pix=True)
-    return loss, mask, rec
+    return StepResult(loss, mask, rec, teacher_mask, errors)
+
+
+def published_hard_frac(schedule: MaskingSchedule, config: PretrainConfig, epoch: int,
+                        step: int) -> float:
+    """hard_frac of the schedule; capped at --hard-max unless reference-compatible."""
+    value = schedule(epoch, step)
+    return value if config.reference_compatible else min(value, config.hard_max)
+
+
+def check_method_options(config: PretrainConfig) -> None:
+    """Reject method settings that are unknown or contradict --reference-compatible."""
+    if config.teacher_target not in ("raw", "normalized"):
+        raise ValueError(f"pretrain: --teacher-target must be 'raw' or 'normalized', got "
+                         f"{config.teacher_target!r}")
+    if config.reference_compatible:
+        departures = [flag for flag, on in (
+            ("--teacher-target normalized", config.teacher_target != "raw"),
+            ("--per-sample-norm", config.per_sample_norm),
+            ("--decay-exempt", config.decay_exempt)) if on]
+        if departures:
+            raise ValueError(f"pretrain: --reference-compatible is the published step; it "
+                             f"cannot be combined with {', '.join(departures)}")
+
+
+def build_optimizer(student: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.999); weight decay on every parameter as published, or not on
+    biases, norms and mask tokens with --decay-exempt. The learning rate is set per
+    epoch (:func:`epoch_lr`)."""
+    params = param_groups(student, config.weight_decay) if config.decay_exempt else \
+        [p for p in student.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=epoch_lr(config, 0), betas=(0.9, 0.999),
+                             weight_decay=config.weight_decay)
+
+
+def epoch_lr(config: PretrainConfig, epoch: int) -> float:
+    return linear_warmup_cosine_annealing(epoch, base_lr=config.lr,
+                                          warmup_epochs=config.warmup_epochs,
+                                          max_epochs=config.epochs,
+                                          warmup_start_lr=config.warmup_start_lr,
+                                          eta_min=config.min_lr)
 
 
 def _model_signature(config: PretrainConfig, in_channels: int) -> dict:
     return {"format": FORMAT, "size": config.size, "in_channels": in_channels,
-            "per_sample_norm": not config.reference_compatible}
+            "per_sample_norm": config.per_sample_norm}
 
 
 def run(config: PretrainConfig) -> Path:
@@ -74,6 +157,7 @@ def run(config: PretrainConfig) -> Path:
 
 
 def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
+    check_method_options(config)
     torch.manual_seed(config.seed)
     dataset = job_dataset(config.data, out, runtime, modality=config.modality,
                           phantom_cases=config.phantom_cases, seed=config.seed)
@@ -86,16 +170,15 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
         f"{'reference-compatible' if config.reference_compatible else 'library defaults'}")
 
     student = AnatoMaskNet(config.size, in_channels,
-                           per_sample_norm=not config.reference_compatible,
+                           per_sample_norm=config.per_sample_norm,
                            # torch's SyncBatchNorm runs on CUDA only; on CPU (gloo) each
                            # process keeps its own decoder BatchNorm statistics.
                            sync_bn=runtime.distributed and runtime.device.type == "cuda",
                            ).to(runtime.device)
     for unused in student.unused_in_lean_mode():
         unused.requires_grad_(False)     # the full-resolution densify the decoder never reads
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(student, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.999))
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()   # timm ModelEma's copy
+    optimizer = build_optimizer(student, config)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
     data = CropDataset(dataset, config.crop, seed=config.seed, spacing=config.spacing)
     sampler = ResumableSampler(len(data), seed=config.seed, rank=runtime.rank,
@@ -136,20 +219,20 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                 batches = iter(loader)
                 batch = next(batches)
             x = batch["image"].to(runtime.device, non_blocking=True)
-            epochs_done = state.epoch + state.step_in_epoch / steps_per_epoch
-            lr = warmup_cosine(epochs_done, base_lr=config.lr, min_lr=config.min_lr,
-                               warmup_epochs=config.warmup_epochs, total_epochs=config.epochs)
+            # Learning rate and EMA decay are set once per epoch, as published.
+            lr = epoch_lr(config, state.epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            hard_frac = schedule(state.epoch, state.step_in_epoch)
+            decay = ema_decay_at_epoch(state.epoch, config.epochs, config.ema_start,
+                                       config.ema_end)
+            hard_frac = published_hard_frac(schedule, config, state.epoch, state.step_in_epoch)
             started = time.perf_counter()
-            loss, mask, rec = pretrain_step(
+            loss, mask, rec, _, _ = pretrain_step(
                 model, teacher, x, mask_ratio=config.mask_ratio, hard_frac=hard_frac,
                 seed=_seed(config.seed, runtime.rank, state.global_step),
-                raw_teacher_target=config.reference_compatible, amp=config.amp)
+                raw_teacher_target=config.teacher_target == "raw", amp=config.amp)
             optimizer_step(loss, optimizer, scaler, student.parameters(), config.clip_grad)
-            ema_update(teacher, student, ema_decay(epochs_done, config.epochs,
-                                                   config.ema_start, config.ema_end))
+            ema_update(teacher, student, decay)
             loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
             if finish_step(state, config, runtime, metrics, progress, lambda: save(latest),

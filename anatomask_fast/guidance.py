@@ -1,8 +1,10 @@
 """``python -m anatomask_fast.guidance --checkpoint RUN --data LABELLED``: does the
 teacher's anatomical mask hide anatomy?
 
-For the EMA teacher of a pretraining checkpoint, and for the same architecture freshly
-initialized with the run's seed, the published step's teacher pass is run on crops of
+For the EMA teacher of a pretraining checkpoint, for its student (the published EMA
+moves the teacher slowly: after a short run it is still close to its start), and for
+the same architecture freshly initialized with the run's seed, each in eval mode as
+the published teacher, the published step's teacher pass is run on crops of
 labelled volumes: a random mask (``--mask-ratio``), the teacher's per-patch errors,
 and the hard patches the anatomical mask picks at ``--hard-frac``. Printed: the share
 of hard patches that contain labelled structure (any label > 0) and a structure
@@ -123,7 +125,7 @@ def count_batch(counts: dict[str, Counts], teacher: AnatoMaskNet, x: torch.Tenso
 
 
 def load_run(checkpoint: str) -> tuple[dict, dict]:
-    """(teacher state, run config) of a run folder or checkpoint file."""
+    """(the checkpoint, its run config) of a run folder or checkpoint file."""
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "checkpoint_latest.pt"
@@ -138,12 +140,16 @@ def load_run(checkpoint: str) -> tuple[dict, dict]:
     return saved, saved["config"]
 
 
-def _network(saved: dict, config: dict, device: torch.device, trained: bool) -> AnatoMaskNet:
+# The networks measured: name -> the checkpoint entry of its weights (None: initialization).
+NETWORKS = {"teacher": "teacher", "student": "model", "initialization": None}
+
+
+def _network(saved: dict, config: dict, device: torch.device, entry: str | None) -> AnatoMaskNet:
     torch.manual_seed(config["seed"])
     net = AnatoMaskNet(saved["size"], saved["in_channels"],
                        per_sample_norm=bool(saved.get("per_sample_norm", False)))
-    if trained:
-        net.load_state_dict(saved["teacher"])
+    if entry is not None:
+        net.load_state_dict(saved[entry])
     return net.to(device).eval()
 
 
@@ -160,9 +166,10 @@ def measure(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     results = {}
-    progress = tqdm(total=2 * len(batches) * args.repeats, desc="guidance", file=sys.stderr)
-    for teacher_name, trained in (("checkpoint", True), ("initialization", False)):
-        teacher = _network(saved, config, device, trained)
+    progress = tqdm(total=len(NETWORKS) * len(batches) * args.repeats, desc="guidance",
+                    file=sys.stderr)
+    for teacher_name, entry in NETWORKS.items():
+        teacher = _network(saved, config, device, entry)
         counts = {target: Counts() for target in TARGETS}
         for r in range(args.repeats):
             for i, (x, label) in enumerate(batches):
@@ -180,12 +187,12 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict) -> str:
-    lines = [f"anatomask_fast guidance: teacher of {result['checkpoint']} (after "
+    lines = [f"anatomask_fast guidance: {result['checkpoint']} (after "
              f"{result['epochs_done']} epochs) on {result['data']}: {result['crops']} crops of "
              f"{tuple(result['crop'])}, mask_ratio {result['mask_ratio']}, hard_frac "
              f"{result['hard_frac']}, {result['repeats']} random masks per crop",
              "share of patches with labelled structure | with a structure boundary",
-             f"{'teacher':<15} {'target':<11} {'hard':>6} {'random':>7} {'all':>6} | "
+             f"{'network':<15} {'target':<11} {'hard':>6} {'random':>7} {'all':>6} | "
              f"{'hard':>6} {'random':>7} {'all':>6} | hard patches"]
     for teacher, by_target in result["results"].items():
         for target, shares in by_target.items():

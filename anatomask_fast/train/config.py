@@ -31,8 +31,8 @@ class PretrainConfig:
     hard_max: float = 0.5             # the schedule's top hard_frac (constant: its value); hard_frac is capped at it (the published linear formula 0.5 * (e + 1) / (E - 1) exceeds it at the last epoch, and reaches 1.0 with 2 epochs), except under --reference-compatible
     schedule_by: str = "epoch"        # epoch (as the reference) or step
     reference_compatible: bool = False  # exactly the published step: also the uncapped hard_frac formula; forces --teacher-target raw, no --per-sample-norm, no --decay-exempt
-    teacher_target: str = "raw"       # the teacher's per-patch error against the raw patch (published) or the normalized one (normalized)
-    per_sample_norm: bool = False     # sparse-norm statistics per sample (as the dense network at fine-tuning) instead of pooled over the batch (published)
+    teacher_target: str = "raw"       # the teacher's per-patch error against the raw patch (raw, published) or the normalized one (normalized, a departure)
+    per_sample_norm: bool = False     # sparse-norm statistics per sample (as the dense network at fine-tuning; a departure) instead of pooled over the batch (published)
     lr: float = 1e-4                  # AdamW base learning rate
     warmup_start_lr: float = 1e-6     # learning rate of epoch 0, rising linearly to --lr over the warm-up
     min_lr: float = 0.0               # end of the cosine decay (lightning-bolts' eta_min)

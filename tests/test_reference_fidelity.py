@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from anatomask_fast.models import AnatoMaskNet
 from anatomask_fast.train.config import PretrainConfig
 from anatomask_fast.train.optim import ema_decay_at_epoch, ema_update
-from anatomask_fast.train.pretrain import (build_optimizer, epoch_lr, pretrain_step,
-                                           published_hard_frac)
+from anatomask_fast.train.pretrain import (build_optimizer, check_method_options, epoch_lr,
+                                           pretrain_step, published_hard_frac)
 from anatomask_fast.train.runtime import optimizer_step
 from anatomask_fast.schedules import masking_schedule
 
@@ -296,3 +296,14 @@ def test_hard_frac_published_formula_uncapped_in_reference_mode_capped_by_defaul
     default = PretrainConfig(data="x", epochs=2).resolved()
     capped = [published_hard_frac(schedule, default, e, 0) for e in range(2)]
     assert reference == published and capped == [0.5, 0.5]
+
+
+def test_method_options_are_checked():
+    with pytest.raises(ValueError, match="cannot be combined with --per-sample-norm, "
+                                         "--decay-exempt"):
+        check_method_options(PretrainConfig(reference_compatible=True, per_sample_norm=True,
+                                            decay_exempt=True))
+    with pytest.raises(ValueError, match="--teacher-target must be 'raw' or 'normalized', "
+                                         "got 'noisy'"):
+        check_method_options(PretrainConfig(teacher_target="noisy"))
+    check_method_options(PretrainConfig(per_sample_norm=True, teacher_target="normalized"))

@@ -1,8 +1,9 @@
 """``python -m anatomask_fast.train pretrain``: AnatoMask pretraining (SPEC section 5).
 
-One step, all on the device: a random mask, the EMA teacher's reconstruction and its
-per-patch errors (fused loss kernel), the anatomical mask (one selection launch), the
-student's reconstruction and loss, AdamW with clipping, the EMA update. Masks are
+One step, all on the device, as the published one: a random mask, the EMA teacher's
+reconstruction (eval mode) and its per-patch errors (fused loss kernel), the anatomical
+mask (one selection launch), the student's reconstruction and loss, AdamW with
+clipping, the EMA update; learning rate and EMA decay set once per epoch. Masks are
 seeded from (seed, rank, step), and data from (seed, epoch, index), so a resumed run
 repeats exactly what an uninterrupted one does.
 """

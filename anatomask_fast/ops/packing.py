@@ -9,7 +9,8 @@ from .. import _extension
 from ..dispatch import Op
 from ..reference.packing import (pack_patches_reference, pad_halo_backward_reference,
                                  pad_halo_reference, unpack_patches_reference)
-from ..validation import check_same_device, check_tensor, check_volume
+from ..validation import (check_index_values, check_same_device, check_tensor, check_volume,
+                          kernel_checks_values, register_fake, require)
 
 PACK_PATCHES = Op("pack_patches", reference=pack_patches_reference, cpp="pack_patches",
                   triton="packing:pack_patches_triton")
@@ -33,6 +34,40 @@ def _check_layout(op: str, patches: object, slots: object, batch: int | None) ->
                          f"got shape {tuple(slots.shape)}")
 
 
+def _check_layout_values(op: str, patches: torch.Tensor, slots: torch.Tensor) -> None:
+    """The layout contract (the C++ kernels' check_layout_values, csrc/packing.h):
+    ``slots[patches[n]] = n`` for every n and -1 at every other cell, as
+    ``MaskLayout`` builds them; then every backend reads the same cells."""
+    N, cells = patches.numel(), slots.numel()
+    check_index_values(op, "patches", patches, 0, cells,
+                       f"the {cells} cells of the {list(slots.shape)} grid of 'slots'")
+    check_index_values(op, "slots", slots, -1, N, f"the {N} packed patches (or -1 where hidden)")
+    if cells == 0 or torch.compiler.is_compiling():
+        return
+    flat = slots.reshape(-1)
+    order = torch.arange(N, device=slots.device)
+    agree = (flat[patches.clamp(0, cells - 1)] == order).all() & ((flat >= 0).sum() == N)
+    require(agree, f"{op}: arguments 'patches' and 'slots' disagree: slots must hold n at "
+                   "cell patches[n] and -1 at every other cell")
+
+
+def _check_neighbour_values(op: str, neighbours: torch.Tensor) -> None:
+    """The C++ kernels' check_neighbour_values (csrc/packing.h): indices in [-1, N),
+    and symmetric, as a grid's (the adjoint reads the table backwards):
+    ``neighbours[n, o] = m >= 0`` implies ``neighbours[m, 26 - o] = n``."""
+    N = neighbours.shape[0]
+    check_index_values(op, "neighbours", neighbours, -1, N,
+                       f"the {N} packed patches (or -1 for zeros)")
+    if N == 0 or torch.compiler.is_compiling():
+        return
+    back = (26 - torch.arange(27, device=neighbours.device)).expand_as(neighbours)
+    mirrored = neighbours[neighbours.clamp(0, N - 1), back]
+    own = torch.arange(N, device=neighbours.device)[:, None]
+    require(((neighbours < 0) | (mirrored == own)).all(),
+            f"{op}: argument 'neighbours' must be symmetric (neighbours[n, o] = m implies "
+            "neighbours[m, 26 - o] = n)")
+
+
 def pack_patches(x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The visible patches of ``x`` (B, C, H, W, D) as (N, C, ph, pw, pd), in the order
     of ``patches``; the grid (h, w, d) is ``slots.shape[1:]``. Differentiable in ``x``
@@ -44,7 +79,10 @@ def pack_patches(x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor) ->
         raise ValueError(f"pack_patches: the grid {grid} of 'slots' must divide the spatial "
                          f"shape {spatial} of 'x'")
     check_same_device("pack_patches", x=x, patches=patches, slots=slots)
-    return PACK_PATCHES(x.device)(x, patches, slots)
+    backend = PACK_PATCHES.select(x.device)
+    if not kernel_checks_values(backend):
+        _check_layout_values("pack_patches", patches, slots)
+    return PACK_PATCHES.kernel(backend)(x, patches, slots)
 
 
 def unpack_patches(packed: torch.Tensor, patches: torch.Tensor,
@@ -57,7 +95,10 @@ def unpack_patches(packed: torch.Tensor, patches: torch.Tensor,
         raise ValueError(f"unpack_patches: argument 'patches' must have {packed.shape[0]} "
                          f"entries (one per packed patch), got {patches.shape[0]}")
     check_same_device("unpack_patches", packed=packed, patches=patches, slots=slots)
-    return UNPACK_PATCHES(packed.device)(packed, patches, slots)
+    backend = UNPACK_PATCHES.select(packed.device)
+    if not kernel_checks_values(backend):
+        _check_layout_values("unpack_patches", patches, slots)
+    return UNPACK_PATCHES.kernel(backend)(packed, patches, slots)
 
 
 def pad_halo(packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -67,7 +108,10 @@ def pad_halo(packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -
     serves a stride-1 3x3x3 conv, ``lo=1, hi=0`` a stride-2 one (padding 1).
     Differentiable; the backward is the deterministic gather-add adjoint."""
     _check_halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False)
-    return PAD_HALO(packed.device)(packed, neighbours, lo, hi)
+    backend = PAD_HALO.select(packed.device)
+    if not kernel_checks_values(backend):
+        _check_neighbour_values("pad_halo", neighbours)
+    return PAD_HALO.kernel(backend)(packed, neighbours, lo, hi)
 
 
 def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
@@ -77,7 +121,10 @@ def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
     that read it (deterministic gather-add). For backward passes that rebuild a halo'd
     tensor themselves; not differentiable."""
     _check_halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True)
-    return PAD_HALO_BACKWARD(grad.device)(grad, neighbours, lo, hi)
+    backend = PAD_HALO_BACKWARD.select(grad.device)
+    if not kernel_checks_values(backend):
+        _check_neighbour_values("pad_halo_backward", neighbours)
+    return PAD_HALO_BACKWARD.kernel(backend)(grad, neighbours, lo, hi)
 
 
 def _check_halo(op: str, name: str, tensor: torch.Tensor, neighbours: torch.Tensor, lo: int,
@@ -102,24 +149,24 @@ def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     ops = torch.ops.anatomask_fast
 
-    @torch.library.register_fake("anatomask_fast::pack_patches")
+    @register_fake("anatomask_fast::pack_patches")
     def _(x, patches, slots):
         B, C, H, W, D = x.shape
         _, h, w, d = slots.shape
         return x.new_empty(patches.shape[0], C, H // h, W // w, D // d)
 
-    @torch.library.register_fake("anatomask_fast::unpack_patches")
+    @register_fake("anatomask_fast::unpack_patches")
     def _(packed, patches, slots):
         B, h, w, d = slots.shape
         _, C, ph, pw, pd = packed.shape
         return packed.new_empty(B, C, h * ph, w * pw, d * pd)
 
-    @torch.library.register_fake("anatomask_fast::pad_halo")
+    @register_fake("anatomask_fast::pad_halo")
     def _(packed, neighbours, lo, hi):
         N, C, *side = packed.shape
         return packed.new_empty(N, C, *(s + lo + hi for s in side))
 
-    @torch.library.register_fake("anatomask_fast::pad_halo_backward")
+    @register_fake("anatomask_fast::pad_halo_backward")
     def _(grad, neighbours, lo, hi):
         N, C, *side = grad.shape
         return grad.new_empty(N, C, *(s - lo - hi for s in side))

@@ -30,7 +30,7 @@ def check_eps(op: str, eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{op}: argument 'eps' must be a real number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{op}: argument 'eps' must be a finite number > 0, got {eps}")
+        raise ValueError(f"{op}: argument 'eps' must be positive and finite, got {eps}")
     return float(eps)
 
 
@@ -65,13 +65,6 @@ def check_active_mask(op: str, active: object, like: torch.Tensor, *,
                          f"{spatial} of '{like_name}'")
     check_same_device(op, **{like_name: like, name: active})
     return tuple(s // g for g, s in zip(grid, spatial))
-
-
-def kernel_checks_values(backend: str) -> bool:
-    """Whether the backend's kernels check index values themselves: the C++ ones do
-    (on the host for CPU tensors, on the device for CUDA ones), the reference and the
-    Triton kernels need the checks below."""
-    return backend in ("cpu", "cuda")
 
 
 def require(ok: torch.Tensor, message: str) -> None:

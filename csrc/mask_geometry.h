@@ -51,7 +51,7 @@ inline at::ScalarType accumulation_type(const at::Tensor& x) {
 // A finite, positive epsilon (eps <= 0 turns a zero variance into NaN or Inf).
 inline void check_eps(double eps, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op,
-                    ": argument 'eps' must be a finite number > 0, got ", eps);
+                    ": argument 'eps' must be positive and finite, got ", eps);
 }
 
 // `t` of the shape, dtype and device of `like` (named `like_name`).

@@ -22,15 +22,21 @@ SELFTEST_CRASH = "ANATOMASK_HOSTILE_SELFTEST_CRASH"
 def _outcome(name: str) -> dict:
     import torch  # noqa: F401  (imported once, before the first case)
 
+    import anatomask_fast.kernels.gather_scatter  # noqa: F401  (registers the Triton ops)
+    import anatomask_fast.kernels.mask_select  # noqa: F401
+    import anatomask_fast.kernels.packing  # noqa: F401
+    import anatomask_fast.kernels.patch_loss  # noqa: F401
+    import anatomask_fast.kernels.seg_loss  # noqa: F401
     from anatomask_fast import use_backend
-    from tests.hostile_cases import CASES
+    from tests.hostile_cases import CASES, RAW_BACKENDS, ops
 
     if name == os.environ.get(SELFTEST_CRASH):  # the runner's own test: die as a segfault
         os.kill(os.getpid(), signal.SIGSEGV)
     base, _, backend = name.partition("@")
     case = CASES[base]
+    ops.suffix = "" if case.public else RAW_BACKENDS[backend]
     try:
-        with use_backend(backend or "auto"):
+        with use_backend(backend if case.public else "auto"):
             case.call()
     except Exception as error:  # noqa: BLE001 - every outcome is recorded
         return {"name": name, "error": type(error).__name__, "message": str(error)}

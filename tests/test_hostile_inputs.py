@@ -40,9 +40,9 @@ def test_hostile_input_is_a_clear_error(outcomes, name):
 def test_runner_isolates_a_crash(tmp_path):
     """A case that kills its process is reported as a crash, and the cases after it
     still run (in a fresh process)."""
-    names = ["raw.gather_tokens.x_2d", "selftest.segfault", "raw.densify.x_int"]
+    names = ["raw.gather_tokens.x_2d@cpp", "selftest.segfault", "raw.densify.x_int@triton"]
     got = run_cases(names, tmp_path / "results.jsonl",
                     env={SELFTEST_CRASH: "selftest.segfault"})
     assert got["selftest.segfault"]["error"] == "crash"
-    assert got["raw.gather_tokens.x_2d"]["error"] == "ValueError"
-    assert got["raw.densify.x_int"]["error"] == "TypeError"
+    assert got["raw.gather_tokens.x_2d@cpp"]["error"] == "ValueError"
+    assert got["raw.densify.x_int@triton"]["error"] == "TypeError"

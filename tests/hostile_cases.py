@@ -7,6 +7,7 @@ The cases run in a separate process (tests/hostile_runner.py), since before the
 fixes several of them crashed the interpreter (issue 19)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from anatomask_fast.reference.packing import (pack_patches_reference, pad_halo_r
                                               unpack_patches_reference)
 
 BIG = 1 << 40
+# A comma-separated subset of the backends below (scripts/sanitize.sh: the C++ ones).
+BACKENDS_ENV = "ANATOMASK_HOSTILE_BACKENDS"
 # The C++ and the Python (Triton, public API) wording of a dtype error.
 FLOAT = r"must (be float|have dtype in \(torch.float32)"
 LONG = r"must (be Long|have dtype in \(torch.int64\))"
@@ -102,21 +105,25 @@ def asymmetric_neighbours() -> torch.Tensor:
 
 # ---- packing: public API (issue 19: crashes and garbage reads before) ----
 
-for label, value in (("1<<40", BIG), ("cells", 8), ("-1", -1)):
-    case(f"pack_patches.patch={label}", ValueError,
-         r"pack_patches: argument 'patches' must hold indices in \[0, 8\)")(
-        lambda value=value: am.pack_patches(volume(), torch.tensor([0, value]), layout().slots))
-    case(f"unpack_patches.slot={label}", ValueError,
-         r"unpack_patches: argument 'slots' must hold indices in \[-1, 8\)" if value != -1 else
-         r"unpack_patches: arguments 'patches' and 'slots' disagree")(
-        lambda value=value: am.unpack_patches(packed(), layout().patches,
-                                              with_value(layout().slots, 3, value)))
-    for op, tensor in (("pad_halo", packed), ("pad_halo_backward", halo_grad)):
-        bad = value if value != -1 else -2
-        case(f"{op}.neighbour={label if value != -1 else '-2'}", ValueError,
-             rf"{op}: argument 'neighbours' must hold indices in \[-1, 8\)")(
-            lambda op=op, tensor=tensor, bad=bad: getattr(am, op)(
-                tensor(), with_value(layout().neighbours, 5, bad), 1, 1))
+# Each index argument at 1 << 40, at its bound and below 0, through the public API
+# (every backend) and the raw operators (C++ and Triton).
+for register, api in ((case, am), (raw, ops)):
+    for label, value in (("1<<40", BIG), ("cells", 8), ("-1", -1)):
+        register(f"pack_patches.patch={label}", ValueError,
+                 r"pack_patches: argument 'patches' must hold indices in \[0, 8\)")(
+            lambda value=value, api=api: api.pack_patches(
+                volume(), with_value(layout().patches, 1, value), layout().slots))
+        register(f"unpack_patches.slot={label}", ValueError,
+                 r"unpack_patches: argument 'slots' must hold indices in \[-1, 8\)"
+                 if value != -1 else r"unpack_patches: arguments 'patches' and 'slots' disagree")(
+            lambda value=value, api=api: api.unpack_patches(
+                packed(), layout().patches, with_value(layout().slots, 3, value)))
+        for op, tensor in (("pad_halo", packed), ("pad_halo_backward", halo_grad)):
+            bad = value if value != -1 else -2
+            register(f"{op}.neighbour={label if value != -1 else '-2'}", ValueError,
+                     rf"{op}: argument 'neighbours' must hold indices in \[-1, 8\)")(
+                lambda op=op, tensor=tensor, bad=bad, api=api: getattr(api, op)(
+                    tensor(), with_value(layout().neighbours, 5, bad), 1, 1))
 
 case("pack_patches.patches_disagree_with_slots", ValueError,
      r"pack_patches: arguments 'patches' and 'slots' disagree")(
@@ -222,24 +229,9 @@ case("dice_ce_loss.label_out_of_range", ValueError,
 
 # ---- raw operators: every tensor checked (issue 19: crashes and obscure messages) ----
 
-for label, value in (("1<<40", BIG), ("cells", 8), ("-1", -1)):
-    raw(f"pack_patches.patch={label}", ValueError,
-        r"pack_patches: argument 'patches' must hold indices in \[0, 8\) of the 8 cells of "
-        r"the \[1, 2, 2, 2\] grid of 'slots'; got a (maximum|minimum) of " + str(value))(
-        lambda value=value: ops.pack_patches(volume(), with_value(layout().patches, 1, value),
-                                             layout().slots))
-    raw(f"unpack_patches.slot={label}", ValueError,
-        r"unpack_patches: argument 'slots' must hold indices in \[-1, 8\)" if value != -1 else
-        r"unpack_patches: arguments 'patches' and 'slots' disagree")(
-        lambda value=value: ops.unpack_patches(packed(), layout().patches,
-                                               with_value(layout().slots, 3, value)))
-    for op, tensor in (("pad_halo", packed), ("pad_halo_backward", halo_grad)):
-        bad = value if value != -1 else -2
-        raw(f"{op}.neighbour={label if value != -1 else '-2'}", ValueError,
-            rf"{op}: argument 'neighbours' must hold indices in \[-1, 8\)")(
-            lambda op=op, tensor=tensor, bad=bad: getattr(ops, op)(
-                tensor(), with_value(layout().neighbours, 5, bad), 1, 1))
-raw("pack_patches.issue_example", ValueError, r"got a maximum of 1099511627776")(
+raw("pack_patches.issue_example", ValueError,
+    r"pack_patches: argument 'patches' must hold indices in \[0, 8\) of the 8 cells of "
+    r"the \[1, 2, 2, 2\] grid of 'slots'; got a maximum of 1099511627776")(
     lambda: ops.pack_patches(volume(), torch.tensor([0, BIG]), layout().slots))
 raw("unpack_patches.patches_disagree_with_slots", ValueError,
     r"arguments 'patches' and 'slots' disagree")(
@@ -427,7 +419,9 @@ raw("dice_ce_loss_backward.grad_shape", ValueError,
 def names() -> list[str]:
     """Every case under every backend it runs with: 'name@backend' (public API under
     ``use_backend``) or 'raw.name@cpp' / 'raw.name@triton' (the C++ or Triton operator)."""
+    only = os.environ.get(BACKENDS_ENV)
     out = []
     for name, c in CASES.items():
-        out.extend(f"{name}@{b}" for b in (PUBLIC_BACKENDS if c.public else RAW_BACKENDS))
+        out.extend(f"{name}@{b}" for b in (PUBLIC_BACKENDS if c.public else RAW_BACKENDS)
+                   if only is None or b in only.split(","))
     return out

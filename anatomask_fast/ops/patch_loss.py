@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import _extension
+from ..contracts import check_like
 from ..dispatch import Op
 from ..reference.patch_loss import patch_recon_loss_reference
-from ..validation import (check_active_mask, check_eps, check_same_device, check_volume,
-                          register_fake)
+from ..validation import check_active_mask, check_eps, check_volume, register_fake
 
 PATCH_RECON_LOSS = Op("patch_recon_loss", reference=patch_recon_loss_reference,
                       cpp="patch_recon_loss", triton="patch_loss:patch_recon_loss_triton")
@@ -34,14 +34,7 @@ def _check_patch_size(patch_size: object) -> tuple[int, int, int]:
 def _check_inputs(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
                   patch_size: object) -> tuple[int, int, int]:
     check_volume(_NAME, "x", x)
-    check_volume(_NAME, "rec", rec)
-    if rec.shape != x.shape:
-        raise ValueError(f"{_NAME}: argument 'rec' must have the shape of 'x' "
-                         f"{tuple(x.shape)}, got {tuple(rec.shape)}")
-    if rec.dtype != x.dtype:
-        raise TypeError(f"{_NAME}: argument 'rec' must have the dtype of 'x' ({x.dtype}), "
-                        f"got {rec.dtype}")
-    check_same_device(_NAME, x=x, rec=rec)
+    check_like(_NAME, "rec", rec, x, "x")
     patch = _check_patch_size(patch_size)
     spatial = tuple(x.shape[2:])
     if any(s % p for s, p in zip(spatial, patch)):

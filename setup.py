@@ -8,6 +8,9 @@ Environment:
                                   compile (by default the package installs without
                                   it and runs the reference backend).
   ANATOMASK_DEBUG=1               -O0 -g.
+  ANATOMASK_SANITIZE=1            the CPU kernels with AddressSanitizer and UBSan
+                                  (-O1 -g, no CUDA); build it elsewhere than the
+                                  normal one: scripts/sanitize.sh.
 Install with `pip install --no-build-isolation -e .` so that the build uses the torch
 already installed (build isolation would download a CUDA torch).
 """
@@ -22,7 +25,13 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
+def sanitize() -> bool:
+    return os.environ.get("ANATOMASK_SANITIZE") == "1"
+
+
 def build_cuda() -> bool:
+    if sanitize():
+        return False
     choice = os.environ.get("ANATOMASK_BUILD_CUDA", "auto")
     possible = torch.version.cuda is not None and CUDA_HOME is not None
     if choice == "1" and not possible:
@@ -48,6 +57,14 @@ class OptionalBuildExtension(BuildExtension):
 def extension():
     debug = os.environ.get("ANATOMASK_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    link = ["-fopenmp"]
+    if sanitize():
+        # Every UB report aborts (the tests then fail); vptr checks would see libtorch's
+        # classes, which are outside this build.
+        checks = ["-fsanitize=address,undefined", "-fno-sanitize=vptr",
+                  "-fno-sanitize-recover=undefined"]
+        opt = ["-O1", "-g", "-fno-omit-frame-pointer", *checks]
+        link = [*link, *checks]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # Selects (masks, clamps, activation slopes) in the voxel loops vectorize only when
     # comparisons may run speculatively; no kernel reads floating-point exception flags
@@ -55,7 +72,7 @@ def extension():
     cxx = [*opt, "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if not build_cuda():
         return CppExtension("anatomask_fast._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=link)
     return CUDAExtension(
         "anatomask_fast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("ANATOMASK_WITH_CUDA", None)],

@@ -3,8 +3,28 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import os
+import sys
 import warnings
 from types import ModuleType
+
+# A build of the extension elsewhere than the package (scripts/sanitize.sh points it at
+# the AddressSanitizer build, which must never replace the normal one).
+EXTENSION_ENV = "ANATOMASK_EXTENSION"
+
+
+def _import() -> ModuleType:
+    path = os.environ.get(EXTENSION_ENV)
+    if not path:
+        return importlib.import_module("anatomask_fast._C")
+    spec = importlib.util.spec_from_file_location("anatomask_fast._C", path)
+    if spec is None or not os.path.isfile(path):
+        raise ImportError(f"{EXTENSION_ENV}={path} is not an extension module file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["anatomask_fast._C"] = module
+    return module
 
 
 @functools.lru_cache(maxsize=None)
@@ -14,7 +34,7 @@ def load() -> tuple[ModuleType | None, str]:
     Importing the module registers the C++ operators with ``torch.ops.anatomask_fast``.
     """
     try:
-        module = importlib.import_module("anatomask_fast._C")
+        module = _import()
     except ImportError as error:
         reason = f"the C++ extension anatomask_fast._C is not built ({error})"
         warnings.warn(

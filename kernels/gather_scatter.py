@@ -9,7 +9,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from anatomask_fast.contracts import (check_activation, check_affine, check_ids_values,
+                                      check_length, check_masked, check_norm_backward,
+                                      check_param, check_token_ids)
 from anatomask_fast.ops.gather_scatter import register_autograd
+from anatomask_fast.validation import check_eps, check_index_values, check_tensor
 from anatomask_fast.outputs import new_output
 
 from . import launchable
@@ -40,6 +44,7 @@ def _apply_mask_kernel(x_ptr, mask_ptr, y_ptr, n, C, H, W, D, h, w, d, ph, pw, p
 
 @triton_op("anatomask_fast::apply_mask_triton", mutates_args=())
 def apply_mask_triton(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    check_masked("apply_mask", x, active)
     x = x.contiguous()
     mask = active.contiguous().view(torch.uint8)
     y = new_output(x.shape, dtype=x.dtype, device=x.device)
@@ -113,6 +118,8 @@ def _densify_kernel(x_ptr, mask_ptr, token_ptr, y_ptr, n, C, S, H, W, D, h, w, d
 
 @triton_op("anatomask_fast::densify_triton", mutates_args=())
 def densify_triton(x: torch.Tensor, active: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    check_masked("densify", x, active)
+    check_param("densify", "mask_token", mask_token, x.shape[1], x)
     x = x.contiguous()
     token = mask_token.reshape(-1).to(x.dtype).contiguous()
     y = new_output(x.shape, dtype=x.dtype, device=x.device)
@@ -152,6 +159,7 @@ def _row_grid(x: torch.Tensor, gpu_block: int) -> tuple[int, int, int]:
 
 @triton_op("anatomask_fast::densify_backward_triton", mutates_args=())
 def densify_backward_triton(grad: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_masked("densify_backward", grad, active, name="grad")
     grad = grad.contiguous()
     B, C = grad.shape[:2]
     grad_x = new_output(grad.shape, dtype=grad.dtype, device=grad.device)
@@ -245,6 +253,11 @@ def _normalize_kernel(x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, 
 def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], per_sample: bool, eps: float,
                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "sparse_norm"
+    check_masked(op, x, active)
+    check_activation(op, activation)
+    check_affine(op, x, weight, bias)
+    check_eps(op, eps)
     x = x.contiguous()
     mask = _mask_bytes(active)
     geometry = _geometry(x, active)
@@ -315,6 +328,11 @@ def sparse_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, active: tor
                                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                 mean: torch.Tensor, rstd: torch.Tensor,
                                 activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "sparse_norm_backward"
+    check_masked(op, x, active)
+    check_activation(op, activation)
+    check_affine(op, x, weight, bias)
+    check_norm_backward(op, grad, x, mean, rstd)
     grad, x = grad.contiguous(), x.contiguous()
     mask = _mask_bytes(active)
     geometry = _geometry(x, active)
@@ -381,12 +399,20 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None
 
 @triton_op("anatomask_fast::gather_tokens_triton", mutates_args=())
 def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    check_token_ids("gather_tokens", ids_keep, x, "ids_keep", "x")
+    check_index_values("gather_tokens", "ids_keep", ids_keep, 0, x.shape[1],
+                       f"the L={x.shape[1]} tokens of each sample")
     return _gather_rows(x, ids_keep, None, None)
 
 
 @triton_op("anatomask_fast::gather_tokens_backward_triton", mutates_args=())
 def gather_tokens_backward_triton(grad: torch.Tensor, ids_keep: torch.Tensor,
                                   length: int) -> torch.Tensor:
+    op = "gather_tokens_backward"
+    check_tensor(op, "grad", grad, ndim=3)
+    check_token_ids(op, ids_keep, grad, "ids_keep", "grad", width=grad.shape[1])
+    check_length(op, "length", length, grad.shape[1])
+    check_ids_values(op, "ids_keep", ids_keep, length, permutation=False)
     # Which kept row lands in each slot (-1: none, a zero row): a (B, L) int64 map.
     B, K = ids_keep.shape
     source = torch.full((B, length), -1, dtype=torch.int64, device=grad.device)
@@ -397,6 +423,16 @@ def gather_tokens_backward_triton(grad: torch.Tensor, ids_keep: torch.Tensor,
 @triton_op("anatomask_fast::scatter_tokens_triton", mutates_args=())
 def scatter_tokens_triton(x_visible: torch.Tensor, ids_restore: torch.Tensor,
                           mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+    op = "scatter_tokens"
+    check_token_ids(op, ids_restore, x_visible, "ids_restore", "x_visible")
+    (_, K, C), L = x_visible.shape, ids_restore.shape[1]
+    if K > L:
+        raise ValueError(f"{op}: argument 'x_visible' has {K} tokens, more than the L={L} "
+                         "slots of 'ids_restore'")
+    check_param(op, "mask_token", mask_token, C, x_visible, "x_visible")
+    if pos_embed is not None:
+        check_param(op, "pos_embed", pos_embed, L * C, x_visible, "x_visible")
+    check_ids_values(op, "ids_restore", ids_restore, L, permutation=True)
     dtype = x_visible.dtype
     token = mask_token.reshape(-1).to(dtype).contiguous()
     pos = None if pos_embed is None else (
@@ -430,6 +466,11 @@ def _scatter_tokens_backward_kernel(g_ptr, ids_ptr, gx_ptr, tok_ptr, pos_ptr, B,
 @triton_op("anatomask_fast::scatter_tokens_backward_triton", mutates_args=())
 def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int,
                                    with_pos: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "scatter_tokens_backward"
+    check_tensor(op, "grad", grad, ndim=3)
+    check_token_ids(op, ids_restore, grad, "ids_restore", "grad", width=grad.shape[1])
+    check_length(op, "len_keep", len_keep, 0, grad.shape[1])
+    check_ids_values(op, "ids_restore", ids_restore, grad.shape[1], permutation=True)
     grad, ids = grad.contiguous(), ids_restore.contiguous()
     B, L, C = grad.shape
     acc = _acc_dtype(grad)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from anatomask_fast.contracts import check_selection
 from anatomask_fast.outputs import new_output
 
 from . import launchable
@@ -76,6 +77,7 @@ def _anatomical_mask_kernel(errors_ptr, noise_ptr, active_ptr, hard_ptr, shuffle
 def anatomical_mask_triton(errors: torch.Tensor, noise: torch.Tensor | None, len_keep: int,
                            n_hard: int, seed: int, offset: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_selection("anatomical_mask", errors, noise, len_keep, n_hard, seed, offset)
     B, L = errors.shape
     # Errors are not read without hard patches (random_mask passes an expanded zero).
     errors = errors.contiguous() if n_hard > 0 else errors

@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from anatomask_fast.contracts import (check_halo, check_layout_values, check_neighbour_values,
+                                      check_pack, check_unpack)
 from anatomask_fast.outputs import new_output
 
 from . import launchable
@@ -111,6 +113,8 @@ def _launch(kernel, n: int, device: torch.device, *args, **meta) -> None:
 @triton_op("anatomask_fast::pack_patches_triton", mutates_args=())
 def pack_patches_triton(x: torch.Tensor, patches: torch.Tensor,
                         slots: torch.Tensor) -> torch.Tensor:
+    check_pack("pack_patches", x, patches, slots)
+    check_layout_values("pack_patches", patches, slots)
     x = x.contiguous()
     B, C, H, W, D = x.shape
     _, h, w, d = slots.shape
@@ -124,6 +128,8 @@ def pack_patches_triton(x: torch.Tensor, patches: torch.Tensor,
 @triton_op("anatomask_fast::unpack_patches_triton", mutates_args=())
 def unpack_patches_triton(packed: torch.Tensor, patches: torch.Tensor,
                           slots: torch.Tensor) -> torch.Tensor:
+    check_unpack("unpack_patches", packed, patches, slots)
+    check_layout_values("unpack_patches", patches, slots)
     packed = packed.contiguous()
     B, h, w, d = slots.shape
     N, C, ph, pw, pd = packed.shape
@@ -136,6 +142,8 @@ def unpack_patches_triton(packed: torch.Tensor, patches: torch.Tensor,
 @triton_op("anatomask_fast::pad_halo_triton", mutates_args=())
 def pad_halo_triton(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
                     hi: int) -> torch.Tensor:
+    check_halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False)
+    check_neighbour_values("pad_halo", neighbours)
     packed = packed.contiguous()
     N, C, ph, pw, pd = packed.shape
     out = new_output((N, C, ph + lo + hi, pw + lo + hi, pd + lo + hi), dtype=packed.dtype,
@@ -148,6 +156,8 @@ def pad_halo_triton(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
 @triton_op("anatomask_fast::pad_halo_backward_triton", mutates_args=())
 def pad_halo_backward_triton(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
                              hi: int) -> torch.Tensor:
+    check_halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True)
+    check_neighbour_values("pad_halo_backward", neighbours)
     grad = grad.contiguous()
     N, C, th, tw, td = grad.shape
     ph, pw, pd = th - lo - hi, tw - lo - hi, td - lo - hi

@@ -10,8 +10,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from anatomask_fast.contracts import check_patch_loss, check_patch_tables
 from anatomask_fast.ops.patch_loss import autograd, stats_dtype
 from anatomask_fast.outputs import new_output
+from anatomask_fast.validation import check_eps
 
 from . import launchable
 
@@ -155,6 +157,8 @@ def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Te
                             norm_pix: bool, eps: float,
                             hidden_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per_patch, mean, rstd), each (B, L): see csrc/ops.cpp patch_recon_loss."""
+    check_patch_loss("patch_recon_loss", rec, x, active)
+    check_eps("patch_recon_loss", eps)
     rec, x = rec.contiguous(), x.contiguous()
     mask = active.contiguous().view(torch.uint8)
     shape = (active.shape[0], active[0].numel())
@@ -174,6 +178,9 @@ def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Te
 def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Tensor,
                                      x: torch.Tensor, active: torch.Tensor, mean: torch.Tensor,
                                      rstd: torch.Tensor, hidden_only: bool) -> torch.Tensor:
+    op = "patch_recon_loss_backward"
+    check_patch_loss(op, rec, x, active)
+    check_patch_tables(op, x, active, grad_per_patch=grad_per_patch, mean=mean, rstd=rstd)
     rec, x = rec.contiguous(), x.contiguous()
     grad = new_output(rec.shape, dtype=rec.dtype, device=rec.device)
     geo = _geometry(x, active)

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from anatomask_fast.contracts import check_seg_loss, check_seg_loss_backward
 from anatomask_fast.ops.seg_loss import autograd_functions, sums_dtype
 from anatomask_fast.outputs import new_output
 
@@ -111,6 +112,7 @@ def _tiles(logits: torch.Tensor) -> tuple[int, int]:
 @triton_op("anatomask_fast::dice_ce_loss_triton", mutates_args=())
 def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
                         ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_seg_loss("dice_ce_loss", logits, labels)
     x, y = logits.contiguous(), labels.contiguous()
     B, K = x.shape[:2]
     S = y.shape[1]
@@ -138,6 +140,9 @@ def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
 def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor,
                                  logits: torch.Tensor, labels: torch.Tensor,
                                  ignore_index: int | None) -> torch.Tensor:
+    op = "dice_ce_loss_backward"
+    check_seg_loss(op, logits, labels)
+    check_seg_loss_backward(op, grad_class_sums, grad_ce_sums, logits)
     x, y = logits.contiguous(), labels.contiguous()
     B, K = x.shape[:2]
     S = y.shape[1]

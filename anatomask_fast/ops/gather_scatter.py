@@ -13,7 +13,8 @@ from ..dispatch import Op
 from ..reference.gather_scatter import (ACTIVATIONS, apply_mask_reference, densify_reference,
                                         gather_tokens_reference, scatter_tokens_reference,
                                         sparse_norm_reference)
-from ..validation import FLOAT_DTYPES, check_active_mask, check_same_device, check_tensor, check_volume
+from ..validation import (FLOAT_DTYPES, check_active_mask, check_eps, check_same_device,
+                          check_tensor, check_volume, register_fake)
 
 # On a GPU: the Triton kernels of densify, sparse_norm and the token gather/scatter
 # moved 1.3-2.2x more bytes per second than the CUDA C++ ones at STU-Net stage-0 size
@@ -82,8 +83,7 @@ def sparse_norm(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | No
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparse_norm: argument 'activation' must be one of "
                          f"{tuple(ACTIVATIONS)}, got {activation!r}")
-    if not eps > 0:
-        raise ValueError(f"sparse_norm: argument 'eps' must be positive, got {eps}")
+    check_eps("sparse_norm", eps)
     backend = SPARSE_NORM.select(x.device)
     if backend == "reference":
         return sparse_norm_reference(x, active, weight, bias, per_sample=per_sample, eps=eps,
@@ -173,42 +173,42 @@ def _register_fakes() -> None:
     """Fake (meta) kernels of the C++ operators (triton_op derives its own)."""
     ns = "anatomask_fast::"
 
-    @torch.library.register_fake(f"{ns}apply_mask")
+    @register_fake(f"{ns}apply_mask")
     def _(x, active):
         return x.new_empty(x.shape)
 
-    @torch.library.register_fake(f"{ns}densify")
+    @register_fake(f"{ns}densify")
     def _(x, active, mask_token):
         return x.new_empty(x.shape)
 
-    @torch.library.register_fake(f"{ns}densify_backward")
+    @register_fake(f"{ns}densify_backward")
     def _(grad, active):
         return grad.new_empty(grad.shape), grad.new_empty((grad.shape[1],), dtype=_acc_dtype(grad))
 
-    @torch.library.register_fake(f"{ns}sparse_norm")
+    @register_fake(f"{ns}sparse_norm")
     def _(x, active, weight, bias, per_sample, eps, activation):
         stats = (x.shape[0] if per_sample else 1, x.shape[1])
         acc = _acc_dtype(x)
         return x.new_empty(x.shape), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
-    @torch.library.register_fake(f"{ns}sparse_norm_backward")
+    @register_fake(f"{ns}sparse_norm_backward")
     def _(grad, x, active, weight, bias, mean, rstd, activation):
         acc, C = _acc_dtype(x), x.shape[1]
         return x.new_empty(x.shape), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
 
-    @torch.library.register_fake(f"{ns}gather_tokens")
+    @register_fake(f"{ns}gather_tokens")
     def _(x, ids_keep):
         return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
 
-    @torch.library.register_fake(f"{ns}gather_tokens_backward")
+    @register_fake(f"{ns}gather_tokens_backward")
     def _(grad, ids_keep, length):
         return grad.new_empty((grad.shape[0], length, grad.shape[2]))
 
-    @torch.library.register_fake(f"{ns}scatter_tokens")
+    @register_fake(f"{ns}scatter_tokens")
     def _(x_visible, ids_restore, mask_token, pos_embed):
         return x_visible.new_empty((x_visible.shape[0], ids_restore.shape[1], x_visible.shape[2]))
 
-    @torch.library.register_fake(f"{ns}scatter_tokens_backward")
+    @register_fake(f"{ns}scatter_tokens_backward")
     def _(grad, ids_restore, len_keep, with_pos):
         B, L, C = grad.shape
         acc = _acc_dtype(grad)

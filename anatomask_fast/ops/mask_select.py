@@ -17,7 +17,8 @@ import torch
 from .. import _extension
 from ..dispatch import Op
 from ..reference.mask_select import anatomical_mask_reference, ids_from_active
-from ..validation import FLOAT_DTYPES, check_same_device, check_tensor
+from ..validation import (FLOAT_DTYPES, check_index_values, check_same_device, check_tensor,
+                          register_fake, require)
 
 ANATOMICAL_MASK = Op("anatomical_mask", reference=anatomical_mask_reference,
                      cpp="anatomical_mask", triton="mask_select:anatomical_mask_triton")
@@ -217,15 +218,21 @@ def ids_to_active(ids_keep: torch.Tensor, shape: tuple[int, ...] | torch.Size) -
     if ids_keep.shape[0] != batch or ids_keep.shape[1] > length:
         raise ValueError(f"{op}: argument 'ids_keep' must be ({batch}, len_keep <= {length}), "
                          f"got {tuple(ids_keep.shape)}")
+    check_index_values(op, "ids_keep", ids_keep, 0, length,
+                       f"the L={length} patches of each sample")
     active = torch.zeros(batch, length, dtype=torch.bool, device=ids_keep.device)
-    return active.scatter_(1, ids_keep, True).view(tuple(shape))
+    active.scatter_(1, ids_keep.clamp(0, length - 1), True)
+    # Distinct ids: exactly len_keep visible patches per sample.
+    require((active.sum(1) == ids_keep.shape[1]).all(),
+            f"{op}: argument 'ids_keep' must hold distinct indices per sample")
+    return active.view(tuple(shape))
 
 
 def _register_cpp() -> None:
     """Fake kernel of the C++ operator (its schema is in csrc/ops.cpp); no autograd: the
     outputs are flags and indices."""
 
-    @torch.library.register_fake("anatomask_fast::anatomical_mask")
+    @register_fake("anatomask_fast::anatomical_mask")
     def _(errors, noise, len_keep, n_hard, seed, offset):
         flags = errors.new_empty(errors.shape, dtype=torch.bool)
         ids = errors.new_empty(errors.shape, dtype=torch.int64)

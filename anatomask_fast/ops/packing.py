@@ -9,7 +9,9 @@ from .. import _extension
 from ..dispatch import Op
 from ..reference.packing import (pack_patches_reference, pad_halo_backward_reference,
                                  pad_halo_reference, unpack_patches_reference)
-from ..validation import check_same_device, check_tensor, check_volume
+from ..contracts import (check_halo, check_layout_values, check_neighbour_values, check_pack,
+                         check_unpack)
+from ..validation import register_fake
 
 PACK_PATCHES = Op("pack_patches", reference=pack_patches_reference, cpp="pack_patches",
                   triton="packing:pack_patches_triton")
@@ -21,53 +23,43 @@ PAD_HALO_BACKWARD = Op("pad_halo_backward", reference=pad_halo_backward_referenc
                        cpp="pad_halo_backward", triton="packing:pad_halo_backward_triton")
 
 
-def _check_index(op: str, name: str, value: object, ndim: int) -> torch.Tensor:
-    return check_tensor(op, name, value, ndim=ndim, dtypes=(torch.int64,))
-
-
-def _check_layout(op: str, patches: object, slots: object, batch: int | None) -> None:
-    _check_index(op, "patches", patches, 1)
-    _check_index(op, "slots", slots, 4)
-    if batch is not None and slots.shape[0] != batch:
-        raise ValueError(f"{op}: argument 'slots' must have batch {batch} (B, h, w, d), "
-                         f"got shape {tuple(slots.shape)}")
-
-
 def pack_patches(x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The visible patches of ``x`` (B, C, H, W, D) as (N, C, ph, pw, pd), in the order
     of ``patches``; the grid (h, w, d) is ``slots.shape[1:]``. Differentiable in ``x``
-    (the adjoint is :func:`unpack_patches`)."""
-    check_volume("pack_patches", "x", x)
-    _check_layout("pack_patches", patches, slots, x.shape[0])
-    grid, spatial = tuple(slots.shape[1:]), tuple(x.shape[2:])
-    if any(g <= 0 or s % g for g, s in zip(grid, spatial)):
-        raise ValueError(f"pack_patches: the grid {grid} of 'slots' must divide the spatial "
-                         f"shape {spatial} of 'x'")
-    check_same_device("pack_patches", x=x, patches=patches, slots=slots)
-    return PACK_PATCHES(x.device)(x, patches, slots)
+    (the adjoint is :func:`unpack_patches`). ``patches`` and ``slots`` must be a
+    ``MaskLayout``'s pair (``slots[patches[n]] = n``, -1 elsewhere): checked by every
+    backend (the C++ and Triton kernels themselves)."""
+    check_pack("pack_patches", x, patches, slots)
+    backend = PACK_PATCHES.select(x.device)
+    if backend == "reference":
+        check_layout_values("pack_patches", patches, slots)
+    return PACK_PATCHES.kernel(backend)(x, patches, slots)
 
 
 def unpack_patches(packed: torch.Tensor, patches: torch.Tensor,
                    slots: torch.Tensor) -> torch.Tensor:
     """Packed patches (N, C, ph, pw, pd) scattered into a (B, C, h*ph, w*pw, d*pd) map,
-    zero at hidden cells. Differentiable (the adjoint is :func:`pack_patches`)."""
-    check_volume("unpack_patches", "packed", packed)
-    _check_layout("unpack_patches", patches, slots, None)
-    if patches.shape[0] != packed.shape[0]:
-        raise ValueError(f"unpack_patches: argument 'patches' must have {packed.shape[0]} "
-                         f"entries (one per packed patch), got {patches.shape[0]}")
-    check_same_device("unpack_patches", packed=packed, patches=patches, slots=slots)
-    return UNPACK_PATCHES(packed.device)(packed, patches, slots)
+    zero at hidden cells. Differentiable (the adjoint is :func:`pack_patches`). The
+    layout contract of :func:`pack_patches` applies."""
+    check_unpack("unpack_patches", packed, patches, slots)
+    backend = UNPACK_PATCHES.select(packed.device)
+    if backend == "reference":
+        check_layout_values("unpack_patches", patches, slots)
+    return UNPACK_PATCHES.kernel(backend)(packed, patches, slots)
 
 
 def pad_halo(packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Each patch of ``packed`` (N, C, ph, pw, pd) extended by ``lo`` voxels on the low
     and ``hi`` on the high side of every axis, read from its neighbours (``neighbours``
-    (N, 27)), zero where a neighbour is hidden or outside the volume. ``lo=hi=1``
-    serves a stride-1 3x3x3 conv, ``lo=1, hi=0`` a stride-2 one (padding 1).
-    Differentiable; the backward is the deterministic gather-add adjoint."""
-    _check_halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False)
-    return PAD_HALO(packed.device)(packed, neighbours, lo, hi)
+    (N, 27), symmetric as a ``MaskLayout``'s), zero where a neighbour is hidden or
+    outside the volume. ``lo=hi=1`` serves a stride-1 3x3x3 conv, ``lo=1, hi=0`` a
+    stride-2 one (padding 1). Differentiable; the backward is the deterministic
+    gather-add adjoint."""
+    check_halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False)
+    backend = PAD_HALO.select(packed.device)
+    if backend == "reference":
+        check_neighbour_values("pad_halo", neighbours)
+    return PAD_HALO.kernel(backend)(packed, neighbours, lo, hi)
 
 
 def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
@@ -76,50 +68,35 @@ def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
     pd+lo+hi): each patch (N, C, ph, pw, pd) sums the gradient of every halo'd patch
     that read it (deterministic gather-add). For backward passes that rebuild a halo'd
     tensor themselves; not differentiable."""
-    _check_halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True)
-    return PAD_HALO_BACKWARD(grad.device)(grad, neighbours, lo, hi)
-
-
-def _check_halo(op: str, name: str, tensor: torch.Tensor, neighbours: torch.Tensor, lo: int,
-                hi: int, *, padded: bool) -> None:
-    """``tensor`` (N, C, ...) (its patches already ``padded`` by the halo or not),
-    ``neighbours`` (N, 27), halo widths in [0, the unpadded patch side]."""
-    check_volume(op, name, tensor)
-    _check_index(op, "neighbours", neighbours, 2)
-    if tuple(neighbours.shape) != (tensor.shape[0], 27):
-        raise ValueError(f"{op}: argument 'neighbours' must have shape "
-                         f"({tensor.shape[0]}, 27), got {tuple(neighbours.shape)}")
-    widths = lo + hi if padded and all(isinstance(v, int) for v in (lo, hi)) else 0
-    bound = min(tensor.shape[2:]) - widths
-    for arg, value in (("lo", lo), ("hi", hi)):
-        if not isinstance(value, int) or not 0 <= value <= bound:
-            raise ValueError(f"{op}: argument '{arg}' must be an int in [0, {bound}] "
-                             f"(at most the patch side), got {value!r}")
-    check_same_device(op, **{name: tensor}, neighbours=neighbours)
+    check_halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True)
+    backend = PAD_HALO_BACKWARD.select(grad.device)
+    if backend == "reference":
+        check_neighbour_values("pad_halo_backward", neighbours)
+    return PAD_HALO_BACKWARD.kernel(backend)(grad, neighbours, lo, hi)
 
 
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     ops = torch.ops.anatomask_fast
 
-    @torch.library.register_fake("anatomask_fast::pack_patches")
+    @register_fake("anatomask_fast::pack_patches")
     def _(x, patches, slots):
         B, C, H, W, D = x.shape
         _, h, w, d = slots.shape
         return x.new_empty(patches.shape[0], C, H // h, W // w, D // d)
 
-    @torch.library.register_fake("anatomask_fast::unpack_patches")
+    @register_fake("anatomask_fast::unpack_patches")
     def _(packed, patches, slots):
         B, h, w, d = slots.shape
         _, C, ph, pw, pd = packed.shape
         return packed.new_empty(B, C, h * ph, w * pw, d * pd)
 
-    @torch.library.register_fake("anatomask_fast::pad_halo")
+    @register_fake("anatomask_fast::pad_halo")
     def _(packed, neighbours, lo, hi):
         N, C, *side = packed.shape
         return packed.new_empty(N, C, *(s + lo + hi for s in side))
 
-    @torch.library.register_fake("anatomask_fast::pad_halo_backward")
+    @register_fake("anatomask_fast::pad_halo_backward")
     def _(grad, neighbours, lo, hi):
         N, C, *side = grad.shape
         return grad.new_empty(N, C, *(s - lo - hi for s in side))

@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import _extension
+from ..contracts import check_like
 from ..dispatch import Op
 from ..reference.patch_loss import patch_recon_loss_reference
-from ..validation import check_active_mask, check_same_device, check_volume
+from ..validation import check_active_mask, check_eps, check_volume, register_fake
 
 PATCH_RECON_LOSS = Op("patch_recon_loss", reference=patch_recon_loss_reference,
                       cpp="patch_recon_loss", triton="patch_loss:patch_recon_loss_triton")
@@ -33,14 +34,7 @@ def _check_patch_size(patch_size: object) -> tuple[int, int, int]:
 def _check_inputs(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
                   patch_size: object) -> tuple[int, int, int]:
     check_volume(_NAME, "x", x)
-    check_volume(_NAME, "rec", rec)
-    if rec.shape != x.shape:
-        raise ValueError(f"{_NAME}: argument 'rec' must have the shape of 'x' "
-                         f"{tuple(x.shape)}, got {tuple(rec.shape)}")
-    if rec.dtype != x.dtype:
-        raise TypeError(f"{_NAME}: argument 'rec' must have the dtype of 'x' ({x.dtype}), "
-                        f"got {rec.dtype}")
-    check_same_device(_NAME, x=x, rec=rec)
+    check_like(_NAME, "rec", rec, x, "x")
     patch = _check_patch_size(patch_size)
     spatial = tuple(x.shape[2:])
     if any(s % p for s, p in zip(spatial, patch)):
@@ -79,6 +73,7 @@ def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
       the loss into NaN as ``e * 0`` does in the reference.
     """
     patch = _check_inputs(rec, x, active, patch_size)
+    check_eps(_NAME, eps)
     backend = PATCH_RECON_LOSS.select(rec.device)
     kernel = PATCH_RECON_LOSS.kernel(backend)
     if backend == "reference":
@@ -119,11 +114,11 @@ def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     op = torch.ops.anatomask_fast
 
-    @torch.library.register_fake("anatomask_fast::patch_recon_loss")
+    @register_fake("anatomask_fast::patch_recon_loss")
     def _(rec, x, active, norm_pix, eps, hidden_only):
         return patch_stats_like(rec, active)
 
-    @torch.library.register_fake("anatomask_fast::patch_recon_loss_backward")
+    @register_fake("anatomask_fast::patch_recon_loss_backward")
     def _(grad_per_patch, rec, x, active, mean, rstd, hidden_only):
         return torch.empty_like(rec, memory_format=torch.contiguous_format)
 

@@ -17,6 +17,8 @@ backend fails there as PyTorch's scatter and cross_entropy do).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -24,7 +26,7 @@ import torch
 from .. import _extension
 from ..dispatch import Op
 from ..reference.seg_loss import dice_ce_loss_reference, soft_dice_from_sums
-from ..validation import check_same_device, check_tensor, check_volume
+from ..validation import check_same_device, check_tensor, check_volume, register_fake
 
 DICE_CE_LOSS = Op("dice_ce_loss", reference=dice_ce_loss_reference, cpp="dice_ce_loss",
                   triton="seg_loss:dice_ce_loss_triton")
@@ -148,6 +150,13 @@ def deep_supervision_loss(outputs: list[torch.Tensor] | tuple[torch.Tensor, ...]
     if len(weights) != len(outputs):
         raise ValueError(f"{op}: argument 'weights' must have one entry per output "
                          f"({len(outputs)}), got {len(weights)}")
+    for weight in weights:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"{op}: argument 'weights' must hold real numbers, got "
+                            f"{type(weight).__name__} in {weights}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{op}: argument 'weights' must hold finite numbers >= 0, got "
+                             f"{weights}")
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES)
     total = None
     for weight, logits in zip(weights, outputs):
@@ -183,14 +192,14 @@ def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     op = "anatomask_fast::dice_ce_loss"
 
-    @torch.library.register_fake(op)
+    @register_fake(op)
     def _(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None):
         batch, classes = logits.shape[:2]
         dtype = sums_dtype(logits.dtype)
         return (logits.new_empty((batch, 3, classes), dtype=dtype),
                 logits.new_empty((batch,), dtype=dtype))
 
-    @torch.library.register_fake("anatomask_fast::dice_ce_loss_backward")
+    @register_fake("anatomask_fast::dice_ce_loss_backward")
     def _(grad_class_sums, grad_ce_sums, logits, labels, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 

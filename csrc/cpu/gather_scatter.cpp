@@ -9,9 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "../gather_scatter.h"
 #include "../mask_geometry.h"
 #include "../outputs.h"
 #include "simd.h"
@@ -184,8 +186,7 @@ ANATOMASK_SIMD_CLONES void densify_backward_rows(const scalar_t* src, const bool
 
 at::Tensor densify_cpu(const at::Tensor& x, const at::Tensor& active, const at::Tensor& token) {
   const MaskGeometry g = mask_geometry(x, active, "densify");
-  TORCH_CHECK(token.numel() == g.C, "densify: argument 'mask_token' must have C=", g.C,
-              " values, got shape ", token.sizes());
+  check_param(token, g.C, x, "densify", "mask_token", "x");
   const at::Tensor xc = x.contiguous();
   const at::Tensor mc = active.contiguous();
   const at::Tensor tc = token.to(x.scalar_type()).contiguous();
@@ -203,7 +204,7 @@ at::Tensor densify_cpu(const at::Tensor& x, const at::Tensor& active, const at::
 
 std::tuple<at::Tensor, at::Tensor> densify_backward_cpu(const at::Tensor& grad,
                                                         const at::Tensor& active) {
-  const MaskGeometry g = mask_geometry(grad, active, "densify_backward");
+  const MaskGeometry g = mask_geometry(grad, active, "densify_backward", "grad");
   const at::Tensor gc = grad.contiguous();
   const at::Tensor mc = active.contiguous();
   at::Tensor grad_x = new_output(gc.sizes(), gc.options());
@@ -235,7 +236,7 @@ Activation parse_activation(const std::string& name, const char* op) {
   if (name == "none") return Activation::kNone;
   if (name == "leaky_relu") return Activation::kLeakyRelu;
   if (name == "relu6") return Activation::kRelu6;
-  TORCH_CHECK(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ",
+  TORCH_CHECK_VALUE(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ",
               name);
 }
 
@@ -285,11 +286,10 @@ struct Affine {
   acc b(int64_t c) const { return bias.defined() ? bias.const_data_ptr<acc>()[c] : acc(0); }
 };
 
+// The affine parameter in the accumulation dtype (checked by check_affine).
 template <typename acc>
-at::Tensor affine_param(const c10::optional<at::Tensor>& p, int64_t C, const char* name) {
+at::Tensor affine_param(const c10::optional<at::Tensor>& p) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
-  TORCH_CHECK(p->numel() == C, "sparse_norm: argument '", name, "' must have C=", C,
-              " values, got shape ", p->sizes());
   return p->to(c10::CppTypeToScalarType<acc>::value).contiguous();
 }
 
@@ -437,6 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
     c10::string_view activation) {
   const MaskGeometry g = mask_geometry(x, active, "sparse_norm");
   const Activation act = parse_activation(std::string(activation), "sparse_norm");
+  check_affine(weight, bias, g, x, "sparse_norm");
+  check_eps(eps, "sparse_norm");
   const at::Tensor xc = x.contiguous();
   const at::Tensor mc = active.contiguous();
   const int64_t groups = per_sample ? g.B : 1;
@@ -448,8 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
     const auto stat_options = xc.options().dtype(c10::CppTypeToScalarType<acc>::value);
     mean = new_output({groups, g.C}, stat_options);
     rstd = new_output({groups, g.C}, stat_options);
-    const Affine<acc> affine{affine_param<acc>(weight, g.C, "weight"),
-                             affine_param<acc>(bias, g.C, "bias")};
+    const Affine<acc> affine{affine_param<acc>(weight), affine_param<acc>(bias)};
     const scalar_t* src = xc.const_data_ptr<scalar_t>();
     const bool* mask = mc.const_data_ptr<bool>();
     // Pass 1: moments of every (b, c) row, then merged per group.
@@ -489,11 +490,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
     const at::Tensor& mean, const at::Tensor& rstd, c10::string_view activation) {
   const MaskGeometry g = mask_geometry(x, active, "sparse_norm_backward");
   const Activation act = parse_activation(std::string(activation), "sparse_norm_backward");
-  TORCH_CHECK(grad.sizes() == x.sizes(), "sparse_norm_backward: 'grad' must have the shape of 'x'");
+  check_affine(weight, bias, g, x, "sparse_norm_backward");
+  const int64_t groups = check_norm_backward(grad, x, mean, rstd, g, "sparse_norm_backward");
   const at::Tensor gc = grad.contiguous();
   const at::Tensor xc = x.contiguous();
   const at::Tensor mc = active.contiguous();
-  const int64_t groups = mean.size(0);
   const bool per_sample = groups == g.B && groups > 1;
   at::Tensor grad_x = new_output(xc.sizes(), xc.options());
   at::Tensor grad_w, grad_b;
@@ -503,8 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
     const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
     const acc* mean_p = mean_c.const_data_ptr<acc>();
     const acc* rstd_p = rstd_c.const_data_ptr<acc>();
-    const Affine<acc> affine{affine_param<acc>(weight, g.C, "weight"),
-                             affine_param<acc>(bias, g.C, "bias")};
+    const Affine<acc> affine{affine_param<acc>(weight), affine_param<acc>(bias)};
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const bool* mask = mc.const_data_ptr<bool>();
@@ -552,20 +552,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
 
 // ---- token layout ----
 
-// Every id in [0, bound); `what` names the argument in the error.
+// Every id of the contiguous `ids` in [0, bound): a token of the L=bound sequence.
 void check_ids_range(const at::Tensor& ids, int64_t bound, const char* op, const char* what) {
-  const int64_t* p = ids.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < ids.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < bound, op, ": argument '", what,
-                "' must hold indices in [0, ", bound, "), got ", p[i]);
-  }
-}
-
-void check_ids(const at::Tensor& ids, const at::Tensor& tokens, const char* op, const char* what) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == tokens.size(0),
-              op, ": argument '", what, "' must be int64 (B=", tokens.size(0), ", n), got ",
-              ids.scalar_type(), " ", ids.sizes());
-  TORCH_CHECK(tokens.dim() == 3, op, ": tokens must be (B, L, C), got ", tokens.sizes());
+  check_index_values(ids, 0, bound, op, what,
+                     "the L=" + std::to_string(bound) + " tokens of each sample");
 }
 
 // Copies row `src` (or zeros when null) of `bytes` bytes.
@@ -578,7 +568,7 @@ inline void copy_row(const char* src, char* dst, int64_t bytes) {
 }
 
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep) {
-  check_ids(ids_keep, x, "gather_tokens", "ids_keep");
+  check_token_ids(ids_keep, x, "gather_tokens", "ids_keep", "x");
   const at::Tensor xc = x.contiguous();
   const at::Tensor ic = ids_keep.contiguous();
   const int64_t B = xc.size(0), L = xc.size(1), C = xc.size(2), K = ic.size(1);
@@ -599,18 +589,20 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep) {
 
 at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& ids_keep,
                                       int64_t length) {
-  check_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep");
+  check_token_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep", "grad", grad.dim() == 3 ? grad.size(1) : -1);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor ic = ids_keep.contiguous();
   const int64_t B = gc.size(0), K = gc.size(1), C = gc.size(2), L = length;
+  check_length(length, K, std::numeric_limits<int64_t>::max(), "gather_tokens_backward",
+               "length");
   check_ids_range(ic, L, "gather_tokens_backward", "ids_keep");
   // Which kept row lands in each slot (-1: none), so every output row is written once.
   std::vector<int64_t> source(B * L, -1);
   const int64_t* ids = ic.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < B * K; ++r) {
     int64_t& slot = source[(r / K) * L + ids[r]];
-    TORCH_CHECK(slot < 0, "gather_tokens: argument 'ids_keep' must hold distinct indices per "
-                "sample, got ", ids[r], " twice");
+    TORCH_CHECK_VALUE(slot < 0, "gather_tokens_backward: argument 'ids_keep' must hold "
+                      "distinct indices per sample, got ", ids[r], " twice in sample ", r / K);
     slot = r;
   }
   at::Tensor out = new_output({B, L, C}, gc.options());
@@ -636,7 +628,7 @@ void check_permutation(const at::Tensor& ids, const char* op) {
   for (int64_t b = 0; b < B; ++b) {
     std::fill(seen.begin(), seen.end(), 0);
     for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK(!seen[p[b * L + l]], op, ": argument 'ids_restore' must be a permutation of "
+      TORCH_CHECK_VALUE(!seen[p[b * L + l]], op, ": argument 'ids_restore' must be a permutation of "
                   "[0, ", L, ") per sample, got ", p[b * L + l], " twice in sample ", b);
       seen[p[b * L + l]] = 1;
     }
@@ -646,19 +638,17 @@ void check_permutation(const at::Tensor& ids, const char* op) {
 at::Tensor scatter_tokens_cpu(const at::Tensor& x_visible, const at::Tensor& ids_restore,
                               const at::Tensor& mask_token,
                               const c10::optional<at::Tensor>& pos_embed) {
-  check_ids(ids_restore, x_visible, "scatter_tokens", "ids_restore");
+  const char* op = "scatter_tokens";
+  check_token_ids(ids_restore, x_visible, op, "ids_restore", "x_visible");
   const at::Tensor xc = x_visible.contiguous();
   const at::Tensor ic = ids_restore.contiguous();
   const int64_t B = xc.size(0), K = xc.size(1), C = xc.size(2), L = ic.size(1);
-  TORCH_CHECK(K <= L, "scatter_tokens: 'x_visible' has ", K, " tokens, more than the L=", L,
-              " slots of 'ids_restore'");
-  TORCH_CHECK(mask_token.numel() == C, "scatter_tokens: argument 'mask_token' must have C=", C,
-              " values, got shape ", mask_token.sizes());
-  check_permutation(ic, "scatter_tokens");
+  TORCH_CHECK_VALUE(K <= L, op, ": argument 'x_visible' has ", K, " tokens, more than the L=",
+                    L, " slots of 'ids_restore'");
+  check_param(mask_token, C, x_visible, op, "mask_token", "x_visible");
   const bool with_pos = pos_embed.has_value() && pos_embed->defined();
-  TORCH_CHECK(!with_pos || pos_embed->numel() == L * C, "scatter_tokens: argument 'pos_embed' "
-              "must have (L, C) = (", L, ", ", C, ") values, got shape ",
-              with_pos ? pos_embed->sizes() : at::IntArrayRef{});
+  if (with_pos) check_param(*pos_embed, L * C, x_visible, op, "pos_embed", "x_visible");
+  check_permutation(ic, op);
   const at::Tensor tc = mask_token.to(xc.scalar_type()).contiguous();
   const at::Tensor pc = with_pos ? pos_embed->to(xc.scalar_type()).contiguous() : at::Tensor();
   at::Tensor out = new_output({B, L, C}, xc.options());
@@ -690,12 +680,12 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& x_visible, const at::Tensor& ids
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cpu(
     const at::Tensor& grad, const at::Tensor& ids_restore, int64_t len_keep, bool with_pos) {
-  check_ids(ids_restore, grad, "scatter_tokens_backward", "ids_restore");
+  const char* op = "scatter_tokens_backward";
+  check_token_ids(ids_restore, grad, op, "ids_restore", "grad", grad.dim() == 3 ? grad.size(1) : -1);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor ic = ids_restore.contiguous();
   const int64_t B = gc.size(0), L = gc.size(1), C = gc.size(2), K = len_keep;
-  TORCH_CHECK(ic.size(1) == L && K <= L, "scatter_tokens_backward: 'ids_restore' must be (B, L=",
-              L, ") and len_keep <= L, got ", ic.sizes(), " and ", K);
+  check_length(len_keep, 0, L, op, "len_keep");
   check_permutation(ic, "scatter_tokens_backward");
   at::Tensor grad_x = new_output({B, K, C}, gc.options());
   at::Tensor grad_token, grad_pos;

@@ -34,6 +34,7 @@ at::Tensor pack_patches_cpu(const at::Tensor& x, const at::Tensor& patches,
   const PackGeometry g = dense_geometry(x, patches, slots, "pack_patches");
   const at::Tensor xc = x.contiguous();
   const at::Tensor pc = patches.contiguous();
+  check_layout_values(pc, slots.contiguous(), "pack_patches");
   at::Tensor out = new_output({g.N, g.C, g.ph, g.pw, g.pd}, xc.options());
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(xc.const_data_ptr());
@@ -61,6 +62,7 @@ at::Tensor unpack_patches_cpu(const at::Tensor& packed, const at::Tensor& patche
   const PackGeometry g = packed_geometry(packed, patches, slots, "unpack_patches");
   const at::Tensor pk = packed.contiguous();
   const at::Tensor sc = slots.contiguous();
+  check_layout_values(patches.contiguous(), sc, "unpack_patches");
   const int64_t H = g.h * g.ph, W = g.w * g.pw, D = g.d * g.pd;
   at::Tensor out = new_output({g.B, g.C, H, W, D}, pk.options());
   if (out.numel() == 0) return out;
@@ -99,6 +101,7 @@ at::Tensor pad_halo_cpu(const at::Tensor& packed, const at::Tensor& neighbours, 
   const int64_t th = out.size(2), tw = out.size(3), td = out.size(4);
   const at::Tensor pk = packed.contiguous();
   const at::Tensor nb = neighbours.contiguous();
+  check_neighbour_values(nb, "pad_halo");
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(pk.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -167,6 +170,7 @@ at::Tensor pad_halo_backward_cpu(const at::Tensor& grad, const at::Tensor& neigh
   const int64_t N = out.size(0), C = out.size(1), ph = out.size(2), pw = out.size(3), pd = out.size(4);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor nb = neighbours.contiguous();
+  check_neighbour_values(nb, "pad_halo_backward");
   if (out.numel() == 0) return out;
   const int64_t* table = nb.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {

@@ -166,10 +166,8 @@ constexpr int64_t kGrain = 1;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cpu(
     const at::Tensor& rec, const at::Tensor& x, const at::Tensor& active, bool norm_pix,
     double eps, bool hidden_only) {
-  const MaskGeometry g = mask_geometry(x, active, "patch_recon_loss");
-  TORCH_CHECK(rec.sizes() == x.sizes() && rec.scalar_type() == x.scalar_type(),
-              "patch_recon_loss: 'rec' must match 'x' in shape and dtype, got ", rec.sizes(),
-              " ", rec.scalar_type(), " and ", x.sizes(), " ", x.scalar_type());
+  const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss");
+  check_eps(eps, "patch_recon_loss");
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
   const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto stats_options = x.options().dtype(stats_type);
@@ -197,7 +195,8 @@ at::Tensor patch_recon_loss_backward_cpu(const at::Tensor& grad_per_patch, const
                                          const at::Tensor& x, const at::Tensor& active,
                                          const at::Tensor& mean, const at::Tensor& rstd,
                                          bool hidden_only) {
-  const MaskGeometry g = mask_geometry(x, active, "patch_recon_loss_backward");
+  const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss_backward");
+  check_patch_tables(g, x, grad_per_patch, mean, rstd, "patch_recon_loss_backward");
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
   const at::Tensor gc = grad_per_patch.contiguous(), mu = mean.contiguous(),
                    rs = rstd.contiguous();
@@ -207,9 +206,6 @@ at::Tensor patch_recon_loss_backward_cpu(const at::Tensor& grad_per_patch, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(),
                                   "patch_recon_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(gc.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                "patch_recon_loss_backward: 'grad_per_patch' must be ",
-                c10::CppTypeToScalarType<acc_t>::value, ", got ", gc.scalar_type());
     at::parallel_for(0, g.B * g.h * g.w, kGrain, [&](int64_t begin, int64_t end) {
       backward_columns<scalar_t, acc_t>(
           gc.const_data_ptr<acc_t>(), rc.const_data_ptr<scalar_t>(),

@@ -10,8 +10,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
+#include "../gather_scatter.h"
 #include "../mask_geometry.h"
 #include "../outputs.h"
 
@@ -153,8 +155,7 @@ __global__ void densify_kernel(const T* __restrict__ x, const bool* __restrict__
 
 at::Tensor densify_cuda(const at::Tensor& x, const at::Tensor& active, const at::Tensor& token) {
   const MaskGeometry mg = mask_geometry(x, active, "densify");
-  TORCH_CHECK(token.numel() == mg.C, "densify: argument 'mask_token' must have C=", mg.C,
-              " values, got shape ", token.sizes());
+  check_param(token, mg.C, x, "densify", "mask_token", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), mc = active.contiguous();
   const at::Tensor tc = token.to(x.scalar_type()).contiguous();
@@ -204,7 +205,7 @@ __global__ void sum_rows_kernel(const A* __restrict__ part, A* __restrict__ out,
 
 std::tuple<at::Tensor, at::Tensor> densify_backward_cuda(const at::Tensor& grad,
                                                          const at::Tensor& active) {
-  const MaskGeometry mg = mask_geometry(grad, active, "densify_backward");
+  const MaskGeometry mg = mask_geometry(grad, active, "densify_backward", "grad");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous(), mc = active.contiguous();
   const Geo g = make_geo(mg);
@@ -238,7 +239,7 @@ int activation_code(const std::string& name, const char* op) {
   if (name == "none") return 0;
   if (name == "leaky_relu") return 1;
   if (name == "relu6") return 2;
-  TORCH_CHECK(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ", name);
+  TORCH_CHECK_VALUE(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ", name);
 }
 
 template <typename A>
@@ -341,11 +342,10 @@ __global__ void normalize_kernel(const T* __restrict__ x, const bool* __restrict
   }
 }
 
+// The affine parameter in the accumulation dtype (checked by check_affine).
 template <typename A>
-at::Tensor affine_param(const c10::optional<at::Tensor>& t, int64_t C, const char* name) {
+at::Tensor affine_param(const c10::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->numel() == C, "sparse_norm: argument '", name, "' must have C=", C,
-              " values, got shape ", t->sizes());
   return t->to(c10::CppTypeToScalarType<A>::value).contiguous();
 }
 
@@ -360,6 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cuda(
     c10::string_view activation) {
   const MaskGeometry mg = mask_geometry(x, active, "sparse_norm");
   const int act = activation_code(std::string(activation), "sparse_norm");
+  check_affine(weight, bias, mg, x, "sparse_norm");
+  check_eps(eps, "sparse_norm");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), mc = active.contiguous();
   const Geo g = make_geo(mg);
@@ -386,8 +388,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cuda(
         part.const_data_ptr<A>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), mg.B, mg.C, chunks,
         groups, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor w = affine_param<A>(weight, mg.C, "weight");
-    const at::Tensor b = affine_param<A>(bias, mg.C, "bias");
+    const at::Tensor w = affine_param<A>(weight);
+    const at::Tensor b = affine_param<A>(bias);
     if (n > 0) {
       const NormParams<A> p{mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
                             data_or_null<A>(w), data_or_null<A>(b), groups, act};
@@ -495,12 +497,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cuda(
     const at::Tensor& mean, const at::Tensor& rstd, c10::string_view activation) {
   const MaskGeometry mg = mask_geometry(x, active, "sparse_norm_backward");
   const int act = activation_code(std::string(activation), "sparse_norm_backward");
-  TORCH_CHECK(grad.sizes() == x.sizes(), "sparse_norm_backward: 'grad' must have the shape of 'x'");
+  check_affine(weight, bias, mg, x, "sparse_norm_backward");
+  const int64_t groups = check_norm_backward(grad, x, mean, rstd, mg, "sparse_norm_backward");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), mc = active.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   const Geo g = make_geo(mg);
-  const int64_t groups = mean.size(0);
   const int64_t chunks = std::max<int64_t>(1, (g.S + kChunk - 1) / kChunk);
   const int64_t n = xc.numel();
   at::Tensor grad_x = new_output(xc.sizes(), xc.options());
@@ -509,8 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cuda(
     using A = acc_t<scalar_t>;
     const auto opts = xc.options().dtype(c10::CppTypeToScalarType<A>::value);
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    const at::Tensor w = affine_param<A>(weight, mg.C, "weight");
-    const at::Tensor b = affine_param<A>(bias, mg.C, "bias");
+    const at::Tensor w = affine_param<A>(weight);
+    const at::Tensor b = affine_param<A>(bias);
     const NormParams<A> p{mean_c.const_data_ptr<A>(), rstd_c.const_data_ptr<A>(),
                           data_or_null<A>(w), data_or_null<A>(b), groups, act};
     at::Tensor part = at::empty({mg.B * mg.C * chunks * 3}, opts);
@@ -542,15 +544,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cuda(
 // ---- token layout ----
 // Ids are not checked on the host (that would synchronize): kernels assert on the
 // device (CUDA_KERNEL_ASSERT) that each id is in range.
-
-void check_ids(const at::Tensor& ids, const at::Tensor& tokens, const char* op, const char* what) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == tokens.size(0),
-              op, ": argument '", what, "' must be int64 (B=", tokens.size(0), ", n), got ",
-              ids.scalar_type(), " ", ids.sizes());
-  TORCH_CHECK(tokens.dim() == 3, op, ": tokens must be (B, L, C), got ", tokens.sizes());
-  TORCH_CHECK(ids.device() == tokens.device(), op, ": argument '", what, "' is on ", ids.device(),
-              ", the tokens on ", tokens.device());
-}
 
 // Block (row r = b * n_idx + i, channel block): out[r] = src[b, idx[r]] if
 // 0 <= idx < n_src, else fill (or zeros; only where `allow_missing`), plus pos[i].
@@ -591,7 +584,7 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& idx, const at::T
 }
 
 at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& ids_keep) {
-  check_ids(ids_keep, x, "gather_tokens", "ids_keep");
+  check_token_ids(ids_keep, x, "gather_tokens", "ids_keep", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   return gather_rows(x.contiguous(), ids_keep.contiguous(), at::Tensor(), at::Tensor(), false);
 }
@@ -608,10 +601,13 @@ __global__ void invert_ids_kernel(const int64_t* __restrict__ ids, int64_t* __re
 
 at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& ids_keep,
                                        int64_t length) {
-  check_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep");
+  check_token_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep", "grad",
+                  grad.dim() == 3 ? grad.size(1) : -1);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor ic = ids_keep.contiguous();
   const int64_t B = ic.size(0), K = ic.size(1);
+  check_length(length, K, std::numeric_limits<int64_t>::max(), "gather_tokens_backward",
+               "length");
   at::Tensor source = at::full({B, length}, -1, ic.options());
   if (ic.numel() > 0) {
     invert_ids_kernel<<<(ic.numel() + kThreads - 1) / kThreads, kThreads, 0,
@@ -624,15 +620,14 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor&
 
 at::Tensor scatter_tokens_cuda(const at::Tensor& x_visible, const at::Tensor& ids_restore,
                                const at::Tensor& mask_token, const c10::optional<at::Tensor>& pos_embed) {
-  check_ids(ids_restore, x_visible, "scatter_tokens", "ids_restore");
+  const char* op = "scatter_tokens";
+  check_token_ids(ids_restore, x_visible, op, "ids_restore", "x_visible");
   const int64_t K = x_visible.size(1), C = x_visible.size(2), L = ids_restore.size(1);
-  TORCH_CHECK(K <= L, "scatter_tokens: 'x_visible' has ", K, " tokens, more than the L=", L,
-              " slots of 'ids_restore'");
-  TORCH_CHECK(mask_token.numel() == C, "scatter_tokens: argument 'mask_token' must have C=", C,
-              " values, got shape ", mask_token.sizes());
+  TORCH_CHECK_VALUE(K <= L, op, ": argument 'x_visible' has ", K, " tokens, more than the L=",
+                    L, " slots of 'ids_restore'");
+  check_param(mask_token, C, x_visible, op, "mask_token", "x_visible");
   const bool with_pos = pos_embed.has_value() && pos_embed->defined();
-  TORCH_CHECK(!with_pos || pos_embed->numel() == L * C, "scatter_tokens: argument 'pos_embed' "
-              "must have (L, C) = (", L, ", ", C, ") values");
+  if (with_pos) check_param(*pos_embed, L * C, x_visible, op, "pos_embed", "x_visible");
   const c10::cuda::CUDAGuard guard(x_visible.device());
   const auto acc = x_visible.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Tokens past len_keep (ids >= K, < L) take the mask token; ids >= L assert.
@@ -672,12 +667,12 @@ __global__ void scatter_tokens_backward_kernel(const T* __restrict__ grad, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cuda(
     const at::Tensor& grad, const at::Tensor& ids_restore, int64_t len_keep, bool with_pos) {
-  check_ids(ids_restore, grad, "scatter_tokens_backward", "ids_restore");
+  const char* op = "scatter_tokens_backward";
+  check_token_ids(ids_restore, grad, op, "ids_restore", "grad", grad.dim() == 3 ? grad.size(1) : -1);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous(), ic = ids_restore.contiguous();
   const int64_t B = gc.size(0), L = gc.size(1), C = gc.size(2), K = len_keep;
-  TORCH_CHECK(ic.size(1) == L && K <= L, "scatter_tokens_backward: 'ids_restore' must be (B, L=",
-              L, ") and len_keep <= L");
+  check_length(len_keep, 0, L, op, "len_keep");
   at::Tensor grad_x = new_output({B, K, C}, gc.options());
   at::Tensor grad_token, grad_pos;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "scatter_tokens_backward", [&] {

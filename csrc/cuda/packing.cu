@@ -25,6 +25,48 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
 }
 
+// Device-side form of check_layout_values / check_neighbour_values (a host-side check
+// would synchronize): a bad index traps the kernel, and the error surfaces as a CUDA
+// error at the next synchronization, before any copy reads through it.
+__global__ void check_layout_kernel(const int64_t* __restrict__ patches,
+                                    const int64_t* __restrict__ slots, int64_t N, int64_t cells) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < N) {
+    const int64_t cell = patches[e];
+    CUDA_KERNEL_ASSERT(cell >= 0 && cell < cells && slots[cell] == e);
+  }
+  if (e < cells) {
+    const int64_t slot = slots[e];
+    CUDA_KERNEL_ASSERT(slot >= -1 && slot < N && (slot < 0 || patches[slot] == e));
+  }
+}
+
+__global__ void check_neighbours_kernel(const int64_t* __restrict__ table, int64_t N) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= N * 27) return;
+  const int64_t m = table[e];
+  CUDA_KERNEL_ASSERT(m >= -1 && m < N);
+  CUDA_KERNEL_ASSERT(m < 0 || table[m * 27 + 26 - e % 27] == e / 27);
+}
+
+void check_layout_on_device(const at::Tensor& patches, const at::Tensor& slots) {
+  const int64_t N = patches.numel(), cells = slots.numel(), n = std::max(N, cells);
+  if (n == 0) return;
+  check_layout_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
+                        c10::cuda::getCurrentCUDAStream()>>>(
+      patches.const_data_ptr<int64_t>(), slots.const_data_ptr<int64_t>(), N, cells);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_neighbours_on_device(const at::Tensor& table) {
+  const int64_t n = table.numel();
+  if (n == 0) return;
+  check_neighbours_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
+                            c10::cuda::getCurrentCUDAStream()>>>(
+      table.const_data_ptr<int64_t>(), table.size(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename V>
 __global__ void pack_kernel(const V* __restrict__ x, const int64_t* __restrict__ patches,
                             V* __restrict__ out, int64_t n, int64_t C, int64_t h, int64_t w,
@@ -169,6 +211,7 @@ at::Tensor pack_patches_cuda(const at::Tensor& x, const at::Tensor& patches,
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor pc = patches.contiguous();
+  check_layout_on_device(pc, slots.contiguous());
   at::Tensor out = new_output({g.N, g.C, g.ph, g.pw, g.pd}, xc.options());
   if (out.numel() > 0) by_width<LaunchPack>(xc.element_size(), xc, pc, out, g);
   return out;
@@ -180,6 +223,7 @@ at::Tensor unpack_patches_cuda(const at::Tensor& packed, const at::Tensor& patch
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor pk = packed.contiguous();
   const at::Tensor sc = slots.contiguous();
+  check_layout_on_device(patches.contiguous(), sc);
   at::Tensor out = new_output({g.B, g.C, g.h * g.ph, g.w * g.pw, g.d * g.pd}, pk.options());
   if (out.numel() > 0) by_width<LaunchUnpack>(pk.element_size(), pk, sc, out, g);
   return out;
@@ -191,6 +235,7 @@ at::Tensor pad_halo_cuda(const at::Tensor& packed, const at::Tensor& neighbours,
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor pk = packed.contiguous();
   const at::Tensor nb = neighbours.contiguous();
+  check_neighbours_on_device(nb);
   at::Tensor out = new_output(sizes, pk.options());
   if (out.numel() > 0) by_width<LaunchPadHalo>(pk.element_size(), pk, nb, out, lo, hi);
   return out;
@@ -203,6 +248,7 @@ at::Tensor pad_halo_backward_cuda(const at::Tensor& grad, const at::Tensor& neig
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous();
   const at::Tensor nb = neighbours.contiguous();
+  check_neighbours_on_device(nb);
   at::Tensor out = new_output(sizes, gc.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {

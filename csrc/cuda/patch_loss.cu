@@ -217,10 +217,8 @@ void with_pack_width(int v, const Launch& launch) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cuda(
     const at::Tensor& rec, const at::Tensor& x, const at::Tensor& active, bool norm_pix,
     double eps, bool hidden_only) {
-  const MaskGeometry g = mask_geometry(x, active, "patch_recon_loss");
-  TORCH_CHECK(rec.sizes() == x.sizes() && rec.scalar_type() == x.scalar_type() &&
-                  rec.device() == x.device(),
-              "patch_recon_loss: 'rec' must match 'x' in shape, dtype and device");
+  const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss");
+  check_eps(eps, "patch_recon_loss");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
   const auto stats_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -251,7 +249,8 @@ at::Tensor patch_recon_loss_backward_cuda(const at::Tensor& grad_per_patch,
                                           const at::Tensor& rec, const at::Tensor& x,
                                           const at::Tensor& active, const at::Tensor& mean,
                                           const at::Tensor& rstd, bool hidden_only) {
-  const MaskGeometry g = mask_geometry(x, active, "patch_recon_loss_backward");
+  const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss_backward");
+  check_patch_tables(g, x, grad_per_patch, mean, rstd, "patch_recon_loss_backward");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
   const at::Tensor gc = grad_per_patch.contiguous(), mu = mean.contiguous(),
@@ -261,9 +260,6 @@ at::Tensor patch_recon_loss_backward_cuda(const at::Tensor& grad_per_patch,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(),
                                   "patch_recon_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(gc.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                "patch_recon_loss_backward: 'grad_per_patch' must be ",
-                c10::CppTypeToScalarType<acc_t>::value, ", got ", gc.scalar_type());
     const int v = pack_width<scalar_t>(
         g, {rc.const_data_ptr(), xc.const_data_ptr(), grad_rec.const_data_ptr()});
     const PatchGeometry pg = patch_geometry(g, v);

@@ -312,14 +312,26 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return iter(order[self.rank::self.world_size][self.start:])
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return max(0, self.per_rank - self.start)
 
 
 def epoch_loader(data: CropDataset, sampler: ResumableSampler, *, epoch: int, start_step: int,
                  batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     """The loader of epoch ``epoch`` from step ``start_step`` on (a resumed run skips the
-    samples already seen; augmentation is seeded by (seed, epoch, index))."""
-    sampler.set_epoch(epoch, start=start_step * batch_size)
+    samples already seen; augmentation is seeded by (seed, epoch, index)). An epoch of
+    more steps than one pass holds restarts the pass (the training loops), so the step
+    is taken modulo the batches of a pass (the last one may be short)."""
+    batches_per_pass = math.ceil(sampler.per_rank / batch_size)
+    sampler.set_epoch(epoch, start=start_step % batches_per_pass * batch_size)
     data.set_epoch(epoch)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers)
+                                       num_workers=workers, worker_init_fn=_ignore_job_signals)
+
+
+def _ignore_job_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 (sent to the whole process group by cluster
+    schedulers) to the main process, which writes a checkpoint and stops them."""
+    import signal
+
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)

@@ -28,7 +28,7 @@ from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict
 from .optim import param_groups, warmup_cosine
 from .predict import infer, overlay
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
-                      optimizer_step, progress_bar, run_job)
+                      optimizer_step, progress_bar, run_job, seed_step)
 
 FORMAT = "anatomask_fast.segmentation/1"
 
@@ -212,6 +212,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
                                total_epochs=config.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            seed_step(config.seed, runtime.rank, state.global_step)
             started = time.perf_counter()
             with autocast(runtime.device, config.amp):
                 outputs = network(x)
@@ -224,7 +225,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
                             "samples_per_second": x.shape[0] / elapsed},
                            {"loss": f"{loss_value:.4f}"}):
                 progress.close()
-                say(f"  stopped after {state.global_step} steps (--stop-after-steps)")
+                say(f"  stopped after {state.global_step} steps (--stop-after-steps): {latest} "
+                    "written, continue with --resume")
                 return out
         state.epoch += 1
         state.step_in_epoch = 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,15 @@ def safe_load(path: str | Path, what: str = "checkpoint",
         raise FileNotFoundError(f"{what} {path} does not exist or is not a file")
     try:
         saved: Any = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if found or "Weights only load failed" in str(error):
+    except Exception as error:  # a damaged stream makes the unpickler raise any type
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
+        if isinstance(error, pickle.UnpicklingError) and (
+                found or "Weights only load failed" in str(error)):
             culprit = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
                 f"{what} {path} holds Python objects other than tensors and plain "
                 f"containers{culprit}; refused without running them (loading them could run "
                 "code): only files written by anatomask_fast or plain state dicts load") from None
-        raise CheckpointError(f"{what} {path} is not a PyTorch file ({_first_line(error)})") \
-            from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"{what} {path} cannot be read: truncated or not a PyTorch file "
                               f"({_first_line(error)})") from None
     if not isinstance(saved, dict):

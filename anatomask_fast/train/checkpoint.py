@@ -50,8 +50,12 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return _atomic_write(path, lambda file: torch.save(obj, file))
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    return _atomic_write(path, lambda file: file.write(data))
+
+
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    return _atomic_write(path, lambda file: file.write(text.encode()))
+    return atomic_write_bytes(text.encode(), path)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

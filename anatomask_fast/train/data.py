@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset
+
+from .runtime import STOP_SIGNALS
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -343,18 +348,26 @@ def epoch_loader(data: CropDataset, sampler: ResumableSampler, *, epoch: int, st
     batches_per_pass = math.ceil(sampler.per_rank / batch_size)
     sampler.set_epoch(epoch, start=start_step % batches_per_pass * batch_size)
     data.set_epoch(epoch)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers, worker_init_fn=_worker_signals)
+    return _SignalSafeLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                             worker_init_fn=_worker_signals)
+
+
+class _SignalSafeLoader(torch.utils.data.DataLoader):
+    """Forks its workers with SIGTERM / SIGUSR1 blocked (they inherit the mask), so that
+    a signal to the whole process group cannot kill one before ``_worker_signals``."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM / SIGUSR1 sent to the whole process group (cluster
     schedulers do) to the main process, which writes a checkpoint and then stops them;
     a SIGTERM from the main process itself (the loader's shutdown) still ends a worker."""
-    import os
-    import signal
-    import threading
-
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     parent = os.getppid()

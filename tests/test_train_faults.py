@@ -143,7 +143,7 @@ def test_broken_checkpoints_are_named(tmp_path, capsys, labelled):
     ("4d", r"v1.nii.gz: expected a 3D volume, got shape \(36, 36, 36, 3\)"),
     ("nan", r"v1.nii.gz: 46656 of 46656 voxels are NaN or infinite"),
 ])
-def test_bad_volumes_are_named_and_leave_no_run_folder(tmp_path, fault, message):
+def test_bad_volumes_are_named_and_leave_no_run_folder(tmp_path, capsys, fault, message):
     data = volumes(tmp_path / "data")
     broken = data / "v1.nii.gz"
     if fault == "truncated":
@@ -153,11 +153,25 @@ def test_bad_volumes_are_named_and_leave_no_run_folder(tmp_path, fault, message)
         nib.save(nib.Nifti1Image(np.ones((36, 36, 36, 3), np.float32), np.eye(4)), broken)
     else:
         nib.save(nib.Nifti1Image(np.full((36, 36, 36), np.nan, np.float32), np.eye(4)), broken)
-    # A process of its own with loader workers: it must end with status 2, not abort.
-    result = cli(*PRETRAIN, "--data", data, "--out", tmp_path / "run", "--workers", "2")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert re.search(message, error_line(result.stderr))
+    argv = [*PRETRAIN, "--data", data, "--out", tmp_path / "run", "--workers", "2"]
+    if fault == "truncated":    # a process of its own: it must end with status 2, not abort
+        result = cli(*argv)
+        code, errors = result.returncode, result.stderr
+    else:
+        code, errors = main(list(map(str, argv))), capsys.readouterr().err
+    assert code == 2, errors[-2000:]
+    assert re.search(message, error_line(errors))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_truncated_label_is_named(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", cases=3)
+    label = data / "labelsTr" / "c1.nii.gz"
+    label.write_bytes(label.read_bytes()[:200])
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "ft"), *TINY]) == 2
+    assert f"case 'c1': label {label} cannot be read as NIfTI" in \
+        error_line(capsys.readouterr().err)
+    assert not (tmp_path / "ft").exists()
 
 
 def test_predict_refuses_non_finite_input(tmp_path, capsys, segmentation_checkpoint):

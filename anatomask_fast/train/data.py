@@ -202,11 +202,12 @@ def preprocessing(dataset: Dataset, crop: Sequence[int],
     """Deterministic part: load, check, optional resampling, intensity normalization
     (CT: clip to the 0.5/99.5 percentiles then z-score; MR/PET: z-score), padding."""
     keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
-    steps: list = [_NamedLoad(keys, reader="NibabelReader", ensure_channel_first=True,
-                              image_only=True),
+    # One loader a key, so that a read error names the one file that failed.
+    steps: list = [*(_NamedLoad(key, reader="NibabelReader", ensure_channel_first=True,
+                                image_only=True) for key in keys),
                    _Check3D(["image"], crop)]
     if len(dataset.cases[0].images) > 1:
-        steps.insert(1, mt.ConcatItemsd(["image"], "image"))
+        steps.insert(len(keys), mt.ConcatItemsd(["image"], "image"))
     if spacing is not None:
         modes = ["bilinear", "nearest"][: len(keys)]
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))

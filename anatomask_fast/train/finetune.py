@@ -65,7 +65,11 @@ def check_cases(dataset: Dataset, classes: int) -> None:
             if not np.allclose(image.affine, label.affine, atol=1e-4):
                 raise DataError(f"case {case.name!r}: image {image_path} and label "
                                 f"{case.label} have different affines")
-        values = np.unique(np.asanyarray(label.dataobj))
+        try:
+            values = np.unique(np.asanyarray(label.dataobj))
+        except Exception as error:  # nibabel / gzip raise several types for a bad file
+            raise DataError(f"case {case.name!r}: label {case.label} cannot be read as NIfTI "
+                            f"({error})") from None
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < classes]
         if bad:
             raise DataError(f"case {case.name!r}: label {case.label} holds values {bad[:8]} "

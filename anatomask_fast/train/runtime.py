@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ class _StopRequest:
     @contextlib.contextmanager
     def installed(self) -> Any:
         self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            yield               # Python delivers signals to the main thread only
+            return
         previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
         try:
             yield
@@ -129,7 +133,8 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     """Seeds torch's, NumPy's and Python's global generators from (seed, rank, step)
     before a step, so that any draw from them is the same in a resumed run (the
     library's own draws are seeded explicitly; this covers everything else)."""
-    value = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    # A tag of its own: not the entropy the jobs derive their mask seeds from.
+    value = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)

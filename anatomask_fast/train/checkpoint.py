@@ -6,6 +6,7 @@ is plain (tensors, numbers, strings, lists, tuples, dicts)."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import IO, Any
 import torch
 
 from ..serialization import CheckpointError, safe_load
+
+
+# How torch's zip writer reports a failed write (full disk, file size limit).
+_WRITER_FAILURE = re.compile(r"PytorchStreamWriter|unexpected pos|inline_container|file write failed")
 
 
 class WriteError(OSError):
@@ -32,9 +37,10 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
-        # torch's zip writer reports a full disk as RuntimeError("... unexpected pos ...").
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if not isinstance(error, OSError) and not _WRITER_FAILURE.search(str(error)):
+            raise           # not the file: e.g. an object that cannot be pickled
         reason = error.strerror if isinstance(error, OSError) and error.strerror else \
             "the write failed (disk full or file size limit?)"
         intact = " (the previous version is intact)" if path.exists() else ""

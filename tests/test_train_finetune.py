@@ -69,8 +69,8 @@ def test_resume_mid_run_ends_with_the_same_weights(tmp_path, data, finished_run)
     assert finetune(tmp_path, data, "--size", "tiny", "--stop-after-steps", "1",
                     "--latest-every-steps", "1") == 0
     assert finetune(tmp_path, data, "--size", "tiny", "--resume") == 0
-    resumed = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=False)
-    straight = torch.load(finished_run / "checkpoint_latest.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
+    straight = torch.load(finished_run / "checkpoint_latest.pt", weights_only=True)
     for name, value in straight["model"].items():
         assert torch.equal(resumed["model"][name], value), name
     assert resumed["state"] == straight["state"]
@@ -115,7 +115,7 @@ def test_bad_data_is_reported(tmp_path, capsys, case, edit, message):
 
 
 def test_checkpoint_that_does_not_fit_is_reported(tmp_path, capsys, data, finished_run):
-    saved = torch.load(finished_run / "checkpoint_best.pt", weights_only=False)
+    saved = torch.load(finished_run / "checkpoint_best.pt", weights_only=True)
     saved["num_classes"] = 5
     torch.save(saved, tmp_path / "bad.pt")
     assert main(["predict", "--checkpoint", str(tmp_path / "bad.pt"), "--input",
@@ -149,7 +149,7 @@ def test_paired_folders_train_with_their_modality(tmp_path, data, capsys):
                     "--epochs", "1", "--val-every", "1") == 0
     printed = capsys.readouterr().out
     assert "3 classes read off the label maps" in printed and "3 classes" in printed
-    assert torch.load(out / "checkpoint_best.pt", weights_only=False)["modality"] == "MR"
+    assert torch.load(out / "checkpoint_best.pt", weights_only=True)["modality"] == "MR"
 
 
 @pytest.mark.parametrize("job,expected", [

@@ -40,17 +40,17 @@ def test_outputs(finished_run):
     assert all(l["loss"] > 0 and 0 <= l["hard_frac"] <= 1 for l in lines)
     assert sorted(p.name for p in (out / "previews").glob("*.png")) == [
         "epoch_0000.png", "epoch_0001.png"]
-    export = torch.load(out / "encoder.pt", weights_only=False)
+    export = torch.load(out / "encoder.pt", weights_only=True)
     STUNetEncoder.from_size("tiny", 1).load_state_dict(export["state_dict"], strict=True)
 
 
 def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, finished_run):
     assert run_cli(tmp_path, "--stop-after-steps", "1", "--latest-every-steps", "1") == 0
-    assert torch.load(tmp_path / "checkpoint_latest.pt", weights_only=False)["state"] == {
+    assert torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)["state"] == {
         "epoch": 0, "step_in_epoch": 1, "global_step": 1}
     assert run_cli(tmp_path, "--resume") == 0
-    resumed = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=False)
-    straight = torch.load(finished_run / "checkpoint_latest.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
+    straight = torch.load(finished_run / "checkpoint_latest.pt", weights_only=True)
     for key in ("model", "teacher"):
         for name, value in straight[key].items():
             assert torch.equal(resumed[key][name], value), (key, name)
@@ -74,7 +74,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
                             phantom_cases=4, workers=0, epochs=2, latest_every_steps=1)
     with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 0, step 1"):
         pretrain.run(config)
-    saved = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=False)
+    saved = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
     assert saved["state"]["global_step"] == 1
 
 

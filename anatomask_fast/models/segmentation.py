@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.gather_scatter import sparse_norm
+from ..serialization import safe_load
 from .amp import accumulate_fp32
 from .stunet import STUNET_SIZES, BasicResBlock, STUNetEncoder
 
@@ -258,7 +259,7 @@ def load_encoder(model: STUNet, path: str | Path, *, verbose: bool = True) -> di
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights {path} do not exist")
-    weights = _encoder_weights(torch.load(path, map_location="cpu", weights_only=False), path)
+    weights = _encoder_weights(safe_load(path, "encoder weights"), path)
     own = {k: v for k, v in model.state_dict().items() if k.startswith("conv_blocks_context.")}
     report: dict[str, list[str]] = {"loaded": [], "shape_mismatch": [], "missing": []}
     fitting = {}

@@ -1,6 +1,10 @@
 """``python -m anatomask_fast.train [pretrain|finetune|predict] [flags]``; with no
 flags, the embedded pretraining demonstration (a procedural phantom, the tiny model, a
-few minutes on a CPU); ``finetune`` with no flags is the fine-tuning demonstration."""
+few minutes on a CPU); ``finetune`` with no flags is the fine-tuning demonstration.
+
+Exit status: 0 done (or stopped by --stop-after-steps, resumable); 2 a usage or input
+fault (one line on stderr naming the file or flag; the last checkpoint is intact);
+3 stopped by SIGTERM / SIGUSR1 after writing a resumable checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -8,26 +12,32 @@ import sys
 
 from . import config as cfg
 
+JOBS = ("pretrain", "finetune", "predict")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m anatomask_fast.train",
+        description="AnatoMask training on anatomask_fast kernels. Without a command: "
+                    "pretrain (with no flags, the embedded demonstration).",
+        epilog="exit status: 0 done or stopped by --stop-after-steps; 2 bad input (a "
+               "one-line error); 3 stopped by SIGTERM/SIGUSR1 with a resumable checkpoint")
+    jobs = parser.add_subparsers(dest="job", required=True, metavar="{" + ",".join(JOBS) + "}")
+    for name, config_type, summary in (
+            ("pretrain", cfg.PretrainConfig, "AnatoMask masked-image-modeling pretraining"),
+            ("finetune", cfg.FinetuneConfig, "STU-Net segmentation fine-tuning"),
+            ("predict", cfg.PredictConfig, "label maps of a folder of volumes")):
+        job = jobs.add_parser(name, help=summary, description=config_type.__doc__)
+        cfg.add_arguments(job, config_type)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "pretrain")
-    parser = argparse.ArgumentParser(prog="python -m anatomask_fast.train",
-                                     description="AnatoMask training on anatomask_fast kernels")
-    jobs = parser.add_subparsers(dest="job", required=True)
-    pretrain = jobs.add_parser("pretrain", help="AnatoMask masked-image-modeling pretraining",
-                               description=cfg.PretrainConfig.__doc__)
-    cfg.add_arguments(pretrain, cfg.PretrainConfig)
-    finetune = jobs.add_parser("finetune", help="STU-Net segmentation fine-tuning",
-                               description=cfg.FinetuneConfig.__doc__)
-    cfg.add_arguments(finetune, cfg.FinetuneConfig)
-    predict = jobs.add_parser("predict", help="label maps of a folder of volumes",
-                              description=cfg.PredictConfig.__doc__)
-    cfg.add_arguments(predict, cfg.PredictConfig)
-    args = parser.parse_args(argv)
-    from .data import DataError
-    from .runtime import NonFiniteLoss
+    args = _parser().parse_args(argv)
+    from .runtime import EXIT_PREEMPTED, NonFiniteLoss, Preempted
 
     if args.job == "pretrain":
         from .pretrain import run
@@ -40,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         config = cfg.from_arguments(args, cfg.PredictConfig)
     try:
         run(config)
-    except (DataError, NonFiniteLoss, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Preempted as stop:
+        print(f"anatomask_fast: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    # DataError, CheckpointError (ValueError), WriteError, FileNotFoundError (OSError):
+    # messages that name the file or flag. Any other error keeps its traceback (a bug).
+    except (ValueError, OSError, NonFiniteLoss) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0
 

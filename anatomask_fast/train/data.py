@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset
+
+from .runtime import STOP_SIGNALS
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -154,9 +159,22 @@ def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = Fals
     return Dataset(cases, modality.upper(), f"folder {root} ({len(cases)} volumes, {modality})")
 
 
+class _NamedLoad(mt.LoadImaged):
+    """LoadImaged whose read errors (a truncated .nii.gz, a foreign file) name the
+    files instead of MONAI's "applying transform <LoadImaged object>"."""
+
+    def __call__(self, data: dict, reader=None) -> dict:
+        try:
+            return super().__call__(data, reader)
+        except Exception as error:  # nibabel / gzip / zlib raise several types
+            files = ", ".join(str(data[key]) for key in self.keys if key in data)
+            detail = " ".join(str(error).split()) or type(error).__name__
+            raise DataError(f"{files}: cannot be read as NIfTI ({detail})") from None
+
+
 class _Check3D(mt.MapTransform):
-    """Rejects volumes that are not 3D (naming the file) and warns when one is smaller
-    than the crop and will be padded."""
+    """Rejects volumes that are not 3D or hold NaN / Inf (naming the file) and warns
+    when one is smaller than the crop and will be padded."""
 
     def __init__(self, keys: Sequence[str], crop: Sequence[int]) -> None:
         super().__init__(keys)
@@ -169,6 +187,10 @@ class _Check3D(mt.MapTransform):
             if image.ndim != 4:
                 raise DataError(f"{source}: expected a 3D volume, got spatial shape "
                                 f"{tuple(image.shape[1:])}")
+            bad = int((~torch.isfinite(image)).sum())
+            if bad:
+                raise DataError(f"{source}: {bad} of {image.numel()} voxels are NaN or "
+                                "infinite; expected finite intensities")
             if any(s < c for s, c in zip(image.shape[1:], self.crop)):
                 warnings.warn(f"{source}: shape {tuple(image.shape[1:])} is smaller than the "
                               f"crop {self.crop}; it is padded", stacklevel=2)
@@ -180,11 +202,12 @@ def preprocessing(dataset: Dataset, crop: Sequence[int],
     """Deterministic part: load, check, optional resampling, intensity normalization
     (CT: clip to the 0.5/99.5 percentiles then z-score; MR/PET: z-score), padding."""
     keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
-    steps: list = [mt.LoadImaged(keys, reader="NibabelReader", ensure_channel_first=True,
-                                 image_only=True),
+    # One loader a key, so that a read error names the one file that failed.
+    steps: list = [*(_NamedLoad(key, reader="NibabelReader", ensure_channel_first=True,
+                                image_only=True) for key in keys),
                    _Check3D(["image"], crop)]
     if len(dataset.cases[0].images) > 1:
-        steps.insert(1, mt.ConcatItemsd(["image"], "image"))
+        steps.insert(len(keys), mt.ConcatItemsd(["image"], "image"))
     if spacing is not None:
         modes = ["bilinear", "nearest"][: len(keys)]
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
@@ -222,16 +245,18 @@ def _case_dict(case: Case) -> dict:
 
 
 def check_readable(dataset: Dataset) -> None:
-    """Reads every file's NIfTI header, so that a corrupt or foreign file is named
-    before training starts (not deep inside a loader worker)."""
-    import nibabel as nib
-
+    """Reads every file's NIfTI header, so that a corrupt or foreign file, or one that
+    is not a 3D volume (4D: one file per channel is expected), is named before training
+    starts (not deep inside a loader worker)."""
     for case in dataset.cases:
         for path in (*case.images, *([case.label] if case.label is not None else [])):
             try:
-                nib.load(path).header.get_data_shape()
+                shape = nib.load(path).header.get_data_shape()
             except Exception as error:  # nibabel raises several types for bad files
                 raise DataError(f"{path}: cannot be read as NIfTI ({error})") from None
+            if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+                raise DataError(f"{path}: expected a 3D volume, got shape {tuple(shape)} "
+                                "(a 4D file is not a case: one file per channel)")
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -312,14 +337,45 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return iter(order[self.rank::self.world_size][self.start:])
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return max(0, self.per_rank - self.start)
 
 
 def epoch_loader(data: CropDataset, sampler: ResumableSampler, *, epoch: int, start_step: int,
                  batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     """The loader of epoch ``epoch`` from step ``start_step`` on (a resumed run skips the
-    samples already seen; augmentation is seeded by (seed, epoch, index))."""
-    sampler.set_epoch(epoch, start=start_step * batch_size)
+    samples already seen; augmentation is seeded by (seed, epoch, index)). An epoch of
+    more steps than one pass holds restarts the pass (the training loops), so the step
+    is taken modulo the batches of a pass (the last one may be short)."""
+    batches_per_pass = math.ceil(sampler.per_rank / batch_size)
+    sampler.set_epoch(epoch, start=start_step % batches_per_pass * batch_size)
     data.set_epoch(epoch)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers)
+    return _SignalSafeLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                             worker_init_fn=_worker_signals)
+
+
+class _SignalSafeLoader(torch.utils.data.DataLoader):
+    """Forks its workers with SIGTERM / SIGUSR1 blocked (they inherit the mask), so that
+    a signal to the whole process group cannot kill one before ``_worker_signals``."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _worker_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 sent to the whole process group (cluster
+    schedulers do) to the main process, which writes a checkpoint and then stops them;
+    a SIGTERM from the main process itself (the loader's shutdown) still ends a worker."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait_for_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_parent, daemon=True).start()

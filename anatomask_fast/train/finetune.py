@@ -28,7 +28,7 @@ from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict
 from .optim import param_groups, warmup_cosine
 from .predict import infer, overlay
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
-                      optimizer_step, progress_bar, run_job)
+                      optimizer_step, progress_bar, run_job, seed_step)
 
 FORMAT = "anatomask_fast.segmentation/1"
 
@@ -65,7 +65,11 @@ def check_cases(dataset: Dataset, classes: int) -> None:
             if not np.allclose(image.affine, label.affine, atol=1e-4):
                 raise DataError(f"case {case.name!r}: image {image_path} and label "
                                 f"{case.label} have different affines")
-        values = np.unique(np.asanyarray(label.dataobj))
+        try:
+            values = np.unique(np.asanyarray(label.dataobj))
+        except Exception as error:  # nibabel / gzip raise several types for a bad file
+            raise DataError(f"case {case.name!r}: label {case.label} cannot be read as NIfTI "
+                            f"({error})") from None
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < classes]
         if bad:
             raise DataError(f"case {case.name!r}: label {case.label} holds values {bad[:8]} "
@@ -212,6 +216,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
                                total_epochs=config.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            seed_step(config.seed, runtime.rank, state.global_step)
             started = time.perf_counter()
             with autocast(runtime.device, config.amp):
                 outputs = network(x)
@@ -224,7 +229,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
                             "samples_per_second": x.shape[0] / elapsed},
                            {"loss": f"{loss_value:.4f}"}):
                 progress.close()
-                say(f"  stopped after {state.global_step} steps (--stop-after-steps)")
+                say(f"  stopped after {state.global_step} steps (--stop-after-steps): {latest} "
+                    "written, continue with --resume")
                 return out
         state.epoch += 1
         state.step_in_epoch = 0

@@ -4,6 +4,7 @@ as NIfTI with each input's affine and header. Also the inference and overlay hel
 the fine-tuning validation uses."""
 from __future__ import annotations
 
+import gzip
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ..models.segmentation import STUNet
 from . import checkpoint as ckpt
 from .config import PredictConfig
 from .data import NIFTI_SUFFIXES, Case, DataError, Dataset, _case_dict, _strip, \
-    _unwrapped_data_errors, preprocessing
+    _unwrapped_data_errors, check_readable, preprocessing
 from .previews import _gray
 from .runtime import autocast, setup
 
@@ -131,9 +132,9 @@ def run(config: PredictConfig) -> list[Path]:
     model, meta = load_model(config.checkpoint, runtime.device)
     cases = _cases(Path(config.input), meta["in_channels"])
     dataset = Dataset(tuple(cases), meta["modality"], f"folder {config.input}")
+    check_readable(dataset)
     transform = preprocessing(dataset, meta["crop"], meta["spacing"])
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.output)          # created with the first label map (none on failure)
     written = []
     print(f"anatomask_fast predict: {len(cases)} case(s) from {config.input}, STU-Net-"
           f"{meta['size']} ({meta['num_classes']} classes) from {config.checkpoint}")
@@ -147,8 +148,11 @@ def run(config: PredictConfig) -> list[Path]:
         header = reference.header.copy()
         header.set_data_dtype(np.uint8 if meta["num_classes"] < 256 else np.int16)
         path = out / f"{case.name}.nii.gz"
-        nib.save(nib.Nifti1Image(labels.cpu().numpy().astype(header.get_data_dtype()),
-                                 reference.affine, header), path)
+        result = nib.Nifti1Image(labels.cpu().numpy().astype(header.get_data_dtype()),
+                                 reference.affine, header)
+        # Written whole or not at all (a full disk leaves no truncated label map).
+        ckpt.atomic_write_bytes(gzip.compress(result.to_bytes(), compresslevel=1, mtime=0),
+                                path)
         written.append(path)
         print(f"  {case.name}: {path}")
     return written

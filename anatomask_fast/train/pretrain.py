@@ -31,7 +31,7 @@ from .data import CropDataset, ResumableSampler, epoch_loader, job_dataset
 from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
 from .previews import denormalized, save_preview
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
-                      optimizer_step, progress_bar, run_job)
+                      optimizer_step, progress_bar, run_job, seed_step)
 
 FORMAT = "anatomask_fast.pretrain/1"
 # How --hard-max parameterizes each schedule kind (see anatomask_fast.schedules).
@@ -209,6 +209,7 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
 
     progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
                             "pretrain")
+    mask = None                 # none yet when resumed from the last step of an epoch
     while state.epoch < config.epochs:
         loader = epoch_loader(data, sampler, epoch=state.epoch, start_step=state.step_in_epoch,
                               batch_size=config.batch_size, workers=config.workers)
@@ -227,6 +228,7 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
             decay = ema_decay_at_epoch(state.epoch, config.epochs, config.ema_start,
                                        config.ema_end)
             hard_frac = published_hard_frac(schedule, config, state.epoch, state.step_in_epoch)
+            seed_step(config.seed, runtime.rank, state.global_step)
             started = time.perf_counter()
             loss, mask, rec, _, _ = pretrain_step(
                 model, teacher, x, mask_ratio=config.mask_ratio, hard_frac=hard_frac,
@@ -242,19 +244,21 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                            {"loss": f"{loss_value:.4f}", "hard": f"{hard_frac:.2f}",
                             "vol_s": f"{x.shape[0] * runtime.world_size / elapsed:.2f}"}):
                 progress.close()
-                say(f"  stopped after {state.global_step} steps (--stop-after-steps)")
+                say(f"  stopped after {state.global_step} steps (--stop-after-steps): {latest} "
+                    "written, continue with --resume")
                 return out
-        if runtime.main and config.preview_every and (state.epoch + 1) % config.preview_every == 0:
+        if runtime.main and config.preview_every and mask is not None \
+                and (state.epoch + 1) % config.preview_every == 0:
             hard = mask.hard if mask.hard.dim() == 5 else None
             save_preview(out / "previews" / f"epoch_{state.epoch:04d}.png", x.detach(),
                          mask.active, hard, denormalized(rec.detach(), x, student.patch_size))
         state.epoch += 1
         state.step_in_epoch = 0
-        save(latest)
         if config.save_every and state.epoch % config.save_every == 0:
             save(out / f"checkpoint_epoch_{state.epoch:04d}.pt")
         if runtime.main:
             _export_encoder(student, signature, out / "encoder.pt")
+        save(latest)    # last: killed before it, a resumed run redoes this epoch's end
     progress.close()
     metrics.close()
     say(f"  done: encoder weights in {out / 'encoder.pt'}, checkpoints in {out}")

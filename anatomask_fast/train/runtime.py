@@ -1,19 +1,26 @@
-"""Process-level helpers shared by the training jobs: device and torchrun setup,
-peak memory, metrics logging."""
+"""Process-level helpers shared by the training jobs: device and torchrun setup, the
+run folder, preemption signals, per-step seeding, peak memory, metrics logging."""
 from __future__ import annotations
 
 import contextlib
 import json
 import math
 import os
+import random
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from .checkpoint import WriteError
 
 
 @dataclass(frozen=True)
@@ -52,17 +59,85 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+# Exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint.
+EXIT_PREEMPTED = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived; the latest checkpoint was written after the step."""
+
+
+class _StopRequest:
+    """Remembers a SIGTERM / SIGUSR1 (cluster preemption, wall-time warning) so that the
+    training loop stops after the step that is running, not inside it."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def handle(self, number: int, frame: Any) -> None:
+        self.received = signal.Signals(number).name
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            yield               # Python delivers signals to the main thread only
+            return
+        previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def requested(self, runtime: Runtime) -> bool:
+        """True on every rank once any rank got a signal (all stop at the same step)."""
+        if not runtime.distributed:
+            return self.received is not None
+        flag = torch.tensor([self.received is not None], dtype=torch.int32,
+                            device=runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+STOP = _StopRequest()
+
+
 def run_job(config: Any, train: Callable[[Any, Runtime, Path], Path]) -> Path:
     """Resolves ``config``, joins torchrun's process group, creates the run folder and
-    calls ``train(config, runtime, out)``, leaving the group however it ends."""
+    calls ``train(config, runtime, out)`` with SIGTERM / SIGUSR1 caught, leaving the
+    group however it ends. A run folder this call created is removed again when the run
+    fails before writing any checkpoint (no empty run folders)."""
     config = config.resolved()
     runtime = setup(config.device)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
     try:
-        return train(config, runtime, out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        teardown()
+        raise WriteError(f"cannot create the run folder {out}: {error.strerror}") from None
+    try:
+        with STOP.installed():
+            return train(config, runtime, out)
+    except BaseException:
+        if created and runtime.main and not any(out.glob("checkpoint_*.pt")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         teardown()
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seeds torch's, NumPy's and Python's global generators from (seed, rank, step)
+    before a step, so that any draw from them is the same in a resumed run (the
+    library's own draws are seeded explicitly; this covers everything else)."""
+    # A tag of its own: not the entropy the jobs derive their mask seeds from.
+    value = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,8 +169,9 @@ def finish_step(state: Any, config: Any, runtime: Runtime, metrics: "MetricsLog"
                 progress: Any, save_latest: Callable[[], None], values: dict[str, Any],
                 postfix: dict[str, str]) -> bool:
     """Counts the step and logs it (metrics.jsonl and the progress bar, with the peak
-    memory), writes the latest checkpoint every ``--latest-every-steps``; True once
-    ``--stop-after-steps`` is reached."""
+    memory), writes the latest checkpoint every ``--latest-every-steps`` and before
+    stopping; True once ``--stop-after-steps`` is reached; raises Preempted (checkpoint
+    written) after a SIGTERM / SIGUSR1."""
     state.step_in_epoch += 1
     state.global_step += 1
     peak = peak_memory_bytes(runtime.device)
@@ -103,9 +179,17 @@ def finish_step(state: Any, config: Any, runtime: Runtime, metrics: "MetricsLog"
                                       "peak_memory_mb": peak / 2**20})
     progress.update(1)
     progress.set_postfix(**postfix, mem=f"{peak / 2**30:.2f}G")
-    if config.latest_every_steps and state.global_step % config.latest_every_steps == 0:
+    preempted = STOP.requested(runtime)
+    stop = bool(config.stop_after_steps and state.global_step >= config.stop_after_steps)
+    if preempted or stop or (config.latest_every_steps
+                             and state.global_step % config.latest_every_steps == 0):
         save_latest()
-    return bool(config.stop_after_steps and state.global_step >= config.stop_after_steps)
+    if preempted:
+        progress.close()
+        raise Preempted(f"stopped by {STOP.received or 'a signal on another rank'} after step "
+                        f"{state.global_step}; the checkpoint in {config.out} is written, "
+                        "continue with --resume")
+    return stop
 
 
 def autocast(device: torch.device, amp: str):

@@ -134,7 +134,8 @@ def test_broken_checkpoints_are_named(tmp_path, capsys, labelled):
     text.write_text("these are not weights\n")
     assert main(["finetune", "--data", str(labelled), "--out", str(tmp_path / "ft"), *TINY,
                  "--pretrained", str(text)]) == 2
-    assert f"encoder weights {text} cannot be read: truncated or not a PyTorch" in error_line(capsys.readouterr().err)
+    assert f"encoder weights {text} cannot be read: truncated or not a PyTorch" in \
+        error_line(capsys.readouterr().err)
     assert not (tmp_path / "ft").exists()
 
 

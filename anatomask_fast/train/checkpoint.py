@@ -18,7 +18,8 @@ from ..serialization import CheckpointError, safe_load
 
 
 # How torch's zip writer reports a failed write (full disk, file size limit).
-_WRITER_FAILURE = re.compile(r"PytorchStreamWriter|unexpected pos|inline_container|file write failed")
+_WRITER_FAILURE = re.compile(
+    r"PytorchStreamWriter|unexpected pos|inline_container|file write failed")
 
 
 class WriteError(OSError):

@@ -1,4 +1,4 @@
-"""``python -m anatomask_fast.train [pretrain|finetune|predict] [flags]``; with no
+"""``python -m anatomask_fast.train [pretrain|finetune|predict|preprocess] [flags]``; with no
 flags, the embedded pretraining demonstration (a procedural phantom, the tiny model, a
 few minutes on a CPU); ``finetune`` with no flags is the fine-tuning demonstration."""
 from __future__ import annotations
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     predict = jobs.add_parser("predict", help="label maps of a folder of volumes",
                               description=cfg.PredictConfig.__doc__)
     cfg.add_arguments(predict, cfg.PredictConfig)
+    preprocess = jobs.add_parser("preprocess", help="pre-process a raw dataset into a store",
+                                 description=cfg.PreprocessConfig.__doc__)
+    cfg.add_arguments(preprocess, cfg.PreprocessConfig)
     args = parser.parse_args(argv)
     from .data import DataError
     from .runtime import NonFiniteLoss
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.job == "finetune":
         from .finetune import run
         config = cfg.from_arguments(args, cfg.FinetuneConfig)
+    elif args.job == "preprocess":
+        from .inputs import run_preprocess as run
+        config = cfg.from_arguments(args, cfg.PreprocessConfig)
     else:
         from .predict import run
         config = cfg.from_arguments(args, cfg.PredictConfig)

@@ -131,7 +131,7 @@ def run(config: PredictConfig) -> list[Path]:
     model, meta = load_model(config.checkpoint, runtime.device)
     cases = _cases(Path(config.input), meta["in_channels"])
     dataset = Dataset(tuple(cases), meta["modality"], f"folder {config.input}")
-    transform = preprocessing(dataset, meta["crop"], meta["spacing"])
+    transform = preprocessing(dataset, meta["crop"], meta["spacing"], meta.get("normalization"))
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -99,7 +99,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
     data = RandomCrops(volumes, config.crop, seed=config.seed, rank=runtime.rank,
                        batch_size=config.batch_size, augmentation=config.augmentation)
-    steps_per_epoch = config.steps_per_epoch or max(1, len(volumes) // config.batch_size)
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, len(volumes) // (config.batch_size * runtime.world_size))   # demo: a pass over the cases
     sampler = BatchOrder(steps_per_epoch, config.batch_size)
     schedule = masking_schedule(
         config.hard_schedule, total_epochs=config.epochs,

@@ -286,6 +286,11 @@ def _rank_info() -> tuple[int, int, bool]:
     return 0, 1, False
 
 
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
 def build(dataset: Dataset, root: Path, options: StoreOptions, *, workers: int = 1,
           plain: bool = False, progress: bool = True) -> Path:
     """Writes (or completes) the store of ``dataset`` in ``root``; returns ``root``.
@@ -308,9 +313,11 @@ def build(dataset: Dataset, root: Path, options: StoreOptions, *, workers: int =
                 process_case(case, folder, options, plain)
                 bar.update(1)
         else:
-            # spawn: the workers do not inherit this process's threads (torch, OpenMP).
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            # fork, as DataLoader workers: spawned ones re-import torch (a minute when the
+            # cores are busy); one thread each, the parallelism is across processes.
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                        initializer=_one_thread) as pool:
                 futures = [pool.submit(process_case, case, folder, options, plain)
                            for case in todo]
                 for future in concurrent.futures.as_completed(futures):

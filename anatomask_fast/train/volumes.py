@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,9 @@ class Entry:
 def _open(path: Path):
     if path.suffix == ".b2nd":
         import blosc2
-        return blosc2.open(str(path), mode="r", mmap_mode="r")
+        # One decompression thread: a loader worker is one of many processes (and a
+        # forked one would not have the parent's blosc2 thread pool).
+        return blosc2.open(str(path), mode="r", mmap_mode="r", dparams={"nthreads": 1})
     return np.load(path, mmap_mode="r")
 
 
@@ -50,12 +53,19 @@ class Volumes:
         self.description = description
         self.normalization = normalization     # what predict needs to repeat it
         self._arrays: dict[Path, object] = {}
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}}
+
+    def _opened(self) -> dict:
+        """This process's open arrays (a forked worker opens its own)."""
+        if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        return self._arrays
 
     @property
     def names(self) -> list[str]:
@@ -68,9 +78,10 @@ class Volumes:
                        normalization=self.normalization)
 
     def array(self, path: Path):
-        if path not in self._arrays:
-            self._arrays[path] = _open(path)
-        return self._arrays[path]
+        arrays = self._opened()
+        if path not in arrays:
+            arrays[path] = _open(path)
+        return arrays[path]
 
     def shape(self, index: int) -> tuple[int, int, int]:
         return tuple(self.array(self.entries[index].image).shape[1:])

@@ -30,16 +30,17 @@ def forced_foreground(sample: int, batch_size: int, foreground: float | None) ->
 
 def _start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator,
            centre: Sequence[int] | None) -> list[int]:
-    """The region's first voxel: random inside the volume (a smaller volume: centred,
-    zero-padded); with ``centre``, the region centred there, kept inside when it fits."""
+    """The region's first voxel: random inside the volume, or with ``centre`` the region
+    centred there, kept inside; along an axis shorter than the region: centred
+    (zero-padded)."""
     start = []
     for axis, (s, n) in enumerate(zip(shape, size)):
-        low, high = min(0, (s - n) // 2), max(0, s - n)
-        if centre is None:
-            start.append(int(rng.integers(low, high + 1)) if s >= n else (s - n) // 2)
+        if s < n:
+            start.append((s - n) // 2)
+        elif centre is None:
+            start.append(int(rng.integers(0, s - n + 1)))
         else:
-            start.append(int(np.clip(centre[axis] - n // 2, low, high)) if s >= n
-                         else (s - n) // 2)
+            start.append(int(np.clip(centre[axis] - n // 2, 0, s - n)))
     return start
 
 

@@ -134,7 +134,7 @@ def looks_like_label_map(array: np.ndarray, dtype: np.dtype) -> bool:
     """An integer volume with few distinct values (<= LABEL_MAP_VALUES)."""
     if not np.issubdtype(dtype, np.integer):
         return False
-    return np.unique(array.ravel()[:: max(1, array.size // 2_000_000)]).size <= LABEL_MAP_VALUES \
+    return np.unique(array.ravel()[:: max(1, array.size // 100_000)]).size <= LABEL_MAP_VALUES \
         and np.unique(array).size <= LABEL_MAP_VALUES
 
 
@@ -176,7 +176,7 @@ def _intensity_stats(values: np.ndarray) -> dict:
 def _volume_stats(channel: np.ndarray, clip: bool) -> dict:
     """The per-volume scheme (``preprocessing``'s, used by predict): CT clipped to the
     volume's 0.5 / 99.5 percentiles, then z-scored with the clipped volume's mean and
-    std; MR / PET z-scored as they are."""
+    std; MR / PET (and CT normalized dataset-wide: for information) as they are."""
     lower = upper = None
     if clip:
         lower, upper = (float(v) for v in np.percentile(channel, [0.5, 99.5]))
@@ -228,7 +228,8 @@ def process_case(case: Case, folder: Path, options: StoreOptions, plain: bool) -
     record: dict[str, Any] = {
         "name": case.name, "shape": list(image.shape[1:]), "channels": image.shape[0],
         "dtype": str(image.dtype), "spacing": list(spacing), "sources": _sources(case),
-        "volume": [_volume_stats(c, options.modality.upper() == "CT") for c in image],
+        "volume": [_volume_stats(c, options.modality.upper() == "CT"
+                                 and options.ct_normalization == "volume") for c in image],
         "foreground": [_intensity_stats(c) for c in foreground]}
     if label is not None:
         _write_b2nd(label, folder / f"{case.name}_seg.b2nd")

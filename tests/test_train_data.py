@@ -178,6 +178,12 @@ def test_foreground_oversampling_centres_the_last_third_on_labels(labelled_store
     assert all((label > 0).any() for label in forced)
     free = [crops[(0, step, 0)]["label"] for step in range(12)]
     assert sum(int(label[0, 8, 8, 8] > 0) for label in free) < 12
+    augmented = RandomCrops(volumes, (16, 16, 16), seed=0, rank=0, batch_size=3,
+                            augmentation="nnunet", labels=True, foreground=0.33)
+    for step in range(6):
+        item = augmented[(0, step, 2)]
+        assert item["image"].shape == (1, 16, 16, 16) and item["label"].dtype == torch.int64
+        assert set(item["label"].unique().tolist()) <= {0, 1, 2, 3}
 
 
 def test_spatial_augmentation_without_rotation_or_scaling_is_the_crop():

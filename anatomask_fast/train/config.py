@@ -88,7 +88,7 @@ class PreprocessConfig:
     spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
     modality: str = "CT"              # CT, MR or PET (a plain folder; nnU-Net: dataset.json)
     ct_normalization: str = "dataset"  # CT: dataset (nnU-Net: dataset-wide foreground percentiles, mean, std) or volume
-    labels: bool = False              # also store label maps (fine-tuning; nnU-Net labelsTr or labels/)
+    labels: bool = False              # also store label maps (for finetune: give it the same --data and this store as --cache)
 
 
 DEMO_ENCODER = "runs/pretrain/encoder.pt"    # what the embedded pretraining writes

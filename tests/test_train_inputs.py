@@ -65,6 +65,7 @@ def nnunet_preprocessed(tmp_path_factory):
     return root / "preprocessed" / "Dataset017_Phantom" / "nnUNetPlans_3d_fullres"
 
 
+@pytest.mark.slow
 def test_pretraining_on_a_dataset_nnunetv2_preprocessed(nnunet_preprocessed, tmp_path):
     import blosc2
 
@@ -83,6 +84,20 @@ def test_pretraining_on_a_dataset_nnunetv2_preprocessed(nnunet_preprocessed, tmp
     seg = blosc2.open(str(nnunet_preprocessed / "case0_seg.b2nd"))[0]
     assert set(table[:, 0].tolist()) == {1, 2, 3}
     assert all(seg[tuple(row[1:])] == row[0] for row in table[:50])
+
+    # Older releases' layout: CASE.npz holding "data" and "seg" (unpacked once to .npy)
+    old = tmp_path / "Dataset017_Phantom" / "nnUNetPlans_3d_fullres"
+    old.mkdir(parents=True)
+    (old.parent / "dataset.json").write_text((nnunet_preprocessed.parent / "dataset.json").read_text())
+    for name in volumes.names:
+        np.savez_compressed(old / f"{name}.npz",
+                            data=blosc2.open(str(nnunet_preprocessed / f"{name}.b2nd"))[:],
+                            seg=blosc2.open(str(nnunet_preprocessed / f"{name}_seg.b2nd"))[:])
+    older = RandomCrops(open_nnunet(old, tmp_path / "unpacked"), (32, 32, 32), seed=0, rank=0,
+                        batch_size=2, augmentation="none")
+    assert torch.equal(older[(0, 1, 1)]["image"], crops[(0, 1, 1)]["image"])
+    assert sorted(p.name for p in (tmp_path / "unpacked").iterdir()) == [
+        "case0.npy", "case0_seg.npy", "case1.npy", "case1_seg.npy"]
 
     out = tmp_path / "run"
     assert main(["pretrain", "--data", str(nnunet_preprocessed), "--out", str(out), *TINY,

@@ -124,14 +124,15 @@ def throughput(store: Path, crop, crops: int) -> dict:
 
     torch.set_num_threads(1)          # a DataLoader worker's setting
     volumes = open_store(store)
+    keys = [(1, n // 4, n % 4) for n in range(crops)]
+    for key in keys:                  # the steady state: a worker has opened its files
+        RandomCrops(volumes, crop, seed=0, rank=0, batch_size=4, augmentation="none")[key]
     rates = {}
     for mode in ("none", "light", "nnunet"):
         data = RandomCrops(volumes, crop, seed=0, rank=0, batch_size=4, augmentation=mode)
-        for n in range(4):           # warm-up: code paths, the files' first pages
-            data[(0, 0, n)]
         started = time.perf_counter()
-        for n in range(crops):
-            data[(1, n // 4, n % 4)]
+        for key in keys:
+            data[key]
         rates[mode] = crops / (time.perf_counter() - started)
     return rates
 
@@ -169,6 +170,36 @@ def measure(quick: bool, workers: int = 2) -> dict:
     return summary
 
 
+RESULTS = Path(__file__).resolve().parent / "data_pipeline.json"
+
+
+def markdown(result: dict) -> list[str]:
+    """The section of benchmarks/RESULTS.md (written by benchmarks.report)."""
+    setting = result["setting"]
+    crop = "x".join(map(str, setting["crop"]))
+    lines = ["### data pipeline (`python -m benchmarks.bench_data_pipeline`)", "",
+             f"_Measured on {result.get('machine', '?')}; {result.get('date', '?')}._ "
+             f"Generated CT-like int16 volumes of {setting['edge']}^3; a fresh process "
+             f"pretraining 2 steps (tiny model, batch 2, crops {crop}, loading in-process).",
+             "", "| volumes | raw GB | store GB | preprocess s (2 workers) | peak RSS MiB "
+             "| start to first step s |", "|---|---|---|---|---|---|"]
+    for count, run in result["runs"].items():
+        lines.append(f"| {count} | {run['raw_gb']:.2f} | {run['store_gb']:.2f} | "
+                     f"{run['preprocess_s']:.0f} | {run['peak_rss_mb']:.0f} | "
+                     f"{run['first_step_s']:.1f} |")
+    rates = ", ".join(f"{mode} {rate:.1f}" for mode, rate in
+                      result["crops_per_second_per_worker"].items())
+    lines += ["", f"RSS ratio (largest / 8) {result['rss_ratio']:.3f}; first-step ratio "
+              f"{result['first_step_ratio']:.3f}. Crops {crop} per second per worker "
+              f"(augmentation mode): {rates}"
+              + (f" ({result['throughput_note']})." if "throughput_note" in result else ".")]
+    for precision, need in result.get("workers_to_keep_gpu_busy", {}).items():
+        lines.append(f"Workers to keep an H200 busy at STU-Net-B's {precision} step "
+                     f"({GPU_STEP_S[precision] * 1e3:.0f} ms per batch of {GPU_BATCH}): "
+                     + ", ".join(f"{mode} {n}" for mode, n in need.items()) + ".")
+    return [*lines, ""]
+
+
 @pytest.mark.benchmark(group="data pipeline: one crop read + nnunet augmentation")
 def test_data_pipeline(benchmark, tmp_path):
     """pytest benchmark (quick in CI): times one crop read with nnU-Net's augmentation;
@@ -199,9 +230,14 @@ if __name__ == "__main__":
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--quick", action="store_true")
         parser.add_argument("--workers", type=int, default=2)
-        parser.add_argument("--json", type=Path)
+        parser.add_argument("--json", type=Path, help=f"where to write the results "
+                            f"(full size: default {RESULTS.name}, read by benchmarks.report)")
         options = parser.parse_args()
-        found = measure(options.quick, options.workers)
+        from .report import machine
+
+        found = {**measure(options.quick, options.workers), "machine": machine(),
+                 "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(found, indent=1))
-        if options.json:
-            options.json.write_text(json.dumps(found, indent=1) + "\n")
+        target = options.json or (None if options.quick else RESULTS)
+        if target:
+            target.write_text(json.dumps(found, indent=1) + "\n")

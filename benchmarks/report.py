@@ -180,7 +180,14 @@ def document(entries: list[dict], command: str) -> str:
         "On a GPU, memory-bound ops also report the bytes they must move per second as a "
         "share of the device's measured copy bandwidth, per call (host overhead included) and, "
         "in parentheses, over the time the device spends in the op's kernels (profiler).",
-        "", *table(entries)])
+        "", *table(entries), *data_pipeline()])
+
+
+def data_pipeline() -> list[str]:
+    """The data-pipeline section, from the last full ``benchmarks.bench_data_pipeline`` run."""
+    from .bench_data_pipeline import RESULTS, markdown
+
+    return markdown(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
 
 
 def merged(kept: list[dict], fresh: list[dict]) -> list[dict]:

@@ -16,7 +16,9 @@ from monai.networks.nets import MaskedAutoEncoderViT
 
 from anatomask_fast.integrations.monai_mae import MaskedViTAdapter, patchify, token_errors
 from anatomask_fast.masker import AnatoMasker
-from anatomask_fast.train.data import CropDataset, discover
+from anatomask_fast.train.sampling import BatchOrder, RandomCrops
+from anatomask_fast.train.store import StoreOptions, prepare
+from anatomask_fast.train.volumes import open_store
 from anatomask_fast.train.optim import ema_update
 from anatomask_fast.train.phantom import write_phantom_dataset
 
@@ -31,8 +33,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "anatomask_mae")
     args = parser.parse_args()
 
-    data = CropDataset(discover(write_phantom_dataset(args.out / "data", cases=4)), CROP, seed=0)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True)
+    store = prepare(write_phantom_dataset(args.out / "data", cases=4), StoreOptions(),
+                    args.out / "store")
+    data = RandomCrops(open_store(store), CROP, seed=0, rank=0, batch_size=args.batch_size,
+                       augmentation="light")
+    order = BatchOrder(steps_per_epoch=args.steps, batch_size=args.batch_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order)
     torch.manual_seed(0)
     student = MaskedViTAdapter(MaskedAutoEncoderViT(
         in_channels=1, img_size=CROP, patch_size=PATCH, hidden_size=192, mlp_dim=384,

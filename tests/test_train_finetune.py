@@ -12,6 +12,7 @@ from anatomask_fast.train.__main__ import main
 SHAPE = (40, 36, 32)
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
 SMALL = ["--crop", "32", "32", "32", "--batch-size", "2", "--workers", "0", "--epochs", "2",
+         "--steps-per-epoch", "1", "--augmentation", "light",
          "--val-every", "2", "--sw-overlap", "0.25"]
 
 

@@ -1,4 +1,4 @@
-"""``python -m anatomask_fast.train [pretrain|finetune|predict] [flags]``; with no
+"""``python -m anatomask_fast.train [pretrain|finetune|predict|preprocess] [flags]``; with no
 flags, the embedded pretraining demonstration (a procedural phantom, the tiny model, a
 few minutes on a CPU); ``finetune`` with no flags is the fine-tuning demonstration.
 
@@ -12,7 +12,7 @@ import sys
 
 from . import config as cfg
 
-JOBS = ("pretrain", "finetune", "predict")
+JOBS = ("pretrain", "finetune", "predict", "preprocess")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, config_type, summary in (
             ("pretrain", cfg.PretrainConfig, "AnatoMask masked-image-modeling pretraining"),
             ("finetune", cfg.FinetuneConfig, "STU-Net segmentation fine-tuning"),
-            ("predict", cfg.PredictConfig, "label maps of a folder of volumes")):
+            ("predict", cfg.PredictConfig, "label maps of a folder of volumes"),
+            ("preprocess", cfg.PreprocessConfig, "pre-process a raw dataset into a store")):
         job = jobs.add_parser(name, help=summary, description=config_type.__doc__)
         cfg.add_arguments(job, config_type)
     return parser
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.job == "finetune":
         from .finetune import run
         config = cfg.from_arguments(args, cfg.FinetuneConfig)
+    elif args.job == "preprocess":
+        from .inputs import run_preprocess as run
+        config = cfg.from_arguments(args, cfg.PreprocessConfig)
     else:
         from .predict import run
         config = cfg.from_arguments(args, cfg.PredictConfig)

@@ -17,15 +17,19 @@ class PretrainConfig:
     """AnatoMask pretraining. Defaults follow the published setting; with no --data the
     run is the embedded demonstration (phantom, tiny model, a few epochs)."""
 
-    data: str | None = None           # NIfTI folder or nnU-Net raw dataset; None: phantom
+    data: str | None = None           # NIfTI folder, nnU-Net raw dataset, nnU-Net pre-processed folder (nnUNetPlans_3d_fullres) or a store; None: phantom
     modality: str = "CT"              # CT, MR or PET (a plain folder; nnU-Net: dataset.json)
+    ct_normalization: str = "dataset"  # CT: dataset (nnU-Net: dataset-wide foreground percentiles, mean, std) or volume
+    cache: str | None = None          # store of a raw --data (default: $ANATOMASK_CACHE/KEY, else OUT/../.store/KEY)
+    preprocess_workers: int | None = None  # processes building the store (default 4, demo 0: in this process)
+    augmentation: str | None = None   # nnunet, light (mirroring) or none (default nnunet, demo light)
     out: str = "runs/pretrain"        # run folder (config, checkpoints, encoder.pt, logs)
     size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
     crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
     spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
     batch_size: int | None = None     # per process (default 4, demo 2)
     epochs: int | None = None         # default 1000 (demo 4)
-    steps_per_epoch: int | None = None  # default: one pass over the data
+    steps_per_epoch: int | None = None  # full batches per epoch (default 250 as nnU-Net; demo: cases // batch)
     mask_ratio: float = 0.6           # share of hidden patches
     hard_schedule: str = "linear"     # linear (easy to hard), hard_to_easy, cosine, constant
     hard_max: float = 0.5             # the schedule's top hard_frac (constant: its value); hard_frac is capped at it (the published linear formula 0.5 * (e + 1) / (E - 1) exceeds it at the last epoch, and reaches 1.0 with 2 epochs), except under --reference-compatible
@@ -63,9 +67,32 @@ class PretrainConfig:
         defaults = dict(size="tiny" if demo else "B",
                         crop=(64, 64, 64) if demo else (112, 112, 128),
                         batch_size=2 if demo else 4, epochs=4 if demo else 1000,
-                        warmup_epochs=1 if demo else 20)
+                        warmup_epochs=1 if demo else 20, **data_defaults(self))
         return dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                             if getattr(self, k) is None})
+
+
+def data_defaults(config: Any) -> dict:
+    """Data-pipeline defaults: nnU-Net's for real data, light and quick for the demo
+    (its steps per epoch: one pass over its cases, chosen by the job)."""
+    demo = config.data is None
+    return {"preprocess_workers": 0 if demo else 4, "augmentation": "light" if demo else "nnunet",
+            **({} if demo else {"steps_per_epoch": 250})}
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """Pre-processes a raw dataset (NIfTI folder, nnU-Net raw dataset, paired images/ and
+    labels/) once into a store of chunked, compressed arrays that training reads crops
+    from (--data STORE). Resumable; under torchrun each rank takes its share."""
+
+    data: str = ""                    # raw dataset folder
+    out: str = ""                     # store folder (manifest.json, cases/)
+    workers: int = 4                  # processes (per rank); 0 or 1: in this process
+    spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
+    modality: str = "CT"              # CT, MR or PET (a plain folder; nnU-Net: dataset.json)
+    ct_normalization: str = "dataset"  # CT: dataset (nnU-Net: dataset-wide foreground percentiles, mean, std) or volume
+    labels: bool = False              # also store label maps (for finetune: give it the same --data and this store as --cache)
 
 
 DEMO_ENCODER = "runs/pretrain/encoder.pt"    # what the embedded pretraining writes
@@ -80,6 +107,10 @@ class FinetuneConfig:
 
     data: str | None = None           # nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) or images/ + labels/ folders
     modality: str = "CT"              # CT, MR or PET (paired folders; nnU-Net: dataset.json)
+    ct_normalization: str = "dataset"  # CT: dataset (nnU-Net: dataset-wide foreground percentiles, mean, std) or volume
+    cache: str | None = None          # store of --data (default: $ANATOMASK_CACHE/KEY, else OUT/../.store/KEY)
+    preprocess_workers: int | None = None  # processes building the store (default 4, demo 0: in this process)
+    augmentation: str | None = None   # nnunet, light (mirroring) or none (default nnunet, demo light)
     out: str = "runs/finetune"        # run folder (config, split, checkpoints, logs)
     pretrained: str | None = None     # encoder.pt or checkpoint_latest.pt of pretraining
     from_scratch: bool = False        # ignore the demo's default pretrained encoder
@@ -88,7 +119,7 @@ class FinetuneConfig:
     spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
     batch_size: int = 2               # per process
     epochs: int | None = None         # default 1000 (demo 6)
-    steps_per_epoch: int | None = None  # default: one pass over the training cases
+    steps_per_epoch: int | None = None  # full batches per epoch (default 250 as nnU-Net; demo: cases // batch)
     val_fraction: float = 0.2         # cases held out for validation (split saved)
     val_every: int = 1                # validate every N epochs
     foreground: float = 0.33          # share of crops centred on a labelled voxel
@@ -118,7 +149,8 @@ class FinetuneConfig:
         # at 3e-3 the liver reaches ~0.4 (measured on the phantom, CPU).
         defaults = dict(size="tiny" if demo else "B",
                         crop=(64, 64, 64) if demo else (112, 112, 128),
-                        epochs=6 if demo else 1000, lr=3e-3 if demo else 1e-4)
+                        epochs=6 if demo else 1000, lr=3e-3 if demo else 1e-4,
+                        **data_defaults(self))
         return dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                             if getattr(self, k) is None})
 

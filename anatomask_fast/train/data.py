@@ -1,20 +1,11 @@
-"""Volumes for training: discovery (a folder of NIfTI files or an nnU-Net raw
-dataset), MONAI pre-processing and augmentation, and a resumable, rank-sharded,
-seeded sampling order.
-
-Determinism: the augmentation of sample ``index`` in epoch ``epoch`` is seeded from
-``(seed, epoch, index)``, not from a worker's stream, so a batch does not depend on
-how many workers loaded it, and a resumed run sees exactly the batches an
-uninterrupted run would.
-"""
+"""Raw datasets: discovery (a folder of NIfTI files, an nnU-Net raw dataset, paired
+images/ and labels/ folders) and the MONAI pre-processing of whole volumes that
+prediction uses. Training reads a pre-processed store instead (``store``,
+``volumes``, ``sampling``)."""
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
-import signal
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,15 +15,21 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset
-
-from .runtime import STOP_SIGNALS
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MODALITIES = ("CT", "MR", "PET")
 
 
 class DataError(ValueError):
     """A dataset that cannot be used, with the file or folder named."""
+
+
+def check_modality(modality: str) -> str:
+    """``modality`` upper-cased; a DataError unless it is CT, MR or PET (it picks the
+    normalization: a forgotten or misspelt flag must not CT-clip MR data)."""
+    if str(modality).upper() not in MODALITIES:
+        raise DataError(f"--modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    return str(modality).upper()
 
 
 @dataclass(frozen=True)
@@ -50,20 +47,24 @@ class Dataset:
     labels: dict[str, int] | None = None
 
 
-def job_dataset(data: str | None, out: Path, runtime, *, modality: str, phantom_cases: int,
-                seed: int, with_labels: bool = False) -> Dataset:
-    """The dataset of a training job: ``data`` discovered, or without it the embedded
-    phantom, written by rank 0 under ``out/data`` while the other ranks wait."""
-    if data is not None:
-        return discover(data, modality=modality, with_labels=with_labels)
+def phantom_root(out: Path, runtime, *, cases: int, seed: int) -> Path:
+    """The embedded phantom's folder, written by rank 0 under ``out/data`` while the
+    other ranks wait."""
     from .phantom import write_phantom_dataset
 
-    root = write_phantom_dataset(out / "data", cases=phantom_cases, seed=seed) \
-        if runtime.main else None
+    root = write_phantom_dataset(out / "data", cases=cases, seed=seed) if runtime.main else None
     if runtime.distributed:
         torch.distributed.barrier()
         root = next((out / "data").glob("phantom_*"))
-    return discover(root, with_labels=with_labels)
+    return root
+
+
+def job_dataset(data: str | None, out: Path, runtime, *, modality: str, phantom_cases: int,
+                seed: int, with_labels: bool = False) -> Dataset:
+    """The raw dataset of a training job: ``data`` discovered, or the embedded phantom."""
+    root = data if data is not None else phantom_root(out, runtime, cases=phantom_cases,
+                                                      seed=seed)
+    return discover(root, modality=modality, with_labels=with_labels)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -132,7 +133,7 @@ def _paired(root: Path, modality: str) -> Dataset:
         largest = max(_largest_value(case.label) for case in cases)
         labels = {"background": 0, **{f"class_{k}": k for k in range(1, largest + 1)}}
         note = f"; {largest + 1} classes read off the label maps: no dataset.json"
-    return Dataset(tuple(cases), modality.upper(), f"paired folders {root}/images and labels "
+    return Dataset(tuple(cases), check_modality(modality), f"paired folders {root}/images and labels "
                    f"({len(cases)} cases, {modality}{note})", labels)
 
 
@@ -144,6 +145,7 @@ def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = Fals
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
+    check_modality(modality)
     if (root / "imagesTr").is_dir():
         return _nnunet(root, with_labels)
     if with_labels:
@@ -156,7 +158,7 @@ def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = Fals
     if not files:
         raise DataError(f"no .nii or .nii.gz volumes found in {root}")
     cases = tuple(Case(_strip(p.name), (p,)) for p in files)
-    return Dataset(cases, modality.upper(), f"folder {root} ({len(cases)} volumes, {modality})")
+    return Dataset(cases, check_modality(modality), f"folder {root} ({len(cases)} volumes, {modality})")
 
 
 class _NamedLoad(mt.LoadImaged):
@@ -197,10 +199,12 @@ class _Check3D(mt.MapTransform):
         return data
 
 
-def preprocessing(dataset: Dataset, crop: Sequence[int],
-                  spacing: Sequence[float] | None) -> mt.Compose:
-    """Deterministic part: load, check, optional resampling, intensity normalization
-    (CT: clip to the 0.5/99.5 percentiles then z-score; MR/PET: z-score), padding."""
+def preprocessing(dataset: Dataset, crop: Sequence[int], spacing: Sequence[float] | None,
+                  normalization: dict | None = None) -> mt.Compose:
+    """Deterministic part: load, check, optional resampling, intensity normalization,
+    padding. ``normalization`` (``Volumes.normalization``, saved by fine-tuning): with
+    the scheme ``dataset``, the store's dataset-wide CT clip bounds, mean and std; else
+    per volume (CT: clip to the 0.5/99.5 percentiles then z-score; MR/PET: z-score)."""
     keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
     # One loader a key, so that a read error names the one file that failed.
     steps: list = [*(_NamedLoad(key, reader="NibabelReader", ensure_channel_first=True,
@@ -211,30 +215,27 @@ def preprocessing(dataset: Dataset, crop: Sequence[int],
     if spacing is not None:
         modes = ["bilinear", "nearest"][: len(keys)]
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
-    if dataset.modality == "CT":
-        steps.append(mt.ClipIntensityPercentilesd(["image"], lower=0.5, upper=99.5,
-                                                  channel_wise=True))
-    steps += [mt.NormalizeIntensityd(["image"], channel_wise=True),
-              mt.SpatialPadd(keys, spatial_size=tuple(crop)),
+    if normalization is not None and normalization.get("scheme") == "dataset":
+        steps.append(mt.Lambdad(["image"], lambda x: _fixed_normalization(
+            x, normalization["channels"])))
+    else:
+        if dataset.modality == "CT":
+            steps.append(mt.ClipIntensityPercentilesd(["image"], lower=0.5, upper=99.5,
+                                                      channel_wise=True))
+        steps.append(mt.NormalizeIntensityd(["image"], channel_wise=True))
+    steps += [mt.SpatialPadd(keys, spatial_size=tuple(crop)),
               mt.EnsureTyped(keys, dtype=[torch.float32, torch.int64][: len(keys)],
                              track_meta=False)]
     return mt.Compose(steps)
 
 
-def augmentation(keys: Sequence[str], crop: Sequence[int], flips: bool,
-                 foreground: float | None = None) -> mt.Compose:
-    """Random part: a crop of the input size (with ``foreground``, that share of the
-    crops centred on a labelled voxel, the others anywhere: nnU-Net's oversampling),
-    and flips along each axis."""
-    if foreground is None:
-        steps: list = [mt.RandSpatialCropd(keys, roi_size=tuple(crop), random_size=False)]
-    else:
-        steps = [mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(crop),
-                                           pos=foreground, neg=1.0 - foreground, num_samples=1,
-                                           allow_smaller=True)]
-    if flips:
-        steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
-    return mt.Compose(steps)
+def _fixed_normalization(image: torch.Tensor, channels: Sequence[dict]) -> torch.Tensor:
+    """Clip and z-score each channel with given statistics (the store's, on reading)."""
+    out = image.float().clone()
+    for c, stats in enumerate(channels):
+        out[c] = (out[c].clamp(stats["lower"], stats["upper"]) - stats["mean"]) \
+            / max(stats["std"], 1e-8)
+    return out
 
 
 def _case_dict(case: Case) -> dict:
@@ -259,44 +260,6 @@ def check_readable(dataset: Dataset) -> None:
                                 "(a 4D file is not a case: one file per channel)")
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """Pre-processed volumes (cached in memory after the first load), cropped and
-    augmented with randomness seeded by (seed, epoch, index). ``foreground``: the
-    share of crops centred on a labelled voxel (needs labels)."""
-
-    def __init__(self, dataset: Dataset, crop: Sequence[int], *, seed: int,
-                 spacing: Sequence[float] | None = None, flips: bool = True,
-                 cache: bool = True, foreground: float | None = None) -> None:
-        check_readable(dataset)
-        self.keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
-        data = [_case_dict(case) for case in dataset.cases]
-        with _unwrapped_data_errors():
-            self.volumes = CacheDataset(data, preprocessing(dataset, crop, spacing),
-                                        cache_rate=1.0 if cache else 0.0, num_workers=0,
-                                        progress=False)
-        if foreground is not None and "label" not in self.keys:
-            raise DataError("foreground oversampling needs label maps")
-        self.random = augmentation(self.keys, crop, flips, foreground)
-        self.names = [case.name for case in dataset.cases]
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getitem__(self, index: int) -> dict:
-        self.random.set_random_state(seed=_mix(self.seed, self.epoch, index))
-        with _unwrapped_data_errors():
-            item = self.random(self.volumes[index])
-        if isinstance(item, list):      # RandCropByPosNegLabeld's list of num_samples=1
-            item = item[0]
-        return {key: item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key]
-                for key in self.keys}
-
-
 @contextlib.contextmanager
 def _unwrapped_data_errors() -> Iterator[None]:
     """MONAI wraps a transform's exception in RuntimeError("applying transform ...");
@@ -310,72 +273,3 @@ def _unwrapped_data_errors() -> Iterator[None]:
         if isinstance(cause, DataError):
             raise cause from None
         raise
-
-
-def _mix(*values: int) -> int:
-    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
-
-
-class ResumableSampler(torch.utils.data.Sampler[int]):
-    """A seeded permutation per epoch, sharded across ranks (padded to equal length as
-    DistributedSampler does), that can start part-way through an epoch."""
-
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.per_rank = math.ceil(size / world_size)
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Epoch ``epoch``, skipping this rank's first ``start`` samples (resume)."""
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
-        order += order[: self.per_rank * self.world_size - self.size]
-        return iter(order[self.rank::self.world_size][self.start:])
-
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.start)
-
-
-def epoch_loader(data: CropDataset, sampler: ResumableSampler, *, epoch: int, start_step: int,
-                 batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """The loader of epoch ``epoch`` from step ``start_step`` on (a resumed run skips the
-    samples already seen; augmentation is seeded by (seed, epoch, index)). An epoch of
-    more steps than one pass holds restarts the pass (the training loops), so the step
-    is taken modulo the batches of a pass (the last one may be short)."""
-    batches_per_pass = math.ceil(sampler.per_rank / batch_size)
-    sampler.set_epoch(epoch, start=start_step % batches_per_pass * batch_size)
-    data.set_epoch(epoch)
-    return _SignalSafeLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                             worker_init_fn=_worker_signals)
-
-
-class _SignalSafeLoader(torch.utils.data.DataLoader):
-    """Forks its workers with SIGTERM / SIGUSR1 blocked (they inherit the mask), so that
-    a signal to the whole process group cannot kill one before ``_worker_signals``."""
-
-    def __iter__(self):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _worker_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM / SIGUSR1 sent to the whole process group (cluster
-    schedulers do) to the main process, which writes a checkpoint and then stops them;
-    a SIGTERM from the main process itself (the loader's shutdown) still ends a worker."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    parent = os.getppid()
-
-    def wait_for_parent() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        os._exit(0)
-
-    threading.Thread(target=wait_for_parent, daemon=True).start()

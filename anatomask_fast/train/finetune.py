@@ -3,7 +3,7 @@ AnatoMask encoder weights, nnU-Net style (SPEC section 6): Dice + CE on every
 deep-supervision output (the fused loss), AdamW with a cosine learning rate, patches
 with foreground oversampling and flips, sliding-window validation (Gaussian weighting)
 with per-class Dice, best and latest checkpoints, exact resume (data seeded from
-(seed, epoch, index), as in pretraining).
+(seed, rank, epoch, step, sample), as in pretraining).
 """
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import CacheDataset
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import deep_supervision_loss
 from ..models.segmentation import STUNet, load_encoder
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
-from .data import (CropDataset, DataError, Dataset, ResumableSampler, _case_dict, epoch_loader,
-                   _unwrapped_data_errors, job_dataset, preprocessing)
+from .data import DataError, Dataset, job_dataset
+from .inputs import job_volumes
+from .sampling import BatchOrder, RandomCrops, epoch_loader
+from .volumes import Volumes
 from .optim import param_groups, warmup_cosine
 from .predict import infer, overlay
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
@@ -175,19 +176,20 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     if runtime.main:
         save_config(config, out / "config.json")
 
-    data = CropDataset(train_set, config.crop, seed=config.seed, spacing=config.spacing,
+    volumes = job_volumes(config, out, runtime, with_labels=True)
+    data = RandomCrops(volumes.subset(chosen["train"]), config.crop, seed=config.seed,
+                       rank=runtime.rank, batch_size=config.batch_size,
+                       augmentation=config.augmentation, labels=True,
                        foreground=config.foreground)
-    with _unwrapped_data_errors():
-        validation = CacheDataset([_case_dict(c) for c in val_set.cases],
-                                  preprocessing(val_set, config.crop, config.spacing),
-                                  num_workers=0, progress=False)
-    sampler = ResumableSampler(len(data), seed=config.seed, rank=runtime.rank,
-                               world_size=runtime.world_size)
-    steps_per_epoch = config.steps_per_epoch or max(1, len(sampler) // config.batch_size)
+    validation = volumes.subset(chosen["val"])
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, len(data) // (config.batch_size * runtime.world_size))   # demo: a pass over the cases
+    sampler = BatchOrder(steps_per_epoch, config.batch_size)
     network = DistributedDataParallel(model) if runtime.distributed else model
     metrics = MetricsLog(out, runtime.main)
     preprocessing_info = {"modality": dataset.modality, "spacing": config.spacing,
-                          "crop": config.crop, "labels": dataset.labels}
+                          "crop": config.crop, "labels": dataset.labels,
+                          "normalization": volumes.normalization}
 
     def save(path: Path, full: bool = True) -> None:
         if runtime.main:
@@ -199,16 +201,11 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
                             "finetune")
     while state.epoch < config.epochs:
-        loader = epoch_loader(data, sampler, epoch=state.epoch, start_step=state.step_in_epoch,
-                              batch_size=config.batch_size, workers=config.workers)
-        batches = iter(loader)
+        batches = iter(epoch_loader(data, sampler, epoch=state.epoch,
+                                    start_step=state.step_in_epoch, workers=config.workers))
         model.train()
         while state.step_in_epoch < steps_per_epoch:
-            batch = next(batches, None)
-            if batch is None:
-                sampler.set_epoch(state.epoch, start=0)
-                batches = iter(loader)
-                batch = next(batches)
+            batch = next(batches)
             x = batch["image"].to(runtime.device, non_blocking=True)
             y = batch["label"].to(runtime.device, non_blocking=True)
             lr = warmup_cosine(state.epoch + state.step_in_epoch / steps_per_epoch,
@@ -225,7 +222,8 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
             loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
             if finish_step(state, config, runtime, metrics, progress, lambda: save(latest),
-                           {"loss": loss_value, "lr": lr, "step_seconds": elapsed,
+                           {"loss": loss_value, "lr": lr, "batch_size": x.shape[0],
+                            "step_seconds": elapsed,
                             "samples_per_second": x.shape[0] / elapsed},
                            {"loss": f"{loss_value:.4f}"}):
                 progress.close()
@@ -252,16 +250,15 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     return out
 
 
-def _validate(model: STUNet, validation: CacheDataset, val_set: Dataset, classes: int,
+def _validate(model: STUNet, validation: Volumes, val_set: Dataset, classes: int,
               config: FinetuneConfig, runtime: Runtime, out: Path, epoch: int) -> list[float]:
     """Mean over the validation cases of the per-class Dice of sliding-window
     predictions; an overlay PNG of the first case."""
     per_case = []
     for index in range(len(validation)):
-        with _unwrapped_data_errors():
-            item = validation[index]
-        image = item["image"][None].to(runtime.device)
-        label = item["label"][0]
+        image, label = (torch.from_numpy(a) for a in validation.whole(index, label=True))
+        item = {"image": image}
+        image, label = image[None].to(runtime.device), label[0]
         prediction = infer(model, image, config.crop, overlap=config.sw_overlap,
                            amp=config.amp).argmax(1)[0].cpu()
         per_case.append(dice_per_class(prediction, label, classes))

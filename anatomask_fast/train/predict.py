@@ -133,7 +133,7 @@ def run(config: PredictConfig) -> list[Path]:
     cases = _cases(Path(config.input), meta["in_channels"])
     dataset = Dataset(tuple(cases), meta["modality"], f"folder {config.input}")
     check_readable(dataset)
-    transform = preprocessing(dataset, meta["crop"], meta["spacing"])
+    transform = preprocessing(dataset, meta["crop"], meta["spacing"], meta.get("normalization"))
     out = Path(config.output)          # created with the first label map (none on failure)
     written = []
     print(f"anatomask_fast predict: {len(cases)} case(s) from {config.input}, STU-Net-"

@@ -4,8 +4,8 @@ One step, all on the device, as the published one: a random mask, the EMA teache
 reconstruction (eval mode) and its per-patch errors (fused loss kernel), the anatomical
 mask (one selection launch), the student's reconstruction and loss, AdamW with
 clipping, the EMA update; learning rate and EMA decay set once per epoch. Masks are
-seeded from (seed, rank, step), and data from (seed, epoch, index), so a resumed run
-repeats exactly what an uninterrupted one does.
+seeded from (seed, rank, step), and data from (seed, rank, epoch, step, sample), so a
+resumed run repeats exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from ..ops.mask_select import MaskResult
 from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
 from .config import PretrainConfig, save as save_config
-from .data import CropDataset, ResumableSampler, epoch_loader, job_dataset
+from .inputs import job_volumes
 from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
+from .sampling import BatchOrder, RandomCrops, epoch_loader
 from .previews import denormalized, save_preview
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
                       optimizer_step, progress_bar, run_job, seed_step)
@@ -160,11 +161,10 @@ def run(config: PretrainConfig) -> Path:
 def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     check_method_options(config)
     torch.manual_seed(config.seed)
-    dataset = job_dataset(config.data, out, runtime, modality=config.modality,
-                          phantom_cases=config.phantom_cases, seed=config.seed)
-    in_channels = len(dataset.cases[0].images)
+    volumes = job_volumes(config, out, runtime)
+    in_channels = volumes.channels
     say = print if runtime.main else (lambda *a, **k: None)
-    say(f"anatomask_fast pretrain: data = {dataset.description}"
+    say(f"anatomask_fast pretrain: data = {volumes.description}"
         + (" (embedded demonstration: procedural phantom)" if config.demo else ""))
     say(f"  model STU-Net-{config.size}, crop {config.crop}, batch {config.batch_size} x "
         f"{runtime.world_size} process(es), {config.epochs} epochs, device {runtime.device}, "
@@ -181,10 +181,11 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     teacher = copy.deepcopy(student).requires_grad_(False).eval()   # timm ModelEma's copy
     optimizer = build_optimizer(student, config)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
-    data = CropDataset(dataset, config.crop, seed=config.seed, spacing=config.spacing)
-    sampler = ResumableSampler(len(data), seed=config.seed, rank=runtime.rank,
-                               world_size=runtime.world_size)
-    steps_per_epoch = config.steps_per_epoch or max(1, len(sampler) // config.batch_size)
+    data = RandomCrops(volumes, config.crop, seed=config.seed, rank=runtime.rank,
+                       batch_size=config.batch_size, augmentation=config.augmentation)
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, len(volumes) // (config.batch_size * runtime.world_size))   # demo: a pass over the cases
+    sampler = BatchOrder(steps_per_epoch, config.batch_size)
     schedule = masking_schedule(
         config.hard_schedule, total_epochs=config.epochs,
         steps_per_epoch=steps_per_epoch if config.schedule_by == "step" else None,
@@ -211,15 +212,10 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                             "pretrain")
     mask = None                 # none yet when resumed from the last step of an epoch
     while state.epoch < config.epochs:
-        loader = epoch_loader(data, sampler, epoch=state.epoch, start_step=state.step_in_epoch,
-                              batch_size=config.batch_size, workers=config.workers)
-        batches = iter(loader)
+        batches = iter(epoch_loader(data, sampler, epoch=state.epoch,
+                                    start_step=state.step_in_epoch, workers=config.workers))
         while state.step_in_epoch < steps_per_epoch:
-            batch = next(batches, None)
-            if batch is None:   # a pass shorter than steps_per_epoch: start the order again
-                sampler.set_epoch(state.epoch, start=0)
-                batches = iter(loader)
-                batch = next(batches)
+            batch = next(batches)
             x = batch["image"].to(runtime.device, non_blocking=True)
             # Learning rate and EMA decay are set once per epoch, as published.
             lr = epoch_lr(config, state.epoch)
@@ -240,7 +236,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
             elapsed = time.perf_counter() - started
             if finish_step(state, config, runtime, metrics, progress, lambda: save(latest),
                            {"loss": loss_value, "hard_frac": hard_frac, "lr": lr,
-                            "step_seconds": elapsed, "samples_per_second": x.shape[0] / elapsed},
+                            "batch_size": x.shape[0], "step_seconds": elapsed,
+                            "samples_per_second": x.shape[0] / elapsed},
                            {"loss": f"{loss_value:.4f}", "hard": f"{hard_frac:.2f}",
                             "vol_s": f"{x.shape[0] * runtime.world_size / elapsed:.2f}"}):
                 progress.close()

@@ -32,6 +32,7 @@ import torch
 
 from . import anatomical_mask, random_mask
 from .models.anatomask import AnatoMaskNet
+from .serialization import safe_load
 from .train.data import DataError, discover, preprocessing
 from .train.pretrain import patch_errors, teacher_reconstruction
 
@@ -132,9 +133,9 @@ def load_run(checkpoint: str) -> tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: {path} does not exist (expected a pretraining "
                                 "run folder or its checkpoint_latest.pt / checkpoint_epoch_*.pt)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or "teacher" not in saved or "config" not in saved:
-        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+    saved = safe_load(path, "--checkpoint")     # weights_only: a foreign pickle is refused
+    if "teacher" not in saved or "config" not in saved:
+        found = sorted(saved)
         raise ValueError(f"--checkpoint: {path} is not a pretraining checkpoint (expected "
                          f"'teacher' and 'config' entries, got {found})")
     return saved, saved["config"]

@@ -250,4 +250,4 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit.value.code == 0
     out = capsys.readouterr().out
-    assert "{pretrain,finetune,predict}" in out and "exit status" in out
+    assert "{pretrain,finetune,predict,preprocess}" in out and "exit status" in out

@@ -217,8 +217,9 @@ class STUNet(nn.Module):
         strides = [(2, 2, 2)] * 5 if strides is None else [triple(s, "strides[]") for s in strides]
         kernels = [(3, 3, 3)] * 6 if kernels is None else [triple(k, "kernels[]") for k in kernels]
         if len(strides) != 5 or len(kernels) != 6:
-            raise ValueError(f"STUNet: expected 5 strides and 6 kernels, got {len(strides)} "
-                             f"and {len(kernels)}")
+            raise ValueError(f"STUNet: arguments 'strides' and 'kernels': expected 5 strides "
+                             f"(one per down-sampling) and 6 kernels (one per stage), got "
+                             f"{len(strides)} and {len(kernels)}")
         self.size, self.in_channels, self.num_classes = size, in_channels, num_classes
         self.strides, self.kernels = strides, kernels
         self.conv_blocks_context = STUNetEncoder(in_channels, dims, depth, strides,

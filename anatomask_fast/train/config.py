@@ -80,8 +80,11 @@ class FinetuneConfig:
     pretrained: str | None = None     # encoder.pt or checkpoint_latest.pt of pretraining
     from_scratch: bool = False        # ignore the demo's default pretrained encoder
     size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
-    crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
-    spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
+    plans: str | None = None          # nnUNetPlans.json: patch size, spacing, strides, normalization
+    configuration: str = "3d_fullres"  # the plans' configuration
+    plans_kernels: bool = False       # the plans' kernel sizes (STU-Net's trainers: 3x3x3)
+    crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64; --plans: its patch size)
+    spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none (--plans: its spacing)
     batch_size: int = 2               # per process
     epochs: int | None = None         # default 1000 (demo 6)
     steps_per_epoch: int | None = None  # default: one pass over the training cases
@@ -93,7 +96,8 @@ class FinetuneConfig:
     weight_decay: float = 1e-5
     clip_grad: float = 12.0           # gradient-norm clipping
     fused: bool = True                # fused norm+activation, no stored concatenations
-    checkpointing: bool = True        # recompute each stage in backward
+    checkpointing: bool = True        # recompute encoder stages / decoder levels in backward
+    recompute_levels: int = 0         # with --checkpointing: only the N highest resolutions (0: all)
     amp: str = "none"                 # none, bf16, fp16
     sw_overlap: float = 0.5           # sliding-window overlap in validation
     workers: int = 2                  # DataLoader worker processes
@@ -113,7 +117,7 @@ class FinetuneConfig:
         # The demo's 18 steps: at 1e-4 the tiny net's validation Dice stays near 0.03,
         # at 3e-3 the liver reaches ~0.4 (measured on the phantom, CPU).
         defaults = dict(size="tiny" if demo else "B",
-                        crop=(64, 64, 64) if demo else (112, 112, 128),
+                        crop=None if self.plans else (64, 64, 64) if demo else (112, 112, 128),
                         epochs=6 if demo else 1000, lr=3e-3 if demo else 1e-4)
         return dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                             if getattr(self, k) is None})
@@ -128,6 +132,7 @@ class PredictConfig:
     input: str = ""                   # folder of .nii/.nii.gz (a file per case, or nnU-Net CASE_XXXX channels)
     output: str = "predictions"       # folder for the label maps (CASE.nii.gz)
     overlap: float = 0.5              # sliding-window overlap
+    mirroring: bool = True            # test-time mirroring over the checkpoint's allowed axes (nnU-Net's default)
     amp: str = "none"                 # none, bf16, fp16
     device: str = "auto"              # auto (cuda when available), cpu or cuda
 

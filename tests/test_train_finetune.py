@@ -154,9 +154,10 @@ def test_paired_folders_train_with_their_modality(tmp_path, data, capsys):
 
 
 @pytest.mark.parametrize("job,expected", [
-    ("finetune", ["--modality", "images/ + labels/ folders", "(default: 0.33)"]),
+    ("finetune", ["--modality", "images/ + labels/ folders", "(default 0.33, demo 0.5)",
+                  "--plans-kernels"]),
     ("pretrain", ["share of hidden patches (default: 0.6)", "--reference-compatible"]),
-    ("predict", ["folder for the label maps (CASE.nii.gz)"]),
+    ("predict", ["folder for the label maps (CASE.nii.gz)", "--no-mirroring"]),
 ])
 def test_help_describes_every_flag(capsys, job, expected):
     with pytest.raises(SystemExit):

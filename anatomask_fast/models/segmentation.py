@@ -112,7 +112,9 @@ class _RecomputedConv(torch.autograd.Function):
         grad_shared: list[torch.Tensor | None] = [None] * len(shared)
         grad_w = grad_b = None
         # The forward's convolution ran in grad's dtype (autocast): its backward too.
-        compute_weight = weight.to(grad.dtype)
+        # contiguous: a weight slice (a half of a split convolution) would take the slow
+        # non-oneDNN convolution backward.
+        compute_weight = weight.to(grad.dtype).contiguous()
         for n in range(x.shape[0]):
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x[n:n + 1], *shared)]
             with torch.enable_grad():
@@ -155,7 +157,7 @@ def _conv_pair(conv: nn.Conv3d, upsample: Upsample, low: torch.Tensor,
     building it, and without storing the up-sampled map: its half of the convolution
     recomputes the (cheap) up-sampling in backward."""
     split = low.shape[1]
-    out = _RecomputedConv.apply(upsample, conv, conv.weight[:, :split], None, low)
+    out = _RecomputedConv.apply(upsample, conv, conv.weight[:, :split].contiguous(), None, low)
     return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 

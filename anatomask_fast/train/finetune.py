@@ -181,7 +181,7 @@ def nnunet_fields(config: FinetuneConfig, model: STUNet, dataset: Dataset, epoch
 
 
 def run(config: FinetuneConfig) -> Path:
-    if not 0.0 <= config.foreground <= 1.0:
+    if config.foreground is not None and not 0.0 <= config.foreground <= 1.0:
         raise ValueError(f"--foreground must be in [0, 1], got {config.foreground}")
     return run_job(config, _train)
 

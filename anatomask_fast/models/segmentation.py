@@ -157,7 +157,7 @@ def _conv_pair(conv: nn.Conv3d, upsample: Upsample, low: torch.Tensor,
     building it, and without storing the up-sampled map: its half of the convolution
     recomputes the (cheap) up-sampling in backward."""
     split = low.shape[1]
-    out = _RecomputedConv.apply(upsample, conv, conv.weight[:, :split].contiguous(), None, low)
+    out = _RecomputedConv.apply(upsample, conv, conv.weight[:, :split], None, low)
     return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 

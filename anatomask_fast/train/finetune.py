@@ -304,7 +304,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
         save(latest)
     progress.close()
     metrics.close()
-    say(f"  done: best validation Dice {state.best_dice:.4f}; checkpoints in {out}")
+    say(f"  done: best validation Dice {state.best_dice:.4f} ({origin}); checkpoints in {out}")
     return out
 
 

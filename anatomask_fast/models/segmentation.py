@@ -170,7 +170,8 @@ def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torc
                 upsample: Upsample | None = None) -> torch.Tensor:
     """``block(x)`` with the fused ops; ``x`` a tensor, or a decoder level's pair (the
     low-resolution up-sampling output, already through its 1x1x1 conv; the skip) with
-    the ``upsample`` that brings the first to the skip's resolution."""
+    the ``upsample`` that brings the first to the skip's resolution (default x2)."""
+    upsample = upsample or Upsample((2, 2, 2))
     # Locals are dropped as soon as they are consumed: in a checkpointed forward
     # nothing is saved, so the live intermediates make the peak.
     norm1, norm2 = block.norm1, block.norm2

@@ -1,6 +1,7 @@
 """`python -m anatomask_fast.train finetune` and `predict` end to end on a small
 labelled dataset: outputs, exact resume, bad input, NIfTI predictions."""
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -154,9 +155,10 @@ def test_paired_folders_train_with_their_modality(tmp_path, data, capsys):
 
 
 @pytest.mark.parametrize("job,expected", [
-    ("finetune", ["--modality", "images/ + labels/ folders", "(default: 0.33)"]),
+    ("finetune", ["--modality", "images/ + labels/ folders", "(default 0.33, demo 0.5)",
+                  "--plans-kernels"]),
     ("pretrain", ["share of hidden patches (default: 0.6)", "--reference-compatible"]),
-    ("predict", ["folder for the label maps (CASE.nii.gz)"]),
+    ("predict", ["folder for the label maps (CASE.nii.gz)", "--no-mirroring"]),
 ])
 def test_help_describes_every_flag(capsys, job, expected):
     with pytest.raises(SystemExit):
@@ -164,3 +166,75 @@ def test_help_describes_every_flag(capsys, job, expected):
     text = " ".join(capsys.readouterr().out.split())     # argparse wraps lines
     for fragment in expected:
         assert fragment in text, fragment
+
+
+def test_checkpoints_carry_what_nnunet_inference_reads(finished_run, data):
+    """weights_only-loadable; ``network_weights`` in STU-Net's names (strict into the
+    network), plus nnU-Net's ``init_args`` / ``trainer_name`` / mirroring axes."""
+    from anatomask_fast.models.segmentation import STUNet
+
+    for name in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+        saved = torch.load(finished_run / name, weights_only=True)
+        model = STUNet("tiny", 1, 3, strides=saved["strides"], kernels=saved["kernels"])
+        model.load_state_dict(saved["network_weights"], strict=True)
+        assert saved["init_args"]["configuration"] == "3d_fullres"
+        assert saved["init_args"]["dataset_json"]["labels"] == {"background": 0, "a": 1, "b": 2}
+        arch = saved["init_args"]["plans"]["configurations"]["3d_fullres"]["architecture"]
+        assert arch["arch_kwargs"]["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5
+        assert saved["trainer_name"] == "anatomask_fast_STUNet_tiny"
+        assert saved["inference_allowed_mirroring_axes"] == [0, 1, 2]
+        assert saved["current_epoch"] == 2
+
+
+def test_mirroring_averages_the_flipped_predictions():
+    from anatomask_fast.models.segmentation import STUNet
+    from anatomask_fast.train.predict import infer, mirrorings
+
+    assert mirrorings([0, 2]) == [(), (0,), (2,), (0, 2)]
+    torch.manual_seed(0)
+    model = STUNet("tiny", 1, 3, checkpointing=False)
+    image = torch.randn(1, 1, 32, 32, 32)
+    plain = infer(model, image, (32, 32, 32))
+    mirrored = infer(model, image, (32, 32, 32), mirror_axes=(0, 1, 2))
+    model.deep_supervision = False
+    with torch.no_grad():
+        expected = sum(model(image.flip([a + 2 for a in axes])).flip([a + 2 for a in axes])
+                       for axes in mirrorings([0, 1, 2])) / 8
+    torch.testing.assert_close(mirrored, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mirrored, plain, atol=1e-3)
+
+
+def test_predict_mirrors_by_default_and_refuses_a_4d_volume(tmp_path, data, finished_run,
+                                                            capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.nii.gz").write_bytes((data / "imagesTr" / "c0_0000.nii.gz").read_bytes())
+    args = ["predict", "--checkpoint", str(finished_run / "checkpoint_best.pt"), "--input",
+            str(tmp_path / "in")]
+    assert main(args + ["--output", str(tmp_path / "a")]) == 0
+    assert "test-time mirroring over axes (0, 1, 2)" in capsys.readouterr().out
+    assert main(args + ["--output", str(tmp_path / "b"), "--no-mirroring"]) == 0
+    assert "test-time mirroring over axes none" in capsys.readouterr().out
+    nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 2), np.float32), AFFINE),
+             tmp_path / "in" / "y.nii.gz")
+    assert main(args + ["--output", str(tmp_path / "c")]) == 2
+    assert re.search(r"y\.nii\.gz: expected a 3D volume, got shape \(40, 36, 32, 2\)",
+                     capsys.readouterr().err)
+
+
+def test_plans_set_the_network_and_the_crop(tmp_path, data):
+    plans = {"configurations": {"3d_fullres": {
+        "patch_size": [32, 32, 32], "spacing": [1.5, 1.5, 2.0],
+        "normalization_schemes": ["ZScoreNormalization"],
+        "architecture": {"arch_kwargs": {
+            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2], [2, 2, 2]],
+            "kernel_sizes": [[3, 3, 3]] * 5}}}}}
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(data), "--out", str(out), "--size", "tiny",
+                 "--plans", str(tmp_path / "plans.json"), "--batch-size", "2", "--workers",
+                 "0", "--epochs", "1", "--steps-per-epoch", "1", "--sw-overlap", "0.25"]) == 0
+    saved = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+    # Four strides in the plans: STU-Net pads the fifth with (1, 1, 1).
+    assert saved["strides"] == [[2, 2, 2], [2, 2, 2], [1, 2, 2], [2, 2, 2], [1, 1, 1]]
+    assert list(saved["crop"]) == [32, 32, 32] and list(saved["spacing"]) == [1.5, 1.5, 2.0]
+    assert saved["init_args"]["plans"] == plans

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from anatomask_fast.models.segmentation import STUNet
 from anatomask_fast.models.stunet import STUNetEncoder
 from anatomask_fast.train import pretrain
 from anatomask_fast.train.__main__ import main
@@ -42,6 +43,11 @@ def test_outputs(finished_run):
         "epoch_0000.png", "epoch_0001.png"]
     export = torch.load(out / "encoder.pt", weights_only=True)
     STUNetEncoder.from_size("tiny", 1).load_state_dict(export["state_dict"], strict=True)
+    # The whole six-stage STU-Net for STU-Net's / nnU-Net's -pretrained_weights.
+    stunet = torch.load(out / "stunet_tiny_pretrained.pth", weights_only=True)
+    STUNet("tiny", 1, 2).load_state_dict(stunet["network_weights"], strict=True)
+    for name, value in export["state_dict"].items():
+        assert torch.equal(stunet["network_weights"][name], value), name
 
 
 def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, finished_run):

@@ -1,8 +1,11 @@
-"""The full STU-Net for segmentation (SPEC section 6): the STU-Net encoder
-(``conv_blocks_context``, so pretrained encoder weights load unchanged), a decoder of
-nearest up-sampling + 1x1x1 convolution (``upsample_layers.{u}.conv``), concatenation
-with the skip, residual blocks (``conv_blocks_localization.{u}``) and a 1x1x1 head per
-decoder level (``seg_outputs.{u}``), module for module as in the STU-Net code.
+"""The full STU-Net for segmentation (SPEC section 6), module for module and name for
+name as STU-Net's trainers build it (``STUNetTrainer_small/_base/_large/_huge``): six
+encoder stages ``conv_blocks_context.{0..5}`` (widths ``base * (1, 2, 4, 8, 16, 16)``,
+the first five are what AnatoMask pretrains), per-stage strides (nnU-Net's
+``pool_op_kernel_sizes[1:]``) and kernel sizes, a decoder of nearest up-sampling by the
+stage's stride + 1x1x1 convolution (``upsample_layers.{u}.conv``), concatenation with
+the skip, residual blocks (``conv_blocks_localization.{u}``) and a 1x1x1 head per
+decoder level (``seg_outputs.{u}``, all of them returned under deep supervision).
 
 Memory options (same weights, same function):
 - ``fused``: InstanceNorm + LeakyReLU as one op (``sparse_norm`` with an all-visible
@@ -13,11 +16,15 @@ Memory options (same weights, same function):
   convolves the up-sampled tensor and the skip separately instead of storing their
   concatenation; the convolutions that recompute their input (norm + activation,
   up-sampling) run their backward one sample at a time.
-- ``checkpoint``: each encoder stage and each decoder level (with its head) is
-  recomputed in backward instead of storing its activations.
+- ``checkpointing``: encoder stages and decoder levels (with their heads) recomputed in
+  backward instead of storing their activations: ``True`` all of them, ``False`` none,
+  an int ``n`` those of the ``n`` highest resolutions (where the activations are
+  largest, so recomputing there frees the most memory per recomputed FLOP).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,24 +35,39 @@ from torch.utils.checkpoint import checkpoint
 from ..ops.gather_scatter import sparse_norm
 from ..serialization import safe_load
 from .amp import accumulate_fp32
-from .stunet import STUNET_SIZES, BasicResBlock, STUNetEncoder
+from .stunet import BasicResBlock, STUNetEncoder, Triple, size_spec, stage, triple
 
 SLOPE = 0.01
 
 
-class UpsampleLayer(nn.Module):
-    """STU-Net's Upsample_Layer_nearest: nearest x2 up-sampling, then a 1x1x1 conv."""
+class Upsample:
+    """Nearest up-sampling by an integer factor per axis (picklable, so that
+    :class:`_RecomputedConv` can keep it)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, scale: Triple) -> None:
+        self.scale = scale
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.scale == (1, 1, 1):
+            return z
+        return F.interpolate(z, scale_factor=self.scale, mode="nearest")
+
+
+class UpsampleLayer(nn.Module):
+    """STU-Net's Upsample_Layer_nearest: nearest up-sampling by the stage's stride,
+    then a 1x1x1 conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, scale: Triple = (2, 2, 2)) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, 1)
+        self.upsample = Upsample(triple(scale, "scale"))
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """``fused``: the 1x1x1 conv only, at the low resolution (it commutes with
         nearest up-sampling, which the fused decoder block then applies)."""
         if fused:
             return self.conv(x)
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv(self.upsample(x))
 
 
 class _ResidualLeakyReLU(torch.autograd.Function):
@@ -91,7 +113,9 @@ class _RecomputedConv(torch.autograd.Function):
         grad_shared: list[torch.Tensor | None] = [None] * len(shared)
         grad_w = grad_b = None
         # The forward's convolution ran in grad's dtype (autocast): its backward too.
-        compute_weight = weight.to(grad.dtype)
+        # contiguous: a weight slice (a half of a split convolution) would take the slow
+        # non-oneDNN convolution backward.
+        compute_weight = weight.to(grad.dtype).contiguous()
         for n in range(x.shape[0]):
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x[n:n + 1], *shared)]
             with torch.enable_grad():
@@ -128,16 +152,13 @@ def norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
                        per_sample=True, eps=eps, activation=activation)
 
 
-def _upsample(z: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(z, scale_factor=2, mode="nearest")
-
-
-def _conv_pair(conv: nn.Conv3d, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+def _conv_pair(conv: nn.Conv3d, upsample: Upsample, low: torch.Tensor,
+               skip: torch.Tensor) -> torch.Tensor:
     """``conv`` of the concatenation of the up-sampled ``low`` and ``skip``, without
     building it, and without storing the up-sampled map: its half of the convolution
     recomputes the (cheap) up-sampling in backward."""
     split = low.shape[1]
-    out = _RecomputedConv.apply(_upsample, conv, conv.weight[:, :split], None, low)
+    out = _RecomputedConv.apply(upsample, conv, conv.weight[:, :split], None, low)
     return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 
@@ -146,15 +167,17 @@ def _conv_of(conv: nn.Conv3d, fn, x: torch.Tensor, *shared: torch.Tensor) -> tor
     return _RecomputedConv.apply(fn, conv, conv.weight, conv.bias, x, *shared)
 
 
-def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-                ) -> torch.Tensor:
+def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                upsample: Upsample | None = None) -> torch.Tensor:
     """``block(x)`` with the fused ops; ``x`` a tensor, or a decoder level's pair (the
-    low-resolution up-sampling output, already through its 1x1x1 conv; the skip)."""
+    low-resolution up-sampling output, already through its 1x1x1 conv; the skip) with
+    the ``upsample`` that brings the first to the skip's resolution (default x2)."""
+    upsample = upsample or Upsample((2, 2, 2))
     # Locals are dropped as soon as they are consumed: in a checkpointed forward
     # nothing is saved, so the live intermediates make the peak.
     norm1, norm2 = block.norm1, block.norm2
     if isinstance(x, tuple):
-        c1 = _conv_pair(block.conv1, *x)
+        c1 = _conv_pair(block.conv1, upsample, *x)
     else:
         c1 = block.conv1(x)
     c2 = _conv_of(block.conv2, lambda c, w, b: norm_act(c, w, b, norm1.eps, "leaky_relu"),
@@ -163,51 +186,68 @@ def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torc
     y = norm_act(c2, norm2.weight, norm2.bias, norm2.eps, None)
     del c2
     if isinstance(x, tuple):
-        skip = _conv_pair(block.conv3, *x)
+        skip = _conv_pair(block.conv3, upsample, *x)
     else:
         skip = block.conv3(x) if block.conv3 is not None else x
     return _ResidualLeakyReLU.apply(y, skip)
 
 
-def _stage(blocks: nn.Sequential, x, fused: bool) -> torch.Tensor:
+def _stage(blocks: nn.Sequential, x, fused: bool, upsample: Upsample | None = None
+           ) -> torch.Tensor:
     if not fused:
         return blocks(torch.cat(x, 1) if isinstance(x, tuple) else x)
     for block in blocks:
-        x = fused_block(block, x)
+        x = fused_block(block, x, upsample)
+        upsample = None
     return x
 
 
 class STUNet(nn.Module):
-    """STU-Net ("tiny", "S", "B", "L", "H") with ``num_classes`` outputs. ``forward``
-    returns the logits at the input resolution, or with ``deep_supervision`` a list of
-    logits for every decoder level, highest resolution first."""
+    """STU-Net ("tiny", "S", "B", "L", "H") with ``num_classes`` outputs: six stages of
+    ``depth`` blocks, ``strides`` (five, one per down-sampling; default (2, 2, 2)) and
+    ``kernels`` (six, one per stage; default (3, 3, 3), as STU-Net's trainers use).
+    ``forward`` returns the logits at the input resolution, or with
+    ``deep_supervision`` a list of logits for every decoder level, highest resolution
+    first."""
 
     def __init__(self, size: str = "B", in_channels: int = 1, num_classes: int = 2, *,
+                 strides: Sequence[Sequence[int] | int] | None = None,
+                 kernels: Sequence[Sequence[int] | int] | None = None,
                  deep_supervision: bool = True, fused: bool = True,
-                 checkpointing: bool = True) -> None:
+                 checkpointing: bool | int = True) -> None:
         super().__init__()
-        encoder = STUNetEncoder.from_size(size, in_channels)
-        spec = STUNET_SIZES[size]
-        dims = spec.widths
+        spec = size_spec(size)
+        dims, depth = spec.dims, spec.depth
+        strides = [(2, 2, 2)] * 5 if strides is None else [triple(s, "strides[]") for s in strides]
+        kernels = [(3, 3, 3)] * 6 if kernels is None else [triple(k, "kernels[]") for k in kernels]
+        if len(strides) != 5 or len(kernels) != 6:
+            raise ValueError(f"STUNet: arguments 'strides' and 'kernels': expected 5 strides "
+                             f"(one per down-sampling) and 6 kernels (one per stage), got "
+                             f"{len(strides)} and {len(kernels)}")
         self.size, self.in_channels, self.num_classes = size, in_channels, num_classes
-        self.conv_blocks_context = encoder.conv_blocks_context
-        levels = len(dims) - 1
-        self.upsample_layers = nn.ModuleList(UpsampleLayer(dims[-1 - u], dims[-2 - u])
-                                             for u in range(levels))
+        self.strides, self.kernels = strides, kernels
+        self.conv_blocks_context = STUNetEncoder(in_channels, dims, depth, strides,
+                                                 kernels).conv_blocks_context
+        self.upsample_layers = nn.ModuleList(
+            UpsampleLayer(dims[-1 - u], dims[-2 - u], strides[-1 - u]) for u in range(5))
         self.conv_blocks_localization = nn.ModuleList(
-            nn.Sequential(BasicResBlock(2 * dims[-2 - u], dims[-2 - u]),
-                          *(BasicResBlock(dims[-2 - u], dims[-2 - u])
-                            for _ in range(spec.depth - 1)))
-            for u in range(levels))
+            stage(2 * dims[-2 - u], dims[-2 - u], depth, kernels[-2 - u], 1) for u in range(5))
         self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], num_classes, 1)
-                                         for u in range(levels))
+                                         for u in range(5))
         self.deep_supervision = deep_supervision
         self.fused = fused
         self.checkpointing = checkpointing
-        self.downsampling = STUNetEncoder.downsampling
+        self.downsampling = tuple(math.prod(s[axis] for s in strides) for axis in range(3))
 
-    def _run(self, function, *args):
-        if self.checkpointing and torch.is_grad_enabled():
+    def _recomputed(self, resolution: int) -> bool:
+        """Whether the stage / decoder level at ``resolution`` (0: the input's) is
+        recomputed in backward."""
+        if isinstance(self.checkpointing, bool):
+            return self.checkpointing
+        return resolution < self.checkpointing
+
+    def _run(self, resolution: int, function, *args):
+        if torch.is_grad_enabled() and self._recomputed(resolution):
             return checkpoint(function, *args, use_reentrant=False)
         return function(*args)
 
@@ -215,32 +255,42 @@ class STUNet(nn.Module):
         return _stage(self.conv_blocks_context[stage], x, self.fused)
 
     def _decode(self, u: int, x: torch.Tensor, skip: torch.Tensor, head: bool):
-        x = _stage(self.conv_blocks_localization[u],
-                   (self.upsample_layers[u](x, self.fused), skip), self.fused)
+        up = self.upsample_layers[u]
+        x = _stage(self.conv_blocks_localization[u], (up(x, self.fused), skip), self.fused,
+                   up.upsample)
         return x, (self.seg_outputs[u](x) if head else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if any(s % self.downsampling for s in x.shape[2:]):
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"STUNet: expected input (B, {self.in_channels}, D, H, W), got "
+                             f"{tuple(x.shape)}")
+        if any(s % d for s, d in zip(x.shape[2:], self.downsampling)):
             raise ValueError(f"STUNet: the spatial shape {tuple(x.shape[2:])} must be "
-                             f"divisible by {self.downsampling}")
+                             f"divisible by {self.downsampling} (the product of the strides)")
         skips = []
-        for stage in range(len(self.conv_blocks_context)):
-            x = self._run(lambda s, t: self._encode(s, t), stage, x)
+        for s in range(len(self.conv_blocks_context)):
+            x = self._run(s, lambda i, t: self._encode(i, t), s, x)
             skips.append(x)
         outputs = []
         levels = len(self.conv_blocks_localization)
         for u in range(levels):
             last = u == levels - 1
-            x, logits = self._run(lambda i, t, s, h: self._decode(i, t, s, h), u, x,
-                                  skips[-2 - u], self.deep_supervision or last)
+            x, logits = self._run(levels - 1 - u, lambda i, t, k, h: self._decode(i, t, k, h),
+                                  u, x, skips[-2 - u], self.deep_supervision or last)
             if logits is not None:
                 outputs.append(logits)
         return outputs[::-1] if self.deep_supervision else outputs[-1]
 
 
 def _encoder_weights(saved: dict, source: Path) -> dict[str, torch.Tensor]:
-    """``conv_blocks_context...`` tensors of an encoder export (``state_dict``) or a
-    pretraining checkpoint (``model`` with ``encoder.`` prefixes)."""
+    """The pretrained ``conv_blocks_context...`` tensors of an encoder export
+    (``state_dict``), a pretrained STU-Net export (``network_weights``, only the stages
+    its ``anatomask_fast`` metadata names as pretrained) or a pretraining checkpoint
+    (``model`` with ``encoder.`` prefixes)."""
+    if isinstance(saved.get("anatomask_fast"), dict) and isinstance(saved.get("network_weights"),
+                                                                    dict):
+        prefixes = tuple(p + "." for p in saved["anatomask_fast"].get("pretrained", ()))
+        return {k: v for k, v in saved["network_weights"].items() if k.startswith(prefixes)}
     if isinstance(saved.get("state_dict"), dict):
         return saved["state_dict"]
     if isinstance(saved.get("model"), dict):
@@ -248,24 +298,39 @@ def _encoder_weights(saved: dict, source: Path) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in saved["model"].items() if k.startswith(prefix)}
     if saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
         return saved
-    raise ValueError(f"{source}: not an encoder export (key 'state_dict') or a pretraining "
-                     f"checkpoint (key 'model'); it has keys {sorted(saved)[:8]}")
+    raise ValueError(f"{source}: not an encoder export (key 'state_dict'), a pretrained "
+                     f"STU-Net export (keys 'network_weights', 'anatomask_fast') or a "
+                     f"pretraining checkpoint (key 'model'); it has keys {sorted(saved)[:8]}")
+
+
+def _modules(names: list[str]) -> list[str]:
+    """``conv_blocks_context.5.0.conv1.weight`` -> ``conv_blocks_context.5``, the decoder's
+    and heads' tensors by their top module, in order."""
+    found: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        found[".".join(parts[:2]) if parts[0] == "conv_blocks_context" else parts[0]] = None
+    return list(found)
 
 
 def load_encoder(model: STUNet, path: str | Path, *, verbose: bool = True) -> dict[str, list[str]]:
-    """Loads the encoder weights matching ``model``'s by name and shape from a
-    pretraining checkpoint or an encoder export; prints and returns what loaded
-    (``loaded``, ``shape_mismatch``, ``missing``). Raises when nothing fits."""
+    """Loads the pretrained encoder stages matching ``model``'s by name and shape from a
+    pretraining checkpoint, an encoder export or a pretrained STU-Net export; prints and
+    returns what loaded (``loaded``, ``shape_mismatch``, ``missing``: encoder tensors the
+    file lacks) and what starts fresh (``fresh``: modules, e.g. stage 5, the decoder and
+    the heads). Raises when nothing fits."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights {path} do not exist")
     weights = _encoder_weights(safe_load(path, "encoder weights"), path)
-    own = {k: v for k, v in model.state_dict().items() if k.startswith("conv_blocks_context.")}
+    own = model.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "shape_mismatch": [], "missing": []}
     fitting = {}
     for name, value in own.items():
         if name not in weights:
-            report["missing"].append(name)
+            if name.startswith("conv_blocks_context.") and _modules([name])[0] in _modules(
+                    list(weights)):
+                report["missing"].append(name)
         elif tuple(weights[name].shape) != tuple(value.shape):
             report["shape_mismatch"].append(f"{name}: file {tuple(weights[name].shape)}, "
                                             f"model {tuple(value.shape)}")
@@ -278,10 +343,12 @@ def load_encoder(model: STUNet, path: str | Path, *, verbose: bool = True) -> di
         raise ValueError(f"{path}: no encoder weight fits STU-Net-{model.size} with "
                          f"{model.in_channels} input channel(s) ({'; '.join(detail)})")
     model.load_state_dict(fitting, strict=False)
+    report["fresh"] = _modules([k for k in own if k not in fitting])
     if verbose:
         print(f"  encoder weights from {path}: {len(report['loaded'])}/{len(own)} tensors "
-              f"loaded, {len(report['shape_mismatch'])} shape mismatches, "
-              f"{len(report['missing'])} missing")
+              f"loaded ({', '.join(_modules(report['loaded']))}), "
+              f"{len(report['shape_mismatch'])} shape mismatches, "
+              f"{len(report['missing'])} missing; starting fresh: {', '.join(report['fresh'])}")
         for line in report["shape_mismatch"][:5] + report["missing"][:5]:
             print(f"    not loaded: {line}")
     return report

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import deep_supervision_loss
+from ..models.plans import PlansGeometry, load_geometry
 from ..models.segmentation import STUNet, load_encoder
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
@@ -31,7 +32,10 @@ from .predict import infer, overlay
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
                       optimizer_step, progress_bar, run_job, seed_step)
 
-FORMAT = "anatomask_fast.segmentation/1"
+FORMAT = "anatomask_fast.segmentation/2"
+# STU-Net's nnU-Net v2 trainers that build the same network for each size.
+TRAINER_NAMES = {"S": "STUNetTrainer_small", "B": "STUNetTrainer_base",
+                 "L": "STUNetTrainer_large", "H": "STUNetTrainer_huge"}
 
 
 @dataclasses.dataclass
@@ -126,21 +130,74 @@ def _pretrained(config: FinetuneConfig) -> tuple[str | None, str]:
     return None, "from scratch" + hint
 
 
-def signature(config: FinetuneConfig, in_channels: int, classes: int) -> dict:
-    return {"format": FORMAT, "size": config.size, "in_channels": in_channels,
+def signature(config: FinetuneConfig, in_channels: int, classes: int,
+              network: STUNet | None = None) -> dict:
+    meta = {"format": FORMAT, "size": config.size, "in_channels": in_channels,
             "num_classes": classes}
+    if network is not None:
+        meta.update(strides=[list(s) for s in network.strides],
+                    kernels=[list(k) for k in network.kernels])
+    return meta
+
+
+def with_plans(config: FinetuneConfig) -> tuple[FinetuneConfig, PlansGeometry | None]:
+    """``config`` with the crop (patch size) and spacing of ``--plans`` where not given,
+    and the plans' network geometry."""
+    if not config.plans:
+        return config, None
+    plans = load_geometry(config.plans, config.configuration, plans_kernels=config.plans_kernels)
+    return dataclasses.replace(config, crop=config.crop or plans.patch_size,
+                               spacing=config.spacing or plans.spacing), plans
+
+
+def build_network(config: FinetuneConfig, in_channels: int, classes: int,
+                  plans: PlansGeometry | None) -> STUNet:
+    """STU-Net of ``config.size``, strides and kernels from the plans (else STU-Net's
+    isotropic defaults), with the memory options."""
+    checkpointing = config.checkpointing and (config.recompute_levels or True)
+    return STUNet(config.size, in_channels, classes,
+                  strides=plans.strides if plans else None,
+                  kernels=plans.kernels if plans else None,
+                  fused=config.fused, checkpointing=checkpointing)
+
+
+def nnunet_fields(config: FinetuneConfig, model: STUNet, dataset: Dataset, epoch: int,
+                  preprocessing_info: dict) -> dict:
+    """What nnU-Net v2's checkpoints carry for inference (``init_args`` with the plans,
+    configuration and dataset.json, ``trainer_name``,
+    ``inference_allowed_mirroring_axes``, ``current_epoch``); plain JSON-like values."""
+    if config.plans:
+        plans = json.loads(Path(config.plans).read_text())
+    else:       # a minimal plans dict describing this run's network and pre-processing
+        plans = {"plans_name": "anatomask_fast", "configurations": {config.configuration: {
+            "patch_size": list(config.crop),
+            "spacing": list(config.spacing) if config.spacing else None,
+            "normalization_schemes": ["CTNormalization" if dataset.modality == "CT"
+                                      else "ZScoreNormalization"] * model.in_channels,
+            "architecture": {"network_class_name": "STUNet", "arch_kwargs": {
+                "strides": [[1, 1, 1]] + [list(s) for s in model.strides],
+                "kernel_sizes": [list(k) for k in model.kernels], "n_stages": 6}}}}}
+    dataset_json = {"channel_names": {str(i): dataset.modality for i in range(model.in_channels)},
+                    "labels": preprocessing_info["labels"], "file_ending": ".nii.gz"}
+    return {"init_args": {"plans": plans, "configuration": config.configuration, "fold": 0,
+                          "dataset_json": dataset_json},
+            "trainer_name": TRAINER_NAMES.get(config.size, f"anatomask_fast_STUNet_{config.size}"),
+            "inference_allowed_mirroring_axes": [0, 1, 2], "current_epoch": epoch}
 
 
 def run(config: FinetuneConfig) -> Path:
-    if not 0.0 <= config.foreground <= 1.0:
+    if config.foreground is not None and not 0.0 <= config.foreground <= 1.0:
         raise ValueError(f"--foreground must be in [0, 1], got {config.foreground}")
     return run_job(config, _train)
 
 
 def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     torch.manual_seed(config.seed)
+    config, plans = with_plans(config)
     dataset = job_dataset(config.data, out, runtime, modality=config.modality,
                           phantom_cases=config.phantom_cases, seed=config.seed, with_labels=True)
+    if plans is not None:       # nnU-Net's normalization scheme picks the pre-processing
+        dataset = dataclasses.replace(dataset, modality=plans.modality)
     classes = num_classes(dataset, dataset.description)
     check_cases(dataset, classes)
     in_channels = len(dataset.cases[0].images)
@@ -154,9 +211,11 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
         f"batch {config.batch_size} x {runtime.world_size} process(es), {config.epochs} "
         f"epochs, {len(train_set.cases)} training / {len(val_set.cases)} validation cases, "
         f"device {runtime.device}")
+    if plans is not None:
+        say(f"  from {config.plans} ({plans.configuration}): patch {plans.patch_size}, spacing "
+            f"{plans.spacing}, strides {list(plans.strides)}, {plans.modality} normalization")
 
-    model = STUNet(config.size, in_channels, classes, fused=config.fused,
-                   checkpointing=config.checkpointing)
+    model = build_network(config, in_channels, classes, plans)
     state = TrainState()
     latest = out / "checkpoint_latest.pt"
     if pretrained is not None and not config.resume:
@@ -164,7 +223,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     model.to(runtime.device)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
-    meta = signature(config, in_channels, classes)
+    meta = signature(config, in_channels, classes, model)
     if config.resume:
         saved = ckpt.load(latest)
         ckpt.check_compatible(saved, meta, latest)
@@ -195,8 +254,11 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
         if runtime.main:
             extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "config": dataclasses.asdict(config)} if full else {}
-            ckpt.atomic_save({**meta, **preprocessing_info, "model": model.state_dict(),
-                              "state": dataclasses.asdict(state), **extra}, path)
+            weights = model.state_dict()     # STU-Net's names; one copy under both keys
+            ckpt.atomic_save({**meta, **preprocessing_info, "model": weights,
+                              "network_weights": weights, "state": dataclasses.asdict(state),
+                              **nnunet_fields(config, model, dataset, state.epoch,
+                                              preprocessing_info), **extra}, path)
 
     progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
                             "finetune")
@@ -246,7 +308,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
         save(latest)
     progress.close()
     metrics.close()
-    say(f"  done: best validation Dice {state.best_dice:.4f}; checkpoints in {out}")
+    say(f"  done: best validation Dice {state.best_dice:.4f} ({origin}); checkpoints in {out}")
     return out
 
 

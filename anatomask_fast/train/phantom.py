@@ -2,9 +2,12 @@
 (imagesTr/, labelsTr/, dataset.json), so that the embedded default runs through the
 same loading code as real data.
 
-Each case is a body ellipsoid of soft tissue with organ-like ellipsoids (a liver-like
-lobe, two kidneys, a spleen) and a spine-like bright cylinder, smooth texture and
-noise, at a random pose and size; labels mark the organs.
+Each case is a body ellipsoid of soft tissue under a subcutaneous fat layer, with
+organ-like ellipsoids (a liver-like lobe, two kidneys in perirenal fat, a spleen) and a
+spine-like bright cylinder, smooth texture and noise, at a random pose and size; labels
+mark the organs. Intensities are those of a portal-venous contrast-enhanced abdominal
+CT (Hounsfield units: fat about -100, muscle / soft tissue 50, liver 110, spleen 120,
+kidney cortex 170, bone 400), the phase most abdominal segmentation datasets use.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
 SHAPE = (96, 96, 80)
 SPACING = (1.5, 1.5, 2.0)
-VERSION = 1
+VERSION = 2
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:
@@ -41,22 +44,28 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
     scale = rng.uniform(0.85, 1.1)
     image = np.full(SHAPE, -1000.0, dtype=np.float32)               # air
     label = np.zeros(SHAPE, dtype=np.uint8)
-    body = _ellipsoid(grid, center, np.array([40, 30, 38]) * scale)
-    image[body] = 40.0 + 15.0 * _smooth_noise(rng, SHAPE, 8)[body]   # soft tissue
+    radii = np.array([40, 30, 38]) * scale
+    body = _ellipsoid(grid, center, radii)
+    image[body] = -100.0 + 20.0 * _smooth_noise(rng, SHAPE, 8)[body]           # fat
+    inner = _ellipsoid(grid, center, radii - rng.uniform(2.5, 4.0))
+    image[inner] = 50.0 + 15.0 * _smooth_noise(rng, SHAPE, 8)[inner]          # soft tissue
     organs = [
-        ("liver", (-12, -6, 4), (20, 15, 17), 60.0),
-        ("kidney", (8, 15, -8), (7, 6, 11), 30.0),
-        ("kidney", (8, -15, -8), (7, 6, 11), 30.0),
-        ("spleen", (-8, 19, 8), (9, 8, 11), 50.0),
+        ("liver", (-12, -6, 4), (20, 15, 17), 110.0),
+        ("kidney", (8, 15, -8), (7, 6, 11), 170.0),
+        ("kidney", (8, -15, -8), (7, 6, 11), 170.0),
+        ("spleen", (-8, 19, 8), (9, 8, 11), 120.0),
     ]
-    for name, offset, radii, hu in organs:
+    for name, offset, organ_radii, hu in organs:
         jitter = rng.uniform(-2, 2, 3)
-        region = _ellipsoid(grid, center + (np.array(offset) + jitter) * scale,
-                            np.array(radii) * scale * rng.uniform(0.9, 1.1, 3)) & body
+        where = center + (np.array(offset) + jitter) * scale
+        size = np.array(organ_radii) * scale * rng.uniform(0.9, 1.1, 3)
+        if name == "kidney":    # perirenal fat around the kidney
+            image[_ellipsoid(grid, where, size + 3) & inner] = -90.0
+        region = _ellipsoid(grid, where, size) & inner
         image[region] = hu + 10.0 * _smooth_noise(rng, SHAPE, 4)[region]
         label[region] = LABELS[name]
     spine = (((grid[0] - center[0] - 18 * scale) / 5) ** 2
-             + ((grid[1] - center[1]) / 5) ** 2 <= 1.0) & body
+             + ((grid[1] - center[1]) / 5) ** 2 <= 1.0) & inner
     image[spine] = 400.0 + 50.0 * rng.standard_normal(int(spine.sum()))
     image += 8.0 * rng.standard_normal(SHAPE).astype(np.float32)      # scanner noise
     return image, label

@@ -5,7 +5,9 @@ the fine-tuning validation uses."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -26,18 +28,35 @@ COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 80], [70, 120, 240], [240
                    [200, 80, 220], [40, 210, 220], [250, 140, 40]], dtype=np.float32)
 
 
+def mirrorings(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial ``axes`` (0, 1, 2), the empty one first: nnU-Net's
+    test-time mirroring averages the logits of the window flipped along each."""
+    chosen = sorted(set(axes))
+    if not set(chosen) <= {0, 1, 2}:
+        raise ValueError(f"mirroring axes must be among (0, 1, 2), got {tuple(axes)}")
+    return [c for r in range(len(chosen) + 1) for c in itertools.combinations(chosen, r)]
+
+
 def infer(model: STUNet, image: torch.Tensor, roi: tuple[int, ...], *, overlap: float = 0.5,
-          amp: str = "none") -> torch.Tensor:
+          amp: str = "none", mirror_axes: Sequence[int] = ()) -> torch.Tensor:
     """Class logits (B, K, ...) of ``image`` (B, C, ...) by MONAI's sliding-window
     inference with Gaussian weighting, the model in eval mode, highest-resolution head
-    only."""
+    only; with ``mirror_axes``, each window's logits averaged over its flips along
+    every subset of those spatial axes (nnU-Net's test-time mirroring)."""
 
     model.eval()
     deep, model.deep_supervision = model.deep_supervision, False
+    flips = mirrorings(mirror_axes)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        with autocast(window.device, amp):
-            return model(window).float()
+        total = None
+        for axes in flips:
+            dims = [a + 2 for a in axes]
+            with autocast(window.device, amp):
+                logits = model(window.flip(dims) if dims else window).float()
+            logits = logits.flip(dims) if dims else logits
+            total = logits if total is None else total.add_(logits)
+        return total / len(flips)
 
     try:
         with torch.no_grad():
@@ -84,9 +103,10 @@ def load_model(path: str | Path, device: torch.device) -> tuple[STUNet, dict]:
         raise ValueError(f"checkpoint {path} is not a fine-tuned segmentation model "
                          f"(format {saved.get('format')!r}, expected {FORMAT!r})")
     model = STUNet(saved["size"], saved["in_channels"], saved["num_classes"],
+                   strides=saved.get("strides"), kernels=saved.get("kernels"),
                    deep_supervision=False, checkpointing=False)
     try:
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(saved["network_weights"])
     except RuntimeError as error:
         first = str(error).splitlines()[1:3]
         raise ValueError(f"checkpoint {path} does not fit STU-Net-{saved['size']} with "
@@ -106,6 +126,11 @@ def _cases(folder: Path, in_channels: int) -> list[Case]:
         stem = _strip(path.name)
         match = re.fullmatch(r"(.+)_(\d{4})", stem)
         groups.setdefault(match.group(1) if match else stem, []).append(path)
+    for path in files:       # a 4D file would load as channels and fail in the network
+        shape = nib.load(path).header.get_data_shape()
+        if len(shape) != 3:
+            raise DataError(f"{path}: expected a 3D volume, got shape {shape} "
+                            f"({len(shape)}D); split the channels into CASE_XXXX files")
     cases = []
     for name, paths in groups.items():
         if len(paths) != in_channels:
@@ -136,14 +161,16 @@ def run(config: PredictConfig) -> list[Path]:
     transform = preprocessing(dataset, meta["crop"], meta["spacing"], meta.get("normalization"))
     out = Path(config.output)          # created with the first label map (none on failure)
     written = []
+    mirror_axes = (meta.get("inference_allowed_mirroring_axes") or ()) if config.mirroring else ()
     print(f"anatomask_fast predict: {len(cases)} case(s) from {config.input}, STU-Net-"
-          f"{meta['size']} ({meta['num_classes']} classes) from {config.checkpoint}")
+          f"{meta['size']} ({meta['num_classes']} classes) from {config.checkpoint}, "
+          f"test-time mirroring over axes {tuple(mirror_axes) or 'none'}")
     for case in cases:
         reference = nib.load(case.images[0])
         with _unwrapped_data_errors():
             item = transform(_case_dict(case))
         logits = infer(model, item["image"][None].to(runtime.device), tuple(meta["crop"]),
-                       overlap=config.overlap, amp=config.amp)
+                       overlap=config.overlap, amp=config.amp, mirror_axes=mirror_axes)
         labels = _restore_grid(logits, reference.shape[:3], meta["spacing"] is not None).argmax(1)[0]
         header = reference.header.copy()
         header.set_data_dtype(np.uint8 if meta["num_classes"] < 256 else np.int16)

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import anatomical_mask, patch_recon_loss, random_mask
 from ..models.anatomask import AnatoMaskNet
+from ..models.export import export_pretrained
 from ..ops.mask_select import MaskResult
 from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
@@ -255,6 +256,10 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
             save(out / f"checkpoint_epoch_{state.epoch:04d}.pt")
         if runtime.main:
             _export_encoder(student, signature, out / "encoder.pt")
+            export_pretrained(student.encoder_state_dict(),
+                              out / f"stunet_{config.size}_pretrained.pth", size=config.size,
+                              in_channels=in_channels, source=str(out / "encoder.pt"),
+                              save=ckpt.atomic_save)
         save(latest)    # last: killed before it, a resumed run redoes this epoch's end
     progress.close()
     metrics.close()

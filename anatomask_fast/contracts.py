@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .validation import (FLOAT_DTYPES, check_active_mask, check_eps, check_index_values,
-                         check_same_device, check_tensor, check_volume, require)
+from .validation import (FLOAT_DTYPES, check_active_mask, check_index_values, check_same_device,
+                         check_tensor, check_volume, require)
 
 INDEX = (torch.int64,)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .validation import (FLOAT_DTYPES, check_active_mask, check_eps, check_index_values,
-                         check_same_device, check_tensor, check_volume, require)
+from .validation import (FLOAT_DTYPES, check_active_mask, check_index_values, check_same_device,
+                         check_tensor, check_volume, require)
 
 INDEX = (torch.int64,)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -212,9 +212,7 @@ def check_ids_values(op: str, name: str, ids: torch.Tensor, bound: int, *,
         return
     ordered = ids.clamp(0, bound - 1).sort(dim=1).values
     if permutation:
-        require(torch.equal(ordered, torch.arange(bound, device=ids.device).expand_as(ordered))
-                if ids.device.type == "cpu" else
-                (ordered == torch.arange(bound, device=ids.device)).all(),
+        require((ordered == torch.arange(bound, device=ids.device)).all(),
                 f"{op}: argument '{name}' must be a permutation of [0, {bound}) per sample")
     else:
         require(~(ordered[:, 1:] == ordered[:, :-1]).any(),

@@ -9,8 +9,7 @@
 #   bash scripts/sanitize.sh -- ARGS    pytest ARGS instead
 #
 # The Triton tests are deselected (-k "not triton"; SANITIZE_SELECT overrides): the
-# interpreter is not what this build instruments, and libtriton's C++ exceptions stop
-# ASan ("CHECK failed: asan_interceptors.cpp ... real___cxa_throw").
+# interpreter is not what this build instruments, and it is slow under ASan.
 # Any out-of-bounds access or undefined behaviour in a kernel aborts the test process
 # with the sanitizer's report, so the run fails.
 set -euo pipefail
@@ -38,15 +37,16 @@ if ! ANATOMASK_SANITIZE=1 ANATOMASK_STRICT_BUILD=1 "$PYTHON" setup.py build_ext 
 fi
 SO=$(ls "$PWD/$OUT"/lib/anatomask_fast/_C*.so)
 
-# The ASan runtime must be loaded first (Python itself is not instrumented); Python
+# The ASan runtime must be loaded first (Python itself is not instrumented), and
+# libstdc++ with it: without it ASan's __cxa_throw interceptor finds no real
+# __cxa_throw and aborts at the first C++ exception (every TORCH_CHECK error). Python
 # and torch keep memory alive until exit, so leak reports would be noise.
-export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 export ANATOMASK_EXTENSION="$SO"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# The hostile cases of the C++ kernels and of the reference (the Triton interpreter is
-# not what this build instruments).
+# The hostile cases of the C++ kernels and of the reference (see -k below).
 export ANATOMASK_HOSTILE_BACKENDS=${ANATOMASK_HOSTILE_BACKENDS:-cpu,cpp,reference}
 echo "sanitize: pytest ${TESTS[*]}"
 "$PYTHON" - <<'EOF'

@@ -387,6 +387,14 @@ raw("scatter_tokens.ids_out_of_range", ValueError,
     r"scatter_tokens: argument 'ids_restore' must hold indices in \[0, 4\)")(
     lambda: ops.scatter_tokens(torch.randn(1, 2, 3), torch.tensor([[0, 1, 2, BIG]]),
                                torch.zeros(3), None))
+raw("scatter_tokens.not_a_permutation", ValueError,
+    r"scatter_tokens: argument 'ids_restore' must be a permutation of \[0, 4\) per sample")(
+    lambda: ops.scatter_tokens(torch.randn(1, 2, 3), torch.tensor([[0, 1, 1, 3]]),
+                               torch.zeros(3), None))
+raw("scatter_tokens_backward.not_a_permutation", ValueError,
+    r"scatter_tokens_backward: argument 'ids_restore' must be a permutation")(
+    lambda: ops.scatter_tokens_backward(torch.randn(1, 4, 3), torch.tensor([[0, 2, 2, 3]]), 2,
+                                        False))
 raw("scatter_tokens.pos_embed_wrong_size", ValueError,
     r"scatter_tokens: argument 'pos_embed' must have 12 values")(
     lambda: ops.scatter_tokens(torch.randn(1, 2, 3), torch.tensor([[0, 1, 2, 3]]),

@@ -75,7 +75,7 @@ def segmentation_checkpoint(tmp_path_factory):
     torch.save({"format": FORMAT, "size": "tiny", "in_channels": 1, "num_classes": 2,
                 "modality": "CT", "spacing": None, "crop": (32, 32, 32),
                 "labels": {"background": 0, "organ": 1},
-                "model": STUNet("tiny", 1, 2).state_dict()}, path)
+                "network_weights": STUNet("tiny", 1, 2).state_dict()}, path)
     return path
 
 

@@ -150,8 +150,8 @@ class FinetuneConfig:
     def resolved(self) -> "FinetuneConfig":
         demo = self.demo
         # The demo: the phantom resampled to 3 x 3 x 4 mm (48 x 48 x 40 voxels), 32^3
-        # crops, 240 steps, no recomputation (a step 0.45 s instead of 4 s, measured together), validated
-        # once at the end (sliding windows cost steps). Measured: mean Dice 0.91 after 240
+        # crops, 240 steps, no recomputation (measured together: a step 0.45 s instead of
+        # 4 s), validated once at the end (sliding windows cost steps). Mean Dice 0.91 after 240
         # steps from scratch or pretrained (spleen 0.89-0.90); 0.73 / 0.63 after 180
         # (spleen 0.41 / 0.12). At 64^3 and 1.5 mm, 18 steps at 3e-3 collapsed to background.
         epochs = self.epochs or (80 if demo else 1000)

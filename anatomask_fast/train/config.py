@@ -121,17 +121,17 @@ class FinetuneConfig:
     crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 32 32 32; --plans: its patch size)
     spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none (demo: 3 3 4; --plans: its spacing)
     batch_size: int = 2               # per process
-    epochs: int | None = None         # default 1000 (demo 30)
+    epochs: int | None = None         # default 1000 (demo 80)
     steps_per_epoch: int | None = None  # full batches per epoch (default 250 as nnU-Net; demo: cases // batch)
     val_fraction: float = 0.2         # cases held out for validation (split saved)
-    val_every: int | None = None      # validate every N epochs (default 1, demo 10)
+    val_every: int | None = None      # validate every N epochs (default 1, demo: only after the last)
     foreground: float | None = None   # share of crops centred on a labelled voxel (default 0.33, demo 0.5)
     lr: float | None = None           # AdamW peak learning rate (default 1e-4, demo 1e-3)
     min_lr: float = 0.0               # end of the cosine decay
     weight_decay: float = 1e-5
     clip_grad: float = 12.0           # gradient-norm clipping
     fused: bool = True                # fused norm+activation, no stored concatenations
-    checkpointing: bool = True        # recompute encoder stages / decoder levels in backward
+    checkpointing: bool | None = None  # recompute encoder stages / decoder levels in backward (default on, demo off: tiny 32^3 needs no memory saving)
     recompute_levels: int = 0         # with --checkpointing: only the N highest resolutions (0: all)
     amp: str = "none"                 # none, bf16, fp16
     sw_overlap: float = 0.5           # sliding-window overlap in validation
@@ -150,14 +150,17 @@ class FinetuneConfig:
     def resolved(self) -> "FinetuneConfig":
         demo = self.demo
         # The demo: the phantom resampled to 3 x 3 x 4 mm (48 x 48 x 40 voxels), 32^3
-        # crops, 90 steps. At 64^3 and 1.5 mm, 18 steps at 3e-3 collapsed to background
-        # (validation Dice 0.10 after the first epoch, 0 after the third; measured).
+        # crops, 240 steps, no recomputation (measured together: a step 0.45 s instead of
+        # 4 s), validated once at the end (sliding windows cost steps). Mean Dice 0.91 after 240
+        # steps from scratch or pretrained (spleen 0.89-0.90); 0.73 / 0.63 after 180
+        # (spleen 0.41 / 0.12). At 64^3 and 1.5 mm, 18 steps at 3e-3 collapsed to background.
+        epochs = self.epochs or (80 if demo else 1000)
         defaults = dict(size="tiny" if demo else "B",
                         crop=None if self.plans else (32, 32, 32) if demo else (112, 112, 128),
                         spacing=(3.0, 3.0, 4.0) if demo and not self.plans else None,
-                        epochs=30 if demo else 1000, lr=1e-3 if demo else 1e-4,
-                        val_every=10 if demo else 1, foreground=0.5 if demo else 0.33,
-                        **data_defaults(self))
+                        epochs=epochs, lr=1e-3 if demo else 1e-4,
+                        val_every=epochs if demo else 1, foreground=0.5 if demo else 0.33,
+                        checkpointing=not demo, **data_defaults(self))
         return dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                             if getattr(self, k) is None})
 

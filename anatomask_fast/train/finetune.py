@@ -309,6 +309,10 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     progress.close()
     metrics.close()
     say(f"  done: best validation Dice {state.best_dice:.4f} ({origin}); checkpoints in {out}")
+    if config.demo:     # the other start, for the comparison the README gives measured
+        other = ("after `python -m anatomask_fast.train` (pretraining)" if pretrained is None
+                 else "with --from-scratch")
+        say(f"  compare: run it {other} into another --out; README, Fine-tuning, gives both")
     return out
 
 

@@ -6,7 +6,7 @@ Each case is a body ellipsoid of soft tissue under a subcutaneous fat layer, wit
 organ-like ellipsoids (a liver-like lobe, two kidneys in perirenal fat, a spleen) and a
 spine-like bright cylinder, smooth texture and noise, at a random pose and size; labels
 mark the organs. Intensities are those of a portal-venous contrast-enhanced abdominal
-CT (Hounsfield units: fat about -100, muscle / soft tissue 50, liver 110, spleen 120,
+CT (Hounsfield units: fat about -100, muscle / soft tissue 50, liver 105, spleen 125,
 kidney cortex 170, bone 400), the phase most abdominal segmentation datasets use.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
 SHAPE = (96, 96, 80)
 SPACING = (1.5, 1.5, 2.0)
-VERSION = 2
+VERSION = 3
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:
@@ -50,10 +50,10 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
     inner = _ellipsoid(grid, center, radii - rng.uniform(2.5, 4.0))
     image[inner] = 50.0 + 15.0 * _smooth_noise(rng, SHAPE, 8)[inner]          # soft tissue
     organs = [
-        ("liver", (-12, -6, 4), (20, 15, 17), 110.0),
+        ("liver", (-12, -6, 4), (20, 15, 17), 105.0),
         ("kidney", (8, 15, -8), (7, 6, 11), 170.0),
         ("kidney", (8, -15, -8), (7, 6, 11), 170.0),
-        ("spleen", (-8, 19, 8), (9, 8, 11), 120.0),
+        ("spleen", (-8, 19, 8), (9, 8, 11), 125.0),
     ]
     for name, offset, organ_radii, hu in organs:
         jitter = rng.uniform(-2, 2, 3)

@@ -255,11 +255,11 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
         if config.save_every and state.epoch % config.save_every == 0:
             save(out / f"checkpoint_epoch_{state.epoch:04d}.pt")
         if runtime.main:
-            _export_encoder(student, signature, out / "encoder.pt")
-            export_pretrained(student.encoder_state_dict(),
-                              out / f"stunet_{config.size}_pretrained.pth", size=config.size,
-                              in_channels=in_channels, source=str(out / "encoder.pt"),
-                              save=ckpt.atomic_save)
+            encoder = student.encoder_state_dict()
+            _export_encoder(encoder, signature, out / "encoder.pt")
+            export_pretrained(encoder, out / f"stunet_{config.size}_pretrained.pth",
+                              size=config.size, in_channels=in_channels,
+                              source=str(out / "encoder.pt"), save=ckpt.atomic_save)
         save(latest)    # last: killed before it, a resumed run redoes this epoch's end
     progress.close()
     metrics.close()
@@ -267,10 +267,9 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     return out
 
 
-def _export_encoder(model: AnatoMaskNet, signature: dict, path: Path) -> None:
+def _export_encoder(weights: dict[str, torch.Tensor], signature: dict, path: Path) -> None:
     """The dense STU-Net encoder's weights (``conv_blocks_context...``), also under
     ``network_weights`` as nnU-Net's loader expects."""
-    weights = model.encoder_state_dict()
     ckpt.atomic_save({"format": "anatomask_fast.encoder/1", "size": signature["size"],
                       "in_channels": signature["in_channels"], "state_dict": weights,
                       "network_weights": weights}, path)

@@ -10,12 +10,16 @@ an int n: the n highest resolutions), so that each size shows what the option tr
 
 Standalone, for the trade-off between the options at one size::
 
-    python -m benchmarks.bench_finetune_step B 128 2 14
+    python -m benchmarks.bench_finetune_step B 128 2 14 [RECOMPUTE ...]
+
+(RECOMPUTE: the choices to compare, ``False``, ``True`` or a number of levels; default
+all of them.)
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -26,13 +30,12 @@ from .common import benchmark_test, peak_extra_memory, sizes, training_step_pair
 
 SIZES = sizes(
     full={"B-B2-1x64x64x64-4cls": dict(model="B", B=2, spatial=(64, 64, 64), classes=4),
-          "B-B2-1x128x128x128-14cls-cpu": dict(model="B", B=2, spatial=(128, 128, 128),
-                                               classes=14, recompute=2)},
+          "B-B2-1x128x128x128-14cls": dict(model="B", B=2, spatial=(128, 128, 128),
+                                           classes=14)},
     # 64^3 at least: six stages of stride 2 leave 32^3 a 1-voxel bottleneck, where the
     # plain network's InstanceNorm refuses to train.
     quick={"quick-tiny-B2-1x64x64x64-4cls": dict(model="tiny", B=2, spatial=(64, 64, 64),
                                                  classes=4)},
-    gpu={"B-B2-1x128x128x128-14cls": dict(model="B", B=2, spatial=(128, 128, 128), classes=14)},
 )
 
 
@@ -56,12 +59,13 @@ def setup_finetune_step(backend: str, size: dict, device: str):
 test_finetune_step = benchmark_test("bench_finetune_step", "finetune_step", "finetune step", SIZES, training_step_pairs())
 
 
-def trade_off(model: str, side: int, batch: int, classes: int, repeats: int = 2) -> None:
+def trade_off(model: str, side: int, batch: int, classes: int, repeats: int = 2,
+              choices: Sequence[bool | int] = (False, 1, 2, 3, True)) -> None:
     """Memory (fresh processes) and time (one process, alternating) of the plain step and
     of the library's with each recomputation choice, as ratios to the plain one."""
     base = dict(model=model, B=batch, spatial=(side,) * 3, classes=classes)
     options = {"plain": ("reference", base)}
-    for recompute in (False, 1, 2, 3, True):
+    for recompute in choices:
         options[f"fused, recompute={recompute}"] = ("cpu", {**base, "recompute": recompute})
     memory = {name: peak_extra_memory("bench_finetune_step", "finetune_step", backend, size,
                                       "cpu") for name, (backend, size) in options.items()}
@@ -80,4 +84,7 @@ def trade_off(model: str, side: int, batch: int, classes: int, repeats: int = 2)
 
 
 if __name__ == "__main__":
-    trade_off(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    picked = [{"False": False, "True": True}.get(a) if a in ("False", "True") else int(a)
+              for a in sys.argv[5:]]
+    trade_off(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+              choices=picked or (False, 1, 2, 3, True))

@@ -9,13 +9,14 @@ decoder level (``seg_outputs.{u}``, all of them returned under deep supervision)
 
 Memory options (same weights, same function):
 - ``fused``: InstanceNorm + LeakyReLU as one op (``sparse_norm`` with an all-visible
-  mask) whose backward keeps only its input and statistics; the residual add +
-  LeakyReLU keeps a 1-byte sign mask instead of its output; the up-sampling applies the
-  1x1x1 convolution before the (nearest) up-sampling, which commutes with it, so the
-  full-resolution input of that convolution never exists; the first decoder block
-  convolves the up-sampled tensor and the skip separately instead of storing their
-  concatenation; the convolutions that recompute their input (norm + activation,
-  up-sampling) run their backward one sample at a time.
+  mask) whose backward keeps only its input and statistics, the convolution after it
+  recomputing it in backward one sample at a time; the residual add + LeakyReLU keeps
+  only its output (which the next layer keeps anyway); the up-sampling applies its
+  1x1x1 convolution before the (nearest) up-sampling, which commutes with it; the first
+  decoder block convolves the skip and the low-resolution map separately, the
+  up-sampled half as phase convolutions of the low-resolution map
+  (:func:`upsampled_conv`: 8/27 of the multiply-adds for 3x3x3 kernels and stride 2), so
+  neither the concatenation nor any full-resolution up-sampled map exists.
 - ``checkpointing``: encoder stages and decoder levels (with their heads) recomputed in
   backward instead of storing their activations: ``True`` all of them, ``False`` none,
   an int ``n`` those of the ``n`` highest resolutions (where the activations are
@@ -36,13 +37,13 @@ from ..ops.gather_scatter import sparse_norm
 from ..serialization import safe_load
 from .amp import accumulate_fp32
 from .stunet import BasicResBlock, STUNetEncoder, Triple, size_spec, stage, triple
+from .upsampled_conv import upsampled_conv
 
 SLOPE = 0.01
 
 
 class Upsample:
-    """Nearest up-sampling by an integer factor per axis (picklable, so that
-    :class:`_RecomputedConv` can keep it)."""
+    """Nearest up-sampling by an integer factor per axis."""
 
     def __init__(self, scale: Triple) -> None:
         self.scale = scale
@@ -155,10 +156,10 @@ def norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
 def _conv_pair(conv: nn.Conv3d, upsample: Upsample, low: torch.Tensor,
                skip: torch.Tensor) -> torch.Tensor:
     """``conv`` of the concatenation of the up-sampled ``low`` and ``skip``, without
-    building it, and without storing the up-sampled map: its half of the convolution
-    recomputes the (cheap) up-sampling in backward."""
+    building it, and without the up-sampled map: its half of the convolution runs on
+    ``low`` (:func:`upsampled_conv`)."""
     split = low.shape[1]
-    out = _RecomputedConv.apply(upsample, conv, conv.weight[:, :split], None, low)
+    out = upsampled_conv(low, conv.weight[:, :split], upsample.scale)
     return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
                              conv.padding))
 

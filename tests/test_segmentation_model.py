@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from anatomask_fast.models import segmentation
 from anatomask_fast.models.anatomask import AnatoMaskNet
 from anatomask_fast.models.segmentation import STUNet, fused_block, load_encoder, norm_act
 from anatomask_fast.models.stunet import BasicResBlock, STUNetEncoder
@@ -51,9 +52,12 @@ def test_shapes_and_deep_supervision():
         STUNet("tiny", 1, 2, strides=[(2, 2)] * 5)
 
 
-@pytest.mark.parametrize("fused,checkpointing", [(True, False), (False, True), (True, True),
-                                                  (True, 2)])
-def test_memory_options_give_the_plain_results(fused, checkpointing):
+@pytest.mark.parametrize("fused,checkpointing,per_sample",
+                         [(True, False, False), (True, False, True), (False, True, False),
+                          (True, True, False), (True, 2, True)])
+def test_memory_options_give_the_plain_results(fused, checkpointing, per_sample, monkeypatch):
+    if per_sample:      # the one-sample-at-a-time backward of large maps, at a test's size
+        monkeypatch.setattr(segmentation, "BATCHED_BACKWARD_BYTES", 0)
     torch.manual_seed(0)
     # fp64: the instance norms over the 2^3 bottleneck voxels make fp32 gradients of a
     # randomly initialised network ill-conditioned; in fp64 the executions agree to
@@ -162,13 +166,17 @@ def test_encoder_that_does_not_fit_is_an_error(tmp_path):
         load_encoder(STUNet("tiny", 1, 4), tmp_path / "other.pt")
 
 
-def test_fused_decoder_block_under_bf16_autocast_is_as_accurate_as_the_plain_block():
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fused_decoder_block_under_bf16_autocast_is_as_accurate_as_the_plain_block(
+        per_sample, monkeypatch):
     """A decoder block's fused execution (per-sample backwards summing half-precision
     parameter gradients in fp32) and the plain block, both under bf16 autocast, against
     the plain block in fp64. bf16 keeps 8 mantissa bits, and the instance norms' backward
     amplifies rounding: the plain block's gradients are 1-8% off fp64 here, and the fused
     one (rounding at other points: c1 as the sum of two half-convolutions) up to 4x
     that. A lost sample, a doubled or unscaled gradient is off by 30% or more."""
+    if per_sample:
+        monkeypatch.setattr(segmentation, "BATCHED_BACKWARD_BYTES", 0)
     torch.manual_seed(0)
     block = BasicResBlock(12, 6)
     low = torch.randn(3, 6, 4, 5, 3)

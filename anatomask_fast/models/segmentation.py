@@ -40,6 +40,8 @@ from .stunet import BasicResBlock, STUNetEncoder, Triple, size_spec, stage, trip
 from .upsampled_conv import upsampled_conv
 
 SLOPE = 0.01
+# Maps up to this size run their recomputing backward for the whole batch at once.
+BATCHED_BACKWARD_BYTES = 32 * 2**20
 
 
 class Upsample:
@@ -91,11 +93,14 @@ class _ResidualLeakyReLU(torch.autograd.Function):
 
 
 class _RecomputedConv(torch.autograd.Function):
-    """``conv3d(fn(x, *shared))`` keeping the inputs only: ``fn`` (a norm + activation,
-    an up-sampling: cheap, element-wise) is recomputed in backward, the convolution is
-    not. ``fn`` acts on each sample of ``x`` alone (instance norm, up-sampling; ``shared``
-    is the norm's affine), so backward runs one sample at a time: the recomputed map, its
-    gradient and the convolution's temporaries exist for one sample at once."""
+    """``conv3d(fn(x, *shared))`` keeping the inputs only: ``fn`` (a norm + activation:
+    cheap, element-wise) is recomputed in backward, the convolution is not. ``fn`` acts
+    on each sample of ``x`` alone (instance norm; ``shared`` is the norm's affine), so
+    backward can run one sample at a time: where ``x`` is large the recomputed map, its
+    gradient and the convolution's temporaries then exist for one sample at once. Small
+    maps take one batched call: there the memory is negligible, and PyTorch's CPU
+    convolution takes its slow non-oneDNN path for a single small sample (measured: the
+    backward of a 16-channel 32^3 convolution 25x slower as two single-sample calls)."""
 
     @staticmethod
     def forward(ctx, fn, conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -117,12 +122,14 @@ class _RecomputedConv(torch.autograd.Function):
         # contiguous: a weight slice (a half of a split convolution) would take the slow
         # non-oneDNN convolution backward.
         compute_weight = weight.to(grad.dtype).contiguous()
-        for n in range(x.shape[0]):
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (x[n:n + 1], *shared)]
+        step = x.shape[0] if x.numel() * x.element_size() <= BATCHED_BACKWARD_BYTES else 1
+        for n in range(0, x.shape[0], step):
+            leaves = [t.detach().requires_grad_(t.requires_grad)
+                      for t in (x[n:n + step], *shared)]
             with torch.enable_grad():
                 a = ctx.fn(*leaves)
             grad_a, gw, gb = torch.ops.aten.convolution_backward(
-                grad[n:n + 1], a.detach().to(grad.dtype), compute_weight,
+                grad[n:n + step], a.detach().to(grad.dtype), compute_weight,
                 [weight.shape[0]] if ctx.has_bias else None, list(ctx.stride),
                 list(ctx.padding), [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias])
             grad_w = accumulate_fp32(grad_w, gw)
@@ -132,7 +139,7 @@ class _RecomputedConv(torch.autograd.Function):
             found = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)) if wanted else ())
             del a, grad_a
             if grad_x is not None:
-                grad_x[n:n + 1] = next(found)
+                grad_x[n:n + step] = next(found)
             for i, t in enumerate(leaves[1:]):
                 if t.requires_grad:
                     grad_shared[i] = accumulate_fp32(grad_shared[i], next(found))

@@ -10,7 +10,8 @@ decoder level (``seg_outputs.{u}``, all of them returned under deep supervision)
 Memory options (same weights, same function):
 - ``fused``: InstanceNorm + LeakyReLU as one op (``sparse_norm`` with an all-visible
   mask) whose backward keeps only its input and statistics, the convolution after it
-  recomputing it in backward one sample at a time; the residual add + LeakyReLU keeps
+  recomputing it in backward (one sample at a time for maps over
+  ``BATCHED_BACKWARD_BYTES``); the residual add + LeakyReLU keeps
   only its output (which the next layer keeps anyway); the up-sampling applies its
   1x1x1 convolution before the (nearest) up-sampling, which commutes with it; the first
   decoder block convolves the skip and the low-resolution map separately, the

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..serialization import safe_load
 from .plans import load_geometry
 from .segmentation import STUNet, load_encoder
 
@@ -60,7 +61,7 @@ def export_pretrained(encoder: dict[str, torch.Tensor], path: str | Path, *, siz
     (plain tensors, lists and strings: loadable with ``weights_only=True``)."""
     model = pretrained_network(encoder, size, in_channels, num_classes=num_classes,
                                strides=strides)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights = model.state_dict()    # a network of its own: nothing else holds these tensors
     meta = {"format": FORMAT, "size": size, "in_channels": in_channels,
             "num_classes": num_classes, "strides": [list(s) for s in model.strides],
             "kernels": [list(k) for k in model.kernels], "source": source,
@@ -75,7 +76,7 @@ def export_pretrained(encoder: dict[str, torch.Tensor], path: str | Path, *, siz
 
 def _encoder_from_file(path: Path, size: str | None, in_channels: int | None
                        ) -> tuple[dict[str, torch.Tensor], str, int]:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = safe_load(path, "encoder weights")
     size = size or saved.get("size")
     if size is None:
         raise ValueError(f"{path}: the file does not name its STU-Net size: pass --size")

@@ -38,7 +38,7 @@ from ..ops.gather_scatter import sparse_norm
 from ..serialization import safe_load
 from .amp import accumulate_fp32
 from .stunet import BasicResBlock, STUNetEncoder, Triple, size_spec, stage, triple
-from .upsampled_conv import upsampled_conv
+from .upsampled_conv import nearest, upsampled_conv
 
 SLOPE = 0.01
 # Maps up to this size run their recomputing backward for the whole batch at once.
@@ -52,9 +52,7 @@ class Upsample:
         self.scale = scale
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        if self.scale == (1, 1, 1):
-            return z
-        return F.interpolate(z, scale_factor=self.scale, mode="nearest")
+        return nearest(z, self.scale)
 
 
 class UpsampleLayer(nn.Module):
@@ -120,9 +118,7 @@ class _RecomputedConv(torch.autograd.Function):
         grad_shared: list[torch.Tensor | None] = [None] * len(shared)
         grad_w = grad_b = None
         # The forward's convolution ran in grad's dtype (autocast): its backward too.
-        # contiguous: a weight slice (a half of a split convolution) would take the slow
-        # non-oneDNN convolution backward.
-        compute_weight = weight.to(grad.dtype).contiguous()
+        compute_weight = weight.to(grad.dtype)
         step = x.shape[0] if x.numel() * x.element_size() <= BATCHED_BACKWARD_BYTES else 1
         for n in range(0, x.shape[0], step):
             leaves = [t.detach().requires_grad_(t.requires_grad)

@@ -51,6 +51,13 @@ def _weight_grad(grad: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Te
     return torch.einsum("it,ju,lv,ocijl->octuv", d, h, w, grad)
 
 
+def nearest(z: torch.Tensor, scale: tuple[int, int, int]) -> torch.Tensor:
+    """Nearest up-sampling by ``scale`` (``z`` itself for (1, 1, 1))."""
+    if tuple(scale) == (1, 1, 1):
+        return z
+    return F.interpolate(z, scale_factor=scale, mode="nearest")
+
+
 class _UpsampledConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, int, int]
@@ -62,7 +69,7 @@ class _UpsampledConv(torch.autograd.Function):
         out = None
         for index, phases in _each_phase(per_axis):
             taps = tuple(p.taps for p in phases)
-            part = F.conv3d(_slice(padded, phases, sizes, taps), _phase_weight(weight, taps))
+            part = F.conv3d(_slice(padded, phases, sizes), _phase_weight(weight, taps))
             if out is None:     # the convolution's dtype (autocast's, when it is on)
                 out = part.new_empty((*part.shape[:2], *(n * s for n, s in zip(sizes, scale))))
             _phase_view(out, scale)[index] = part
@@ -82,18 +89,18 @@ class _UpsampledConv(torch.autograd.Function):
         phase_grads = _phase_view(grad, ctx.scale)
         for index, phases in _each_phase(ctx.per_axis):
             taps = tuple(p.taps for p in phases)
-            source = _slice(padded, phases, sizes, taps)
+            source = _slice(padded, phases, sizes)
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
                 phase_grads[index].contiguous(), source,
                 _phase_weight(weight, taps).to(grad.dtype), None, [1, 1, 1], [0, 0, 0],
                 [1, 1, 1], False, [0, 0, 0], 1, [grad_padded is not None, True, False])
             if grad_padded is not None:
-                _slice(grad_padded, phases, sizes, taps).add_(grad_in)
+                _slice(grad_padded, phases, sizes).add_(grad_in)
             grad_w = grad_w.to(torch.promote_types(grad_w.dtype, torch.float32))
             grad_weight = accumulate_fp32(grad_weight, _weight_grad(grad_w, taps))
         grad_low = None
         if grad_padded is not None:
-            before = [p for p in ctx.padding[::2]][::-1]    # back to (D, H, W) order
+            before = [pad[0] for _, pad in ctx.per_axis]
             grad_low = grad_padded[(..., *(slice(b, b + n) for b, n in zip(before, sizes)))]
             grad_low = grad_low.to(low.dtype)
         return grad_low, grad_weight.to(weight.dtype), None
@@ -113,9 +120,10 @@ def _phase_view(full: torch.Tensor, scale: tuple[int, int, int]) -> torch.Tensor
     return full.view(b, c, *split)
 
 
-def _slice(padded: torch.Tensor, phases, sizes, taps) -> torch.Tensor:
-    return padded[(..., *(slice(p.start, p.start + n + t.shape[0] - 1)
-                          for p, n, t in zip(phases, sizes, taps)))]
+def _slice(padded: torch.Tensor, phases, sizes) -> torch.Tensor:
+    """The part of the padded map that one phase's convolution reads."""
+    return padded[(..., *(slice(p.start, p.start + n + p.taps.shape[0] - 1)
+                          for p, n in zip(phases, sizes)))]
 
 
 def upsampled_conv(low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, int, int]
@@ -124,10 +132,7 @@ def upsampled_conv(low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, in
     padding=[k // 2 for k in kernel])`` (no bias), computed on ``low`` (odd kernels; an
     even one, which STU-Net never uses, takes the plain path)."""
     if any(k % 2 == 0 for k in weight.shape[2:]):
-        return F.conv3d(F.interpolate(low, scale_factor=scale, mode="nearest"), weight,
-                        padding=[k // 2 for k in weight.shape[2:]])
+        return F.conv3d(nearest(low, scale), weight, padding=[k // 2 for k in weight.shape[2:]])
     if weight.shape[2:] == (1, 1, 1):   # a pointwise convolution commutes with the up-sampling
-        full = F.conv3d(low, weight)
-        return full if scale == (1, 1, 1) else F.interpolate(full, scale_factor=scale,
-                                                             mode="nearest")
+        return nearest(F.conv3d(low, weight), scale)
     return _UpsampledConv.apply(low, weight, tuple(scale))

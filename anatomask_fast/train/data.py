@@ -174,6 +174,13 @@ class _NamedLoad(mt.LoadImaged):
             raise DataError(f"{files}: cannot be read as NIfTI ({detail})") from None
 
 
+def refuse_nonfinite(source, bad: int, total: int) -> None:
+    """A DataError naming ``source`` when ``bad`` of its ``total`` voxels are NaN or Inf."""
+    if bad:
+        raise DataError(f"{source}: {bad} of {total} voxels are NaN or infinite; expected "
+                        "finite intensities")
+
+
 class _Check3D(mt.MapTransform):
     """Rejects volumes that are not 3D or hold NaN / Inf (naming the file) and warns
     when one is smaller than the crop and will be padded."""
@@ -189,10 +196,7 @@ class _Check3D(mt.MapTransform):
             if image.ndim != 4:
                 raise DataError(f"{source}: expected a 3D volume, got spatial shape "
                                 f"{tuple(image.shape[1:])}")
-            bad = int((~torch.isfinite(image)).sum())
-            if bad:
-                raise DataError(f"{source}: {bad} of {image.numel()} voxels are NaN or "
-                                "infinite; expected finite intensities")
+            refuse_nonfinite(source, int((~torch.isfinite(image)).sum()), image.numel())
             if any(s < c for s, c in zip(image.shape[1:], self.crop)):
                 warnings.warn(f"{source}: shape {tuple(image.shape[1:])} is smaller than the "
                               f"crop {self.crop}; it is padded", stacklevel=2)

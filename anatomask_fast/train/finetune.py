@@ -322,15 +322,14 @@ def _validate(model: STUNet, validation: Volumes, val_set: Dataset, classes: int
     predictions; an overlay PNG of the first case."""
     per_case = []
     for index in range(len(validation)):
-        image, label = (torch.from_numpy(a) for a in validation.whole(index, label=True))
-        item = {"image": image}
-        image, label = image[None].to(runtime.device), label[0]
+        volume, label = (torch.from_numpy(a) for a in validation.whole(index, label=True))
+        image, label = volume[None].to(runtime.device), label[0]
         prediction = infer(model, image, config.crop, overlap=config.sw_overlap,
                            amp=config.amp).argmax(1)[0].cpu()
         per_case.append(dice_per_class(prediction, label, classes))
         if index == 0:
             overlay(out / "overlays" / f"epoch_{epoch:04d}_{val_set.cases[0].name}.png",
-                    item["image"][0], label, prediction)
+                    volume[0], label, prediction)
     model.train()
     table = np.array(per_case, dtype=np.float64)
     return [float(np.nanmean(col)) if not np.isnan(col).all() else math.nan for col in table.T]

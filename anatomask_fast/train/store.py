@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import MODALITIES, Case, DataError, Dataset, check_modality, discover
+from .data import (MODALITIES, Case, DataError, Dataset, check_modality, discover,
+                   refuse_nonfinite)
 
 FORMAT = "anatomask_fast.store/1"
 CT_NORMALIZATIONS = ("dataset", "volume")
@@ -128,10 +129,8 @@ def _load(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.dtype]:
     if array.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise DataError(f"{path}: {bad} of {array.size} voxels are NaN or infinite; "
-                            "expected finite intensities")
+        refuse_nonfinite(path, int(array.size - np.count_nonzero(np.isfinite(array))),
+                         array.size)
     return array, spacing, dtype
 
 

@@ -1,8 +1,8 @@
 """One AnatoMask pretraining step (teacher pass, mask selection, student forward and
 backward) of the library against the reference-faithful execution of the same network
 (dense-masked encoder, full densify, plain decoder, patchify loss, host-loop masks).
-On a GPU also the issue's configuration, STU-Net-B at 1x112x112x128, B=4, in fp32 and
-under bf16 autocast.
+On a GPU also the published configuration, STU-Net-B at 1x112x112x128, B=4, in fp32 and
+under bf16 autocast, and STU-Net-L under bf16 autocast.
 
 Not timed: the optimizer step (the same AdamW for both). Memory: the peak beyond the
 models and the input batch."""
@@ -24,7 +24,9 @@ SIZES = sizes(
           "B-B2-1x64x64x64": dict(model="B", B=2, spatial=(64, 64, 64))},
     quick={"quick-tiny-B2-1x32x32x32": dict(model="tiny", B=2, spatial=(32, 32, 32))},
     gpu={"B-B4-1x112x112x128-fp32": dict(model="B", B=4, spatial=(112, 112, 128)),
-         "B-B4-1x112x112x128-bf16": dict(model="B", B=4, spatial=(112, 112, 128), amp="bf16")},
+         "B-B4-1x112x112x128-bf16": dict(model="B", B=4, spatial=(112, 112, 128), amp="bf16"),
+         # Does STU-Net-L pretraining fit a 24 GB card at the published crop and batch?
+         "L-B4-1x112x112x128-bf16": dict(model="L", B=4, spatial=(112, 112, 128), amp="bf16")},
 )
 
 

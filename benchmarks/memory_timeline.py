@@ -1,10 +1,11 @@
-"""Where the peak memory of a benchmark call is: ``python -m benchmarks.memory_timeline
-MODULE CASE --backend B --size JSON [--device D]``.
+"""Where the peak memory (and the device time) of a benchmark call is: ``python -m
+benchmarks.memory_timeline MODULE CASE --backend B --size JSON [--device D] [--kernels N]``.
 
 Profiles one call (after a first one, as the benchmarks measure the steady state) with
 the profiler's allocation events and sums them in time order: the peak of live tensor
 bytes, the live bytes when backward starts, the ops running at the peak (outermost
-first) and the largest allocations of the last ``--window`` ms before it. Tensor bytes
+first) and the largest allocations of the last ``--window`` ms before it; with ``--kernels N`` also the N ops that took the most device
+time (self time, on a GPU the kernels). Tensor bytes
 are what the CUDA allocator's peak counts (less cuDNN's workspace), so a CPU run also
 estimates a GPU configuration's memory ratio; peak RSS (the benchmarks' CPU number)
 adds the allocator's own overhead.
@@ -33,6 +34,7 @@ class Timeline:
     at_backward_start: int | None      # bytes; None without autograd
     ops_at_peak: list[str]             # outermost first
     allocations_before_peak: list[tuple[float, int, str]]   # (ms before the peak, bytes, op)
+    busiest: list[tuple[str, float, int]]   # (op or kernel, self device ms, calls), most first
 
 
 def timeline(run, device: str, window_ms: float = 300.0, min_bytes: int = 8 * MIB) -> Timeline:
@@ -61,7 +63,17 @@ def timeline(run, device: str, window_ms: float = 300.0, min_bytes: int = 8 * MI
     recent = [((peak_ns - t) / 1e6, b, " > ".join(e.name() for e in running(t)[-2:]))
               for t, b in memory if 0 <= peak_ns - t <= window_ms * 1e6 and b >= min_bytes]
     return Timeline(peak, at_backward, [e.name() for e in running(peak_ns)],
-                    sorted(recent, key=lambda r: -r[1])[:12])
+                    sorted(recent, key=lambda r: -r[1])[:12], busiest(prof, device))
+
+
+def busiest(prof, device: str) -> list[tuple[str, float, int]]:
+    """Every op's self time on ``device`` (on a GPU: kernels and device copies), most
+    first."""
+    def self_us(event) -> float:
+        return event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+
+    rows = [(e.key, self_us(e) / 1e3, e.count) for e in prof.key_averages() if self_us(e) > 0]
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", required=True, help="the size dict, as JSON")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--window", type=float, default=300.0, help="ms before the peak")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="also list the N ops with the most self device time")
     args = parser.parse_args(argv)
     setup = getattr(importlib.import_module(f"benchmarks.{args.module}"), f"setup_{args.case}")
     size = json.loads(args.size)
@@ -84,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     print("  running at the peak: " + " > ".join(found.ops_at_peak))
     for before, nbytes, op in found.allocations_before_peak:
         print(f"  {before:8.1f} ms before: {nbytes / MIB:+8.1f} MiB  {op}")
+    if args.kernels:
+        total = sum(ms for _, ms, _ in found.busiest)
+        print(f"  self device time {total:.1f} ms in all; the {args.kernels} largest:")
+        for name, ms, calls in found.busiest[:args.kernels]:
+            print(f"  {ms:9.2f} ms {ms / total:6.1%} {calls:6d}x  {name[:100]}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@
 # 2. runs the GPU tests (`-m gpu`) for at most TEST_SECONDS (0: skip);
 # 3. runs the GPU benchmarks (`-k cuda`) for at most BENCH_SECONDS (0: skip) through
 #    `python -m benchmarks.report`, which merges them into benchmarks/results.json and
-#    rewrites RESULTS.md, ratios.png and the README table.
+#    rewrites RESULTS.md, ratios.png and the README table;
+# 4. profiles the training steps for at most PROFILE_SECONDS (environment, default 150;
+#    0: skip): whole-step allocator peaks (benchmarks.training_memory: STU-Net-L and -B,
+#    models and optimizer state included) and, per step, the ops with the most device
+#    time and the live tensors at the peak (benchmarks.memory_timeline --kernels).
 # Logs and the rewritten files land in $OUT (default /tmp/gpu_check).
 #
 # Prebuilding here saves device time (a build there takes minutes): in a Python 3.12
@@ -74,4 +78,28 @@ if [ "$BENCH_SECONDS" != 0 ]; then
     cp benchmarks/results.json benchmarks/RESULTS.md benchmarks/ratios.png "$OUT/"
   done
   grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/bench.log" | tail -20
+fi
+
+PROFILE_SECONDS=${PROFILE_SECONDS:-150}
+profile_deadline=$(( $(date +%s) + PROFILE_SECONDS ))
+profile() {   # profile MODULE ARGS...: python -m benchmarks.MODULE ARGS, within the budget
+  local module=$1 left=$(( profile_deadline - $(date +%s) ))
+  shift
+  [ $left -lt 15 ] && { echo "profile: no time left for $module $*" | tee -a "$OUT/env.txt"; return; }
+  echo "== $module $*" >>"$OUT/profile.log"
+  timeout $left $PY -m "benchmarks.$module" "$@" >>"$OUT/profile.log" 2>&1
+  echo "profile $module: rc=$?" | tee -a "$OUT/env.txt"
+}
+if [ "$PROFILE_SECONDS" != 0 ]; then
+  profile training_memory --model L --batch 4 --amp bf16
+  profile training_memory --model B --batch 4 --amp bf16
+  profile training_memory --model B --batch 4 --amp none
+  step_b4='{"model": "B", "B": 4, "spatial": [112, 112, 128]'
+  timeline=(--device cuda --kernels 30 --size)
+  profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4, \"amp\": \"bf16\"}"
+  profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4}"
+  profile memory_timeline bench_pretrain_step pretrain_step --backend reference "${timeline[@]}" "$step_b4}"
+  profile memory_timeline bench_finetune_step finetune_step --backend cuda "${timeline[@]}" \
+    '{"model": "B", "B": 2, "spatial": [128, 128, 128], "classes": 14}'
+  grep -E "^(==|training_memory|bench_)|peak|Error" "$OUT/profile.log" | tail -40
 fi

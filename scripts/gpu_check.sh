@@ -59,7 +59,7 @@ fi
 if [ "$TEST_SECONDS" != 0 ]; then
   start=$(date +%s)
   timeout "$TEST_SECONDS" $PY -m pytest tests -m gpu -q -n 8 -p no:cacheprovider --tb=short \
-    -rf --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    -rf >"$OUT/tests.log" 2>&1
   echo "tests: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
 fi

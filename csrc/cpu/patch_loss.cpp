@@ -3,9 +3,13 @@
 // One task is a column of patches: sample b, patch row i, patch column j, and the
 // d patches along the last axis. Its C*ph*pw rows of D contiguous values are read
 // in memory order; per-patch sums are kept per lane (an accumulator per position of
-// the D-long row), which vectorizes, and folded per patch at the end. The forward
-// copies the column's target once into a scratch buffer (it fits in L2), so the
-// variance and the error passes re-read it from cache, not from memory.
+// the D-long row), folded per patch at the end. Each patch's mean, scale and
+// gradient coefficient are spread over its lanes too, so that a row's loop runs over
+// whole segments of consecutive patches (all of the row when every patch counts)
+// without a branch: it vectorizes with long trip counts, and the column functions are
+// cloned for AVX2 and AVX-512 (simd.h). The forward copies the column's target once
+// into a scratch buffer (it fits in L2), so the variance and the error passes re-read
+// it from cache, not from memory.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +22,7 @@
 
 #include "../mask_geometry.h"
 #include "../outputs.h"
+#include "simd.h"
 
 namespace anatomask_fast {
 namespace {
@@ -27,132 +32,198 @@ struct Column {
   int64_t rows;       // C*ph*pw rows of D values
   int64_t n;          // values per patch, N = C*ph*pw*pd
   // Offset of row r of column `col` (b, i, j) in the (B, C, H, W, D) volume.
-  int64_t row_offset(int64_t col, int64_t r) const {
+  ANATOMASK_INLINE int64_t row_offset(int64_t col, int64_t r) const {
     const int64_t j = col % g.w, i = (col / g.w) % g.h, b = col / (g.w * g.h);
     const int64_t z = r % g.pw, y = (r / g.pw) % g.ph, c = r / (g.pw * g.ph);
     return (((b * g.C + c) * g.H + i * g.ph + y) * g.W + j * g.pw + z) * g.D;
   }
 };
 
+// A task's buffers, allocated once per task (outside the cloned functions: those must
+// not throw). Segments: maximal runs of patches along the column that are all needed
+// or all skipped, as [first, last) lane ranges.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> target, lanes, mu, scale, coef;
+  std::vector<int64_t> first, last;
+  std::vector<char> needed;
+  Scratch(int64_t rows, int64_t D, int64_t d)
+      : target(rows * D), lanes(D), mu(D), scale(D), coef(D), first(d), last(d), needed(d) {}
+};
+
+// Splits the column into segments; returns their count. needed[k]: patch k counts
+// (hidden, or every patch unless hidden_only).
+ANATOMASK_INLINE int64_t segments(const bool* cell, int64_t d, int64_t pd, bool hidden_only,
+                                  char* needed, int64_t* first, int64_t* last) {
+  int64_t count = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    needed[k] = !(hidden_only && cell[k]);
+    if (k == 0 || needed[k] != needed[k - 1]) first[count++] = k * pd;
+    last[count - 1] = (k + 1) * pd;
+  }
+  return count;
+}
+
 // Sum of the pd lanes of patch k.
 template <typename acc_t>
-acc_t fold(const std::vector<acc_t>& lanes, int64_t k, int64_t pd) {
+ANATOMASK_INLINE acc_t fold(const acc_t* lanes, int64_t k, int64_t pd) {
   acc_t total = 0;
   for (int64_t e = 0; e < pd; ++e) total += lanes[k * pd + e];
   return total;
 }
 
+// Patch k's value on each of its lanes.
+template <typename acc_t>
+ANATOMASK_INLINE void spread(acc_t* lanes, int64_t k, int64_t pd, acc_t value) {
+  for (int64_t e = k * pd; e < (k + 1) * pd; ++e) lanes[e] = value;
+}
+
 template <typename scalar_t, typename acc_t>
-void forward_columns(const scalar_t* rec, const scalar_t* x, const bool* active,
-                     acc_t* per_patch, acc_t* mean, acc_t* rstd, const Column& col_geo,
-                     bool norm_pix, acc_t eps, bool hidden_only, int64_t begin, int64_t end) {
-  const MaskGeometry& g = col_geo.g;
-  const int64_t D = g.D, d = g.d, pd = g.pd, rows = col_geo.rows;
-  std::vector<acc_t> target(rows * D), lanes(D), mu(d), scale(d);
-  std::vector<char> needed(d);
-  for (int64_t col = begin; col < end; ++col) {
-    const bool* cell = active + col * d;
-    bool any = false;
-    for (int64_t k = 0; k < d; ++k) any |= (needed[k] = !(hidden_only && cell[k]));
-    if (any) {
-      // Pass 1: copy the target, sum it.
-      std::fill(lanes.begin(), lanes.end(), acc_t(0));
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* src = x + col_geo.row_offset(col, r);
-        acc_t* dst = target.data() + r * D;
-        for (int64_t k = 0; k < d; ++k) {
-          if (!needed[k]) continue;
-          for (int64_t e = k * pd; e < (k + 1) * pd; ++e) {
-            dst[e] = static_cast<acc_t>(src[e]);
-            lanes[e] += dst[e];
-          }
-        }
-      }
-      for (int64_t k = 0; k < d; ++k) {
-        mu[k] = norm_pix ? fold(lanes, k, pd) / acc_t(col_geo.n) : acc_t(0);
-        scale[k] = acc_t(1);
-      }
-      // Pass 2: unbiased variance around the mean (two-pass: no cancellation).
-      if (norm_pix) {
-        std::fill(lanes.begin(), lanes.end(), acc_t(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* t = target.data() + r * D;
-          for (int64_t k = 0; k < d; ++k) {
-            if (!needed[k]) continue;
-            for (int64_t e = k * pd; e < (k + 1) * pd; ++e) {
-              const acc_t centered = t[e] - mu[k];
-              lanes[e] += centered * centered;
-            }
-          }
-        }
-        for (int64_t k = 0; k < d; ++k) {
-          scale[k] = acc_t(1) / std::sqrt(fold(lanes, k, pd) / acc_t(col_geo.n - 1) + eps);
-        }
-      }
-      // Pass 3: squared error against the (normalized) target.
-      std::fill(lanes.begin(), lanes.end(), acc_t(0));
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* pred = rec + col_geo.row_offset(col, r);
-        const acc_t* t = target.data() + r * D;
-        for (int64_t k = 0; k < d; ++k) {
-          if (!needed[k]) continue;
-          for (int64_t e = k * pd; e < (k + 1) * pd; ++e) {
-            const acc_t diff = static_cast<acc_t>(pred[e]) - (t[e] - mu[k]) * scale[k];
-            lanes[e] += diff * diff;
-          }
+ANATOMASK_SIMD_CLONES void forward_column(const scalar_t* rec, const scalar_t* x,
+                                          const bool* cell, acc_t* per_patch, acc_t* mean,
+                                          acc_t* rstd, const Column& geo, int64_t col,
+                                          bool norm_pix, acc_t eps, bool hidden_only,
+                                          Scratch<acc_t>& s) {
+  const int64_t D = geo.g.D, d = geo.g.d, pd = geo.g.pd, rows = geo.rows;
+  char* needed = s.needed.data();
+  const int64_t* first = s.first.data();
+  const int64_t* last = s.last.data();
+  const int64_t count = segments(cell, d, pd, hidden_only, needed, s.first.data(),
+                                 s.last.data());
+  acc_t* __restrict lanes = s.lanes.data();
+  acc_t* __restrict mu = s.mu.data();
+  acc_t* __restrict scale = s.scale.data();
+  const acc_t n = static_cast<acc_t>(geo.n);
+  bool any = false;
+  for (int64_t k = 0; k < d; ++k) any |= needed[k] != 0;
+  if (any) {
+    // Pass 1: copy the target, sum it.
+    std::fill(lanes, lanes + D, acc_t(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict src = x + geo.row_offset(col, r);
+      acc_t* __restrict dst = s.target.data() + r * D;
+      for (int64_t q = 0; q < count; ++q) {
+        if (!needed[first[q] / pd]) continue;
+#pragma omp simd
+        for (int64_t e = first[q]; e < last[q]; ++e) {
+          const acc_t v = static_cast<acc_t>(src[e]);
+          dst[e] = v;
+          lanes[e] += v;
         }
       }
     }
     for (int64_t k = 0; k < d; ++k) {
-      const int64_t l = col * d + k;
-      if (!needed[k]) {
-        per_patch[l] = mean[l] = rstd[l] = acc_t(0);
+      spread(mu, k, pd, norm_pix ? fold(lanes, k, pd) / n : acc_t(0));
+      spread(scale, k, pd, acc_t(1));
+    }
+    // Pass 2: unbiased variance around the mean (two-pass: no cancellation).
+    if (norm_pix) {
+      std::fill(lanes, lanes + D, acc_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* __restrict t = s.target.data() + r * D;
+        for (int64_t q = 0; q < count; ++q) {
+          if (!needed[first[q] / pd]) continue;
+#pragma omp simd
+          for (int64_t e = first[q]; e < last[q]; ++e) {
+            const acc_t centered = t[e] - mu[e];
+            lanes[e] += centered * centered;
+          }
+        }
+      }
+      for (int64_t k = 0; k < d; ++k) {
+        spread(scale, k, pd, acc_t(1) / std::sqrt(fold(lanes, k, pd) / (n - acc_t(1)) + eps));
+      }
+    }
+    // Pass 3: squared error against the (normalized) target.
+    std::fill(lanes, lanes + D, acc_t(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict pred = rec + geo.row_offset(col, r);
+      const acc_t* __restrict t = s.target.data() + r * D;
+      for (int64_t q = 0; q < count; ++q) {
+        if (!needed[first[q] / pd]) continue;
+#pragma omp simd
+        for (int64_t e = first[q]; e < last[q]; ++e) {
+          const acc_t diff = static_cast<acc_t>(pred[e]) - (t[e] - mu[e]) * scale[e];
+          lanes[e] += diff * diff;
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    const int64_t l = col * d + k;
+    if (!needed[k]) {
+      per_patch[l] = mean[l] = rstd[l] = acc_t(0);
+      continue;
+    }
+    // `e * hidden` as a product, like the reference: NaN in a visible patch shows.
+    per_patch[l] = fold(lanes, k, pd) / n * acc_t(cell[k] ? 0 : 1);
+    mean[l] = mu[k * pd];
+    rstd[l] = scale[k * pd];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+ANATOMASK_SIMD_CLONES void backward_column(const acc_t* grad_per_patch, const scalar_t* rec,
+                                           const scalar_t* x, const bool* cell,
+                                           const acc_t* mean, const acc_t* rstd,
+                                           scalar_t* grad_rec, const Column& geo, int64_t col,
+                                           bool hidden_only, Scratch<acc_t>& s) {
+  const int64_t d = geo.g.d, pd = geo.g.pd;
+  char* needed = s.needed.data();
+  const int64_t* first = s.first.data();
+  const int64_t* last = s.last.data();
+  const int64_t count = segments(cell, d, pd, hidden_only, needed, s.first.data(),
+                                 s.last.data());
+  acc_t* __restrict coef = s.coef.data();
+  acc_t* __restrict mu = s.mu.data();
+  acc_t* __restrict scale = s.scale.data();
+  for (int64_t k = 0; k < d; ++k) {
+    const int64_t l = col * d + k;
+    // d(e * hidden)/dr = hidden * 2/N * (r - t').
+    spread(coef, k, pd,
+           grad_per_patch[l] * acc_t(cell[k] ? 0 : 1) * acc_t(2) / acc_t(geo.n));
+    spread(mu, k, pd, mean[l]);
+    spread(scale, k, pd, rstd[l]);
+  }
+  for (int64_t r = 0; r < geo.rows; ++r) {
+    const int64_t offset = geo.row_offset(col, r);
+    const scalar_t* __restrict pred = rec + offset;
+    const scalar_t* __restrict t = x + offset;
+    scalar_t* __restrict out = grad_rec + offset;
+    for (int64_t q = 0; q < count; ++q) {
+      if (!needed[first[q] / pd]) {
+        std::fill(out + first[q], out + last[q], scalar_t(0));
         continue;
       }
-      // `e * hidden` as a product, like the reference: NaN in a visible patch shows.
-      per_patch[l] = fold(lanes, k, pd) / acc_t(col_geo.n) * acc_t(cell[k] ? 0 : 1);
-      mean[l] = mu[k];
-      rstd[l] = scale[k];
+#pragma omp simd
+      for (int64_t e = first[q]; e < last[q]; ++e) {
+        const acc_t target = (static_cast<acc_t>(t[e]) - mu[e]) * scale[e];
+        out[e] = static_cast<scalar_t>(coef[e] * (static_cast<acc_t>(pred[e]) - target));
+      }
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_columns(const scalar_t* rec, const scalar_t* x, const bool* active,
+                     acc_t* per_patch, acc_t* mean, acc_t* rstd, const Column& geo,
+                     bool norm_pix, acc_t eps, bool hidden_only, int64_t begin, int64_t end) {
+  Scratch<acc_t> scratch(geo.rows, geo.g.D, geo.g.d);
+  for (int64_t col = begin; col < end; ++col) {
+    forward_column(rec, x, active + col * geo.g.d, per_patch, mean, rstd, geo, col, norm_pix,
+                   eps, hidden_only, scratch);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_columns(const acc_t* grad_per_patch, const scalar_t* rec, const scalar_t* x,
                       const bool* active, const acc_t* mean, const acc_t* rstd,
-                      scalar_t* grad_rec, const Column& col_geo, bool hidden_only,
+                      scalar_t* grad_rec, const Column& geo, bool hidden_only,
                       int64_t begin, int64_t end) {
-  const MaskGeometry& g = col_geo.g;
-  const int64_t d = g.d, pd = g.pd;
-  std::vector<acc_t> coef(d), mu(d), scale(d);
-  std::vector<char> needed(d);
+  Scratch<acc_t> scratch(0, geo.g.D, geo.g.d);
   for (int64_t col = begin; col < end; ++col) {
-    for (int64_t k = 0; k < d; ++k) {
-      const int64_t l = col * d + k;
-      const bool visible = active[l];
-      needed[k] = !(hidden_only && visible);
-      // d(e * hidden)/dr = hidden * 2/N * (r - t').
-      coef[k] = grad_per_patch[l] * acc_t(visible ? 0 : 1) * acc_t(2) / acc_t(col_geo.n);
-      mu[k] = mean[l];
-      scale[k] = rstd[l];
-    }
-    for (int64_t r = 0; r < col_geo.rows; ++r) {
-      const int64_t offset = col_geo.row_offset(col, r);
-      const scalar_t* pred = rec + offset;
-      const scalar_t* t = x + offset;
-      scalar_t* out = grad_rec + offset;
-      for (int64_t k = 0; k < d; ++k) {
-        const int64_t first = k * pd, last = (k + 1) * pd;
-        if (!needed[k]) {
-          std::fill(out + first, out + last, scalar_t(0));
-          continue;
-        }
-        for (int64_t e = first; e < last; ++e) {
-          const acc_t target = (static_cast<acc_t>(t[e]) - mu[k]) * scale[k];
-          out[e] = static_cast<scalar_t>(coef[k] * (static_cast<acc_t>(pred[e]) - target));
-        }
-      }
-    }
+    backward_column(grad_per_patch, rec, x, active + col * geo.g.d, mean, rstd, grad_rec, geo,
+                    col, hidden_only, scratch);
   }
 }
 

@@ -4,7 +4,8 @@ compare, and peak memory measured in a fresh process.
 Every benchmark module defines ``setup_<case>(backend, size, device) -> run``: it
 allocates the inputs and returns a zero-argument callable doing one forward and
 backward (memory-bound ops also set ``run.bytes_moved``: the bytes the op must read
-and write), and makes its pytest test with :func:`benchmark_test`. Time comes from
+and write; ``run.extra_info()`` may return more to record), and makes its pytest test
+with :func:`benchmark_test`. Time comes from
 pytest-benchmark; memory from ``peak_extra_memory``: the peak beyond the inputs, as
 peak RSS of a fresh process (CPU) or the CUDA allocator's peak (GPU); on a GPU the
 achieved bandwidth is also recorded, as a fraction of the device's copy bandwidth.
@@ -187,6 +188,9 @@ def record(benchmark, *, module: str, case: str, backend: str, size: dict, devic
     benchmark.extra_info.update(
         backend=backend, device=device, case=case, size=size,
         peak_extra_bytes=peak_extra_memory(module, case, backend, size, device))
+    extra = getattr(run, "extra_info", None)      # e.g. per-phase times of the timed calls
+    if extra is not None:
+        benchmark.extra_info.update(extra())
     moved = getattr(run, "bytes_moved", None)
     if device == "cuda" and moved:
         copy = copy_bandwidth(device)

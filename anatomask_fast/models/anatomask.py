@@ -85,10 +85,24 @@ class AnatoMaskNet(nn.Module):
     def forward(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The reconstruction of ``x`` (B, C, H, W, D) seen through the visible mask
         ``active`` (B, 1, H/16, W/16, D/16)."""
-        features = self.encoder(x, active)[::-1]                  # deepest first
+        return self.decode(self.densify_features(self.encode(x, active), active))
+
+    # The three parts of forward, public for benchmarks.bench_pretrain_phases, which
+    # times (and differentiates) each on its own.
+    def encode(self, x: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+        """Every encoder stage's dense-masked output, deepest first."""
+        return self.encoder(x, active)[::-1]
+
+    def densify_features(self, features: list[torch.Tensor],
+                         active: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's inputs: per stage (deepest first) the sparse norm, mask tokens at
+        hidden positions, the projection; the full-resolution stage only when not lean
+        (the decoder never reads it)."""
         used = len(self.decoder.dec) if self.lean else len(features)
-        to_decoder = [self._densify(i, features[i], active) for i in range(used)]
-        return self.decoder(to_decoder, lean=self.lean)
+        return [self._densify(i, features[i], active) for i in range(used)]
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.decoder(maps, lean=self.lean)
 
     def _densify(self, i: int, feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         norm = self.densify_norms[i]

@@ -130,17 +130,19 @@ class Meter:
 
 # ---------------------------------------------------------------- one phased step
 
-def _leaves(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+def _leaves(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors]
 
 
-def _backward(outputs: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:
+def _backward(outputs: list[torch.Tensor | None], leaves: list[torch.Tensor | None]) -> None:
     """Backward from ``outputs`` with the gradients their leaf copies received (a
-    leaf without one, e.g. the full-resolution feature that lean mode never reads,
-    contributes none)."""
-    pairs = [(o, leaf.grad) for o, leaf in zip(outputs, leaves) if leaf.grad is not None]
-    for _, leaf in zip(outputs, leaves):
-        leaf.grad = None
+    leaf without one, e.g. the full-resolution feature that the reference densifies
+    and never reads, contributes none)."""
+    pairs = [(o, leaf.grad) for o, leaf in zip(outputs, leaves)
+             if leaf is not None and leaf.grad is not None]
+    for leaf in leaves:
+        if leaf is not None:
+            leaf.grad = None
     if pairs:
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
@@ -359,19 +361,22 @@ def measure_size(size: dict, device: str, repeats: int, profile: bool) -> dict:
 
 
 def measure(names: list[str], quick: bool, repeats: int, profile: bool = True) -> dict:
+    """{"sizes": {name: the size's measurement, stamped with machine, date and load}}."""
     from .report import machine, versions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = QUICK if quick else FULL
-    result = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
-              "threads": torch.get_num_threads(), "repeats": repeats,
-              "load_before": list(os.getloadavg()), "sizes": {}}
+    result: dict = {"sizes": {}}
     for name in names or list(table):
         print(f"{name}:", flush=True)
         size = table[name]
-        result["sizes"][name] = {"size": {**size, "spatial": list(size["spatial"])},
-                                 **measure_size(size, device, repeats, profile)}
-    result["load_after"] = list(os.getloadavg())
+        load_before = os.getloadavg()[0]
+        found = measure_size(size, device, repeats, profile)
+        result["sizes"][name] = {
+            "machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+            "threads": torch.get_num_threads(), "repeats": repeats,
+            "load": [load_before, os.getloadavg()[0]],
+            "size": {**size, "spatial": list(size["spatial"])}, **found}
     return result
 
 
@@ -395,17 +400,20 @@ def bound_by(share: float | None) -> str:
 def markdown(result: dict) -> list[str]:
     """The section of benchmarks/RESULTS.md (written by benchmarks.report)."""
     lines = ["### pretrain step by phase (`python -m benchmarks.bench_pretrain_phases`)", "",
-             f"_Measured on {result['machine']}; {result['versions']}; {result['date']}; "
-             f"{result['threads']} threads; load average {result['load_before'][0]:.1f} before, "
-             f"{result['load_after'][0]:.1f} after._ Median of {result['repeats']} steps of "
-             "each execution, alternating in one process, (min-max) the spread; memory: the "
-             "phase's peak beyond the set-up (models, AdamW state, batch). Conv: the share of "
-             "the phase's time inside PyTorch's own convolution ops (one profiled step); "
-             "above half, the phase is bound by them. Plot: "
+             "One training step of STU-Net-B split into its phases: the library's execution "
+             "against the dense reference execution (which equals the published step in "
+             "float64), alternating in one process. Times: median of the repeated steps of "
+             "each, (min-max) their spread. Memory: the phase's peak RSS beyond the step's "
+             "set-up (models, AdamW state, batch). Conv share: of the phase's time, the part "
+             "inside PyTorch's own convolution ops (one profiled step); above half, the phase "
+             "is bound by them, below by the code around them. Plot: "
              f"[`{PLOT.name}`]({PLOT.name}).", ""]
     for name, entry in result["sizes"].items():
         ref, lib = entry["reference"]["phases"], entry["library"]["phases"]
         lines += [f"#### {name}", "",
+                  f"_Measured on {entry['machine']}; {entry['versions']}; {entry['date']}; "
+                  f"{entry['threads']} threads; {entry['repeats']} steps each; load average "
+                  f"{entry['load'][0]:.1f} before, {entry['load'][1]:.1f} after._", "",
                   "| phase | reference ms | library ms | time ratio | reference peak MiB "
                   "| library peak MiB | conv share ref / lib | library bound by |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -413,19 +421,23 @@ def markdown(result: dict) -> list[str]:
             r, f = ref[phase], lib[phase]
             rt, ft = _median(r["seconds"]), _median(f["seconds"])
             lines.append(
-                f"| {phase} | {rt * 1e3:.0f} ({min(r['seconds']) * 1e3:.0f}-"
-                f"{max(r['seconds']) * 1e3:.0f}) | {ft * 1e3:.0f} ({min(f['seconds']) * 1e3:.0f}-"
-                f"{max(f['seconds']) * 1e3:.0f}) | {ft / rt if rt > 0 else float('nan'):.2f} | "
+                f"| {phase} | {_spread(r['seconds'])} | {_spread(f['seconds'])} | "
+                f"{ft / rt if rt > 0 else float('nan'):.2f} | "
                 f"{_median(r['peak_bytes']) / MIB:.0f} | {_median(f['peak_bytes']) / MIB:.0f} | "
                 f"{_share(r)} / {_share(f)} | {bound_by(f.get('conv_share'))} |")
         for label, names in (("teacher pass to student backward (bench_pretrain_step's "
                               "call)", STEP_TO_BACKWARD), ("whole step", PHASES)):
             rs, fs = _step_seconds(ref, names), _step_seconds(lib, names)
-            lines.append(f"| **{label}** | {_median(rs) * 1e3:.0f} ({min(rs) * 1e3:.0f}-"
-                         f"{max(rs) * 1e3:.0f}) | {_median(fs) * 1e3:.0f} ({min(fs) * 1e3:.0f}-"
-                         f"{max(fs) * 1e3:.0f}) | {_median(fs) / _median(rs):.2f} | | | | |")
+            lines.append(f"| **{label}** | {_spread(rs)} | {_spread(fs)} | "
+                         f"{_median(fs) / _median(rs):.2f} | "
+                         f"{max(_median(ref[n]['peak_bytes']) for n in names) / MIB:.0f} | "
+                         f"{max(_median(lib[n]['peak_bytes']) for n in names) / MIB:.0f} | | |")
         lines.append("")
     return lines
+
+
+def _spread(seconds: list[float]) -> str:
+    return f"{_median(seconds) * 1e3:.0f} ({min(seconds) * 1e3:.0f}-{max(seconds) * 1e3:.0f})"
 
 
 def _share(phase: dict) -> str:
@@ -469,8 +481,8 @@ def plot(result: dict, path: Path) -> None:
         memory_ax.set_title(f"{name}: memory peak per phase (plain: reference, hatched: library)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=8, fontsize=8, title="phase")
-    fig.suptitle(f"AnatoMask pretraining step by phase, STU-Net ({result['machine']}, "
-                 f"{result['date']})")
+    stamps = sorted({f"{e['machine']}, {e['date']}" for e in result["sizes"].values()})
+    fig.suptitle(f"AnatoMask pretraining step by phase, STU-Net-B ({'; '.join(stamps)})")
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)

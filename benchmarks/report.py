@@ -180,7 +180,15 @@ def document(entries: list[dict], command: str) -> str:
         "On a GPU, memory-bound ops also report the bytes they must move per second as a "
         "share of the device's measured copy bandwidth, per call (host overhead included) and, "
         "in parentheses, over the time the device spends in the op's kernels (profiler).",
-        "", *table(entries), *data_pipeline()])
+        "", *table(entries), *pretrain_phases(), *data_pipeline()])
+
+
+def pretrain_phases() -> list[str]:
+    """The per-phase profile of a pretraining step, from the last full
+    ``benchmarks.bench_pretrain_phases`` run."""
+    from .bench_pretrain_phases import RESULTS, markdown
+
+    return markdown(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
 
 
 def data_pipeline() -> list[str]:

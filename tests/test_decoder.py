@@ -115,3 +115,13 @@ def test_fused_batch_norm_act_conv_half_precision_statistics_in_fp32():
     out = batch_norm_act_conv(x, bn.bfloat16(), True, conv.bfloat16())
     expected = conv.float()(torch.nn.functional.relu6(bn_ref(x.float())))
     torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_small_levels_next_to_large_weights_run_plain():
+    """STU-Net-B at 64^3: the 512-channel level (1 MiB maps per sample, 110 MB of
+    weights) runs the plain modules, the full-resolution one the lean path."""
+    decoder = LightDecoder(levels=4, width=512).train()
+    deepest, full = decoder.dec[0], decoder.dec[3]
+    assert not deepest.runs_lean(True, torch.empty(2, 512, 4, 4, 4))
+    assert full.runs_lean(True, torch.empty(2, 64, 32, 32, 32))
+    assert not full.runs_lean(False, torch.empty(2, 64, 32, 32, 32))

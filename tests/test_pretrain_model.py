@@ -108,3 +108,26 @@ def test_step_under_bf16_autocast(device):
     assert set(grads16) == set(grads32)
     for name, grad in grads16.items():
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+
+
+def test_teacher_pass_skipped_when_no_patch_is_chosen_by_its_error():
+    """hard_frac 0.1 of 8 hidden patches chooses none: the teacher does not run, and the
+    mask is the one its errors would have given."""
+    from anatomask_fast import anatomical_mask
+    from anatomask_fast.train.pretrain import _seed
+
+    torch.manual_seed(0)
+    student = AnatoMaskNet("tiny", 1)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    x = torch.randn(2, 1, 32, 32, 64)
+    with_errors = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0, seed=7)
+
+    def refuse(*args):
+        raise AssertionError("the teacher ran")
+
+    teacher.forward = refuse
+    skipped = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=0.1, seed=7)
+    assert skipped.mask.n_hard == 0 and not skipped.teacher_errors.any()
+    expected = anatomical_mask(with_errors.teacher_errors.view(2, 1, 2, 2, 4), 0.5, 0.1,
+                               seed=_seed(7, 1))
+    assert torch.equal(skipped.mask.active, expected.active)

@@ -89,17 +89,23 @@ class AnatoMaskNet(nn.Module):
 
     # The three parts of forward, public for benchmarks.bench_pretrain_phases, which
     # times (and differentiates) each on its own.
-    def encode(self, x: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
-        """Every encoder stage's dense-masked output, deepest first."""
-        return self.encoder(x, active)[::-1]
+    def encode(self, x: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor | None]:
+        """Every encoder stage's dense-masked output, deepest first; when lean, None for
+        the stages the decoder does not read (the full-resolution one)."""
+        stages = len(self.encoder.conv_blocks_context)
+        first = stages - self._densified(stages)
+        return self.encoder(x, active, first=first)[::-1]
 
-    def densify_features(self, features: list[torch.Tensor],
+    def densify_features(self, features: list[torch.Tensor | None],
                          active: torch.Tensor) -> list[torch.Tensor]:
         """The decoder's inputs: per stage (deepest first) the sparse norm, mask tokens at
         hidden positions, the projection; the full-resolution stage only when not lean
         (the decoder never reads it)."""
-        used = len(self.decoder.dec) if self.lean else len(features)
-        return [self._densify(i, features[i], active) for i in range(used)]
+        return [self._densify(i, features[i], active)
+                for i in range(self._densified(len(features)))]
+
+    def _densified(self, stages: int) -> int:
+        return len(self.decoder.dec) if self.lean else stages
 
     def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return self.decoder(maps, lean=self.lean)

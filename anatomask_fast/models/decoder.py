@@ -8,15 +8,18 @@ from ``width``; ``proj`` is a 1x1x1 conv to the image channels.
 
 Memory-lean execution (training mode), per level with input ``s``:
 - ``up_sample`` and the following conv run as one autograd function that stores the
-  level's input only and recomputes the up-sampled map in backward; the recompute
-  costs ~8/27 of that conv.
+  level's input only: at the large levels the composition of the two kernels
+  (:mod:`~anatomask_fast.models.transposed_up_conv`: no up-sampled map, none of the
+  transposed convolution's multiply-adds; the EMA teacher's pass uses it too), else
+  the pair, recomputing the up-sampled map in backward (~8/27 of that conv).
 - BatchNorm -> ReLU6 -> conv, and the last BatchNorm -> ``proj``, run as one autograd
   function that stores only the BatchNorm input and recomputes the normalized,
   activated map in backward (element-wise work).
 The lean path runs only where it computes what the plain modules would: the block in
 training mode with its BatchNorms in training mode (batch statistics) and gradients
-enabled. Otherwise (the EMA teacher in eval mode: running statistics, not updated;
-a BatchNorm put in eval mode on its own) the plain modules run.
+enabled, and only where a sample's maps are not small next to the level's weights.
+Otherwise (the EMA teacher in eval mode: running statistics, not updated; a
+BatchNorm put in eval mode on its own; the 512-channel level) the plain modules run.
 What stays stored per level: ``s``, and the outputs of the two 3x3x3 convs. Forward and
 backward run one sample at a time (the fused BatchNorm backward one group of input
 channels of a sample at a time), so the full-resolution intermediates, their
@@ -33,21 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .amp import AutocastState, accumulate_fp32
+from . import transposed_up_conv
+from .amp import AutocastState, accumulate_fp32, memory_format_of
 
 _DIMS = (0, 2, 3, 4)
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1, 1)
-
-
-def _layout_of(t: torch.Tensor) -> torch.memory_format:
-    """The dense memory format ``t`` is in. The decoder runs channels-last on CPU: an
-    incoming gradient made plain-contiguous would be a full copy (and every convolution
-    backward would reorder between the two formats)."""
-    channels_last = t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
-    return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 class _BatchNormActConv(torch.autograd.Function):
@@ -85,7 +81,7 @@ class _BatchNormActConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, rstd, weight, bias, conv_weight, count = ctx.saved_tensors
-        grad_out = grad_out.contiguous(memory_format=_layout_of(x))
+        grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
         # One sample and one group of input channels at a time: the activated map, its
         # gradient and the convolution's temporaries exist for that slice only (the
         # gradient buffer is for the batch, and becomes d x in place). Input channels
@@ -146,7 +142,7 @@ def _per_sample(run: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
         sample = run(n)
         if out is None:
             out = torch.empty((batch, *sample.shape[1:]), dtype=sample.dtype,
-                              device=sample.device, memory_format=_layout_of(sample))
+                              device=sample.device, memory_format=memory_format_of(sample))
         out[n:n + 1] = sample
         del sample
     return out
@@ -216,7 +212,7 @@ class _UpsampleConv(torch.autograd.Function):
                 up = F.conv_transpose3d(sample, up_weight, up_bias, stride=up_stride,
                                         padding=up_padding)
             grad_up, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad[n:n + 1].contiguous(memory_format=_layout_of(up)), up.to(grad.dtype),
+                grad[n:n + 1].contiguous(memory_format=memory_format_of(up)), up.to(grad.dtype),
                 compute_weight, None, [1] * 3, list(padding), [1] * 3, False, [0] * 3, 1,
                 [True, True, False])
             del up
@@ -239,6 +235,11 @@ def up_sample_conv(s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv
                                up_sample.stride, up_sample.padding, conv.padding)
 
 
+# A level runs lean when one sample's up-sampled map has at least 1/8 of the elements
+# of the level's weights (see UNetBlock.runs_lean).
+_LEAN_MIN_MAP_TO_WEIGHTS = 8
+
+
 class UNetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, sync_bn: bool = False) -> None:
         super().__init__()
@@ -248,17 +249,33 @@ class UNetBlock(nn.Module):
             nn.Conv3d(cin, cin, 3, padding=1, bias=False), norm(cin), nn.ReLU6(inplace=True),
             nn.Conv3d(cin, cout, 3, padding=1, bias=False), norm(cout))
 
-    def runs_lean(self, lean: bool) -> bool:
-        """Whether the lean path gives the plain modules' result: batch statistics."""
+    def runs_lean(self, lean: bool, x: torch.Tensor) -> bool:
+        """Whether the lean path gives the plain modules' result (batch statistics), and
+        is worth it for input ``x``: its per-sample passes handle every weight once per
+        sample, so a level whose up-sampled map (per sample) is small next to its
+        weights runs plain (STU-Net-B: the 512-channel level, whose maps are a few MiB
+        and weights 110 MB)."""
         bn1, bn2 = self.conv[1], self.conv[4]
+        weights = sum(m.weight.numel() for m in (self.up_sample, self.conv[0], self.conv[3]))
+        up_sampled = x[0].numel() * 8
         return lean and self.training and bn1.training and bn2.training \
-            and torch.is_grad_enabled()
+            and torch.is_grad_enabled() and up_sampled * _LEAN_MIN_MAP_TO_WEIGHTS >= weights
+
+    def first_conv(self, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        """``conv[0](up_sample(x))``: without ``lean`` the plain modules; with it, where
+        it pays, the composition that skips the up-sampled map (in any mode: the EMA
+        teacher's pass too), else in the lean path the recomputing pair."""
+        if lean and transposed_up_conv.pays(x, self.up_sample, self.conv[0]):
+            return transposed_up_conv.transposed_up_conv(x, self.up_sample, self.conv[0])
+        if self.runs_lean(lean, x):
+            return up_sample_conv(x, self.up_sample, self.conv[0])
+        return self.conv[0](self.up_sample(x))
 
     def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
-        if not self.runs_lean(lean):
-            return self.conv(self.up_sample(x))
-        conv1, bn1, _, conv2, bn2 = self.conv
-        c1 = up_sample_conv(x, self.up_sample, conv1)
+        c1 = self.first_conv(x, lean)
+        if not self.runs_lean(lean, x):
+            return self.conv[1:](c1)
+        _, bn1, _, conv2, bn2 = self.conv
         return bn2(batch_norm_act_conv(c1, bn1, True, conv2))
 
 
@@ -297,14 +314,14 @@ class LightDecoder(nn.Module):
         for i, level in enumerate(self.dec):
             if i < len(features) and features[i] is not None:
                 x = features[i] + x      # in the feature's memory format
-            if i == len(self.dec) - 1 and level.runs_lean(lean):
+            if i == len(self.dec) - 1 and level.runs_lean(lean, x):
                 return self._last_level_lean(level, x)
             x = level(x, lean)
         return self.proj(x)
 
     def _last_level_lean(self, level: UNetBlock, x: torch.Tensor) -> torch.Tensor:
         # As UNetBlock's lean path, with the last BatchNorm fused into `proj`.
-        conv1, bn1, _, conv2, bn2 = level.conv
-        c1 = up_sample_conv(x, level.up_sample, conv1)
+        _, bn1, _, conv2, bn2 = level.conv
+        c1 = level.first_conv(x, True)
         return batch_norm_act_conv(batch_norm_act_conv(c1, bn1, True, conv2), bn2, False,
                                    self.proj)

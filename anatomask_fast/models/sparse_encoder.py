@@ -118,7 +118,10 @@ class SparseSTUNetEncoder(nn.Module):
         return MaskLayout.build(active, stages=len(self.conv_blocks_context),
                                 packed_stages=self.packed_stages)
 
-    def forward(self, x: torch.Tensor, active: torch.Tensor | MaskLayout) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, active: torch.Tensor | MaskLayout, *,
+                first: int = 0) -> list[torch.Tensor | None]:
+        """Stages below ``first`` give None instead of their map (a packed one is then
+        never unpacked): the lean decoder never reads the full-resolution stage."""
         layout = active if isinstance(active, MaskLayout) else None
         active = layout.active if layout is not None else active
         self._check_inputs(x, active)
@@ -145,7 +148,7 @@ class SparseSTUNetEncoder(nn.Module):
         # The other packed stages are unpacked last, so that backward runs their unpack
         # first and frees the dense gradients of these maps early.
         for s, p in packed.items():
-            features[s] = unpack_patches(p, layout.patches, layout.slots)
+            features[s] = unpack_patches(p, layout.patches, layout.slots) if s >= first else None
         return features
 
     def _check_inputs(self, x: torch.Tensor, active: torch.Tensor) -> None:

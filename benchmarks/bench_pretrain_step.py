@@ -4,8 +4,10 @@ backward) of the library against the reference-faithful execution of the same ne
 On a GPU also the published configuration, STU-Net-B at 1x112x112x128, B=4, in fp32 and
 under bf16 autocast, and STU-Net-L under bf16 autocast.
 
-Not timed: the optimizer step (the same AdamW for both). Memory: the peak beyond the
-models and the input batch."""
+Not timed: the optimizer step and the EMA update (``bench_pretrain_phases`` times them:
+the library's fused AdamW and foreach EMA against the published per-tensor ones).
+Memory: the peak beyond the models and the input batch (the parameter gradients
+included)."""
 from __future__ import annotations
 
 import contextlib

@@ -16,6 +16,7 @@ import functools
 import importlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +29,23 @@ import anatomask_fast
 
 QUICK = os.environ.get("ANATOMASK_BENCH_QUICK") == "1"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    return f"CPU {model}, {os.cpu_count()} cores"
+
+
+def versions() -> str:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
 def sizes(full: dict[str, dict], quick: dict[str, dict],

@@ -10,6 +10,7 @@ from anatomask_fast import patch_recon_loss, random_mask
 from anatomask_fast.models import transposed_up_conv as tuc
 from anatomask_fast.models.amp import memory_format_of
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
+from anatomask_fast.models import decoder as decoder_module
 from anatomask_fast.models.decoder import LightDecoder
 
 
@@ -89,7 +90,13 @@ def composed_everywhere(monkeypatch):
     monkeypatch.setattr(tuc, "MAX_PAIRS_TO_MAP", float("inf"))
 
 
-def test_decoder_lean_and_eval_with_the_composition(composed_everywhere):
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-samples", "channel-slices"])
+def test_decoder_lean_and_eval_with_the_composition(composed_everywhere, sliced, monkeypatch):
+    """The lean levels run the composed block, whose backward hands c1's gradient to the
+    composition slice by slice (uneven groups of at least 3 channels when sliced)."""
+    if sliced:
+        monkeypatch.setattr(decoder_module, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(decoder_module, "_MIN_SLICE_CHANNELS", 3)
     torch.manual_seed(0)
     plain = LightDecoder(levels=3, width=32, out_channels=2).double().train()
     lean = copy.deepcopy(plain)
@@ -129,3 +136,18 @@ def test_pretraining_network_with_the_composition_equals_reference_float64(
     assert set(got) == set(want)
     for name, g in got.items():
         torch.testing.assert_close(g, want[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_decoder_under_bf16_autocast_with_the_composition(composed_everywhere):
+    torch.manual_seed(0)
+    decoder = LightDecoder(levels=2, width=16, out_channels=1).train()
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(s, generator=gen) for s in [(2, 16, 2, 2, 2), (2, 8, 4, 4, 4)]]
+    full = decoder(inputs, lean=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = decoder(inputs, lean=True)
+    assert (half.float() - full).abs().max() <= 5e-2 * full.abs().max()
+    half.float().square().mean().backward()
+    for name, p in decoder.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name

@@ -28,6 +28,7 @@ of a CPU pretraining step (STU-Net-B, 1x64^3, B=2) is set by these slices.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -46,91 +47,191 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1, 1)
 
 
-class _BatchNormActConv(torch.autograd.Function):
-    """conv(act(batch_norm(x))) storing x and the per-channel statistics only.
+def _batch_statistics(x: torch.Tensor, running_mean: torch.Tensor | None,
+                      running_var: torch.Tensor | None, momentum: float, eps: float,
+                      sync: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, rstd, count) per channel as ``nn.BatchNorm3d`` in training mode computes
+    them (biased variance for normalization, unbiased for the running estimate, which
+    is updated; synchronized across processes like ``SyncBatchNorm`` when ``sync``)."""
+    acc = torch.promote_types(x.dtype, torch.float32)   # fp32 statistics for fp16/bf16
+    count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=acc)
+    var, mean = (t.to(acc) for t in torch.var_mean(x, dim=_DIMS, correction=0))
+    if sync:  # combine the processes' moments exactly, in float64
+        moments = torch.stack([mean * count, (var + mean * mean) * count,
+                               count.expand_as(mean)]).double()
+        dist.all_reduce(moments)
+        count = moments[2, 0].to(acc)
+        mean = (moments[0] / moments[2]).to(acc)
+        var = (moments[1] / moments[2] - (moments[0] / moments[2]) ** 2).clamp_min(0).to(acc)
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var * count / (count - 1).clamp_min(1),
+                                            alpha=momentum)
+    return mean, torch.rsqrt(var + eps), count
 
-    Batch statistics as ``nn.BatchNorm3d`` in training mode (biased variance for
-    normalization, unbiased for the running estimate; synchronized across processes
-    like ``SyncBatchNorm`` when ``sync``)."""
+
+def _normalize_act_conv(x, mean, rstd, bn_weight, bn_bias, relu6, conv_weight, conv_bias,
+                        padding) -> torch.Tensor:
+    """conv(act(batch_norm(x))), one sample at a time."""
+    return _per_sample(lambda n: F.conv3d(
+        _normalize_act(x[n:n + 1], mean, rstd, bn_weight, bn_bias, relu6), conv_weight,
+        conv_bias, padding=padding), x.shape[0])
+
+
+def _slice_gradients(x, grad_out, mean, rstd, weight, bias, relu6, conv_weight, padding,
+                     grad_conv_weight: torch.Tensor | None):
+    """The gradient ``g`` at the BatchNorm's output (the activation's derivative applied)
+    one sample and one group of input channels at a time: yields (sample index, channel
+    slice, g, the slice of x, a free buffer of its size). The activated map, ``g`` and
+    the convolution's temporaries exist for one slice only. Input channels split
+    exactly: each channel's gradient and weight gradient are sums over the output
+    channels only; the weight's gradient is added to ``grad_conv_weight`` when given.
+    The forward's conv ran in grad_out's dtype (autocast's, under autocast): so does
+    its backward."""
+    compute_weight = conv_weight.to(grad_out.dtype)
+    for n in range(x.shape[0]):
+        for ch in _channel_groups(x[:1]):
+            sample = x[n:n + 1, ch]
+            y = _normalize_act(sample, mean[ch], rstd[ch], weight[ch], bias[ch], relu6)
+            g, gw, _ = torch.ops.aten.convolution_backward(
+                grad_out[n:n + 1], y.to(grad_out.dtype), compute_weight[:, ch], None,
+                [1] * 3, list(padding), [1] * 3, False, [0] * 3, 1,
+                [True, grad_conv_weight is not None, False])
+            if grad_conv_weight is not None:
+                grad_conv_weight[:, ch] += gw
+            if relu6:
+                # ReLU6's derivative, read off its output. A bool mask, not mul_ by one:
+                # that would promote the mask to a float copy of the slice.
+                g.masked_fill_(y.le(0).logical_or_(y.ge(6)), 0)
+            yield n, ch, g, sample, y
+            del y, g
+
+
+def _coefficients(sum_g, sum_gx, mean, rstd, weight, count, sync):
+    """d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the batch) as
+    ``a * g + b * x + c`` per channel (xhat is never materialized), from the
+    per-channel sums of g and g * x; and the BatchNorm's weight and bias gradients."""
+    grad_bias = sum_g
+    grad_weight = (sum_gx - mean * grad_bias) * rstd            # sum(g * xhat)
+    sums = torch.stack([grad_bias, grad_weight])
+    if sync:
+        dist.all_reduce(sums)
+    mean_g, mean_gx = (sums / count).unbind(0)
+    a = rstd * weight
+    b = -a * rstd * mean_gx
+    c = -a * mean_g - b * mean
+    return a, b, c, grad_weight, grad_bias
+
+
+class _BatchNormActConv(torch.autograd.Function):
+    """conv(act(batch_norm(x))) storing x and the per-channel statistics only (batch
+    statistics: :func:`_batch_statistics`)."""
 
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                 relu6, conv_weight, conv_bias, padding, sync):
-        acc = torch.promote_types(x.dtype, torch.float32)   # fp32 statistics for fp16/bf16
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=acc)
-        var, mean = (t.to(acc) for t in torch.var_mean(x, dim=_DIMS, correction=0))
-        if sync:  # combine the processes' moments exactly, in float64
-            moments = torch.stack([mean * count, (var + mean * mean) * count,
-                                   count.expand_as(mean)]).double()
-            dist.all_reduce(moments)
-            count = moments[2, 0].to(acc)
-            mean = (moments[0] / moments[2]).to(acc)
-            var = (moments[1] / moments[2] - (moments[0] / moments[2]) ** 2).clamp_min(0).to(acc)
-        rstd = torch.rsqrt(var + eps)
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var * count / (count - 1).clamp_min(1),
-                                                alpha=momentum)
+        mean, rstd, count = _batch_statistics(x, running_mean, running_var, momentum, eps, sync)
         ctx.save_for_backward(x, mean, rstd, bn_weight, bn_bias, conv_weight, count)
         ctx.relu6, ctx.padding, ctx.sync = relu6, padding, sync
         ctx.has_conv_bias = conv_bias is not None
-        return _per_sample(lambda n: F.conv3d(
-            _normalize_act(x[n:n + 1], mean, rstd, bn_weight, bn_bias, relu6), conv_weight,
-            conv_bias, padding=padding), x.shape[0])
+        return _normalize_act_conv(x, mean, rstd, bn_weight, bn_bias, relu6, conv_weight,
+                                   conv_bias, padding)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, rstd, weight, bias, conv_weight, count = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-        # One sample and one group of input channels at a time: the activated map, its
-        # gradient and the convolution's temporaries exist for that slice only (the
-        # gradient buffer is for the batch, and becomes d x in place). Input channels
-        # split exactly: each channel's gradient and weight gradient are sums over the
-        # output channels only. The forward's conv ran in grad_out's dtype (autocast's,
-        # under autocast): so does its backward.
+        # The gradient buffer is for the batch, and becomes d x in place.
         grad_y = torch.empty_like(x)
         grad_conv_weight = torch.zeros_like(conv_weight, dtype=torch.promote_types(
             grad_out.dtype, torch.float32))
         # Per channel, sums of g and of g * x, taken slice by slice: a sum over the whole
         # half-precision gradient with an fp32 result would first copy it to fp32.
         sum_g, sum_gx = torch.zeros_like(mean), torch.zeros_like(mean)
-        compute_weight = conv_weight.to(grad_out.dtype)
-        groups = _channel_groups(x[:1])
-        for n in range(x.shape[0]):
-            for ch in groups:
-                sample = x[n:n + 1, ch]
-                y = _normalize_act(sample, mean[ch], rstd[ch], weight[ch], bias[ch], ctx.relu6)
-                g, gw, _ = torch.ops.aten.convolution_backward(
-                    grad_out[n:n + 1], y.to(grad_out.dtype), compute_weight[:, ch], None,
-                    [1] * 3, list(ctx.padding), [1] * 3, False, [0] * 3, 1, [True, True, False])
-                grad_conv_weight[:, ch] += gw
-                if ctx.relu6:
-                    # ReLU6's derivative, read off its output. A bool mask, not mul_ by
-                    # one: that would promote the mask to a float copy of the slice.
-                    g.masked_fill_(y.le(0).logical_or_(y.ge(6)), 0)
-                grad_y[n:n + 1, ch] = g
-                sum_g[ch] += g.sum(_DIMS, dtype=sum_g.dtype)
-                sum_gx[ch] += y.copy_(sample).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
-                del y, g
-        del compute_weight
+        for n, ch, g, sample, y in _slice_gradients(x, grad_out, mean, rstd, weight, bias,
+                                                    ctx.relu6, conv_weight, ctx.padding,
+                                                    grad_conv_weight):
+            grad_y[n:n + 1, ch] = g
+            sum_g[ch] += g.sum(_DIMS, dtype=sum_g.dtype)
+            sum_gx[ch] += y.copy_(sample).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)  # y's buffer
+        del g, sample, y        # the last slice's: not alive beside the whole gradient
         grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         grad_conv_bias = grad_out.sum(_DIMS, dtype=conv_weight.dtype) if ctx.has_conv_bias \
             else None
-        # d x = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) (means over the batch)
-        # as a * g + b * x + c in place: xhat is never materialized.
-        grad_bias = sum_g
-        grad_weight = (sum_gx - mean * grad_bias) * rstd            # sum(g * xhat)
-        sums = torch.stack([grad_bias, grad_weight])
-        if ctx.sync:
-            dist.all_reduce(sums)
-        mean_g, mean_gx = (sums / count).unbind(0)
-        a = rstd * weight
-        b = -a * rstd * mean_gx
-        c = -a * mean_g - b * mean
+        a, b, c, grad_weight, grad_bias = _coefficients(sum_g, sum_gx, mean, rstd, weight,
+                                                        count, ctx.sync)
         grad_x = grad_y.mul_(_per_channel(a.to(x.dtype))).add_(_per_channel(c.to(x.dtype)))
         grad_x.addcmul_(x, _per_channel(b.to(x.dtype)))
         return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
                 None, None, grad_conv_weight, grad_conv_bias, None, None)
+
+
+class _ComposedBlock(torch.autograd.Function):
+    """conv2(relu6(batch_norm(conv1(up_sample(s))))) with up-sampling and conv1 composed
+    (:mod:`~anatomask_fast.models.transposed_up_conv`), storing ``s`` and conv1's
+    output ``c1`` only. Backward never holds the gradient of ``c1`` for the batch: a
+    first pass over (sample, channel group) slices takes the BatchNorm's sums and conv2's
+    weight gradient, a second recomputes each slice's gradient (conv2's input gradient
+    once more), turns it into ``c1``'s and hands it to the composition's gradients at
+    once. At the full-resolution level this removes the largest tensor of a step's
+    peak (``c1``'s gradient, as large as ``c1``) for one more input-gradient pass of
+    conv2."""
+
+    @staticmethod
+    def forward(ctx, s, up_weight, up_bias, conv1_weight, conv1_bias, bn_weight, bn_bias,
+                running_mean, running_var, momentum, eps, conv2_weight, padding, sync):
+        c1 = transposed_up_conv.composed(s, up_weight, up_bias, conv1_weight, conv1_bias)
+        mean, rstd, count = _batch_statistics(c1, running_mean, running_var, momentum, eps,
+                                              sync)
+        ctx.save_for_backward(s, up_weight, up_bias, conv1_weight, conv1_bias, c1, mean, rstd,
+                              bn_weight, bn_bias, conv2_weight, count)
+        ctx.padding, ctx.sync = padding, sync
+        ctx.autocast = AutocastState.current(s.device)
+        return _normalize_act_conv(c1, mean, rstd, bn_weight, bn_bias, True, conv2_weight,
+                                   None, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (s, up_weight, up_bias, conv1_weight, conv1_bias, c1, mean, rstd, weight, bias,
+         conv2_weight, count) = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=memory_format_of(c1))
+        slices = functools.partial(_slice_gradients, c1, grad_out, mean, rstd, weight, bias,
+                                   True, conv2_weight, ctx.padding)
+        grad_conv2_weight = torch.zeros_like(conv2_weight, dtype=torch.promote_types(
+            grad_out.dtype, torch.float32))
+        sum_g, sum_gx = torch.zeros_like(mean), torch.zeros_like(mean)
+        for _, ch, g, sample, y in slices(grad_conv2_weight):
+            sum_g[ch] += g.sum(_DIMS, dtype=sum_g.dtype)
+            sum_gx[ch] += y.copy_(sample).mul_(g).sum(_DIMS, dtype=sum_gx.dtype)
+        del g, sample, y        # the last slice's
+        a, b, c, grad_weight, grad_bias = (
+            t.to(c1.dtype) if i < 3 else t
+            for i, t in enumerate(_coefficients(sum_g, sum_gx, mean, rstd, weight, count,
+                                                ctx.sync)))
+        gradients = transposed_up_conv.ComposedGradients(
+            s, up_weight, up_bias, conv1_weight, conv1_bias, c1.dtype, ctx.needs_input_grad[0],
+            ctx.autocast)
+        for n, ch, g, sample, _ in slices(None):
+            g.mul_(_per_channel(a[ch])).add_(_per_channel(c[ch])).addcmul_(
+                sample, _per_channel(b[ch]))
+            gradients.add(g, slice(n, n + 1), ch)
+        del g, sample
+        grad_s, up_w, up_b, w1, b1 = gradients.result()
+        return (grad_s, up_w, up_b, w1, b1, grad_weight.to(weight.dtype),
+                grad_bias.to(bias.dtype), None, None, None, None,
+                grad_conv2_weight.to(conv2_weight.dtype), None, None)
+
+
+def composed_block(x: torch.Tensor, level: "UNetBlock") -> torch.Tensor:
+    """``level.conv[:4](level.up_sample(x))`` in training mode (see :class:`_ComposedBlock`)."""
+    conv1, bn, _, conv2, _ = level.conv
+    sync = _synchronized(bn)
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+    return _ComposedBlock.apply(x, level.up_sample.weight, level.up_sample.bias, conv1.weight,
+                                conv1.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                bn.momentum, bn.eps, conv2.weight, conv2.padding, sync)
 
 
 def _per_sample(run: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
@@ -170,11 +271,15 @@ def _normalize_act(x, mean, rstd, weight, bias, relu6: bool) -> torch.Tensor:
     return y.clamp_(0, 6) if relu6 else y
 
 
+def _synchronized(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized() \
+        and dist.get_world_size() > 1
+
+
 def batch_norm_act_conv(x: torch.Tensor, bn: nn.BatchNorm3d, relu6: bool,
                         conv: nn.Conv3d) -> torch.Tensor:
     """``conv(relu6?(bn(x)))`` in training mode, storing only ``x`` for backward."""
-    sync = isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized() \
-        and dist.get_world_size() > 1
+    sync = _synchronized(bn)
     if bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
     return _BatchNormActConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
@@ -261,22 +366,25 @@ class UNetBlock(nn.Module):
         return lean and self.training and bn1.training and bn2.training \
             and torch.is_grad_enabled() and up_sampled * _LEAN_MIN_MAP_TO_WEIGHTS >= weights
 
-    def first_conv(self, x: torch.Tensor, lean: bool) -> torch.Tensor:
-        """``conv[0](up_sample(x))``: without ``lean`` the plain modules; with it, where
-        it pays, the composition that skips the up-sampled map (in any mode: the EMA
-        teacher's pass too), else in the lean path the recomputing pair."""
-        if lean and transposed_up_conv.pays(x, self.up_sample, self.conv[0]):
-            return transposed_up_conv.transposed_up_conv(x, self.up_sample, self.conv[0])
-        if self.runs_lean(lean, x):
-            return up_sample_conv(x, self.up_sample, self.conv[0])
-        return self.conv[0](self.up_sample(x))
+    def lean_conv2(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv[:4](up_sample(x))`` in the lean path: where it pays the composed block
+        (no up-sampled map, no batch-sized gradient of conv1's output), else the
+        recomputing up-sampling and the fused BatchNorm + ReLU6 + conv."""
+        if transposed_up_conv.pays(x, self.up_sample, self.conv[0]):
+            return composed_block(x, self)
+        c1 = up_sample_conv(x, self.up_sample, self.conv[0])
+        return batch_norm_act_conv(c1, self.conv[1], True, self.conv[3])
 
     def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
-        c1 = self.first_conv(x, lean)
-        if not self.runs_lean(lean, x):
-            return self.conv[1:](c1)
-        _, bn1, _, conv2, bn2 = self.conv
-        return bn2(batch_norm_act_conv(c1, bn1, True, conv2))
+        if self.runs_lean(lean, x):
+            return self.conv[4](self.lean_conv2(x))
+        if lean and transposed_up_conv.pays(x, self.up_sample, self.conv[0]):
+            # The composition also where the lean path does not run (the EMA teacher's
+            # eval-mode pass): the same numbers without the up-sampling's work.
+            c1 = transposed_up_conv.transposed_up_conv(x, self.up_sample, self.conv[0])
+        else:
+            c1 = self.conv[0](self.up_sample(x))
+        return self.conv[1:](c1)
 
 
 class LightDecoder(nn.Module):
@@ -321,7 +429,4 @@ class LightDecoder(nn.Module):
 
     def _last_level_lean(self, level: UNetBlock, x: torch.Tensor) -> torch.Tensor:
         # As UNetBlock's lean path, with the last BatchNorm fused into `proj`.
-        _, bn1, _, conv2, bn2 = level.conv
-        c1 = level.first_conv(x, True)
-        return batch_norm_act_conv(batch_norm_act_conv(c1, bn1, True, conv2), bn2, False,
-                                   self.proj)
+        return batch_norm_act_conv(level.lean_conv2(x), level.conv[4], False, self.proj)

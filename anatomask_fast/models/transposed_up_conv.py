@@ -41,7 +41,7 @@ PHASES = [(r0, r1, r2) for r0 in (0, 1) for r1 in (0, 1) for r2 in (0, 1)]
 @functools.lru_cache(maxsize=None)
 def _pair_targets() -> tuple[int, ...]:
     """For each (a, t) pair of 3-D taps (conv tap a0 a1 a2, transposed-conv tap t0 t1 t2,
-    flattened a-major), the (phase, low-resolution tap) it sums into (r0 r1 r2, e0 e1 e2
+    flattened a-major, then t), the (phase, low-resolution tap) it sums into (r0 r1 r2, e0 e1 e2
     flattened r-major). Per axis, conv tap ``a`` of phase ``r`` reads ``s[o + e]``
     through tap ``t = r + a - 2e`` of the transposed convolution: every one of the 3 x 4
     pairs belongs to exactly one (r, e)."""
@@ -60,18 +60,22 @@ def _pair_targets() -> tuple[int, ...]:
 
 def phase_weights(weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """The 8 phases' kernels (8, out, in, 3, 3, 3) of ``weight`` (out, mid, 3, 3, 3)
-    after ``up_weight`` (in, mid, 4, 4, 4): the products over ``mid`` of every tap pair
-    (one matrix product), summed into their phase and tap. In fp32 or wider (autocast
+    after ``up_weight`` (in, mid, 4, 4, 4): the products over ``mid`` of every tap pair,
+    summed into their phase and tap. One conv tap at a time, so that no intermediate
+    (nor, under autograd, its gradient) holds all 1728 pairs. In fp32 or wider (autocast
     off): autocast casts the kernels for the convolutions."""
     out, mid = weight.shape[:2]
     inp = up_weight.shape[0]
     with torch.autocast(weight.device.type, enabled=False):
-        pairs = weight.permute(2, 3, 4, 0, 1).reshape(27 * out, mid) \
-            @ up_weight.permute(1, 2, 3, 4, 0).reshape(mid, 64 * inp)
-        # (a, out, t, in) -> (a, t, out * in): one row per tap pair
-        pairs = pairs.view(27, out, 64, inp).transpose(1, 2).reshape(27 * 64, out * inp)
-        index = torch.tensor(_pair_targets(), device=pairs.device)
-        kernels = pairs.new_zeros(8 * 27, out * inp).index_add_(0, index, pairs)
+        up = up_weight.permute(1, 2, 3, 4, 0).reshape(mid, 64 * inp)
+        taps = weight.reshape(out, mid, 27)
+        index = torch.tensor(_pair_targets(), device=weight.device).view(27, 64)
+        kernels = torch.zeros(8 * 27, out * inp, dtype=torch.promote_types(
+            weight.dtype, up_weight.dtype), device=weight.device)
+        for a in range(27):
+            # (out, t, in) -> (t, out * in): one row per pair (a, t)
+            pairs = (taps[:, :, a] @ up).view(out, 64, inp).transpose(0, 1).reshape(64, -1)
+            kernels.index_add_(0, index[a], pairs)
     return kernels.view(8, 27, out, inp).permute(0, 2, 3, 1).reshape(8, out, inp, 3, 3, 3)
 
 
@@ -118,79 +122,115 @@ def _phase(view: torch.Tensor, phase: tuple[int, int, int]) -> torch.Tensor:
     return view[:, :, :, phase[0], :, phase[1], :, phase[2]]
 
 
-class _TransposedUpConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, up_weight, up_bias, weight, bias):
-        kernels = phase_weights(weight, up_weight)
-        constant = _constant(weight, up_bias, bias)
-        out = view = None
-        for index, phase in enumerate(PHASES):
-            part = F.conv3d(s, kernels[index], constant, padding=1)
-            if out is None:     # the convolution's dtype (autocast's, when it is on)
-                out = torch.empty((*part.shape[:2], *(2 * n for n in s.shape[2:])),
-                                  dtype=part.dtype, device=part.device,
-                                  memory_format=memory_format_of(part))
-                view = _phase_view(out)
-            _phase(view, phase).copy_(part)
-            del part
-        planes = [_border(s, axis, side) for axis, side in BORDERS]
-        for (axis, side), term in zip(BORDERS, _border_terms(planes, up_weight, up_bias,
-                                                             weight)):
-            _border(out, axis, side).sub_(term)
-        ctx.save_for_backward(s, up_weight, up_bias, weight, bias)
-        ctx.autocast = AutocastState.current(s.device)
-        return out
+def composed(s: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
+             weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3d(conv_transpose3d(s, up_weight, up_bias, 2, 1), weight, bias, padding=1)``
+    by the phase convolutions and the border corrections (no autograd)."""
+    kernels = phase_weights(weight, up_weight)
+    constant = _constant(weight, up_bias, bias)
+    out = view = None
+    for index, phase in enumerate(PHASES):
+        part = F.conv3d(s, kernels[index], constant, padding=1)
+        if out is None:     # the convolution's dtype (autocast's, when it is on)
+            out = torch.empty((*part.shape[:2], *(2 * n for n in s.shape[2:])),
+                              dtype=part.dtype, device=part.device,
+                              memory_format=memory_format_of(part))
+            view = _phase_view(out)
+        _phase(view, phase).copy_(part)
+        del part
+    planes = [_border(s, axis, side) for axis, side in BORDERS]
+    for (axis, side), term in zip(BORDERS, _border_terms(planes, up_weight, up_bias, weight)):
+        _border(out, axis, side).sub_(term)
+    return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        s, up_weight, up_bias, weight, bias = ctx.saved_tensors
-        needs_s = ctx.needs_input_grad[0]
-        # The kernels once, with autograd: their gradients reach the two weights below.
-        leaves = [t.detach().requires_grad_() if t is not None else None
-                  for t in (up_weight, up_bias, weight, bias)]
+
+class ComposedGradients:
+    """The gradients of :func:`composed` in its five inputs, from the output's gradient
+    given slice by slice (samples x output channels): per phase the input and kernel
+    gradients of one low-resolution convolution per slice; at the end the kernels',
+    the border planes' and the constant's gradients reach the two weights, the biases
+    and ``s``'s border planes through autograd on those small tensors. A caller that
+    produces the output's gradient in slices never holds all of it."""
+
+    def __init__(self, s: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
+                 weight: torch.Tensor, bias: torch.Tensor | None, grad_dtype: torch.dtype,
+                 needs_s: bool, autocast: AutocastState) -> None:
+        self.s, self.needs_s, self.autocast = s, needs_s, autocast
+        # The kernels once, with autograd: their gradients reach the two weights.
+        self.leaves = [t.detach().requires_grad_() if t is not None else None
+                       for t in (up_weight, up_bias, weight, bias)]
         with torch.enable_grad():
-            kernels = phase_weights(leaves[2], leaves[0])
-        acc = torch.promote_types(grad.dtype, torch.float32)
-        layout = memory_format_of(s)
-        compute = s.to(grad.dtype)
-        grad_s = torch.zeros(s.shape, dtype=acc, device=s.device).contiguous(
-            memory_format=layout) if needs_s else None
-        grad_kernels = torch.empty(kernels.shape, dtype=acc, device=s.device)
-        grad_constant = torch.zeros(kernels.shape[1], dtype=acc, device=s.device)
+            self.kernels = phase_weights(self.leaves[2], self.leaves[0])
+        acc = torch.promote_types(grad_dtype, torch.float32)
+        self.layout = memory_format_of(s)
+        self.compute = s.to(grad_dtype)
+        self.compute_kernels = self.kernels.detach().to(grad_dtype)
+        self.grad_s = torch.zeros(s.shape, dtype=acc, device=s.device).contiguous(
+            memory_format=self.layout) if needs_s else None
+        self.grad_kernels = torch.zeros(self.kernels.shape, dtype=acc, device=s.device)
+        self.grad_constant = torch.zeros(self.kernels.shape[1], dtype=acc, device=s.device)
+        sizes = [2 * n for n in s.shape[2:]]
+        self.grad_planes = [torch.zeros(s.shape[0], weight.shape[0],
+                                        *(n for d, n in enumerate(sizes) if d != axis),
+                                        dtype=acc, device=s.device) for axis, _ in BORDERS]
+
+    def add(self, grad: torch.Tensor, samples: slice, channels: slice) -> None:
+        """``grad``: the output's gradient at ``samples`` x ``channels``."""
         view = _phase_view(grad)
         for index, phase in enumerate(PHASES):
             g, gk, gc = torch.ops.aten.convolution_backward(
-                _phase(view, phase).contiguous(memory_format=layout), compute,
-                kernels[index].detach().to(grad.dtype), [kernels.shape[1]], [1] * 3, [1] * 3,
-                [1] * 3, False, [0] * 3, 1, [needs_s, True, True])
-            if needs_s:
-                grad_s.add_(g)
-            grad_kernels[index] = gk
-            grad_constant.add_(gc)
+                _phase(view, phase).contiguous(memory_format=self.layout),
+                self.compute[samples], self.compute_kernels[index, channels], [grad.shape[1]],
+                [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [self.needs_s, True, True])
+            if self.needs_s:
+                self.grad_s[samples].add_(g)
+            self.grad_kernels[index, channels] += gk
+            self.grad_constant[channels] += gc
             del g
-        # The border planes' terms and the constant, again with autograd (small tensors).
-        planes = [_border(s, axis, side).detach().requires_grad_(needs_s)
+        for plane, (axis, side) in zip(self.grad_planes, BORDERS):
+            plane[samples, channels] = _border(grad, axis, side)
+
+    def result(self) -> tuple[torch.Tensor | None, ...]:
+        """(grad s, grad up_weight, grad up_bias, grad weight, grad bias)."""
+        s, leaves = self.s, self.leaves
+        planes = [_border(s, axis, side).detach().requires_grad_(self.needs_s)
                   for axis, side in BORDERS]
-        with torch.enable_grad(), ctx.autocast.restored():
+        with torch.enable_grad(), self.autocast.restored():
             terms = _border_terms(planes, leaves[0], leaves[1], leaves[2])
             constant = _constant(leaves[2], leaves[1], leaves[3])
-        outputs = [kernels, *terms]
-        grads = [grad_kernels.to(kernels.dtype),
-                 *(-_border(grad, axis, side).to(term.dtype)
-                   for (axis, side), term in zip(BORDERS, terms))]
+        outputs = [self.kernels, *terms]
+        grads = [self.grad_kernels.to(self.kernels.dtype),
+                 *(-g.to(term.dtype) for g, term in zip(self.grad_planes, terms))]
         if constant is not None:
             outputs.append(constant)
-            grads.append(grad_constant.to(constant.dtype))
-        wanted = [t for t in leaves if t is not None] + (planes if needs_s else [])
+            grads.append(self.grad_constant.to(constant.dtype))
+        wanted = [t for t in leaves if t is not None] + (planes if self.needs_s else [])
         found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
         up_w, up_b, w, b = (next(found) if t is not None else None for t in leaves)
-        if needs_s:
+        grad_s = self.grad_s
+        if grad_s is not None:
             for (axis, side), g in zip(BORDERS, found):
                 if g is not None:
                     _border(grad_s, axis, side).add_(g)
             grad_s = grad_s.to(s.dtype)
         return grad_s, up_w, up_b, w, b
+
+
+class _TransposedUpConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, up_weight, up_bias, weight, bias):
+        ctx.save_for_backward(s, up_weight, up_bias, weight, bias)
+        ctx.autocast = AutocastState.current(s.device)
+        return composed(s, up_weight, up_bias, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, up_weight, up_bias, weight, bias = ctx.saved_tensors
+        gradients = ComposedGradients(s, up_weight, up_bias, weight, bias, grad.dtype,
+                                      ctx.needs_input_grad[0], ctx.autocast)
+        gradients.add(grad, slice(None), slice(None))
+        return gradients.result()
 
 
 # The composition runs where its intermediates (a product per pair of taps and of

@@ -80,7 +80,7 @@ def training_progress(saved: dict, config: dict) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     saved, config, path = load_run(args.checkpoint)
-    run = run_data(saved, config)
+    run = run_data(saved, config, path.parent)
     crop = tuple(args.crop) if args.crop else run.crop
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else config["mask_ratio"]
     deviations = [f"{what} {mine} instead of the run's {theirs}" for what, mine, theirs in (

@@ -43,7 +43,7 @@ def hu_threshold(normalization: dict, hu: float) -> float | None:
 
 def analyse(run_path: str, data: str, entry: str | None) -> dict:
     saved, config, path = load_run(run_path)
-    run = run_data(saved, config)
+    run = run_data(saved, config, path.parent)
     volumes, _ = labelled_volumes(data, run, out=path.parent)
     probe = GuidanceProbe(volumes, (64, 64, 64), batch_size=2, mask_ratio=0.6, hard_frac=0.5,
                           repeats=1)

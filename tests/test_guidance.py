@@ -16,6 +16,7 @@ import torch
 from anatomask_fast.guidance import load_run, main as guidance
 from anatomask_fast.train.__main__ import main as train
 from anatomask_fast.train.config import PretrainConfig
+from anatomask_fast.train.data import DataError
 from anatomask_fast.train.guidance_probe import (ALL_RULES, GuidanceProbe, labelled_volumes,
                                                  patch_properties, read_window, run_data,
                                                  windows)
@@ -43,7 +44,7 @@ def tiny_run(tmp_path_factory):
 def test_report_reads_the_training_loaders_tensors(tiny_run):
     run, data = tiny_run
     saved, config, _ = load_run(str(run))
-    inputs = run_data(saved, config)
+    inputs = run_data(saved, config, run)
     assert inputs.normalization["scheme"] == "dataset" and inputs.crop == CROP
     resolved = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                                  for k, v in config.items()})
@@ -65,6 +66,18 @@ def test_report_reads_the_training_loaders_tensors(tiny_run):
     probe = GuidanceProbe(labelled, CROP, batch_size=2, mask_ratio=0.6, hard_frac=0.5)
     first = windows(labelled, CROP)[0]
     assert torch.equal(probe.batches[0][0][0], read_window(labelled, *first, CROP)[0])
+
+
+def test_a_checkpoint_without_its_normalization_reads_the_runs_store(tiny_run, tmp_path):
+    run, data = tiny_run
+    saved, config, _ = load_run(str(run))
+    expected = run_data(saved, config, run)
+    older = {k: v for k, v in saved.items() if k != "normalization"}
+    assert run_data(older, config, run) == expected
+    gone = run_data(older, config, tmp_path)            # no store beside this folder
+    assert gone.normalization["scheme"] == "unknown"
+    with pytest.raises(DataError, match="holds no 'normalization'"):
+        labelled_volumes(data, gone, out=tmp_path)
 
 
 def direct_all_shares(data, crop=32, patch=16):

@@ -99,24 +99,31 @@ class RunData:
     normalization: dict          # the run's Volumes.normalization
 
 
-def run_data(saved: dict, config: dict) -> RunData:
+def run_data(saved: dict, config: dict, run_folder: Path) -> RunData:
     """The run's data path; its normalization as saved in the checkpoint (runs from
-    before it was saved: read from the run's store, which must still exist)."""
-    normalization = saved.get("normalization") or _store_normalization(config)
+    before it was saved: read from the run's store, scheme "unknown" if it is gone)."""
+    normalization = saved.get("normalization") or _store_normalization(config, run_folder)
     spacing = normalization.get("spacing") or config.get("spacing")    # the store's
     return RunData(tuple(config["crop"]), tuple(spacing) if spacing else None,
                    normalization.get("modality", config["modality"]),
                    config.get("ct_normalization", "dataset"), normalization)
 
 
-def _store_normalization(config: dict) -> dict:
-    data, cache = config.get("data"), config.get("cache")
-    for candidate in (data, cache):
-        if candidate and (is_store(Path(candidate)) or is_nnunet_preprocessed(Path(candidate))):
-            return open_volumes(Path(candidate), Path(candidate)).normalization
-    raise DataError("the checkpoint holds no 'normalization' (a run from before it was saved) "
-                    "and its store cannot be found from --data/--cache; measure with "
-                    "--normalization own, or rerun the pretraining")
+def _store_normalization(config: dict, run_folder: Path) -> dict:
+    """The normalization of the store a run read: its --data or --cache, else the
+    default cache of its raw data (or embedded phantom) beside the run folder."""
+    data = config.get("data")
+    if data is None:
+        data = next(iter(sorted((run_folder / "data").glob("phantom_*"))), None)
+    candidates = [Path(p) for p in (data, config.get("cache")) if p]
+    if data is not None:
+        options = StoreOptions(modality=config["modality"], spacing=config.get("spacing"),
+                               ct_normalization=config.get("ct_normalization", "dataset"))
+        candidates.append(default_cache(data, options, run_folder))
+    for candidate in candidates:
+        if is_store(candidate) or is_nnunet_preprocessed(candidate):
+            return open_volumes(candidate, candidate).normalization
+    return {"scheme": "unknown", "modality": config["modality"]}
 
 
 def labelled_volumes(data: str | Path, run: RunData, *, out: Path, cache: Path | None = None,
@@ -151,6 +158,11 @@ def labelled_volumes(data: str | Path, run: RunData, *, out: Path, cache: Path |
 def matched(volumes: Volumes, normalization: dict) -> tuple[Volumes, str]:
     """``volumes`` normalized as the run's training normalized its data."""
     scheme = normalization["scheme"]
+    if scheme == "unknown":
+        raise DataError("the checkpoint holds no 'normalization' (a run from before it was "
+                        "saved) and the store it read is not found (its --data, --cache or "
+                        "default cache); measure with --normalization volume (a deviation), "
+                        "or rerun the pretraining")
     if scheme == "dataset":
         channels = tuple(normalization["channels"])
         if len(channels) != volumes.channels:

@@ -17,9 +17,9 @@ from anatomask_fast.guidance import load_run, main as guidance
 from anatomask_fast.train.__main__ import main as train
 from anatomask_fast.train.config import PretrainConfig
 from anatomask_fast.train.data import DataError
-from anatomask_fast.train.guidance_probe import (ALL_RULES, GuidanceProbe, labelled_volumes,
-                                                 patch_properties, read_window, run_data,
-                                                 windows)
+from anatomask_fast.train.guidance_probe import (ALL_RULES, GuidanceProbe, TrainingGuidance,
+                                                 labelled_volumes, patch_properties,
+                                                 read_window, run_data, windows)
 from anatomask_fast.train.inputs import job_volumes
 from anatomask_fast.train.phantom import VERSION
 from anatomask_fast.train.runtime import Runtime
@@ -31,13 +31,13 @@ CROP = (32, 32, 32)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """3 epochs of 1 step, stopped after 2 steps (inside epoch 1), measuring its
-    guidance at initialization and at every epoch's end on the phantom it trains on."""
+    guidance at initialization and after every step on the phantom it trains on."""
     out = tmp_path_factory.mktemp("guidance_run")
     data = out / "data" / f"phantom_v{VERSION}_n2_s0"
     assert train(["pretrain", "--out", str(out), "--crop", *map(str, CROP), "--batch-size", "2",
                   "--phantom-cases", "2", "--workers", "0", "--epochs", "3",
                   "--steps-per-epoch", "1", "--stop-after-steps", "2", "--preview-every", "0",
-                  "--guidance-data", str(data)]) == 0
+                  "--guidance-data", str(data), "--guidance-every", "1"]) == 0
     return out, data
 
 
@@ -147,21 +147,38 @@ def test_a_deviation_is_stated(tiny_run, capsys):
     assert [line.split()[:2] for line in lines[5:]] == [["teacher", "raw"]]
 
 
-def test_guidance_during_pretraining(tiny_run):
+def test_guidance_during_pretraining(tiny_run, tmp_path):
     run, data = tiny_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in records if "guidance" in r]
-    # At initialization and at the end of epoch 0; the run stopped inside epoch 1.
-    assert [(r["step"], r["guidance"]["epochs"]) for r in measured] == [(0, 0.0), (1, 1.0)]
+    # At initialization and after each of the two steps (epochs of one step).
+    assert [(r["step"], r["guidance"]["epochs"]) for r in measured] == [(0, 0.0), (1, 1.0),
+                                                                       (2, 2.0)]
     for record in measured:
         shares = record["guidance"]["teacher"]["raw"]
         assert record["guidance"]["rule"] == "raw" and record["guidance"]["hard_frac"] == 0.5
         assert shares["patches"]["hard"] == 2 * record["guidance"]["crops"]
         assert all(0.0 <= v <= 1.0 for v in shares["structure"].values())
+    # The standalone report gives the same numbers for the checkpoint of step 2.
+    report = tmp_path / "report.json"
+    assert guidance(["--checkpoint", str(run), "--data", str(data), "--repeats", "1",
+                     "--networks", "teacher", "--json", str(report)]) == 0
+    standalone = json.loads(report.read_text())["results"]["teacher"]
+    assert standalone == measured[-1]["guidance"]["teacher"]
     plot = (run / "previews" / "guidance.png").read_bytes()
     assert plot[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", plot[16:24])
     assert width > 600 and height > 300
+
+
+def test_when_guidance_is_measured():
+    every = TrainingGuidance.__new__(TrainingGuidance)
+    every.every = 3
+    assert [s for s in range(1, 10) if every.due(s, epoch_end=False)] == [3, 6, 9]
+    assert not every.due(3, epoch_end=True)               # not twice at an epoch's end
+    per_epoch = TrainingGuidance.__new__(TrainingGuidance)
+    per_epoch.every = 0
+    assert per_epoch.due(7, epoch_end=True) and not per_epoch.due(7, epoch_end=False)
 
 
 def test_patch_properties_against_a_loop():

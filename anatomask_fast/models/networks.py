@@ -6,11 +6,11 @@ densify, light decoder), the segmentation network, and the pretrained files a ru
 writes."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .anatomask import AnatoMaskNet
+from .plans import read_plans
 from .resenc import RESENC_PRESETS, ResEncArch, ResidualEncoder, ResidualEncoderUNet, initialize, \
     load_arch
 from .resenc_export import (adaptation_plan, export_nnssl, export_nnunet, minimal_plans,
@@ -79,9 +79,10 @@ def spec_of(saved: dict) -> NetworkSpec:
 
 
 def pretraining_network(spec: NetworkSpec, in_channels: int, *, per_sample_norm: bool = False,
-                        packed_stages: int | None = None, sync_bn: bool = False) -> AnatoMaskNet:
+                        packed_stages: int | None = None, sync_bn: bool = False,
+                        decoder_width: int = RESENC_DECODER_WIDTH) -> AnatoMaskNet:
     """AnatoMask's pretraining network on ``spec``'s encoder (the encoder nnU-Net-
-    initialized for a ResEnc)."""
+    initialized for a ResEnc, its light decoder ``decoder_width`` wide at the top)."""
     if spec.is_stunet:
         return AnatoMaskNet(spec.size, in_channels, per_sample_norm=per_sample_norm,
                             packed_stages=packed_stages, sync_bn=sync_bn)
@@ -90,7 +91,7 @@ def pretraining_network(spec: NetworkSpec, in_channels: int, *, per_sample_norm:
     return AnatoMaskNet(spec.name, in_channels, per_sample_norm=per_sample_norm, sync_bn=sync_bn,
                         encoder=SparseResidualEncoder(encoder, per_sample=per_sample_norm,
                                                       packed_stages=packed_stages),
-                        decoder_width=RESENC_DECODER_WIDTH)
+                        decoder_width=decoder_width)
 
 
 def segmentation_network(spec: NetworkSpec, in_channels: int,
@@ -107,7 +108,7 @@ def export_resenc(student: AnatoMaskNet, spec: NetworkSpec, out: Path, *, in_cha
     layout, for ``-pretrained_weights``) and ``nnssl/checkpoint_final.pth`` +
     ``nnssl/adaptation_plan.json`` (nnssl's format)."""
     model = pretrained_network(student.encoder_state_dict(), spec.arch, in_channels)
-    plans = json.loads(Path(spec.plans).read_text()) if spec.plans else \
+    plans = read_plans(spec.plans) if spec.plans else \
         minimal_plans(spec.arch, in_channels, crop, spacing, modality, spec.configuration)
     source = str(out / "checkpoint_latest.pt")
     tag = spec.name.replace("-", "_")

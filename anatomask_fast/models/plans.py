@@ -84,13 +84,18 @@ def geometry(plans: dict, configuration: str = "3d_fullres", *, plans_kernels: b
                          configuration)
 
 
-def load_geometry(path: str | Path, configuration: str = "3d_fullres", *,
-                  plans_kernels: bool = False) -> PlansGeometry:
+def read_plans(path: str | Path) -> dict:
+    """A plans file's content; FileNotFoundError / ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plans file {path} does not exist")
     try:
-        plans = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"plans file {path} is not JSON: {error}") from None
-    return geometry(plans, configuration, plans_kernels=plans_kernels, source=str(path))
+
+
+def load_geometry(path: str | Path, configuration: str = "3d_fullres", *,
+                  plans_kernels: bool = False) -> PlansGeometry:
+    return geometry(read_plans(path), configuration, plans_kernels=plans_kernels,
+                    source=str(path))

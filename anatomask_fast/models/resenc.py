@@ -22,7 +22,6 @@ shape and output.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .plans import resolve_configuration
+from .plans import read_plans, resolve_configuration
 from .stunet import Triple, triple
 
 ARCH_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -190,14 +189,7 @@ def arch_from_plans(plans: dict, configuration: str = "3d_fullres", *,
 
 
 def load_arch(path: str | Path, configuration: str = "3d_fullres") -> tuple[ResEncArch, Triple]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plans file {path} does not exist")
-    try:
-        plans = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"plans file {path} is not JSON: {error}") from None
-    return arch_from_plans(plans, configuration, source=str(path))
+    return arch_from_plans(read_plans(path), configuration, source=str(path))
 
 
 class ConvNormAct(nn.Module):

@@ -2,7 +2,8 @@
 execution that computes the same numbers while storing less for backward.
 
 Structure (parameter names as the reference, so state_dicts move between both): per
-level ``dec.{i}``: ``up_sample`` (ConvTranspose3d k4 s2 p1) then ``conv`` = [conv3
+level ``dec.{i}``: ``up_sample`` (ConvTranspose3d k4 s2 p1; along an axis an encoder
+does not stride, as some nnU-Net plans' stages, k3 s1 p1) then ``conv`` = [conv3
 (no bias), BatchNorm3d, ReLU6, conv3 (no bias), BatchNorm3d]; widths halve per level
 from ``width``; ``proj`` is a 1x1x1 conv to the image channels.
 
@@ -25,7 +26,7 @@ of a CPU pretraining step (STU-Net-B, 1x64^3, B=2) is set by these slices.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -241,11 +242,21 @@ def up_sample_conv(s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv
                                up_sample.stride, up_sample.padding, conv.padding)
 
 
+def _up_kernel(stride: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The up-sampling kernel per axis: SparK's k4 s2 p1 doubles an axis, k3 s1 p1
+    keeps one."""
+    if any(s not in (1, 2) for s in stride):
+        raise ValueError(f"LightDecoder: strides must be 1 or 2 per axis, got {stride}")
+    return tuple(4 if s == 2 else 3 for s in stride)
+
+
 class UNetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, sync_bn: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, sync_bn: bool = False,
+                 stride: tuple[int, int, int] = (2, 2, 2)) -> None:
         super().__init__()
         norm = nn.SyncBatchNorm if sync_bn else nn.BatchNorm3d
-        self.up_sample = nn.ConvTranspose3d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        self.up_sample = nn.ConvTranspose3d(cin, cin, kernel_size=_up_kernel(stride),
+                                            stride=stride, padding=1, bias=True)
         self.conv = nn.Sequential(
             nn.Conv3d(cin, cin, 3, padding=1, bias=False), norm(cin), nn.ReLU6(inplace=True),
             nn.Conv3d(cin, cout, 3, padding=1, bias=False), norm(cout))
@@ -265,15 +276,21 @@ class UNetBlock(nn.Module):
 
 
 class LightDecoder(nn.Module):
-    """Reconstructs the image from the densified multi-scale features, deepest first."""
+    """Reconstructs the image from the densified multi-scale features, deepest first;
+    ``strides``: each level's up-sampling (default (2, 2, 2))."""
 
     def __init__(self, levels: int = 4, width: int = 512, out_channels: int = 1,
-                 sync_bn: bool = False) -> None:
+                 sync_bn: bool = False,
+                 strides: Sequence[tuple[int, int, int]] | None = None) -> None:
         super().__init__()
         channels = [width // 2 ** i for i in range(levels + 1)]
+        strides = [(2, 2, 2)] * levels if strides is None else list(strides)
+        if len(strides) != levels:
+            raise ValueError(f"LightDecoder: {levels} levels need {levels} strides, got "
+                             f"{len(strides)}")
         self.widths = channels
-        self.dec = nn.ModuleList(UNetBlock(cin, cout, sync_bn)
-                                 for cin, cout in zip(channels[:-1], channels[1:]))
+        self.dec = nn.ModuleList(UNetBlock(cin, cout, sync_bn, stride) for cin, cout, stride
+                                 in zip(channels[:-1], channels[1:], strides))
         self.proj = nn.Conv3d(channels[-1], out_channels, kernel_size=1, bias=True)
         self._initialize()
 

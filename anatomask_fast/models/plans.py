@@ -27,7 +27,7 @@ class PlansGeometry:
     configuration: str
 
 
-def _configuration(plans: dict, name: str, source: str, seen: tuple[str, ...] = ()) -> dict:
+def resolve_configuration(plans: dict, name: str, source: str, seen: tuple[str, ...] = ()) -> dict:
     """One configuration with its ``inherits_from`` chain resolved (nnU-Net's rule: the
     child's keys override the parent's)."""
     configurations = plans.get("configurations")
@@ -40,7 +40,7 @@ def _configuration(plans: dict, name: str, source: str, seen: tuple[str, ...] = 
     parent = found.pop("inherits_from", None)
     if parent is None:
         return found
-    return {**_configuration(plans, parent, source, seen + (name,)), **found}
+    return {**resolve_configuration(plans, parent, source, seen + (name,)), **found}
 
 
 def _triples(values, count: int, what: str, source: str) -> list[Triple]:
@@ -57,7 +57,7 @@ def _triples(values, count: int, what: str, source: str) -> list[Triple]:
 def geometry(plans: dict, configuration: str = "3d_fullres", *, plans_kernels: bool = False,
              source: str = "plans") -> PlansGeometry:
     """The network and pre-processing settings STU-Net's trainers read from ``plans``."""
-    config = _configuration(plans, configuration, source)
+    config = resolve_configuration(plans, configuration, source)
     arch = config.get("architecture", {}).get("arch_kwargs", {})
     strides = arch.get("strides", config.get("pool_op_kernel_sizes"))
     kernels = arch.get("kernel_sizes", config.get("conv_kernel_sizes"))
@@ -84,13 +84,18 @@ def geometry(plans: dict, configuration: str = "3d_fullres", *, plans_kernels: b
                          configuration)
 
 
-def load_geometry(path: str | Path, configuration: str = "3d_fullres", *,
-                  plans_kernels: bool = False) -> PlansGeometry:
+def read_plans(path: str | Path) -> dict:
+    """A plans file's content; FileNotFoundError / ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plans file {path} does not exist")
     try:
-        plans = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"plans file {path} is not JSON: {error}") from None
-    return geometry(plans, configuration, plans_kernels=plans_kernels, source=str(path))
+
+
+def load_geometry(path: str | Path, configuration: str = "3d_fullres", *,
+                  plans_kernels: bool = False) -> PlansGeometry:
+    return geometry(read_plans(path), configuration, plans_kernels=plans_kernels,
+                    source=str(path))

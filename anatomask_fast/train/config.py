@@ -25,13 +25,16 @@ class PretrainConfig:
     augmentation: str | None = None   # nnunet, light (mirroring) or none (default nnunet, demo light)
     out: str = "runs/pretrain"        # run folder (config, checkpoints, encoder.pt, logs)
     size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
-    crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64)
+    network: str = "stunet"           # stunet (--size) or nnU-Net's Residual Encoder U-Net: resenc-m, resenc-l, resenc-xl (the preset's network and patch size, or with --plans the plans')
+    plans: str | None = None          # ResEnc: nnUNetResEncUNet{M,L,XL}Plans.json: the configuration's own network, strides, kernels and patch size (the default crop)
+    configuration: str = "3d_fullres"  # the plans' configuration
+    crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 64 64 64; ResEnc: the preset's or plans' patch size)
     spacing: tuple[float, float, float] | None = None   # resample to this spacing (mm); default: none
     batch_size: int | None = None     # per process (default 4, demo 2)
     epochs: int | None = None         # default 1000 (demo 4)
     steps_per_epoch: int | None = None  # full batches per epoch (default 250 as nnU-Net; demo: cases // batch)
     mask_ratio: float = 0.6           # share of hidden patches
-    hard_schedule: str = "linear"     # linear (easy to hard), hard_to_easy, cosine, constant
+    hard_schedule: str = "linear"     # linear (easy to hard), hard_to_easy, cosine, constant, none (plain random masks as SparK / nnssl: no teacher pass)
     hard_max: float = 0.5             # the schedule's top hard_frac (constant: its value); hard_frac is capped at it (the published linear formula 0.5 * (e + 1) / (E - 1) exceeds it at the last epoch, and reaches 1.0 with 2 epochs), except under --reference-compatible
     schedule_by: str = "epoch"        # epoch (as the reference) or step
     reference_compatible: bool = False  # exactly the published step: also the uncapped hard_frac formula; forces --teacher-target raw, no --teacher-foreground, no --per-sample-norm, no --decay-exempt
@@ -67,8 +70,9 @@ class PretrainConfig:
     def resolved(self) -> "PretrainConfig":
         """Fills the defaults that depend on whether this is the demonstration."""
         demo = self.demo
+        stunet = self.network == "stunet"     # a ResEnc's default crop is its patch size
         defaults = dict(size="tiny" if demo else "B",
-                        crop=(64, 64, 64) if demo else (112, 112, 128),
+                        crop=None if not stunet else (64, 64, 64) if demo else (112, 112, 128),
                         batch_size=2 if demo else 4, epochs=4 if demo else 1000,
                         warmup_epochs=1 if demo else 20, **data_defaults(self))
         return dataclasses.replace(self, **{k: v for k, v in defaults.items()
@@ -115,10 +119,11 @@ class FinetuneConfig:
     preprocess_workers: int | None = None  # processes building the store (default 4, demo 0: in this process)
     augmentation: str | None = None   # nnunet, light (mirroring) or none (default nnunet, demo light)
     out: str = "runs/finetune"        # run folder (config, split, checkpoints, logs)
-    pretrained: str | None = None     # encoder.pt or checkpoint_latest.pt of pretraining
+    pretrained: str | None = None     # encoder.pt or checkpoint_latest.pt of pretraining (ResEnc: resenc_*_pretrained.pth, an nnssl checkpoint_final.pth or checkpoint_latest.pt)
     from_scratch: bool = False        # ignore the demo's default pretrained encoder
     size: str | None = None           # tiny, S, B, L, H (default: B, tiny for the demo)
-    plans: str | None = None          # nnUNetPlans.json: patch size, spacing, strides, normalization
+    network: str = "stunet"           # stunet (--size) or resenc-m, resenc-l, resenc-xl: nnU-Net's ResidualEncoderUNet (the preset's, or with --plans the plans' own network)
+    plans: str | None = None          # nnUNetPlans.json (ResEnc: nnUNetResEncUNet{M,L,XL}Plans.json): patch size, spacing, strides, normalization
     configuration: str = "3d_fullres"  # the plans' configuration
     plans_kernels: bool = False       # the plans' kernel sizes (STU-Net's trainers: 3x3x3)
     crop: tuple[int, int, int] | None = None   # default 112 112 128 (demo: 32 32 32; --plans: its patch size)
@@ -159,7 +164,8 @@ class FinetuneConfig:
         # (spleen 0.41 / 0.12). At 64^3 and 1.5 mm, 18 steps at 3e-3 collapsed to background.
         epochs = self.epochs or (80 if demo else 1000)
         defaults = dict(size="tiny" if demo else "B",
-                        crop=None if self.plans else (32, 32, 32) if demo else (112, 112, 128),
+                        crop=None if self.plans or self.network != "stunet" else
+                        (32, 32, 32) if demo else (112, 112, 128),
                         spacing=(3.0, 3.0, 4.0) if demo and not self.plans else None,
                         epochs=epochs, lr=1e-3 if demo else 1e-4,
                         val_every=epochs if demo else 1, foreground=0.5 if demo else 0.33,

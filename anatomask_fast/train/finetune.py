@@ -19,7 +19,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import deep_supervision_loss
+from ..models.networks import NetworkSpec, network_spec, segmentation_network
 from ..models.plans import PlansGeometry, load_geometry
+from ..models.resenc_export import load_pretrained
 from ..models.segmentation import STUNet, load_encoder
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
@@ -131,10 +133,10 @@ def _pretrained(config: FinetuneConfig) -> tuple[str | None, str]:
 
 
 def signature(config: FinetuneConfig, in_channels: int, classes: int,
-              network: STUNet | None = None) -> dict:
+              network: STUNet | None = None, spec: NetworkSpec | None = None) -> dict:
     meta = {"format": FORMAT, "size": config.size, "in_channels": in_channels,
-            "num_classes": classes}
-    if network is not None:
+            "num_classes": classes, **(spec.signature() if spec is not None else {})}
+    if isinstance(network, STUNet):
         meta.update(strides=[list(s) for s in network.strides],
                     kernels=[list(k) for k in network.kernels])
     return meta
@@ -151,9 +153,11 @@ def with_plans(config: FinetuneConfig) -> tuple[FinetuneConfig, PlansGeometry | 
 
 
 def build_network(config: FinetuneConfig, in_channels: int, classes: int,
-                  plans: PlansGeometry | None) -> STUNet:
+                  plans: PlansGeometry | None, spec: NetworkSpec | None = None):
     """STU-Net of ``config.size``, strides and kernels from the plans (else STU-Net's
-    isotropic defaults), with the memory options."""
+    isotropic defaults), with the memory options; or ``spec``'s ResidualEncoderUNet."""
+    if spec is not None and not spec.is_stunet:
+        return segmentation_network(spec, in_channels, classes)
     checkpointing = config.checkpointing and (config.recompute_levels or True)
     return STUNet(config.size, in_channels, classes,
                   strides=plans.strides if plans else None,
@@ -169,19 +173,22 @@ def nnunet_fields(config: FinetuneConfig, model: STUNet, dataset: Dataset, epoch
     if config.plans:
         plans = json.loads(Path(config.plans).read_text())
     else:       # a minimal plans dict describing this run's network and pre-processing
+        architecture = model.arch.architecture() if not isinstance(model, STUNet) else {
+            "network_class_name": "STUNet", "arch_kwargs": {
+                "strides": [[1, 1, 1]] + [list(s) for s in model.strides],
+                "kernel_sizes": [list(k) for k in model.kernels], "n_stages": 6}}
         plans = {"plans_name": "anatomask_fast", "configurations": {config.configuration: {
             "patch_size": list(config.crop),
             "spacing": list(config.spacing) if config.spacing else None,
             "normalization_schemes": ["CTNormalization" if dataset.modality == "CT"
                                       else "ZScoreNormalization"] * model.in_channels,
-            "architecture": {"network_class_name": "STUNet", "arch_kwargs": {
-                "strides": [[1, 1, 1]] + [list(s) for s in model.strides],
-                "kernel_sizes": [list(k) for k in model.kernels], "n_stages": 6}}}}}
+            "architecture": architecture}}}
     dataset_json = {"channel_names": {str(i): dataset.modality for i in range(model.in_channels)},
                     "labels": preprocessing_info["labels"], "file_ending": ".nii.gz"}
     return {"init_args": {"plans": plans, "configuration": config.configuration, "fold": 0,
                           "dataset_json": dataset_json},
-            "trainer_name": TRAINER_NAMES.get(config.size, f"anatomask_fast_STUNet_{config.size}"),
+            "trainer_name": "nnUNetTrainer" if not isinstance(model, STUNet) else
+            TRAINER_NAMES.get(config.size, f"anatomask_fast_STUNet_{config.size}"),
             "inference_allowed_mirroring_axes": [0, 1, 2], "current_epoch": epoch}
 
 
@@ -193,7 +200,10 @@ def run(config: FinetuneConfig) -> Path:
 
 def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     torch.manual_seed(config.seed)
+    spec = network_spec(config.network, config.size, config.plans, config.configuration)
     config, plans = with_plans(config)
+    if config.crop is None:                     # a ResEnc preset's: its patch size
+        config = dataclasses.replace(config, crop=spec.patch_size)
     dataset = job_dataset(config.data, out, runtime, modality=config.modality,
                           phantom_cases=config.phantom_cases, seed=config.seed, with_labels=True)
     if plans is not None:       # nnU-Net's normalization scheme picks the pre-processing
@@ -207,7 +217,7 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
     pretrained, origin = _pretrained(config)
     say(f"anatomask_fast finetune: data = {dataset.description}"
         + (" (embedded demonstration: labelled phantom)" if config.demo else ""))
-    say(f"  model STU-Net-{config.size}, {classes} classes, {origin}; crop {config.crop}, "
+    say(f"  model {spec.describe()}, {classes} classes, {origin}; crop {config.crop}, "
         f"batch {config.batch_size} x {runtime.world_size} process(es), {config.epochs} "
         f"epochs, {len(train_set.cases)} training / {len(val_set.cases)} validation cases, "
         f"device {runtime.device}")
@@ -215,15 +225,16 @@ def _train(config: FinetuneConfig, runtime: Runtime, out: Path) -> Path:
         say(f"  from {config.plans} ({plans.configuration}): patch {plans.patch_size}, spacing "
             f"{plans.spacing}, strides {list(plans.strides)}, {plans.modality} normalization")
 
-    model = build_network(config, in_channels, classes, plans)
+    model = build_network(config, in_channels, classes, plans, spec)
     state = TrainState()
     latest = out / "checkpoint_latest.pt"
     if pretrained is not None and not config.resume:
-        load_encoder(model, pretrained, verbose=runtime.main)
+        (load_encoder if spec.is_stunet else load_pretrained)(model, pretrained,
+                                                               verbose=runtime.main)
     model.to(runtime.device)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
-    meta = signature(config, in_channels, classes, model)
+    meta = signature(config, in_channels, classes, model, spec)
     if config.resume:
         saved = ckpt.load(latest)
         ckpt.check_compatible(saved, meta, latest)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from ..models.networks import spec_of
+from ..models.resenc import ResidualEncoderUNet
 from ..models.segmentation import STUNet
 from . import checkpoint as ckpt
 from .config import PredictConfig
@@ -93,23 +95,28 @@ def overlay(path: Path, image: torch.Tensor, label: torch.Tensor | None,
     return path
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[STUNet, dict]:
-    """The fine-tuned STU-Net of a checkpoint (best or latest) and its metadata; a
-    ValueError naming the file when it does not hold a segmentation model that fits."""
+def load_model(path: str | Path, device: torch.device
+               ) -> tuple[STUNet | ResidualEncoderUNet, dict]:
+    """The fine-tuned network of a checkpoint (best or latest: STU-Net or a
+    ResidualEncoderUNet) and its metadata; a ValueError naming the file when it does
+    not hold a segmentation model that fits."""
     saved = ckpt.load(path)
     from .finetune import FORMAT
 
     if saved.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a fine-tuned segmentation model "
                          f"(format {saved.get('format')!r}, expected {FORMAT!r})")
+    spec = spec_of(saved)
     model = STUNet(saved["size"], saved["in_channels"], saved["num_classes"],
                    strides=saved.get("strides"), kernels=saved.get("kernels"),
-                   deep_supervision=False, checkpointing=False)
+                   deep_supervision=False, checkpointing=False) if spec.is_stunet else \
+        ResidualEncoderUNet(spec.arch, saved["in_channels"], saved["num_classes"],
+                            deep_supervision=False)
     try:
         model.load_state_dict(saved["network_weights"])
     except RuntimeError as error:
         first = str(error).splitlines()[1:3]
-        raise ValueError(f"checkpoint {path} does not fit STU-Net-{saved['size']} with "
+        raise ValueError(f"checkpoint {path} does not fit {spec.describe()} with "
                          f"{saved['num_classes']} classes: {' '.join(first).strip()}") from None
     return model.to(device), saved
 
@@ -162,8 +169,8 @@ def run(config: PredictConfig) -> list[Path]:
     out = Path(config.output)          # created with the first label map (none on failure)
     written = []
     mirror_axes = (meta.get("inference_allowed_mirroring_axes") or ()) if config.mirroring else ()
-    print(f"anatomask_fast predict: {len(cases)} case(s) from {config.input}, STU-Net-"
-          f"{meta['size']} ({meta['num_classes']} classes) from {config.checkpoint}, "
+    print(f"anatomask_fast predict: {len(cases)} case(s) from {config.input}, "
+          f"{spec_of(meta).describe()} ({meta['num_classes']} classes) from {config.checkpoint}, "
           f"test-time mirroring over axes {tuple(mirror_axes) or 'none'}")
     for case in cases:
         reference = nib.load(case.images[0])

@@ -20,8 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import anatomical_mask, patch_recon_loss, random_mask
-from ..models.anatomask import AnatoMaskNet
 from ..models.export import export_pretrained
+from ..models.networks import NetworkSpec, export_resenc, network_spec, pretraining_network
 from ..ops.mask_select import MaskResult
 from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
@@ -56,13 +56,14 @@ class StepResult(NamedTuple):
     loss: torch.Tensor            # the student's loss (section 3 of SPEC)
     mask: MaskResult              # the anatomical mask the student saw
     rec: torch.Tensor             # the student's reconstruction, in x's dtype
-    teacher_mask: MaskResult      # the teacher pass's random mask
-    teacher_errors: torch.Tensor  # its per-patch errors (B, L), zero at visible patches
+    teacher_mask: MaskResult      # the teacher pass's random mask (the mask, without one)
+    teacher_errors: torch.Tensor | None  # its per-patch errors (B, L), zero at visible patches
 
 
 def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *,
-                  mask_ratio: float, hard_frac: float, seed: int, teacher_target: str = "raw",
-                  teacher_foreground: bool = False, amp: str = "none",
+                  mask_ratio: float, hard_frac: float | None, seed: int,
+                  teacher_target: str = "raw", teacher_foreground: bool = False,
+                  amp: str = "none",
                   noise: torch.Tensor | None = None) -> StepResult:
     """One published step up to the loss: a random mask, the eval-mode teacher's
     per-patch errors, the anatomical mask, the student's (training-mode) loss. Runs in
@@ -70,9 +71,17 @@ def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.T
     are cast back to it. ``teacher_target`` and ``teacher_foreground``: the ranking
     rule of the teacher's errors (``train.teacher``; published: raw, no foreground).
     ``noise`` (B, L): the random part of the anatomical mask from these values instead
-    of the seeded draw (for comparisons with a reference)."""
+    of the seeded draw (for comparisons with a reference). ``hard_frac=None``: SparK's
+    step, a random mask and no teacher pass."""
     patch = teacher.patch_size
-    shape = (x.shape[0], 1, *(s // patch for s in x.shape[2:]))
+    cells = (patch,) * 3 if isinstance(patch, int) else patch
+    shape = (x.shape[0], 1, *(s // p for s, p in zip(x.shape[2:], cells)))
+    if hard_frac is None:
+        mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 1))
+        with autocast(x.device, amp):
+            rec = student(x, mask.active).to(x.dtype)
+        loss, _ = patch_recon_loss(rec, x, mask.active, patch, norm_pix=True)
+        return StepResult(loss, mask, rec, mask, None)
     teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
     rec = teacher_reconstruction(teacher, x, teacher_mask.active, amp)
     errors = ranking_errors(rec, x, teacher_mask.active, patch, target=teacher_target,
@@ -86,9 +95,12 @@ def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.T
     return StepResult(loss, mask, rec, teacher_mask, errors)
 
 
-def published_hard_frac(schedule: MaskingSchedule, config: PretrainConfig, epoch: int,
-                        step: int) -> float:
-    """hard_frac of the schedule; capped at --hard-max unless reference-compatible."""
+def published_hard_frac(schedule: MaskingSchedule | None, config: PretrainConfig, epoch: int,
+                        step: int) -> float | None:
+    """hard_frac of the schedule; capped at --hard-max unless reference-compatible;
+    None without a schedule (--hard-schedule none)."""
+    if schedule is None:
+        return None
     value = schedule(epoch, step)
     return value if config.reference_compatible else min(value, config.hard_max)
 
@@ -103,6 +115,8 @@ def check_method_options(config: PretrainConfig) -> None:
         departures = [flag for flag, on in (
             (f"--teacher-target {config.teacher_target}", config.teacher_target != "raw"),
             ("--teacher-foreground", config.teacher_foreground),
+            ("--hard-schedule none", config.hard_schedule == "none"),
+            (f"--network {config.network}", config.network != "stunet"),
             ("--per-sample-norm", config.per_sample_norm),
             ("--decay-exempt", config.decay_exempt)) if on]
         if departures:
@@ -128,9 +142,9 @@ def epoch_lr(config: PretrainConfig, epoch: int) -> float:
                                           eta_min=config.min_lr)
 
 
-def _model_signature(config: PretrainConfig, in_channels: int) -> dict:
+def _model_signature(config: PretrainConfig, in_channels: int, spec: NetworkSpec) -> dict:
     return {"format": FORMAT, "size": config.size, "in_channels": in_channels,
-            "per_sample_norm": config.per_sample_norm}
+            "per_sample_norm": config.per_sample_norm, **spec.signature()}
 
 
 def run(config: PretrainConfig) -> Path:
@@ -139,22 +153,27 @@ def run(config: PretrainConfig) -> Path:
 
 def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     check_method_options(config)
+    if config.plans and config.network == "stunet":
+        raise ValueError("pretrain: --plans describes a ResEnc network (--network resenc-m, "
+                         "resenc-l or resenc-xl); STU-Net pretraining takes --size")
+    spec = network_spec(config.network, config.size, config.plans, config.configuration)
+    if config.crop is None:                       # a ResEnc's default: its patch size
+        config = dataclasses.replace(config, crop=spec.patch_size)
     torch.manual_seed(config.seed)
     volumes = job_volumes(config, out, runtime)
     in_channels = volumes.channels
     say = print if runtime.main else (lambda *a, **k: None)
     say(f"anatomask_fast pretrain: data = {volumes.description}"
         + (" (embedded demonstration: procedural phantom)" if config.demo else ""))
-    say(f"  model STU-Net-{config.size}, crop {config.crop}, batch {config.batch_size} x "
+    say(f"  model {spec.describe()}, crop {config.crop}, batch {config.batch_size} x "
         f"{runtime.world_size} process(es), {config.epochs} epochs, device {runtime.device}, "
         f"{'reference-compatible' if config.reference_compatible else 'library defaults'}")
 
-    student = AnatoMaskNet(config.size, in_channels,
-                           per_sample_norm=config.per_sample_norm,
-                           # torch's SyncBatchNorm runs on CUDA only; on CPU (gloo) each
-                           # process keeps its own decoder BatchNorm statistics.
-                           sync_bn=runtime.distributed and runtime.device.type == "cuda",
-                           ).to(runtime.device)
+    student = pretraining_network(spec, in_channels, per_sample_norm=config.per_sample_norm,
+                                  # torch's SyncBatchNorm runs on CUDA only; on CPU (gloo)
+                                  # each process keeps its own decoder BatchNorm statistics.
+                                  sync_bn=runtime.distributed and runtime.device.type == "cuda",
+                                  ).to(runtime.device)
     for unused in student.unused_in_lean_mode():
         unused.requires_grad_(False)     # the full-resolution densify the decoder never reads
     teacher = copy.deepcopy(student).requires_grad_(False).eval()   # timm ModelEma's copy
@@ -165,12 +184,12 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
     steps_per_epoch = config.steps_per_epoch or max(
         1, len(volumes) // (config.batch_size * runtime.world_size))   # demo: a pass over the cases
     sampler = BatchOrder(steps_per_epoch, config.batch_size)
-    schedule = masking_schedule(
+    schedule = None if config.hard_schedule == "none" else masking_schedule(
         config.hard_schedule, total_epochs=config.epochs,
         steps_per_epoch=steps_per_epoch if config.schedule_by == "step" else None,
         **SCHEDULE_LEVEL.get(config.hard_schedule, lambda v: {})(config.hard_max))
     state = TrainState()
-    signature = _model_signature(config, in_channels)
+    signature = _model_signature(config, in_channels, spec)
     latest = out / "checkpoint_latest.pt"
     if config.resume:
         state = _restore(latest, signature, student, teacher, optimizer, scaler)
@@ -225,7 +244,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                                {"loss": loss_value, "hard_frac": hard_frac, "lr": lr,
                                 "batch_size": x.shape[0], "step_seconds": elapsed,
                                 "samples_per_second": x.shape[0] / elapsed},
-                               {"loss": f"{loss_value:.4f}", "hard": f"{hard_frac:.2f}",
+                               {"loss": f"{loss_value:.4f}",
+                                "hard": "none" if hard_frac is None else f"{hard_frac:.2f}",
                                 "vol_s": f"{x.shape[0] * runtime.world_size / elapsed:.2f}"})
             if guidance is not None and guidance.due(state.global_step, epoch_end=False):
                 guidance.record(teacher, state, metrics)
@@ -245,7 +265,14 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
             guidance.record(teacher, state, metrics)
         if config.save_every and state.epoch % config.save_every == 0:
             save(out / f"checkpoint_epoch_{state.epoch:04d}.pt")
-        if runtime.main:
+        if runtime.main and not spec.is_stunet:
+            export_resenc(student, spec, out, in_channels=in_channels, crop=config.crop,
+                          spacing=config.spacing,
+                          modality=volumes.normalization.get("modality", config.modality),
+                          dataset_name=Path(config.data).name if config.data else "phantom",
+                          epochs=state.epoch, save=ckpt.atomic_save,
+                          write_text=ckpt.atomic_write_text)
+        elif runtime.main:
             encoder = student.encoder_state_dict()
             _export_encoder(encoder, signature, out / "encoder.pt")
             export_pretrained(encoder, out / f"stunet_{config.size}_pretrained.pth",
@@ -254,7 +281,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
         save(latest)    # last: killed before it, a resumed run redoes this epoch's end
     progress.close()
     metrics.close()
-    say(f"  done: encoder weights in {out / 'encoder.pt'}, checkpoints in {out}")
+    say(f"  done: encoder weights in {out / ('encoder.pt' if spec.is_stunet else 'nnssl')}, "
+        f"checkpoints in {out}")
     return out
 
 

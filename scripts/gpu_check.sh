@@ -10,9 +10,10 @@
 #    `python -m benchmarks.report`, which merges them into benchmarks/results.json and
 #    rewrites RESULTS.md, ratios.png and the README table;
 # 4. profiles the training steps for at most PROFILE_SECONDS (environment, default 150;
-#    0: skip): whole-step allocator peaks (benchmarks.training_memory: STU-Net-L and -B,
-#    models and optimizer state included) and, per step, the ops with the most device
-#    time and the live tensors at the peak (benchmarks.memory_timeline --kernels).
+#    0: skip): whole-step allocator peaks and step times (benchmarks.training_memory:
+#    STU-Net-B with the lean decoder's GPU and CPU slice budgets, STU-Net-L; models and
+#    optimizer state included) and, per step, the kernels with the most device time and
+#    the live tensors at the peak (benchmarks.memory_timeline --kernels).
 # Logs and the rewritten files land in $OUT (default /tmp/gpu_check).
 #
 # Prebuilding here saves device time (a build there takes minutes): in a Python 3.12
@@ -95,15 +96,18 @@ profile() {   # profile MODULE ARGS...: python -m benchmarks.MODULE ARGS, within
   echo "profile $module: rc=$?" | tee -a "$OUT/env.txt"
 }
 if [ "$PROFILE_SECONDS" != 0 ]; then
-  profile training_memory --model L --batch 4 --amp bf16
-  profile training_memory --model B --batch 4 --amp bf16
+  # The lean decoder's GPU slice budget (512 MiB) against the CPU's (16 MiB), first.
+  profile training_memory --model B --batch 4 --amp none --decoder-slice-mib 16
   profile training_memory --model B --batch 4 --amp none
+  profile training_memory --model B --batch 4 --amp bf16 --decoder-slice-mib 16
+  profile training_memory --model B --batch 4 --amp bf16
+  profile training_memory --model L --batch 4 --amp bf16
   step_b4='{"model": "B", "B": 4, "spatial": [112, 112, 128]'
   timeline=(--device cuda --kernels 30 --size)
   profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4, \"amp\": \"bf16\"}"
-  profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4}"
-  profile memory_timeline bench_pretrain_step pretrain_step --backend reference "${timeline[@]}" "$step_b4}"
   profile memory_timeline bench_finetune_step finetune_step --backend cuda "${timeline[@]}" \
     '{"model": "B", "B": 2, "spatial": [128, 128, 128], "classes": 14}'
+  profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4}"
+  profile memory_timeline bench_pretrain_step pretrain_step --backend reference "${timeline[@]}" "$step_b4}"
   grep -E "^(==|training_memory|bench_)|peak|Error" "$OUT/profile.log" | tail -40
 fi

@@ -11,7 +11,7 @@
 #    rewrites RESULTS.md, ratios.png and the README table;
 # 4. profiles the training steps for at most PROFILE_SECONDS (environment, default 150;
 #    0: skip): whole-step allocator peaks and step times (benchmarks.training_memory:
-#    STU-Net-B with the lean decoder's GPU and CPU slice budgets, STU-Net-L; models and
+#    STU-Net-B with the lean decoder's default and a GPU-sized slice budget, STU-Net-L; models and
 #    optimizer state included) and, per step, the kernels with the most device time and
 #    the live tensors at the peak (benchmarks.memory_timeline --kernels).
 # Logs and the rewritten files land in $OUT (default /tmp/gpu_check).
@@ -96,11 +96,11 @@ profile() {   # profile MODULE ARGS...: python -m benchmarks.MODULE ARGS, within
   echo "profile $module: rc=$?" | tee -a "$OUT/env.txt"
 }
 if [ "$PROFILE_SECONDS" != 0 ]; then
-  # The lean decoder's GPU slice budget (512 MiB) against the CPU's (16 MiB), first.
-  profile training_memory --model B --batch 4 --amp none --decoder-slice-mib 16
+  # The lean decoder's slice budget: the default (16 MiB) against a GPU-sized one.
   profile training_memory --model B --batch 4 --amp none
-  profile training_memory --model B --batch 4 --amp bf16 --decoder-slice-mib 16
+  profile training_memory --model B --batch 4 --amp none --decoder-slice-mib 512
   profile training_memory --model B --batch 4 --amp bf16
+  profile training_memory --model B --batch 4 --amp bf16 --decoder-slice-mib 512
   profile training_memory --model L --batch 4 --amp bf16
   step_b4='{"model": "B", "B": 4, "spatial": [112, 112, 128]'
   timeline=(--device cuda --kernels 30 --size)

@@ -126,6 +126,10 @@ __device__ __forceinline__ bool visible(const bool* mask, const Geo& g, int64_t 
   return mask[((b * g.h + cell_i) * g.w + cell_j) * g.d + k / static_cast<uint32_t>(g.pd)];
 }
 
+unsigned elementwise_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
+}
+
 // Blocks (chunk, row) cover kChunk voxels of one (b, c) row each: the row's b and c
 // are per block, not divisions per element.
 dim3 row_chunk_blocks(const Geo& g, int64_t rows) {
@@ -342,22 +346,19 @@ __global__ void combine_moments_kernel(const A* __restrict__ part, A* __restrict
 
 template <typename T>
 __global__ void normalize_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
-                                 NormParams<acc_t<T>> p, T* __restrict__ y, Geo g) {
+                                 NormParams<acc_t<T>> p, T* __restrict__ y, int64_t n, Geo g) {
   using A = acc_t<T>;
-  const int64_t row = blockIdx.y, b = row / g.C, c = row % g.C;
-  const int64_t s = (b % p.groups) * g.C + c;
-  const A mean = p.mean[s], rstd = p.rstd[s];
-  const A weight = p.weight ? p.weight[c] : A(1), bias = p.bias ? p.bias[c] : A(0);
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
-  for (int64_t v = start + threadIdx.x; v < stop; v += kThreads) {
-    const int64_t e = row * g.S + v;
-    if (!visible(mask, g, b, v)) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const int64_t row = e / g.S, b = row / g.C, c = row % g.C;
+    if (!visible(mask, g, b, e % g.S)) {
       y[e] = T(0);
       continue;
     }
-    const A xhat = (static_cast<A>(x[e]) - mean) * rstd;
-    y[e] = static_cast<T>(activate(xhat * weight + bias, p.act));
+    const int64_t s = (b % p.groups) * g.C + c;
+    const A xhat = (static_cast<A>(x[e]) - p.mean[s]) * p.rstd[s];
+    const A pre = xhat * (p.weight ? p.weight[c] : A(1)) + (p.bias ? p.bias[c] : A(0));
+    y[e] = static_cast<T>(activate(pre, p.act));
   }
 }
 
@@ -412,8 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cuda(
     if (n > 0) {
       const NormParams<A> p{mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
                             data_or_null<A>(w), data_or_null<A>(b), groups, act};
-      normalize_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), p, y.data_ptr<scalar_t>(), g);
+      normalize_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), p, y.data_ptr<scalar_t>(), n, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -493,23 +494,20 @@ template <typename T>
 __global__ void norm_grad_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                  const bool* __restrict__ mask, NormParams<acc_t<T>> p,
                                  const acc_t<T>* __restrict__ coef, T* __restrict__ grad_x,
-                                 Geo g) {
+                                 int64_t n, Geo g) {
   using A = acc_t<T>;
-  const int64_t row = blockIdx.y, b = row / g.C, c = row % g.C;
-  const int64_t s = (b % p.groups) * g.C + c;
-  const A scale = p.rstd[s] * (p.weight ? p.weight[c] : A(1));
-  const A shift = coef[s * 2], slope = coef[s * 2 + 1];
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
-  for (int64_t v = start + threadIdx.x; v < stop; v += kThreads) {
-    const int64_t e = row * g.S + v;
-    if (!visible(mask, g, b, v)) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const int64_t row = e / g.S, b = row / g.C, c = row % g.C;
+    if (!visible(mask, g, b, e % g.S)) {
       grad_x[e] = T(0);
       continue;
     }
+    const int64_t s = (b % p.groups) * g.C + c;
     A xhat, gv;
     norm_grad_terms(grad, x, p, e, s, c, xhat, gv);
-    grad_x[e] = static_cast<T>(scale * (gv - shift - xhat * slope));
+    const A scale = p.rstd[s] * (p.weight ? p.weight[c] : A(1));
+    grad_x[e] = static_cast<T>(scale * (gv - coef[s * 2] - xhat * coef[s * 2 + 1]));
   }
 }
 
@@ -554,9 +552,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cuda(
         mg.B, mg.C, chunks, groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (n > 0) {
-      norm_grad_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0, stream>>>(
+      norm_grad_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
           gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
-          p, coef.const_data_ptr<A>(), grad_x.data_ptr<scalar_t>(), g);
+          p, coef.const_data_ptr<A>(), grad_x.data_ptr<scalar_t>(), n, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -233,7 +233,7 @@ if __name__ == "__main__":
         parser.add_argument("--json", type=Path, help=f"where to write the results "
                             f"(full size: default {RESULTS.name}, read by benchmarks.report)")
         options = parser.parse_args()
-        from .report import machine
+        from .machine import machine
 
         found = {**measure(options.quick, options.workers), "machine": machine(),
                  "date": time.strftime("%Y-%m-%d")}

@@ -11,7 +11,7 @@ import torch
 
 from anatomask_fast.train import store as store_module
 from anatomask_fast.train.augment import region_size, spatial_matrix, warp
-from anatomask_fast.train.data import DataError, _case_dict, discover, preprocessing
+from anatomask_fast.train.data import DataError, case_dict, discover, preprocessing
 from anatomask_fast.train.phantom import LABELS, make_case, write_phantom_dataset
 from anatomask_fast.train.sampling import BatchOrder, RandomCrops, epoch_loader
 from anatomask_fast.train.store import StoreOptions, prepare
@@ -77,7 +77,7 @@ def test_prediction_preprocessing_repeats_the_store_normalization(phantom, label
     assert volumes.normalization["scheme"] == "dataset"
     dataset = discover(phantom)
     transform = preprocessing(dataset, (32, 32, 32), None, volumes.normalization)
-    item = transform(_case_dict(dataset.cases[1]))
+    item = transform(case_dict(dataset.cases[1]))
     image, _ = volumes.whole(1)
     torch.testing.assert_close(item["image"], torch.from_numpy(image), rtol=1e-5, atol=1e-5)
 

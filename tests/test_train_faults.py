@@ -18,7 +18,7 @@ import torch
 from anatomask_fast.models.segmentation import STUNet
 from anatomask_fast.serialization import CheckpointError, safe_load
 from anatomask_fast.train.__main__ import main
-from anatomask_fast.train.finetune import FORMAT
+from anatomask_fast.train.inference import SEGMENTATION_FORMAT as FORMAT
 
 from .test_train_finetune import write_dataset
 

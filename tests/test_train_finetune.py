@@ -188,7 +188,7 @@ def test_checkpoints_carry_what_nnunet_inference_reads(finished_run, data):
 
 def test_mirroring_averages_the_flipped_predictions():
     from anatomask_fast.models.segmentation import STUNet
-    from anatomask_fast.train.predict import infer, mirrorings
+    from anatomask_fast.train.inference import infer, mirrorings
 
     assert mirrorings([0, 2]) == [(), (0,), (2,), (0, 2)]
     torch.manual_seed(0)

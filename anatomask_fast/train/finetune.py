@@ -22,17 +22,16 @@ from .. import deep_supervision_loss
 from ..models.plans import PlansGeometry, load_geometry
 from ..models.segmentation import STUNet, load_encoder
 from . import checkpoint as ckpt
+from .inference import SEGMENTATION_FORMAT, infer, overlay
 from .config import DEMO_ENCODER, FinetuneConfig, save as save_config
 from .data import DataError, Dataset, job_dataset
 from .inputs import job_volumes
 from .sampling import BatchOrder, RandomCrops, epoch_loader
 from .volumes import Volumes
 from .optim import param_groups, warmup_cosine
-from .predict import infer, overlay
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
                       optimizer_step, progress_bar, run_job, seed_step)
 
-FORMAT = "anatomask_fast.segmentation/2"
 # STU-Net's nnU-Net v2 trainers that build the same network for each size.
 TRAINER_NAMES = {"S": "STUNetTrainer_small", "B": "STUNetTrainer_base",
                  "L": "STUNetTrainer_large", "H": "STUNetTrainer_huge"}
@@ -132,7 +131,7 @@ def _pretrained(config: FinetuneConfig) -> tuple[str | None, str]:
 
 def signature(config: FinetuneConfig, in_channels: int, classes: int,
               network: STUNet | None = None) -> dict:
-    meta = {"format": FORMAT, "size": config.size, "in_channels": in_channels,
+    meta = {"format": SEGMENTATION_FORMAT, "size": config.size, "in_channels": in_channels,
             "num_classes": classes}
     if network is not None:
         meta.update(strides=[list(s) for s in network.strides],

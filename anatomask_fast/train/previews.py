@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-def _gray(slice2d: np.ndarray) -> np.ndarray:
+def gray(slice2d: np.ndarray) -> np.ndarray:
     low, high = np.percentile(slice2d, [1, 99])
     scaled = np.clip((slice2d - low) / max(high - low, 1e-6), 0, 1)
     return np.repeat((scaled * 255).astype(np.uint8)[..., None], 3, axis=-1)
@@ -45,7 +45,7 @@ def save_preview(path: Path, x: torch.Tensor, active: torch.Tensor, hard: torch.
     image = x[0, 0, :, :, depth].float().cpu().numpy()
     visible = active[0, 0, :, :, cell_depth].cpu().numpy()
     pixels_visible = _cells(visible, image.shape)
-    shown = _gray(image)
+    shown = gray(image)
     masked = shown.copy()
     masked[~pixels_visible] = (masked[~pixels_visible] * 0.25).astype(np.uint8)
     if hard is not None:

@@ -110,8 +110,9 @@ def child(argv: list[str]) -> None:
                  "--save-every", "0", "--warmup-epochs", "0"])
     if code:
         raise SystemExit(code)
-    from anatomask_fast.train.runtime import peak_memory_bytes
     import torch
+
+    from anatomask_fast.train.step import peak_memory_bytes
     print(json.dumps({"peak_rss_mb": peak_memory_bytes(torch.device("cpu")) / 2 ** 20}))
 
 

@@ -1,5 +1,6 @@
 """Imports run one way: no circle among the modules of the package, its Triton kernels
-and the benchmarks. Read statically from the source (an import inside a function ties
+and the benchmarks, and the layers train -> models -> ops -> kernels are never
+crossed upwards. Read statically from the source (an import inside a function ties
 two modules together as much as one at the top)."""
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("anatomask_fast", "kernels", "benchmarks")
+
+# What each layer must not import (as a module name prefix). ``kernels`` is installed
+# as ``anatomask_fast.kernels``; ``anatomask_fast/kernels`` is a link to it in a checkout.
+FORBIDDEN = {
+    "kernels": ("anatomask_fast.ops", "anatomask_fast.models", "anatomask_fast.train"),
+    "anatomask_fast.ops": ("anatomask_fast.models", "anatomask_fast.train"),
+    "anatomask_fast.reference": ("anatomask_fast.ops", "anatomask_fast.models",
+                                 "anatomask_fast.train"),
+    "anatomask_fast.models": ("anatomask_fast.train",),
+}
+
 
 def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     """Module name -> file, for every .py file below the package folders (links to
@@ -100,14 +112,28 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for source, targets in edges.items():
+        for layer, banned in FORBIDDEN.items():
+            if source == layer or source.startswith(layer + "."):
+                bad += [f"{source} imports {t}" for t in sorted(targets)
+                        if any(t == b or t.startswith(b + ".") for b in banned)]
+    return bad
+
+
 def test_no_import_circle():
     found = circles(graph(ROOT, PACKAGES))
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
-def test_the_check_finds_a_circle(tmp_path):
-    """The detector itself: a planted circle (through a relative import inside a
-    function) is found."""
+def test_layers_import_downwards_only():
+    assert upward_imports(graph(ROOT, PACKAGES)) == []
+
+
+def test_the_checks_find_a_circle_and_an_upward_import(tmp_path):
+    """The detector itself: a planted circle (also through a relative import inside a
+    function) and a kernel reaching into ops are found."""
     (tmp_path / "anatomask_fast" / "ops").mkdir(parents=True)
     (tmp_path / "kernels").mkdir()
     (tmp_path / "anatomask_fast" / "__init__.py").write_text("")
@@ -116,8 +142,10 @@ def test_the_check_finds_a_circle(tmp_path):
     (tmp_path / "anatomask_fast" / "ops" / "b.py").write_text(
         "def f():\n    from .a import g\n")
     (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "kernels" / "k.py").write_text("from anatomask_fast.ops.a import x\n")
     edges = graph(tmp_path, ("anatomask_fast", "kernels"))
     assert circles(edges) == [["anatomask_fast.ops.a", "anatomask_fast.ops.b"]]
+    assert upward_imports(edges) == ["kernels.k imports anatomask_fast.ops.a"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

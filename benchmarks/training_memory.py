@@ -14,7 +14,7 @@ import torch
 from anatomask_fast.models.anatomask import AnatoMaskNet
 from anatomask_fast.train.optim import ema_update
 from anatomask_fast.train.pretrain import pretrain_step
-from anatomask_fast.train.runtime import optimizer_step
+from anatomask_fast.train.step import optimizer_step
 
 GIB = 2 ** 30
 

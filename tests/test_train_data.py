@@ -107,7 +107,8 @@ def test_dataset_wide_ct_normalization_equals_numpy(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, monkeypatch):
+def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, monkeypatch,
+                                                                      capsys):
     rng = np.random.default_rng(1)
     for i in range(3):
         save(tmp_path / f"ct{i}.nii.gz", ct_like(rng))
@@ -127,9 +128,14 @@ def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, 
         prepare(tmp_path, StoreOptions(), root)
     assert sorted(p.name for p in (root / "cases").glob("*.json")) == ["ct0.json"]
     assert not (root / "manifest.json").exists()
+    # The partial store is kept, and said so: the next run resumes it.
+    assert f"the partial store {root} is kept (1 of 3 cases written): the next run with the " \
+           "same data and options resumes it" in capsys.readouterr().err
     first = (root / "cases" / "ct0.json").stat().st_mtime_ns
     monkeypatch.setattr(store_module, "_write_b2nd", real_write)
     prepare(tmp_path, StoreOptions(), root)
+    assert f"resuming the store {root}: 1 of 3 cases were written by an earlier run" in \
+        capsys.readouterr().out
     assert len(open_store(root)) == 3
     assert (root / "cases" / "ct0.json").stat().st_mtime_ns == first    # not redone
     assert not list((root / "cases").glob(".*tmp-*"))

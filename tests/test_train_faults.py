@@ -243,11 +243,3 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path):
                      line), line
     assert latest.read_bytes() == before
     assert not list(run.glob(".*.tmp"))
-
-
-def test_help_lists_the_commands(capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["--help"])
-    assert exit.value.code == 0
-    out = capsys.readouterr().out
-    assert "{pretrain,finetune,predict,preprocess}" in out and "exit status" in out

@@ -145,6 +145,9 @@ def test_bad_modality_is_reported(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)),
              tmp_path / "raw" / "a.nii.gz")
-    assert main(["pretrain", "--data", str(tmp_path / "raw"), "--out", str(tmp_path / "r"),
-                 "--modality", "T1", *TINY]) == 2
-    assert "--modality must be one of CT, MR, PET, got 'T1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--data", str(tmp_path / "raw"), "--out", str(tmp_path / "r"),
+              "--modality", "T1", *TINY])
+    assert stop.value.code == 2 and not (tmp_path / "r").exists()
+    assert "argument --modality: invalid choice: 'T1' (choose from 'CT', 'MR', 'PET')" in \
+        capsys.readouterr().err

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from anatomask_fast.guidance import main as guidance, patch_properties
+from anatomask_fast.guidance import main as guidance
+from anatomask_fast.guidance import patch_properties
 from anatomask_fast.train.__main__ import main as train
 
 

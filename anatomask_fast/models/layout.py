@@ -41,7 +41,7 @@ class MaskLayout:
 
     @classmethod
     def build(cls, active: torch.Tensor, *, stages: int = 5, packed_stages: int | None = None,
-              ) -> "MaskLayout":
+              ) -> MaskLayout:
         """The layout of ``active`` for an encoder of ``stages`` stages (stride 2
         between them, so the patch side at stage 0 is 2^(stages-1)). Stages run
         packed while the halo overhead times the visible share is below 1 (a prefix:

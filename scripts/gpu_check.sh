@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (the device tool runs it in a
 # copy of the working tree, with python3 holding a CUDA torch and Triton):
-#   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [BENCH_FILES...]
+#   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [BENCH_FILE[:FILTER]...]
+# (FILTER: a pytest -k expression that narrows a file's GPU cases, e.g. "112 or 128")
 # 1. makes the package importable from the tree (extension: a prebuilt .so carried in
 #    .gpubuild/ when it loads there, else built for sm_90 here);
 # 2. runs the GPU tests (`-m gpu`) for at most TEST_SECONDS (0: skip);
@@ -68,12 +69,15 @@ if [ "$BENCH_SECONDS" != 0 ]; then
   # One report per file, so that a file cut off by the time limit loses only itself.
   deadline=$(( $(date +%s) + BENCH_SECONDS ))
   files=("$@")
-  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{mask_select,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,packing,seg_loss,sparse_encoder,pretrain_step,finetune_step}.py)
-  for file in "${files[@]}"; do
+  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{anatomical_mask,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,pack_patches,unpack_patches,pad_halo,pad_halo_backward,dice_ce_loss,sparse_encoder,pretrain_step,finetune_step}.py)
+  for entry in "${files[@]}"; do
+    file=${entry%%:*}
+    filter=cuda
+    [ "$file" != "$entry" ] && filter="cuda and (${entry#*:})"
     left=$(( deadline - $(date +%s) ))
     [ $left -lt 20 ] && { echo "benchmarks: no time left for $file" | tee -a "$OUT/env.txt"; continue; }
     start=$(date +%s)
-    timeout $left $PY -m benchmarks.report "$file" -k cuda >>"$OUT/bench.log" 2>&1
+    timeout $left $PY -m benchmarks.report "$file" -k "$filter" >>"$OUT/bench.log" 2>&1
     echo "benchmark $file: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
     cp benchmarks/results.json benchmarks/RESULTS.md benchmarks/ratios.png "$OUT/"
   done

@@ -152,16 +152,18 @@ def _per_sample(run: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
     return out
 
 
-# The largest slice of a sample the fused BatchNorm backward activates at once (CPU:
-# the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample), and the fewest
-# channels a slice has (narrower convolutions lose efficiency).
-_SLICE_BYTES = 16 * 2 ** 20
+# The largest slice of a sample the fused BatchNorm backward activates at once, per
+# device type (CPU: the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample;
+# on a GPU, narrow slices leave the convolutions too small to fill the device), and the
+# fewest channels a slice has (narrower convolutions lose efficiency).
+SLICE_BYTES = {"cpu": 16 * 2 ** 20, "cuda": 512 * 2 ** 20}
 _MIN_SLICE_CHANNELS = 16
 
 
 def _channel_groups(sample: torch.Tensor) -> list[slice]:
     channels = sample.shape[1]
-    groups = -(-sample.numel() * sample.element_size() // _SLICE_BYTES)
+    budget = SLICE_BYTES.get(sample.device.type, SLICE_BYTES["cpu"])
+    groups = -(-sample.numel() * sample.element_size() // budget)
     groups = max(1, min(groups, channels // _MIN_SLICE_CHANNELS))
     step = -(-channels // groups)
     return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]

@@ -108,18 +108,29 @@ struct Geo {
 };
 
 Geo make_geo(const MaskGeometry& g) {
-  return {g.C, g.H * g.W * g.D, g.H, g.W, g.D, g.h, g.w, g.d, g.ph, g.pw, g.pd};
+  const int64_t S = g.H * g.W * g.D;
+  TORCH_CHECK_VALUE(S < (int64_t{1} << 31), "the CUDA kernels index one (b, c) map of at most "
+                    "2^31 voxels in 32-bit arithmetic, got ", g.H, " x ", g.W, " x ", g.D);
+  TORCH_CHECK_VALUE(g.B * g.C <= 65535, "the CUDA kernels take one grid row per (b, c) map: "
+                    "at most 65535 maps, got B * C = ", g.B * g.C);
+  return {g.C, S, g.H, g.W, g.D, g.h, g.w, g.d, g.ph, g.pw, g.pd};
 }
 
+// The voxel `within` a (b, c) row in 32-bit arithmetic (make_geo checks S < 2^31): per
+// element, 64-bit divisions cost more than the copy they guard.
 __device__ __forceinline__ bool visible(const bool* mask, const Geo& g, int64_t b, int64_t within) {
-  const int64_t k = within % g.D;
-  const int64_t j = (within / g.D) % g.W;
-  const int64_t i = within / (g.D * g.W);
-  return mask[((b * g.h + i / g.ph) * g.w + j / g.pw) * g.d + k / g.pd];
+  const uint32_t v = static_cast<uint32_t>(within);
+  const uint32_t D = static_cast<uint32_t>(g.D), W = static_cast<uint32_t>(g.W);
+  const uint32_t k = v % D, j = (v / D) % W, i = v / (D * W);
+  const int64_t cell_i = i / static_cast<uint32_t>(g.ph), cell_j = j / static_cast<uint32_t>(g.pw);
+  return mask[((b * g.h + cell_i) * g.w + cell_j) * g.d + k / static_cast<uint32_t>(g.pd)];
 }
 
-unsigned elementwise_blocks(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
+// Blocks (chunk, row) cover kChunk voxels of one (b, c) row each: the row's b and c
+// are per block, not divisions per element.
+dim3 row_chunk_blocks(const Geo& g, int64_t rows) {
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, (g.S + kChunk - 1) / kChunk)),
+              static_cast<unsigned>(rows));
 }
 
 // Sum of `v` over the block (kThreads threads); every thread gets the total.
@@ -145,11 +156,14 @@ __device__ T block_sum(T v) {
 
 template <typename T>
 __global__ void densify_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
-                               const T* __restrict__ token, T* __restrict__ y, int64_t n, Geo g) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const int64_t row = e / g.S;
-    y[e] = visible(mask, g, row / g.C, e % g.S) ? x[e] : token[row % g.C];
+                               const T* __restrict__ token, T* __restrict__ y, Geo g) {
+  const int64_t row = blockIdx.y, b = row / g.C;
+  const T fill = token[row % g.C];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
+  for (int64_t v = start + threadIdx.x; v < stop; v += kThreads) {
+    const int64_t e = row * g.S + v;
+    y[e] = visible(mask, g, b, v) ? x[e] : fill;
   }
 }
 
@@ -163,9 +177,11 @@ at::Tensor densify_cuda(const at::Tensor& x, const at::Tensor& active, const at:
   const int64_t n = xc.numel();
   if (n == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "densify", [&] {
-    densify_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const Geo g = make_geo(mg);
+    densify_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0,
+                               c10::cuda::getCurrentCUDAStream()>>>(
         xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), tc.const_data_ptr<scalar_t>(),
-        y.data_ptr<scalar_t>(), n, make_geo(mg));
+        y.data_ptr<scalar_t>(), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -326,19 +342,22 @@ __global__ void combine_moments_kernel(const A* __restrict__ part, A* __restrict
 
 template <typename T>
 __global__ void normalize_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
-                                 NormParams<acc_t<T>> p, T* __restrict__ y, int64_t n, Geo g) {
+                                 NormParams<acc_t<T>> p, T* __restrict__ y, Geo g) {
   using A = acc_t<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const int64_t row = e / g.S, b = row / g.C, c = row % g.C;
-    if (!visible(mask, g, b, e % g.S)) {
+  const int64_t row = blockIdx.y, b = row / g.C, c = row % g.C;
+  const int64_t s = (b % p.groups) * g.C + c;
+  const A mean = p.mean[s], rstd = p.rstd[s];
+  const A weight = p.weight ? p.weight[c] : A(1), bias = p.bias ? p.bias[c] : A(0);
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
+  for (int64_t v = start + threadIdx.x; v < stop; v += kThreads) {
+    const int64_t e = row * g.S + v;
+    if (!visible(mask, g, b, v)) {
       y[e] = T(0);
       continue;
     }
-    const int64_t s = (b % p.groups) * g.C + c;
-    const A xhat = (static_cast<A>(x[e]) - p.mean[s]) * p.rstd[s];
-    const A pre = xhat * (p.weight ? p.weight[c] : A(1)) + (p.bias ? p.bias[c] : A(0));
-    y[e] = static_cast<T>(activate(pre, p.act));
+    const A xhat = (static_cast<A>(x[e]) - mean) * rstd;
+    y[e] = static_cast<T>(activate(xhat * weight + bias, p.act));
   }
 }
 
@@ -393,8 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cuda(
     if (n > 0) {
       const NormParams<A> p{mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
                             data_or_null<A>(w), data_or_null<A>(b), groups, act};
-      normalize_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), p, y.data_ptr<scalar_t>(), n, g);
+      normalize_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0, stream>>>(
+          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), p, y.data_ptr<scalar_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -474,20 +493,23 @@ template <typename T>
 __global__ void norm_grad_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                  const bool* __restrict__ mask, NormParams<acc_t<T>> p,
                                  const acc_t<T>* __restrict__ coef, T* __restrict__ grad_x,
-                                 int64_t n, Geo g) {
+                                 Geo g) {
   using A = acc_t<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const int64_t row = e / g.S, b = row / g.C, c = row % g.C;
-    if (!visible(mask, g, b, e % g.S)) {
+  const int64_t row = blockIdx.y, b = row / g.C, c = row % g.C;
+  const int64_t s = (b % p.groups) * g.C + c;
+  const A scale = p.rstd[s] * (p.weight ? p.weight[c] : A(1));
+  const A shift = coef[s * 2], slope = coef[s * 2 + 1];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
+  for (int64_t v = start + threadIdx.x; v < stop; v += kThreads) {
+    const int64_t e = row * g.S + v;
+    if (!visible(mask, g, b, v)) {
       grad_x[e] = T(0);
       continue;
     }
-    const int64_t s = (b % p.groups) * g.C + c;
     A xhat, gv;
     norm_grad_terms(grad, x, p, e, s, c, xhat, gv);
-    const A scale = p.rstd[s] * (p.weight ? p.weight[c] : A(1));
-    grad_x[e] = static_cast<T>(scale * (gv - coef[s * 2] - xhat * coef[s * 2 + 1]));
+    grad_x[e] = static_cast<T>(scale * (gv - shift - xhat * slope));
   }
 }
 
@@ -532,9 +554,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cuda(
         mg.B, mg.C, chunks, groups);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (n > 0) {
-      norm_grad_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+      norm_grad_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0, stream>>>(
           gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
-          p, coef.const_data_ptr<A>(), grad_x.data_ptr<scalar_t>(), n, g);
+          p, coef.const_data_ptr<A>(), grad_x.data_ptr<scalar_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -23,7 +23,6 @@ from ..models.segmentation import STUNet, load_encoder
 from ..models.stunet import size_spec
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, FinetuneConfig
-from .config import save as save_config
 from .data import DataError, Dataset, job_dataset
 from .inference import SEGMENTATION_FORMAT, class_names, infer, overlay, window_count
 from .inputs import job_volumes
@@ -31,7 +30,7 @@ from .loop import StepLog, Trainer, TrainState, train
 from .optim import param_groups, warmup_cosine
 from .progress import progress_bar
 from .runtime import Runtime
-from .sampling import BatchOrder, RandomCrops, epoch_loader
+from .sampling import BatchOrder, RandomCrops
 from .step import autocast, optimizer_step
 from .volumes import Volumes
 
@@ -258,14 +257,6 @@ class Finetuning(Trainer):
                                    "crop": config.crop, "labels": dataset.labels,
                                    "normalization": volumes.normalization}
         self.plans = run_plans(config, self.model, volumes)
-
-    def on_train_start(self) -> None:
-        if self.runtime.main:
-            save_config(self.config, self.out / "config.json")
-
-    def batches(self, epoch: int, start_step: int):
-        return epoch_loader(self.data, self.sampler, epoch=epoch, start_step=start_step,
-                            workers=self.config.workers)
 
     def on_epoch_start(self) -> None:
         self.model.train()

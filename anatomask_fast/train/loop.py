@@ -27,8 +27,10 @@ from typing import Any, NamedTuple
 import torch
 
 from . import checkpoint as ckpt
+from .config import save as save_config
 from .progress import progress_bar
 from .runtime import STOP, Preempted, Runtime, run_job
+from .sampling import BatchOrder, RandomCrops, epoch_loader
 from .step import checked_loss, peak_memory_bytes, seed_step
 
 
@@ -52,14 +54,17 @@ class StepLog(NamedTuple):
 
 
 class Trainer:
-    """One job's part of the loop. Subclasses set ``steps_per_epoch``, ``state`` (a
+    """One job's part of the loop. Subclasses set ``data`` (the training crops) and
+    ``sampler`` (their batch order), ``steps_per_epoch``, ``state`` (a
     :class:`TrainState`, possibly with more fields), ``signature`` (what a checkpoint
-    must match to be resumed), ``optimizer`` and ``scaler``, and define :meth:`batches`,
+    must match to be resumed), ``optimizer`` and ``scaler``, and define
     :meth:`train_step` and :meth:`modules`; the ``on_*`` hooks do nothing unless
-    overridden."""
+    overridden, but ``on_train_start``, which writes ``config.json``."""
 
     job = "train"                  # the progress bar's and the messages' name
     loss_label = "loss"            # how the progress bar labels the loss
+    data: RandomCrops
+    sampler: BatchOrder
     steps_per_epoch: int
     state: TrainState
     signature: dict
@@ -84,9 +89,6 @@ class Trainer:
             print(line, flush=True)
 
     # ---- what a trainer defines
-    def batches(self, epoch: int, start_step: int) -> Iterable[dict]:
-        raise NotImplementedError
-
     def train_step(self, batch: dict) -> StepLog:
         raise NotImplementedError
 
@@ -111,7 +113,9 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
 
     # ---- hooks
-    def on_train_start(self) -> None: ...
+    def on_train_start(self) -> None:
+        if self.runtime.main:
+            save_config(self.config, self.out / "config.json")
 
     def on_epoch_start(self) -> None: ...
 
@@ -122,6 +126,11 @@ class Trainer:
     def on_train_end(self) -> None: ...
 
     # ---- provided
+    def batches(self, epoch: int, start_step: int) -> Iterable[dict]:
+        """The epoch's batches from ``start_step`` on (a resumed epoch skips the rest)."""
+        return epoch_loader(self.data, self.sampler, epoch=epoch, start_step=start_step,
+                            workers=self.config.workers)
+
     def save(self, path: Path) -> None:
         if self.runtime.main:
             ckpt.atomic_save({**self.checkpoint(), "state": dataclasses.asdict(self.state)}, path)

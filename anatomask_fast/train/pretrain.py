@@ -26,13 +26,12 @@ from ..ops.mask_select import MaskResult
 from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
 from .config import PretrainConfig
-from .config import save as save_config
 from .inputs import job_volumes
 from .loop import StepLog, Trainer, TrainState, train
 from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
 from .previews import denormalized, save_preview
 from .runtime import Runtime
-from .sampling import BatchOrder, RandomCrops, epoch_loader
+from .sampling import BatchOrder, RandomCrops
 from .step import autocast, optimizer_step
 
 FORMAT = "anatomask_fast.pretrain/1"
@@ -182,14 +181,6 @@ class Pretraining(Trainer):
         for unused in student.unused_in_lean_mode():
             unused.requires_grad_(False)   # the full-resolution densify the decoder never reads
         return student
-
-    def on_train_start(self) -> None:
-        if self.runtime.main:
-            save_config(self.config, self.out / "config.json")
-
-    def batches(self, epoch: int, start_step: int):
-        return epoch_loader(self.data, self.sampler, epoch=epoch, start_step=start_step,
-                            workers=self.config.workers)
 
     def train_step(self, batch: dict) -> StepLog:
         config, state = self.config, self.state

@@ -20,29 +20,34 @@ from . import config as cfg
 
 # name -> (configuration, the one line of the top-level help)
 JOBS = {
-    "pretrain": (cfg.PretrainConfig, "AnatoMask masked-image-modeling pretraining of an "
-                 "STU-Net encoder (the default command)"),
-    "finetune": (cfg.FinetuneConfig, "STU-Net segmentation fine-tuning, nnU-Net style, from a "
-                 "pretrained encoder or from scratch"),
-    "predict": (cfg.PredictConfig, "label maps (NIfTI) of volumes from a fine-tuning "
-                "checkpoint"),
-    "preprocess": (cfg.PreprocessConfig, "pre-process a raw dataset into a store once "
-                   "(pretrain and finetune do it themselves on first use)"),
+    "pretrain": (cfg.PretrainConfig, "AnatoMask pretraining of an STU-Net encoder (the default)"),
+    "finetune": (cfg.FinetuneConfig, "STU-Net segmentation, from a pretrained encoder or from "
+                 "scratch"),
+    "predict": (cfg.PredictConfig, "label maps (NIfTI) of new volumes from a fine-tuned model"),
+    "preprocess": (cfg.PreprocessConfig, "a raw dataset into a store, once (training does it "
+                   "too)"),
 }
-GUIDANCE = "does the pretraining's anatomical mask hide anatomy? (python -m " \
-           "anatomask_fast.guidance; its own flags)"
+GUIDANCE = "does a pretraining run's mask hide anatomy? (its own flags)"
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
-    """Wider columns, so that each subcommand's line stays one line."""
+    """Wide enough that each command's summary stays on its line."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=100)
 
 
+class _Commands(argparse.RawDescriptionHelpFormatter):
+    """The top-level help, every command's summary on its command's line (argparse sizes
+    the name column from the metavar, "COMMAND [flags]", not from the names)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=18, width=100)
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
-        prog="python -m anatomask_fast.train", formatter_class=_Help,
+        prog="python -m anatomask_fast.train", formatter_class=_Commands,
         description="AnatoMask training on anatomask_fast kernels. Without a command: "
                     "pretrain (with no flags, the embedded demonstration). The usual order: "
                     "pretrain -> finetune -> predict, and guidance to inspect a pretraining "
@@ -52,7 +57,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                "one-line error naming the flag or file); 3 stopped by SIGTERM/SIGUSR1 with a "
                "resumable checkpoint")
     jobs = parser.add_subparsers(dest="job", required=True, title="commands",
-                                 metavar="COMMAND")
+                                 metavar="COMMAND [flags]")
     commands = {}
     for name, (config_type, summary) in JOBS.items():
         commands[name] = jobs.add_parser(name, help=summary,

@@ -215,12 +215,12 @@ def _finish_step(trainer: Trainer, loss: float, step: StepLog, seconds: float) -
                  "batch_size": step.batch_size, "step_seconds": seconds,
                  "samples_per_second": step.batch_size / seconds,
                  "peak_memory_mb": peak / 2**20})
-    trainer.progress.update(1)
     trainer.progress.set_postfix({
         "epoch": f"{state.epoch + 1}/{config.epochs}", trainer.loss_label: f"{loss:.4f}",
         **step.shown,
         "vol/s": f"{step.batch_size * runtime.world_size / seconds:.2f}",
         "peak mem": f"{peak / 2**30:.2f}G"}, refresh=False)
+    trainer.progress.update(1)              # shows this step's values
     preempted = STOP.requested(runtime)
     stop = bool(config.stop_after_steps and state.global_step >= config.stop_after_steps)
     if preempted or stop or (config.latest_every_steps

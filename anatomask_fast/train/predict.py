@@ -120,7 +120,7 @@ def run(config: PredictConfig) -> list[Path]:
         print(f"  {number}/{len(cases)} {case.name}: {path}")
     print(f"  done: {len(written)} label map(s) in {out}/ (voxel values: "
           f"{class_list(meta.get('labels'), meta['num_classes'])})")
-    print("  next: does the pretraining's anatomical mask hide anatomy? python -m "
-          "anatomask_fast.train guidance --checkpoint RUN/checkpoint_latest.pt --data "
-          "LABELLED_DATASET")
+    print("  next: how the pretraining's anatomical mask follows anatomy: python -m "
+          "anatomask_fast.train guidance --checkpoint PRETRAINING_RUN/checkpoint_latest.pt "
+          "--data LABELLED_DATASET (runs/pretrain for the demonstration)")
     return written

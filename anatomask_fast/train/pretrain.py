@@ -25,7 +25,7 @@ from ..models.export import export_pretrained
 from ..ops.mask_select import MaskResult
 from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
-from .config import PretrainConfig
+from .config import DEMO_ENCODER, PretrainConfig
 from .inputs import job_volumes
 from .loop import StepLog, Trainer, TrainState, train
 from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
@@ -230,9 +230,12 @@ class Pretraining(Trainer):
         self.say(f"  done: outputs in {out}/: encoder.pt (the encoder's weights), "
                  f"stunet_{size}_pretrained.pth (for STU-Net's / nnU-Net's -pretrained_weights), "
                  "checkpoint_latest.pt, previews/, metrics.jsonl")
-        data = "" if self.config.demo else " --data LABELLED_DATASET"
-        self.say(f"  next: fine-tune from it: python -m anatomask_fast.train finetune{data} "
-                 f"--size {size} --pretrained {out / 'encoder.pt'}")
+        if self.config.demo and out / "encoder.pt" == Path(DEMO_ENCODER):
+            self.say("  next: fine-tune from it on the labelled phantom: python -m "
+                     f"anatomask_fast.train finetune (it starts from {DEMO_ENCODER})")
+        else:
+            self.say("  next: fine-tune from it: python -m anatomask_fast.train finetune --data "
+                     f"LABELLED_DATASET --size {size} --pretrained {out / 'encoder.pt'}")
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.student, "teacher": self.teacher}

@@ -115,19 +115,26 @@ def _launch(kernel, n: int, device: torch.device, *args, **meta) -> None:
         launchable(kernel)[(triton.cdiv(n, block),)](*args, BLOCK=block, **meta)
 
 
+def _moved(kernel, source: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
+           *geometry: int) -> torch.Tensor:
+    """A new ``shape`` tensor filled by ``kernel`` from ``source`` through the layout
+    table ``index`` (pack: ``patches``; unpack: ``slots``)."""
+    source = source.contiguous()
+    out = new_output(shape, dtype=source.dtype, device=source.device)
+    _launch(kernel, out.numel(), source.device, source, index.contiguous(), out, out.numel(),
+            *geometry)
+    return out
+
+
 @kernel_op("anatomask_fast::pack_patches_triton")
 def pack_patches_triton(x: torch.Tensor, patches: torch.Tensor,
                         slots: torch.Tensor) -> torch.Tensor:
     check_pack("pack_patches", x, patches, slots)
     check_layout_values("pack_patches", patches, slots)
-    x = x.contiguous()
-    B, C, H, W, D = x.shape
+    _, C, H, W, D = x.shape
     _, h, w, d = slots.shape
-    out = new_output((patches.shape[0], C, H // h, W // w, D // d), dtype=x.dtype,
-                     device=x.device)
-    _launch(_pack_kernel, out.numel(), x.device, x, patches.contiguous(), out, out.numel(),
-            C, h, w, d, H // h, W // w, D // d)
-    return out
+    return _moved(_pack_kernel, x, patches, (patches.shape[0], C, H // h, W // w, D // d),
+                  C, h, w, d, H // h, W // w, D // d)
 
 
 @kernel_op("anatomask_fast::unpack_patches_triton")
@@ -135,13 +142,10 @@ def unpack_patches_triton(packed: torch.Tensor, patches: torch.Tensor,
                           slots: torch.Tensor) -> torch.Tensor:
     check_unpack("unpack_patches", packed, patches, slots)
     check_layout_values("unpack_patches", patches, slots)
-    packed = packed.contiguous()
     B, h, w, d = slots.shape
-    N, C, ph, pw, pd = packed.shape
-    out = new_output((B, C, h * ph, w * pw, d * pd), dtype=packed.dtype, device=packed.device)
-    _launch(_unpack_kernel, out.numel(), packed.device, packed, slots.contiguous(), out,
-            out.numel(), C, h, w, d, ph, pw, pd)
-    return out
+    _, C, ph, pw, pd = packed.shape
+    return _moved(_unpack_kernel, packed, slots, (B, C, h * ph, w * pw, d * pd),
+                  C, h, w, d, ph, pw, pd)
 
 
 def _halo(op: str, name: str, source: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int,

@@ -184,7 +184,8 @@ def test_opcheck(backend, device):
         opcheck("patch_recon_loss", backend, device, rec, x, active, norm_pix, 1e-6, hidden_only)
     _, mean, rstd = torch.ops.anatomask_fast.patch_recon_loss(rec, x, active, True, 1e-6, False)
     grad = torch.randn(mean.shape)
-    opcheck("patch_recon_loss_backward", backend, device, grad, rec, x, active, mean, rstd, False)
+    opcheck("patch_recon_loss_backward", backend, device, grad, rec.detach(), x, active, mean,
+            rstd, False)
 
 
 @pytest.mark.parametrize("backend,device", [

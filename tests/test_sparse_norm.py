@@ -124,7 +124,8 @@ def test_opcheck(backend, device):
     opcheck("sparse_norm", backend, device, x, active, w, b, True, 1e-5, "relu6")
     opcheck("sparse_norm", backend, device, x, active, None, None, False, 1e-5, "none")
     _, mean, rstd = torch.ops.anatomask_fast.sparse_norm(x, active, w, b, False, 1e-5, "leaky_relu")
-    opcheck("sparse_norm_backward", backend, device, torch.randn(x.shape), x, active, w, b, mean,
+    opcheck("sparse_norm_backward", backend, device, torch.randn(x.shape), x.detach(), active,
+            w.detach(), b.detach(), mean,
             rstd, "leaky_relu")
 
 

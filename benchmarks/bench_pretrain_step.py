@@ -44,7 +44,7 @@ def setup_pretrain_step(backend: str, size: dict, device: str):
     def run() -> None:
         with execution(), autocast(torch.device(device), size.get("amp", "none")):
             loss = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=1,
-                                 raw_teacher_target=True).loss
+                                 teacher_target="raw").loss
             loss.backward()
         student.zero_grad(set_to_none=True)
 

@@ -309,6 +309,11 @@ def test_method_options_are_checked():
         check_config(PretrainConfig(reference_compatible=True, per_sample_norm=True,
                                     decay_exempt=True))
     with pytest.raises(ValueError, match="argument --teacher-target: invalid choice: 'noisy' "
-                                         r"\(choose from 'raw', 'normalized'\)"):
+                                         r"\(choose from 'raw', 'normalized', 'centred', "
+                                         r"'relative'\)"):
         check_config(PretrainConfig(teacher_target="noisy"))
+    with pytest.raises(ValueError, match="cannot be combined with --teacher-target centred, "
+                                         "--teacher-foreground"):
+        check_config(PretrainConfig(reference_compatible=True, teacher_target="centred",
+                                    teacher_foreground=True))
     check_config(PretrainConfig(per_sample_norm=True, teacher_target="normalized"))

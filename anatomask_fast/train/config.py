@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The teacher's ranking rules (train/teacher.py), as --teacher-target's choices.
+TEACHER_TARGETS = ("raw", "normalized", "centred", "relative")
 # --help groups, in this order.
 GROUPS = {"data": "data", "network": "network", "schedule": "schedule and optimizer",
           "masking": "masking (AnatoMask)", "validation": "validation",
@@ -200,12 +202,21 @@ class PretrainConfig(TrainingOptions):
     schedule_by: str = option("epoch", "hard_frac changes per epoch (published) or per step",
                               "masking", choices=("epoch", "step"))
     reference_compatible: bool = option(False, "exactly the published step: the uncapped "
-                                        "hard_frac formula; refuses --teacher-target "
-                                        "normalized, --per-sample-norm, --decay-exempt",
-                                        "masking")
-    teacher_target: str = option("raw", "the teacher's per-patch error against the raw patch "
-                                 "(published) or the normalized one (a departure)", "masking",
-                                 choices=("raw", "normalized"))
+                                        "hard_frac formula; refuses any other --teacher-target, "
+                                        "--teacher-foreground, --per-sample-norm, "
+                                        "--decay-exempt", "masking")
+    teacher_target: str = option("raw", "the teacher's per-patch error ranking the patches: raw "
+                                 "(published), normalized, centred (without its mean offset) "
+                                 "or relative (over the patch variance); see train/teacher.py",
+                                 "masking", choices=TEACHER_TARGETS)
+    teacher_foreground: bool = option(False, "weight the teacher's errors by the patch's share of "
+                                      "voxels above the sample's minimum (air and padding rank "
+                                      "last; a departure)", "masking")
+    guidance_data: str | None = option(None, "labelled volumes (a labelled folder or store): "
+                                       "measure the teacher's guidance on them (metrics.jsonl, "
+                                       "previews/guidance.png)", "output", shown="none")
+    guidance_every: int = option(0, "with --guidance-data: every N steps (0: at every epoch's "
+                                 "end), and at initialization", "output", check=COUNT)
     out: str = option("runs/pretrain", "run folder (config, checkpoints, encoder.pt, previews, "
                       "logs)", "output")
     save_every: int = option(10, "also keep checkpoint_epoch_NNNN.pt every N epochs (0: never)",
@@ -432,7 +443,8 @@ def _check_pretrain(config: PretrainConfig) -> None:
                         "the masking patch: the encoder's total stride")
     if config.reference_compatible:
         departures = [flag for flag, on in (
-            ("--teacher-target normalized", config.teacher_target != "raw"),
+            (f"--teacher-target {config.teacher_target}", config.teacher_target != "raw"),
+            ("--teacher-foreground", config.teacher_foreground),
             ("--per-sample-norm", config.per_sample_norm),
             ("--decay-exempt", config.decay_exempt)) if on]
         if departures:

@@ -8,7 +8,8 @@ Order of one run::
 
     resume (when --resume), on_train_start
     per epoch:  on_epoch_start, then per step: seed_step, train_step, the step's log,
-                the latest checkpoint every --latest-every-steps (and on a stop);
+                the latest checkpoint every --latest-every-steps (and on a stop),
+                on_step_end;
                 on_train_epoch_end (the epoch's last batch is still at hand),
                 the epoch counted, on_epoch_end (validation, exports, epoch
                 checkpoints), the latest checkpoint (last: a run killed before it redoes
@@ -119,6 +120,8 @@ class Trainer:
 
     def on_epoch_start(self) -> None: ...
 
+    def on_step_end(self) -> None: ...
+
     def on_train_epoch_end(self) -> None: ...
 
     def on_epoch_end(self) -> None: ...
@@ -162,8 +165,8 @@ def run_training(trainer: Trainer) -> Path:
     config, runtime = trainer.config, trainer.runtime
     if config.resume:
         trainer.resume()
-    trainer.on_train_start()
     trainer.metrics = MetricsLog(trainer.out, runtime.main)
+    trainer.on_train_start()
     total = config.epochs * trainer.steps_per_epoch
     trainer.progress = progress_bar(total, trainer.job, "step", done=trainer.state.global_step,
                                     enabled=runtime.main)
@@ -179,7 +182,9 @@ def run_training(trainer: Trainer) -> Path:
                 step = trainer.train_step(batch)
                 loss = checked_loss(step.loss, state.epoch, state.global_step, trainer.latest)
                 seconds = time.perf_counter() - started
-                if _finish_step(trainer, loss, step, seconds):
+                stop = _finish_step(trainer, loss, step, seconds)
+                trainer.on_step_end()
+                if stop:
                     trainer.progress.close()
                     trainer.progress = None
                     trainer.say(f"  stopped after step {state.global_step} of {total} "

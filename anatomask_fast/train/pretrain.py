@@ -9,9 +9,7 @@ resumed run repeats exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +24,7 @@ from ..ops.mask_select import MaskResult
 from ..schedules import MaskingSchedule, masking_schedule
 from . import checkpoint as ckpt
 from .config import DEMO_ENCODER, PretrainConfig
+from .guidance_probe import TrainingGuidance
 from .inputs import job_volumes
 from .loop import StepLog, Trainer, TrainState, train
 from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
@@ -33,6 +32,7 @@ from .previews import denormalized, save_preview
 from .runtime import Runtime
 from .sampling import BatchOrder, RandomCrops
 from .step import autocast, optimizer_step
+from .teacher import ranking_errors, teacher_reconstruction
 
 FORMAT = "anatomask_fast.pretrain/1"
 # How --hard-max parameterizes each schedule kind (see anatomask_fast.schedules).
@@ -52,47 +52,23 @@ class StepResult(NamedTuple):
     teacher_errors: torch.Tensor  # its per-patch errors (B, L), zero at visible patches
 
 
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def teacher_reconstruction(teacher: torch.nn.Module, x: torch.Tensor, active: torch.Tensor,
-                           amp: str = "none") -> torch.Tensor:
-    """The EMA teacher's reconstruction under the visible mask ``active``, in ``x``'s
-    dtype. The teacher runs in eval mode (timm ``ModelEma``: decoder BatchNorm with its
-    running statistics, left unchanged), without gradients."""
-    with torch.no_grad(), _eval_mode(teacher), autocast(x.device, amp):
-        return teacher(x, active).to(x.dtype)
-
-
-def patch_errors(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, patch: int, *,
-                 raw_target: bool) -> torch.Tensor:
-    """Per-patch errors (B, L) of a teacher reconstruction, zero at visible patches:
-    against the raw patch (published) or the normalized one."""
-    with torch.no_grad():
-        return patch_recon_loss(rec, x, active, patch, norm_pix=not raw_target,
-                                hidden_only=True)[1]
-
-
 def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *,
-                  mask_ratio: float, hard_frac: float, seed: int, raw_teacher_target: bool = True,
-                  amp: str = "none", noise: torch.Tensor | None = None) -> StepResult:
+                  mask_ratio: float, hard_frac: float, seed: int, teacher_target: str = "raw",
+                  teacher_foreground: bool = False, amp: str = "none",
+                  noise: torch.Tensor | None = None) -> StepResult:
     """One published step up to the loss: a random mask, the eval-mode teacher's
     per-patch errors, the anatomical mask, the student's (training-mode) loss. Runs in
     ``x``'s dtype (float64 for equivalence checks); under ``amp`` the reconstructions
-    are cast back to it. ``noise`` (B, L): the random part of the anatomical mask from
-    these values instead of the seeded draw (for comparisons with a reference)."""
+    are cast back to it. ``teacher_target`` and ``teacher_foreground``: the ranking
+    rule of the teacher's errors (``train.teacher``; published: raw, no foreground).
+    ``noise`` (B, L): the random part of the anatomical mask from these values instead
+    of the seeded draw (for comparisons with a reference)."""
     patch = teacher.patch_size
     shape = (x.shape[0], 1, *(s // patch for s in x.shape[2:]))
     teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
     rec = teacher_reconstruction(teacher, x, teacher_mask.active, amp)
-    errors = patch_errors(rec, x, teacher_mask.active, patch, raw_target=raw_teacher_target)
+    errors = ranking_errors(rec, x, teacher_mask.active, patch, target=teacher_target,
+                            foreground=teacher_foreground)
     with torch.no_grad():
         mask = anatomical_mask(errors.view(shape), mask_ratio, hard_frac, noise=noise,
                                seed=None if noise is not None else _seed(seed, 1))
@@ -170,6 +146,11 @@ class Pretraining(Trainer):
             else self.student
         # The epoch's last batch, mask, reconstruction and hard share: the preview.
         self.last: tuple[torch.Tensor, MaskResult, torch.Tensor, float] | None = None
+        self.normalization = volumes.normalization
+        # --guidance-data: the teacher's guidance measured on labelled volumes (main only).
+        self.guidance = TrainingGuidance(config, volumes.normalization, out,
+                                         self.steps_per_epoch) \
+            if config.guidance_data and runtime.main else None
 
     def build_network(self) -> AnatoMaskNet:
         student = AnatoMaskNet(self.config.size, self.in_channels,
@@ -194,7 +175,8 @@ class Pretraining(Trainer):
         loss, mask, rec, _, _ = pretrain_step(
             self.model, self.teacher, x, mask_ratio=config.mask_ratio, hard_frac=hard_frac,
             seed=_seed(config.seed, self.runtime.rank, state.global_step),
-            raw_teacher_target=config.teacher_target == "raw", amp=config.amp)
+            teacher_target=config.teacher_target, teacher_foreground=config.teacher_foreground,
+            amp=config.amp)
         optimizer_step(loss, self.optimizer, self.scaler, self.student.parameters(),
                        config.clip_grad)
         ema_update(self.teacher, self.student, decay)
@@ -214,8 +196,20 @@ class Pretraining(Trainer):
                                f"ratio {self.config.mask_ratio:g}, hard share {hard_frac:.2f} "
                                "of the hidden patches")
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.guidance is not None and self.state.global_step == 0:
+            self.guidance.record(self.teacher, self.state, self.metrics)   # the initialization
+
+    def on_step_end(self) -> None:
+        if self.guidance is not None and self.guidance.due(self.state.global_step,
+                                                           epoch_end=False):
+            self.guidance.record(self.teacher, self.state, self.metrics)
+
     def on_epoch_end(self) -> None:
         config, epoch = self.config, self.state.epoch
+        if self.guidance is not None and self.guidance.due(self.state.global_step, epoch_end=True):
+            self.guidance.record(self.teacher, self.state, self.metrics)
         if config.save_every and epoch % config.save_every == 0:
             self.save(self.out / f"checkpoint_epoch_{epoch:04d}.pt")
         if self.runtime.main:
@@ -239,6 +233,11 @@ class Pretraining(Trainer):
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.student, "teacher": self.teacher}
+
+    def checkpoint(self) -> dict:
+        # what measuring the run needs to read data as it did
+        return {**super().checkpoint(), "normalization": self.normalization,
+                "steps_per_epoch": self.steps_per_epoch}
 
 
 def run(config: PretrainConfig) -> Path:

@@ -35,8 +35,15 @@ import torch
 from .models.anatomask import AnatoMaskNet
 from .serialization import safe_load
 from .train.data import DataError
-from .train.guidance_probe import (ALL_RULES, PROPERTIES, SETS, GuidanceProbe, Rule,
-                                   labelled_volumes, run_data)
+from .train.guidance_probe import (
+    ALL_RULES,
+    PROPERTIES,
+    SETS,
+    GuidanceProbe,
+    Rule,
+    labelled_volumes,
+    run_data,
+)
 
 
 def load_run(checkpoint: str) -> tuple[dict, dict, Path]:

@@ -15,7 +15,7 @@ import torch
 
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
 from anatomask_fast.train.pretrain import pretrain_step
-from anatomask_fast.train.runtime import autocast
+from anatomask_fast.train.step import autocast
 
 from .common import benchmark_test, sizes, training_step_pairs
 

@@ -147,7 +147,7 @@ def peak_extra_memory(module: str, case: str, backend: str, size: dict, device: 
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth(device: str) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     source = torch.empty(1 << 28, dtype=torch.uint8, device=device)

@@ -14,34 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+from .machine import machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    return f"CPU {model}, {os.cpu_count()} cores"
-
-
-def versions() -> str:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
 def _fraction(entry: dict) -> str:

@@ -15,7 +15,7 @@ from anatomask_fast.models import decoder
 from anatomask_fast.models.anatomask import AnatoMaskNet
 from anatomask_fast.train.optim import ema_update
 from anatomask_fast.train.pretrain import pretrain_step
-from anatomask_fast.train.runtime import optimizer_step
+from anatomask_fast.train.step import optimizer_step
 
 GIB = 2 ** 30
 

@@ -17,10 +17,18 @@ import torch
 
 from anatomask_fast import anatomical_mask, random_mask
 from anatomask_fast.guidance import NETWORKS, _network, load_run
-from anatomask_fast.train.guidance_probe import (GuidanceProbe, labelled_volumes,
-                                                 patch_properties, run_data)
-from anatomask_fast.train.teacher import patch_means, patch_variance, ranking_errors, \
-    teacher_reconstruction
+from anatomask_fast.train.guidance_probe import (
+    GuidanceProbe,
+    labelled_volumes,
+    patch_properties,
+    run_data,
+)
+from anatomask_fast.train.teacher import (
+    patch_means,
+    patch_variance,
+    ranking_errors,
+    teacher_reconstruction,
+)
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:

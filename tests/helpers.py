@@ -1,8 +1,10 @@
 """Shared test utilities."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import textwrap
@@ -73,3 +75,28 @@ def nnunet_dataset(root: Path, planner: str = "ExperimentPlanner") -> Path:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "preprocessed" / "Dataset017_Phantom"
+
+
+def raw_op(name: str, backend: str):
+    """The raw operator ``name`` of a compiled backend (overload ``default``): the C++
+    one for ``cpu`` and ``cuda``, its ``_triton`` twin for ``triton`` (every kernel
+    module imported, so that the Triton operators are registered)."""
+    if backend == "triton":
+        import anatomask_fast.kernels as kernels
+
+        for module in pkgutil.iter_modules(kernels.__path__):
+            importlib.import_module(f"anatomask_fast.kernels.{module.name}")
+        name += "_triton"
+    return getattr(torch.ops.anatomask_fast, name).default
+
+
+def on(device: str, *values):
+    """``values`` with every tensor moved to ``device`` (leaves keep requires_grad)."""
+    return tuple(v.detach().to(device).requires_grad_(v.requires_grad)
+                 if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def opcheck(name: str, backend: str, device: str, *args) -> None:
+    """``torch.library.opcheck`` of backend's operator ``name`` on ``args`` (on
+    ``device``): its fake kernel, its autograd registration, torch.compile's traces."""
+    torch.library.opcheck(raw_op(name, backend), on(device, *args))

@@ -13,13 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from anatomask_fast.guidance import load_run, main as guidance
+from anatomask_fast.guidance import load_run
+from anatomask_fast.guidance import main as guidance
 from anatomask_fast.train.__main__ import main as train
 from anatomask_fast.train.config import PretrainConfig
 from anatomask_fast.train.data import DataError
-from anatomask_fast.train.guidance_probe import (ALL_RULES, GuidanceProbe, TrainingGuidance,
-                                                 labelled_volumes, patch_properties,
-                                                 read_window, run_data, windows)
+from anatomask_fast.train.guidance_probe import (
+    ALL_RULES,
+    GuidanceProbe,
+    TrainingGuidance,
+    labelled_volumes,
+    patch_properties,
+    read_window,
+    run_data,
+    windows,
+)
 from anatomask_fast.train.inputs import job_volumes
 from anatomask_fast.train.phantom import VERSION
 from anatomask_fast.train.runtime import Runtime

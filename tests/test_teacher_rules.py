@@ -8,8 +8,12 @@ import torch
 
 from anatomask_fast import anatomical_mask, random_mask
 from anatomask_fast.reference.patch_loss import patchify
-from anatomask_fast.train.teacher import (BACKGROUND_TOLERANCE, TARGETS, foreground_share,
-                                          ranking_errors)
+from anatomask_fast.train.teacher import (
+    BACKGROUND_TOLERANCE,
+    TARGETS,
+    foreground_share,
+    ranking_errors,
+)
 
 P = 4
 

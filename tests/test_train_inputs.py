@@ -96,11 +96,11 @@ def test_raw_folder_is_preprocessed_once_into_the_cache(tmp_path, capsys):
     args = ["pretrain", "--data", str(tmp_path / "raw"), *TINY, "--batch-size", "1",
             "--steps-per-epoch", "1", "--augmentation", "none", "--cache", str(tmp_path / "c")]
     assert main([*args, "--out", str(tmp_path / "r1")]) == 0
-    assert "preprocess" in capsys.readouterr().err
+    assert "preprocess: 100%" in capsys.readouterr().out       # the store's progress bar
     record = tmp_path / "c" / "cases" / "a.json"
     written = record.stat().st_mtime_ns
     assert main([*args, "--out", str(tmp_path / "r2")]) == 0
-    assert "preprocess" not in capsys.readouterr().err
+    assert "preprocess:" not in capsys.readouterr().out
     assert record.stat().st_mtime_ns == written
 
 
@@ -108,6 +108,9 @@ def test_bad_modality_is_reported(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)),
              tmp_path / "raw" / "a.nii.gz")
-    assert main(["pretrain", "--data", str(tmp_path / "raw"), "--out", str(tmp_path / "r"),
-                 "--modality", "T1", *TINY]) == 2
-    assert "--modality must be one of CT, MR, PET, got 'T1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--data", str(tmp_path / "raw"), "--out", str(tmp_path / "r"),
+              "--modality", "T1", *TINY])
+    assert stop.value.code == 2 and not (tmp_path / "r").exists()
+    assert "argument --modality: invalid choice: 'T1' (choose from 'CT', 'MR', 'PET')" in \
+        capsys.readouterr().err

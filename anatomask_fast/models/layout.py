@@ -55,7 +55,7 @@ class MaskLayout:
     @classmethod
     def build(cls, active: torch.Tensor, *, stages: int = 5, packed_stages: int | None = None,
               sides: Sequence[Side | None] | None = None,
-              packable: Sequence[bool] | None = None) -> "MaskLayout":
+              packable: Sequence[bool] | None = None) -> MaskLayout:
         """The layout of ``active`` for an encoder of ``stages`` stages (stride 2
         between them, so the patch side at stage 0 is 2^(stages-1)), or of the stages
         whose patch ``sides`` are given (None: unmasked). Stages run packed while the

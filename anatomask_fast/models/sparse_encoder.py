@@ -4,7 +4,7 @@ same numbers:
 - dense-masked (what the SparK/AnatoMask code does): the input is masked, every conv
   runs on the whole volume and its output is masked, the InstanceNorms become sparse
   norms with statistics over visible voxels only;
-- packed (``../shared/SPEC.md`` section 7): each stage's visible patches are packed
+- packed (the sparse convolution written on visible data): each stage's visible patches are packed
   into (N_visible, C, q, q, q); before a 3x3x3 conv each patch gets its halo from its
   neighbours (zero where hidden or outside), so a conv with padding 0 yields the
   dense conv at visible positions. Compute and stored activations scale with the

@@ -47,7 +47,7 @@ class Rule:
         return self.target + ("+foreground" if self.foreground else "")
 
     @classmethod
-    def parse(cls, name: str) -> "Rule":
+    def parse(cls, name: str) -> Rule:
         target, _, extra = name.partition("+")
         if target not in TARGETS or extra not in ("", "foreground"):
             choices = ", ".join(f"{t}[+foreground]" for t in TARGETS)

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import patch_recon_loss
-from .runtime import autocast
+from .config import TEACHER_TARGETS
+from .step import autocast
 
-TARGETS = ("raw", "normalized", "centred", "relative")
+TARGETS = TEACHER_TARGETS
 # Voxels within this share of a sample's intensity range above its minimum count as
 # background (absorbs the rounding of clipped values through the augmentation).
 BACKGROUND_TOLERANCE = 1e-3

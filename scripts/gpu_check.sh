@@ -68,7 +68,7 @@ if [ "$BENCH_SECONDS" != 0 ]; then
   # One report per file, so that a file cut off by the time limit loses only itself.
   deadline=$(( $(date +%s) + BENCH_SECONDS ))
   files=("$@")
-  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{mask_select,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,packing,seg_loss,sparse_encoder,pretrain_step,finetune_step}.py)
+  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{mask_select,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,packing,seg_loss,sparse_encoder,pretrain_step,finetune_step,resenc_pretrain_step}.py)
   for file in "${files[@]}"; do
     left=$(( deadline - $(date +%s) ))
     [ $left -lt 20 ] && { echo "benchmarks: no time left for $file" | tee -a "$OUT/env.txt"; continue; }

@@ -52,7 +52,7 @@ def step_runner(student, teacher, x: torch.Tensor, backend: str, device: str, *,
     def run() -> None:
         with execution(), autocast(torch.device(device), amp):
             loss = pretrain_step(student, teacher, x, mask_ratio=mask_ratio, hard_frac=hard_frac,
-                                 seed=1, raw_teacher_target=True).loss
+                                 seed=1, teacher_target="raw").loss
             loss.backward()
         student.zero_grad(set_to_none=True)
 

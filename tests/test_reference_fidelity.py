@@ -303,7 +303,11 @@ def test_method_options_are_checked():
                                          "--decay-exempt"):
         check_method_options(PretrainConfig(reference_compatible=True, per_sample_norm=True,
                                             decay_exempt=True))
-    with pytest.raises(ValueError, match="--teacher-target must be 'raw' or 'normalized', "
-                                         "got 'noisy'"):
+    with pytest.raises(ValueError, match="--teacher-target must be one of raw, normalized, "
+                                         "centred, relative, got 'noisy'"):
         check_method_options(PretrainConfig(teacher_target="noisy"))
+    with pytest.raises(ValueError, match="cannot be combined with --teacher-target centred, "
+                                         "--teacher-foreground"):
+        check_method_options(PretrainConfig(reference_compatible=True, teacher_target="centred",
+                                            teacher_foreground=True))
     check_method_options(PretrainConfig(per_sample_norm=True, teacher_target="normalized"))

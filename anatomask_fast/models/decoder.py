@@ -154,15 +154,17 @@ def _per_sample(run: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
 
 
 # The largest slice of a sample the fused BatchNorm backward activates at once (CPU:
-# the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample), and the fewest
+# the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample; on an H200 the
+# whole STU-Net-B fp32 step at 1x112x112x128, B=4, takes 314 ms and 7.81 GiB with it;
+# `benchmarks.training_memory --decoder-slice-mib` compares others), and the fewest
 # channels a slice has (narrower convolutions lose efficiency).
-_SLICE_BYTES = 16 * 2 ** 20
+SLICE_BYTES = 16 * 2 ** 20
 _MIN_SLICE_CHANNELS = 16
 
 
 def _channel_groups(sample: torch.Tensor) -> list[slice]:
     channels = sample.shape[1]
-    groups = -(-sample.numel() * sample.element_size() // _SLICE_BYTES)
+    groups = -(-sample.numel() * sample.element_size() // SLICE_BYTES)
     groups = max(1, min(groups, channels // _MIN_SLICE_CHANNELS))
     step = -(-channels // groups)
     return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]

@@ -37,8 +37,11 @@ class PretrainConfig:
     hard_schedule: str = "linear"     # linear (easy to hard), hard_to_easy, cosine, constant, none (plain random masks as SparK / nnssl: no teacher pass)
     hard_max: float = 0.5             # the schedule's top hard_frac (constant: its value); hard_frac is capped at it (the published linear formula 0.5 * (e + 1) / (E - 1) exceeds it at the last epoch, and reaches 1.0 with 2 epochs), except under --reference-compatible
     schedule_by: str = "epoch"        # epoch (as the reference) or step
-    reference_compatible: bool = False  # exactly the published step: also the uncapped hard_frac formula; forces --teacher-target raw, no --per-sample-norm, no --decay-exempt
-    teacher_target: str = "raw"       # the teacher's per-patch error against the raw patch (raw, published) or the normalized one (normalized, a departure)
+    reference_compatible: bool = False  # exactly the published step: also the uncapped hard_frac formula; forces --teacher-target raw, no --teacher-foreground, no --per-sample-norm, no --decay-exempt
+    teacher_target: str = "raw"       # the teacher's per-patch error ranking the patches: raw (published), normalized, centred (without its mean offset) or relative (over the patch variance); see train/teacher.py
+    teacher_foreground: bool = False  # weight the teacher's errors by the patch's share of voxels above the sample's minimum (air and padding rank last; a departure)
+    guidance_data: str | None = None  # labelled volumes (a labelled folder or store): measure the teacher's guidance on them (metrics.jsonl, previews/guidance.png)
+    guidance_every: int = 0           # with --guidance-data: every N steps (0: at every epoch's end), and at initialization
     per_sample_norm: bool = False     # sparse-norm statistics per sample (as the dense network at fine-tuning; a departure) instead of pooled over the batch (published)
     lr: float = 1e-4                  # AdamW base learning rate
     warmup_start_lr: float = 1e-6     # learning rate of epoch 0, rising linearly to --lr over the warm-up

@@ -9,11 +9,9 @@ resumed run repeats exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +28,9 @@ from . import checkpoint as ckpt
 from .config import PretrainConfig, save as save_config
 from .inputs import job_volumes
 from .optim import ema_decay_at_epoch, ema_update, linear_warmup_cosine_annealing, param_groups
+from .guidance_probe import TrainingGuidance
 from .sampling import BatchOrder, RandomCrops, epoch_loader
+from .teacher import check_target, ranking_errors, teacher_reconstruction
 from .previews import denormalized, save_preview
 from .runtime import (MetricsLog, Runtime, autocast, checked_loss, finish_step,
                       optimizer_step, progress_bar, run_job, seed_step)
@@ -60,44 +60,19 @@ class StepResult(NamedTuple):
     teacher_errors: torch.Tensor | None  # its per-patch errors (B, L), zero at visible patches
 
 
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def teacher_reconstruction(teacher: torch.nn.Module, x: torch.Tensor, active: torch.Tensor,
-                           amp: str = "none") -> torch.Tensor:
-    """The EMA teacher's reconstruction under the visible mask ``active``, in ``x``'s
-    dtype. The teacher runs in eval mode (timm ``ModelEma``: decoder BatchNorm with its
-    running statistics, left unchanged), without gradients."""
-    with torch.no_grad(), _eval_mode(teacher), autocast(x.device, amp):
-        return teacher(x, active).to(x.dtype)
-
-
-def patch_errors(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, patch: int, *,
-                 raw_target: bool) -> torch.Tensor:
-    """Per-patch errors (B, L) of a teacher reconstruction, zero at visible patches:
-    against the raw patch (published) or the normalized one."""
-    with torch.no_grad():
-        return patch_recon_loss(rec, x, active, patch, norm_pix=not raw_target,
-                                hidden_only=True)[1]
-
-
 def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, *,
                   mask_ratio: float, hard_frac: float | None, seed: int,
-                  raw_teacher_target: bool = True, amp: str = "none",
+                  teacher_target: str = "raw", teacher_foreground: bool = False,
+                  amp: str = "none",
                   noise: torch.Tensor | None = None) -> StepResult:
     """One published step up to the loss: a random mask, the eval-mode teacher's
     per-patch errors, the anatomical mask, the student's (training-mode) loss. Runs in
     ``x``'s dtype (float64 for equivalence checks); under ``amp`` the reconstructions
-    are cast back to it. ``noise`` (B, L): the random part of the anatomical mask from
-    these values instead of the seeded draw (for comparisons with a reference).
-    ``hard_frac=None``: SparK's step, a random mask and no teacher pass."""
+    are cast back to it. ``teacher_target`` and ``teacher_foreground``: the ranking
+    rule of the teacher's errors (``train.teacher``; published: raw, no foreground).
+    ``noise`` (B, L): the random part of the anatomical mask from these values instead
+    of the seeded draw (for comparisons with a reference). ``hard_frac=None``: SparK's
+    step, a random mask and no teacher pass."""
     patch = teacher.patch_size
     cells = (patch,) * 3 if isinstance(patch, int) else patch
     shape = (x.shape[0], 1, *(s // p for s, p in zip(x.shape[2:], cells)))
@@ -109,7 +84,8 @@ def pretrain_step(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.T
         return StepResult(loss, mask, rec, mask, None)
     teacher_mask = random_mask(shape, mask_ratio, device=x.device, seed=_seed(seed, 0))
     rec = teacher_reconstruction(teacher, x, teacher_mask.active, amp)
-    errors = patch_errors(rec, x, teacher_mask.active, patch, raw_target=raw_teacher_target)
+    errors = ranking_errors(rec, x, teacher_mask.active, patch, target=teacher_target,
+                            foreground=teacher_foreground)
     with torch.no_grad():
         mask = anatomical_mask(errors.view(shape), mask_ratio, hard_frac, noise=noise,
                                seed=None if noise is not None else _seed(seed, 1))
@@ -131,12 +107,14 @@ def published_hard_frac(schedule: MaskingSchedule | None, config: PretrainConfig
 
 def check_method_options(config: PretrainConfig) -> None:
     """Reject method settings that are unknown or contradict --reference-compatible."""
-    if config.teacher_target not in ("raw", "normalized"):
-        raise ValueError(f"pretrain: --teacher-target must be 'raw' or 'normalized', got "
-                         f"{config.teacher_target!r}")
+    try:
+        check_target(config.teacher_target)
+    except ValueError as error:
+        raise ValueError(f"pretrain: {error}") from None
     if config.reference_compatible:
         departures = [flag for flag, on in (
-            ("--teacher-target normalized", config.teacher_target != "raw"),
+            (f"--teacher-target {config.teacher_target}", config.teacher_target != "raw"),
+            ("--teacher-foreground", config.teacher_foreground),
             ("--hard-schedule none", config.hard_schedule == "none"),
             (f"--network {config.network}", config.network != "stunet"),
             ("--per-sample-norm", config.per_sample_norm),
@@ -220,13 +198,20 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
         save_config(config, out / "config.json")
     model = DistributedDataParallel(student) if runtime.distributed else student
     metrics = MetricsLog(out, runtime.main)
+    guidance = TrainingGuidance(config, volumes.normalization, out, steps_per_epoch) \
+        if config.guidance_data and runtime.main else None
+    if guidance is not None and state.global_step == 0:
+        guidance.record(teacher, state, metrics)            # the initialization
 
     def save(path: Path) -> None:
         if runtime.main:
             ckpt.atomic_save({**signature, "model": student.state_dict(),
                               "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
                               "scaler": scaler.state_dict(), "state": dataclasses.asdict(state),
-                              "config": dataclasses.asdict(config)}, path)
+                              "config": dataclasses.asdict(config),
+                              # what measuring the run needs to read data as it did
+                              "normalization": volumes.normalization,
+                              "steps_per_epoch": steps_per_epoch}, path)
 
     progress = progress_bar(runtime, config.epochs * steps_per_epoch, state.global_step,
                             "pretrain")
@@ -249,18 +234,22 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
             loss, mask, rec, _, _ = pretrain_step(
                 model, teacher, x, mask_ratio=config.mask_ratio, hard_frac=hard_frac,
                 seed=_seed(config.seed, runtime.rank, state.global_step),
-                raw_teacher_target=config.teacher_target == "raw", amp=config.amp)
+                teacher_target=config.teacher_target,
+                teacher_foreground=config.teacher_foreground, amp=config.amp)
             optimizer_step(loss, optimizer, scaler, student.parameters(), config.clip_grad)
             ema_update(teacher, student, decay)
             loss_value = checked_loss(loss, state.epoch, state.global_step, latest)
             elapsed = time.perf_counter() - started
-            if finish_step(state, config, runtime, metrics, progress, lambda: save(latest),
-                           {"loss": loss_value, "hard_frac": hard_frac, "lr": lr,
-                            "batch_size": x.shape[0], "step_seconds": elapsed,
-                            "samples_per_second": x.shape[0] / elapsed},
-                           {"loss": f"{loss_value:.4f}",
-                            "hard": "none" if hard_frac is None else f"{hard_frac:.2f}",
-                            "vol_s": f"{x.shape[0] * runtime.world_size / elapsed:.2f}"}):
+            stop = finish_step(state, config, runtime, metrics, progress, lambda: save(latest),
+                               {"loss": loss_value, "hard_frac": hard_frac, "lr": lr,
+                                "batch_size": x.shape[0], "step_seconds": elapsed,
+                                "samples_per_second": x.shape[0] / elapsed},
+                               {"loss": f"{loss_value:.4f}",
+                                "hard": "none" if hard_frac is None else f"{hard_frac:.2f}",
+                                "vol_s": f"{x.shape[0] * runtime.world_size / elapsed:.2f}"})
+            if guidance is not None and guidance.due(state.global_step, epoch_end=False):
+                guidance.record(teacher, state, metrics)
+            if stop:
                 progress.close()
                 say(f"  stopped after {state.global_step} steps (--stop-after-steps): {latest} "
                     "written, continue with --resume")
@@ -272,6 +261,8 @@ def _train(config: PretrainConfig, runtime: Runtime, out: Path) -> Path:
                          mask.active, hard, denormalized(rec.detach(), x, student.patch_size))
         state.epoch += 1
         state.step_in_epoch = 0
+        if guidance is not None and guidance.due(state.global_step, epoch_end=True):
+            guidance.record(teacher, state, metrics)
         if config.save_every and state.epoch % config.save_every == 0:
             save(out / f"checkpoint_epoch_{state.epoch:04d}.pt")
         if runtime.main and not spec.is_stunet:

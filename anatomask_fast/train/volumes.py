@@ -150,6 +150,7 @@ def open_store(root: Path) -> Volumes:
                    labels=manifest["labels"],
                    description=f"{manifest['description']}, store {root}",
                    normalization={"scheme": scheme, "modality": options["modality"],
+                                  "spacing": options["spacing"],
                                   "channels": manifest["normalization"]})
 
 

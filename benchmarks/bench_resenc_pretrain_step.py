@@ -16,7 +16,7 @@ models and the input batch (a fresh process's, see ``common.peak_extra_memory``)
 Standalone, alternating the two executions in one process (times) and fresh
 processes (memory), with the spread over repeats::
 
-    python -m benchmarks.bench_resenc_pretrain_step SIZE [REPEATS]
+    python -m benchmarks.bench_resenc_pretrain_step SIZE [REPEATS [MEMORY_REPEATS]]
 """
 from __future__ import annotations
 
@@ -82,13 +82,13 @@ test_resenc_pretrain_step = benchmark_test(
     training_step_pairs())
 
 
-def alternating(name: str, repeats: int = 3) -> None:
+def alternating(name: str, repeats: int = 3, memory_repeats: int = 1) -> None:
     """Time: the two executions alternately in one process (a warm-up call each, then
-    ``repeats`` rounds); memory: a fresh process per execution, twice. Prints each
-    measurement and the ratios' spread."""
+    ``repeats`` rounds); memory: ``memory_repeats`` fresh processes per execution.
+    Prints each measurement and the ratios' spread."""
     size = next(p.values[0] for p in SIZES if p.values[0]["name"] == name)
     memory = {backend: [peak_extra_memory("bench_resenc_pretrain_step", "resenc_pretrain_step",
-                                          backend, size, "cpu") for _ in range(2)]
+                                          backend, size, "cpu") for _ in range(memory_repeats)]
               for backend in ("reference", "cpu")}
     runs = {backend: setup_resenc_pretrain_step(backend, size, "cpu")
             for backend in ("reference", "cpu")}
@@ -111,4 +111,4 @@ def alternating(name: str, repeats: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    alternating(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    alternating(sys.argv[1], *(int(a) for a in sys.argv[2:4]))

@@ -70,7 +70,7 @@ if [ "$BENCH_SECONDS" != 0 ]; then
   # One report per file, so that a file cut off by the time limit loses only itself.
   deadline=$(( $(date +%s) + BENCH_SECONDS ))
   files=("$@")
-  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{anatomical_mask,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,pack_patches,unpack_patches,pad_halo,pad_halo_backward,dice_ce_loss,sparse_encoder,pretrain_step,finetune_step}.py)
+  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{anatomical_mask,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,pack_patches,unpack_patches,pad_halo,pad_halo_backward,dice_ce_loss,sparse_encoder,pretrain_step,finetune_step,resenc_pretrain_step}.py)
   for entry in "${files[@]}"; do
     file=${entry%%:*}
     filter=cuda

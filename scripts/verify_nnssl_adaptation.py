@@ -8,16 +8,17 @@ this library's ResEnc pretraining (``RUN/nnssl/checkpoint_final.pth``)::
 ``nnunetv2`` package is extracted under ``--work`` and imported instead of the installed
 release. With that code, in this order:
 
-1. a raw dataset (4 cases of the library's CT-like phantom, ``Dataset017_Phantom``),
+1. a raw dataset (6 cases of the library's CT-like phantom, ``Dataset017_Phantom``),
    fingerprinted and planned by ``nnUNetPlannerResEncM``: the base plan that
    ``nnUNetv2_preprocess_like_nnssl`` requires;
 2. ``preprocess_like_nnssl`` (``nnUNetv2_preprocess_like_nnssl -d 17 -n anatomask -pc
    CHECKPOINT -am like_pretrained``): reads the checkpoint with ``weights_only=True``,
    writes the ``ptPlans__...`` plans with the checkpoint's architecture and patch size,
    pre-processes the data at the pretraining spacing;
-3. ``PretrainedTrainer`` on those plans (``nnUNetv2_train_pretrained 17 3d_fullres 0 -p
-   ptPlans__... -tr PretrainedTrainer``): ``initialize()`` builds the network from the
-   plans and loads the checkpoint's encoder and stem (``load_pretrained_weights``);
+3. the ``PretrainedTrainer`` that ``nnUNetv2_train_pretrained 17 3d_fullres 0 -p
+   ptPlans__... -tr PretrainedTrainer`` makes (``get_trainer_from_args``): its
+   ``initialize()`` builds the network from the plans and loads the checkpoint's encoder
+   and stem (``load_pretrained_weights``);
 4. checks that every encoder and stem tensor of the trainer's network equals the
    checkpoint's, then runs ``--steps`` training steps on the trainer's own data loader.
 
@@ -71,7 +72,7 @@ def _raw_dataset(work: Path) -> None:
 
     target = work / "raw" / "Dataset017_Phantom"
     if not target.exists():
-        shutil.copytree(write_phantom_dataset(work / "phantom", cases=4), target)
+        shutil.copytree(write_phantom_dataset(work / "phantom", cases=6), target)
 
 
 def main() -> None:
@@ -86,7 +87,7 @@ def main() -> None:
     _raw_dataset(work)
     os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                       nnUNet_results=str(work / "results"), nnUNet_compile="false",
-                      nnUNet_n_proc_DA="0")
+                      nnUNet_n_proc_DA="1")
     sys.path.insert(0, str(master))
     sys.meta_path.insert(0, _NoPrimus())
 
@@ -96,7 +97,7 @@ def main() -> None:
     from nnunetv2.experiment_planning.like_nnssl import preprocess_like_nnssl
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints,
                                                                       plan_experiments)
-    from nnunetv2.training.nnUNetTrainer.pretraining.pretrainedTrainer import PretrainedTrainer
+    from nnunetv2.run.run_training_from_pretrained import get_trainer_from_args
 
     assert Path(nnunetv2.__file__).is_relative_to(master), nnunetv2.__file__
     extract_fingerprints([17], num_processes=1, check_dataset_integrity=True, verbose=False)
@@ -107,8 +108,9 @@ def main() -> None:
     dataset = work / "preprocessed" / "Dataset017_Phantom"
     plans_file = next(dataset.glob("ptPlans__anatomask*.json"))
     plans = load_json(str(plans_file))
-    trainer = PretrainedTrainer(plans, "3d_fullres", 0, load_json(str(dataset / "dataset.json")),
-                                device=torch.device("cpu"))
+    # nnUNetv2_train_pretrained 17 3d_fullres 0 -p ptPlans__... -tr PretrainedTrainer
+    trainer = get_trainer_from_args("17", "3d_fullres", 0, "PretrainedTrainer", plans_file.stem,
+                                    device=torch.device("cpu"))
     trainer.initialize()
     saved = torch.load(args.checkpoint, weights_only=True)
     plan = saved["nnssl_adaptation_plan"]
@@ -116,6 +118,7 @@ def main() -> None:
     keys = [k for k in state if k.startswith((plan["key_to_encoder"] + ".",
                                               plan["key_to_stem"] + "."))]
     differ = [k for k in keys if not torch.equal(state[k], weights[k])]
+    os.environ["nnUNet_n_proc_DA"] = "0"          # the data loader in this process
     trainer.on_train_start()
     losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"])
               for _ in range(args.steps)]

@@ -5,10 +5,8 @@ Public ops dispatch to CUDA C++, Triton, C++ CPU or the plain-PyTorch reference
 """
 from ._version import __version__
 from .dispatch import backends, use_backend
-from .ops.gather_scatter import (apply_mask, densify, gather_tokens, scatter_tokens,
-                                 sparse_norm)
-from .ops.mask_select import (MaskResult, active_to_ids, anatomical_mask, ids_to_active,
-                              random_mask)
+from .ops.gather_scatter import apply_mask, densify, gather_tokens, scatter_tokens, sparse_norm
+from .ops.mask_select import MaskResult, active_to_ids, anatomical_mask, ids_to_active, random_mask
 from .ops.packing import pack_patches, pad_halo, pad_halo_backward, unpack_patches
 from .ops.patch_loss import patch_recon_loss
 from .ops.seg_loss import deep_supervision_loss, dice_ce_loss

@@ -27,7 +27,7 @@ def _import() -> ModuleType:
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[ModuleType | None, str]:
     """Returns ``(module, "")`` or ``(None, reason)``; warns once when it is missing.
 

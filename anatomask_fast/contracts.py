@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from .validation import (FLOAT_DTYPES, check_active_mask, check_index_values, check_same_device,
-                         check_tensor, check_volume, require)
+from .numerics import ACTIVATIONS, accumulation_dtype
+from .validation import (
+    FLOAT_DTYPES,
+    check_active_mask,
+    check_index_values,
+    check_same_device,
+    check_tensor,
+    check_volume,
+    data_known,
+    require,
+)
 
 INDEX = (torch.int64,)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
-ACTIVATION_NAMES = ("none", "leaky_relu", "relu6")
-
-
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def check_like(op: str, name: str, value: object, like: torch.Tensor, like_name: str) -> None:
@@ -53,8 +57,10 @@ def check_param(op: str, name: str, value: object, numel: int, like: torch.Tenso
 
 
 def check_length(op: str, name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{op}: argument '{name}' must be an int, got {type(value).__name__}")
+    if isinstance(value, torch.SymInt):      # traced with dynamic shapes: checked when run
+        return value
     if value < low or (high is not None and value > high):
         bound = "" if high is None else f", {high}]"
         raise ValueError(f"{op}: argument '{name}' must lie in [{low}{bound or ', inf)'}, "
@@ -118,7 +124,7 @@ def check_layout_values(op: str, patches: torch.Tensor, slots: torch.Tensor) -> 
     check_index_values(op, "patches", patches, 0, cells,
                        f"the {cells} cells of the {list(slots.shape)} grid of 'slots'")
     check_index_values(op, "slots", slots, -1, N, f"the {N} packed patches (or -1 where hidden)")
-    if cells == 0 or torch.compiler.is_compiling():
+    if cells == 0 or not data_known(patches, slots):
         return
     flat = slots.reshape(-1)
     order = torch.arange(N, device=slots.device)
@@ -134,7 +140,7 @@ def check_neighbour_values(op: str, neighbours: torch.Tensor) -> None:
     N = neighbours.shape[0]
     check_index_values(op, "neighbours", neighbours, -1, N,
                        f"the {N} packed patches (or -1 for zeros)")
-    if N == 0 or torch.compiler.is_compiling():
+    if N == 0 or not data_known(neighbours):
         return
     back = (26 - torch.arange(27, device=neighbours.device)).expand_as(neighbours)
     mirrored = neighbours[neighbours.clamp(0, N - 1), back]
@@ -153,8 +159,8 @@ def check_masked(op: str, x: object, active: object, name: str = "x") -> tuple[i
 
 
 def check_activation(op: str, activation: object) -> None:
-    if activation not in ACTIVATION_NAMES:
-        raise ValueError(f"{op}: argument 'activation' must be one of {ACTIVATION_NAMES}, "
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: argument 'activation' must be one of {tuple(ACTIVATIONS)}, "
                          f"got {activation!r}")
 
 
@@ -175,7 +181,7 @@ def check_norm_backward(op: str, grad: object, x: torch.Tensor, mean: object,
         raise ValueError(f"{op}: argument 'mean' must have shape (1, C={C}) or (B={B}, C={C}), "
                          f"got {tuple(mean.shape)}")
     for name, value in (("mean", mean), ("rstd", rstd)):
-        check_table(op, name, value, tuple(mean.shape), accumulation_dtype(x), x, "x")
+        check_table(op, name, value, tuple(mean.shape), accumulation_dtype(x.dtype), x, "x")
 
 
 def check_patch_loss(op: str, rec: object, x: object, active: object) -> None:
@@ -188,7 +194,7 @@ def check_patch_tables(op: str, x: torch.Tensor, active: torch.Tensor,
     """The (B, L) per-patch tables a patch-loss backward receives."""
     shape = (active.shape[0], active[0].numel())
     for name, value in tables.items():
-        check_table(op, name, value, shape, accumulation_dtype(x), x, "x")
+        check_table(op, name, value, shape, accumulation_dtype(x.dtype), x, "x")
 
 
 # ---- token layout ----
@@ -208,7 +214,7 @@ def check_ids_values(op: str, name: str, ids: torch.Tensor, bound: int, *,
                      permutation: bool) -> None:
     """Ids in [0, bound), distinct per sample, or each row a permutation of [0, bound)."""
     check_index_values(op, name, ids, 0, bound, f"the L={bound} tokens of each sample")
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    if ids.numel() == 0 or not data_known(ids):
         return
     ordered = ids.clamp(0, bound - 1).sort(dim=1).values
     if permutation:

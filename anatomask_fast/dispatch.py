@@ -53,7 +53,7 @@ def enable_interpreter_if_needed() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_status() -> BackendStatus:
     if importlib.util.find_spec("triton") is None:
         return BackendStatus(False, "triton is not installed")
@@ -138,7 +138,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 # Every Op by name: _select takes the name, a constant that every torch.compile version
 # can pass to an assume_constant_result function (torch 2.11 cannot pass a dataclass).
-_OPS: dict[str, "Op"] = {}
+_OPS: dict[str, Op] = {}
 
 
 @dataclass(frozen=True)

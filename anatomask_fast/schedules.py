@@ -1,5 +1,6 @@
 """Masking dynamics: how ``hard_frac`` (the share of hidden patches chosen by their
-error) evolves over pretraining (SPEC section 4).
+error) evolves over pretraining; the published one rises linearly, easy to hard,
+``hard_frac(e) = 0.5 * (e + 1) / (E - 1)`` at 0-based epoch ``e`` of ``E``.
 
 ``masking_schedule(kind, total_epochs=..., steps_per_epoch=None, **params)`` returns a
 callable ``schedule(epoch, step=0) -> hard_frac``. By epoch (the reference's way, the

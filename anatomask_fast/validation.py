@@ -67,11 +67,22 @@ def check_active_mask(op: str, active: object, like: torch.Tensor, *,
     return tuple(s // g for g, s in zip(grid, spatial))
 
 
+def data_known(*tensors: torch.Tensor) -> bool:
+    """Whether the values of ``tensors`` can be read: not while torch.compile traces,
+    nor for fake or meta tensors (shape propagation, ``opcheck``'s fake-tensor test);
+    data-dependent checks are skipped there (the kernels check when they run)."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(is_fake(t) or t.device.type == "meta" for t in tensors)
+
+
 def require(ok: torch.Tensor, message: str) -> None:
     """A data-dependent check: a ValueError for CPU tensors; on other devices a
-    device-side assertion (a host-side check would synchronize). Skipped while
-    torch.compile traces (the C++ kernels check there)."""
-    if torch.compiler.is_compiling():
+    device-side assertion (a host-side check would synchronize). Skipped where the
+    data is not known (:func:`data_known`)."""
+    if not data_known(ok):
         return
     if ok.device.type == "cpu":
         if not bool(ok):
@@ -84,7 +95,7 @@ def check_index_values(op: str, name: str, ids: torch.Tensor, low: int, high: in
                        what: str) -> None:
     """Every value of ``ids`` in [low, high); ``what`` says what they index (the
     message is the C++ kernels' one)."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    if ids.numel() == 0 or not data_known(ids):
         return
     expected = f"{op}: argument '{name}' must hold indices in [{low}, {high}) of {what}"
     if ids.device.type != "cpu":

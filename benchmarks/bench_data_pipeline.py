@@ -110,8 +110,9 @@ def child(argv: list[str]) -> None:
                  "--save-every", "0", "--warmup-epochs", "0"])
     if code:
         raise SystemExit(code)
-    from anatomask_fast.train.runtime import peak_memory_bytes
     import torch
+
+    from anatomask_fast.train.step import peak_memory_bytes
     print(json.dumps({"peak_rss_mb": peak_memory_bytes(torch.device("cpu")) / 2 ** 20}))
 
 
@@ -233,7 +234,7 @@ if __name__ == "__main__":
         parser.add_argument("--json", type=Path, help=f"where to write the results "
                             f"(full size: default {RESULTS.name}, read by benchmarks.report)")
         options = parser.parse_args()
-        from .common import machine
+        from .machine import machine
 
         found = {**measure(options.quick, options.workers), "machine": machine(),
                  "date": time.strftime("%Y-%m-%d")}

@@ -362,7 +362,7 @@ def measure_size(size: dict, device: str, repeats: int, profile: bool) -> dict:
 
 def measure(names: list[str], quick: bool, repeats: int, profile: bool = True) -> dict:
     """{"sizes": {name: the size's measurement, stamped with machine, date and load}}."""
-    from .common import machine, versions
+    from .machine import machine, versions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = QUICK if quick else FULL

@@ -17,7 +17,7 @@ import torch
 
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
 from anatomask_fast.train.pretrain import pretrain_step
-from anatomask_fast.train.runtime import autocast
+from anatomask_fast.train.step import autocast
 
 from .common import benchmark_test, sizes, training_step_pairs
 
@@ -39,14 +39,22 @@ def setup_pretrain_step(backend: str, size: dict, device: str):
         unused.requires_grad_(False)
     teacher = copy.deepcopy(student).requires_grad_(False)
     x = torch.randn(size["B"], 1, *size["spatial"], device=device)
+    return step_runner(student, teacher, x, backend, device, amp=size.get("amp", "none"),
+                       mask_ratio=0.6, hard_frac=0.25)
+
+
+def step_runner(student, teacher, x: torch.Tensor, backend: str, device: str, *, amp: str,
+                mask_ratio: float, hard_frac: float | None):
+    """One pretraining step's forward and backward (the reference-faithful execution for
+    the "reference" backend), the gradients dropped after it."""
     def execution():
         return reference_execution(student, teacher) if backend == "reference" \
             else contextlib.nullcontext()
 
     def run() -> None:
-        with execution(), autocast(torch.device(device), size.get("amp", "none")):
-            loss = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=1,
-                                 raw_teacher_target=True).loss
+        with execution(), autocast(torch.device(device), amp):
+            loss = pretrain_step(student, teacher, x, mask_ratio=mask_ratio, hard_frac=hard_frac,
+                                 seed=1, teacher_target="raw").loss
             loss.backward()
         student.zero_grad(set_to_none=True)
 

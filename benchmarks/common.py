@@ -16,7 +16,6 @@ import functools
 import importlib
 import json
 import os
-import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,23 +28,6 @@ import anatomask_fast
 
 QUICK = os.environ.get("ANATOMASK_BENCH_QUICK") == "1"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    return f"CPU {model}, {os.cpu_count()} cores"
-
-
-def versions() -> str:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    return f"torch {torch.__version__}, triton {triton_version}, Python {platform.python_version()}"
 
 
 def sizes(full: dict[str, dict], quick: dict[str, dict],
@@ -166,7 +148,7 @@ def peak_extra_memory(module: str, case: str, backend: str, size: dict, device: 
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth(device: str) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     source = torch.empty(1 << 28, dtype=torch.uint8, device=device)

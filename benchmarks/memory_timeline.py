@@ -67,13 +67,14 @@ def timeline(run, device: str, window_ms: float = 300.0, min_bytes: int = 8 * MI
 
 
 def busiest(prof, device: str) -> list[tuple[str, float, int]]:
-    """Every op's self time on ``device`` (on a GPU: kernels and device copies), most
-    first."""
-    def self_us(event) -> float:
-        return event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
-
-    rows = [(e.key, self_us(e) / 1e3, e.count) for e in prof.key_averages() if self_us(e) > 0]
-    return sorted(rows, key=lambda r: -r[1])
+    """Self time per op on the CPU, or per kernel and device copy on a GPU (the device's
+    own events only: an op's device time repeats its kernels'), most first."""
+    if device == "cuda":
+        rows = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()]
+    return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {before:8.1f} ms before: {nbytes / MIB:+8.1f} MiB  {op}")
     if args.kernels:
         total = sum(ms for _, ms, _ in found.busiest)
-        print(f"  self device time {total:.1f} ms in all; the {args.kernels} largest:")
+        print(f"  self time on {args.device} {total:.1f} ms in all; the {args.kernels} largest:")
         for name, ms, calls in found.busiest[:args.kernels]:
             print(f"  {ms:9.2f} ms {ms / total:6.1%} {calls:6d}x  {name[:100]}")
 

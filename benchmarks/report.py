@@ -20,8 +20,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-
-from .common import machine, versions
+from .machine import machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
@@ -163,15 +162,7 @@ def document(entries: list[dict], command: str) -> str:
         "On a GPU, memory-bound ops also report the bytes they must move per second as a "
         "share of the device's measured copy bandwidth, per call (host overhead included) and, "
         "in parentheses, over the time the device spends in the op's kernels (profiler).",
-        "", *table(entries), *pretrain_phases(), *data_pipeline()])
-
-
-def pretrain_phases() -> list[str]:
-    """The per-phase profile of a pretraining step, from the last full
-    ``benchmarks.bench_pretrain_phases`` run."""
-    from .bench_pretrain_phases import RESULTS, markdown
-
-    return markdown(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
+        "", *table(entries), *data_pipeline()])
 
 
 def data_pipeline() -> list[str]:

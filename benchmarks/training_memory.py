@@ -11,10 +11,11 @@ import time
 
 import torch
 
+from anatomask_fast.models import decoder
 from anatomask_fast.models.anatomask import AnatoMaskNet
 from anatomask_fast.train.optim import ema_update
 from anatomask_fast.train.pretrain import pretrain_step
-from anatomask_fast.train.runtime import optimizer_step
+from anatomask_fast.train.step import optimizer_step
 
 GIB = 2 ** 30
 
@@ -26,7 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spatial", type=int, nargs=3, default=(112, 112, 128))
     parser.add_argument("--amp", default="bf16", choices=("none", "bf16", "fp16"))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--decoder-slice-mib", type=int, default=None,
+                        help="the lean decoder's slice budget (default: "
+                             f"{decoder.SLICE_BYTES // 2 ** 20} MiB)")
     args = parser.parse_args(argv)
+    if args.decoder_slice_mib is not None:
+        decoder.SLICE_BYTES = args.decoder_slice_mib * 2 ** 20
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator's peak is the number a card holds")
     device = torch.device("cuda")
@@ -52,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         seconds.append(time.perf_counter() - start)
     parameters = sum(p.numel() for p in student.parameters())
     print(f"training_memory STU-Net-{args.model} B={args.batch} {tuple(args.spatial)} "
-          f"amp={args.amp} on {torch.cuda.get_device_name()}: {parameters / 1e6:.1f} M "
+          f"amp={args.amp} decoder slices <= {decoder.SLICE_BYTES // 2 ** 20} MiB "
+          f"on {torch.cuda.get_device_name()}: {parameters / 1e6:.1f} M "
           f"parameters; peak allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, "
           f"peak reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB; "
           f"step {min(seconds[1:] or seconds) * 1e3:.0f} ms (best after the first)")

@@ -16,11 +16,11 @@ from monai.networks.nets import MaskedAutoEncoderViT
 
 from anatomask_fast.integrations.monai_mae import MaskedViTAdapter, patchify, token_errors
 from anatomask_fast.masker import AnatoMasker
+from anatomask_fast.train.optim import ema_update
+from anatomask_fast.train.phantom import write_phantom_dataset
 from anatomask_fast.train.sampling import BatchOrder, RandomCrops
 from anatomask_fast.train.store import StoreOptions, prepare
 from anatomask_fast.train.volumes import open_store
-from anatomask_fast.train.optim import ema_update
-from anatomask_fast.train.phantom import write_phantom_dataset
 
 PATCH = (16, 16, 16)
 CROP = (64, 64, 64)

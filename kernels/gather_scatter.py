@@ -1,22 +1,28 @@
 """Triton kernels of the gather/scatter family."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from anatomask_fast.contracts import (check_activation, check_affine, check_ids_values,
-                                      check_length, check_masked, check_norm_backward,
-                                      check_param, check_token_ids)
-from anatomask_fast.ops.gather_scatter import register_autograd
-from anatomask_fast.validation import check_eps, check_index_values, check_tensor
+from anatomask_fast import autograd
+from anatomask_fast.contracts import (
+    check_activation,
+    check_affine,
+    check_ids_values,
+    check_length,
+    check_masked,
+    check_norm_backward,
+    check_param,
+    check_token_ids,
+)
+from anatomask_fast.numerics import ACTIVATIONS, accumulation_dtype
 from anatomask_fast.outputs import new_output
+from anatomask_fast.validation import check_eps, check_index_values, check_tensor
 
-from . import launchable
+from . import kernel_op, launchable
 
 
 def block_size(device: torch.device, gpu_block: int) -> int:
@@ -42,7 +48,7 @@ def _apply_mask_kernel(x_ptr, mask_ptr, y_ptr, n, C, H, W, D, h, w, d, ph, pw, p
     tl.store(y_ptr + offs, value, mask=inside)
 
 
-@triton_op("anatomask_fast::apply_mask_triton", mutates_args=())
+@kernel_op("anatomask_fast::apply_mask_triton")
 def apply_mask_triton(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     check_masked("apply_mask", x, active)
     x = x.contiguous()
@@ -58,7 +64,6 @@ def apply_mask_triton(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return y
 
 
-ACTIVATION_CODES = {"none": 0, "leaky_relu": 1, "relu6": 2}
 
 
 def _geometry(x: torch.Tensor, active: torch.Tensor) -> tuple[int, ...]:
@@ -116,7 +121,7 @@ def _densify_kernel(x_ptr, mask_ptr, token_ptr, y_ptr, n, C, S, H, W, D, h, w, d
     tl.store(y_ptr + offs, tl.where(keep, value, token), mask=inside)
 
 
-@triton_op("anatomask_fast::densify_triton", mutates_args=())
+@kernel_op("anatomask_fast::densify_triton")
 def densify_triton(x: torch.Tensor, active: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     check_masked("densify", x, active)
     check_param("densify", "mask_token", mask_token, x.shape[1], x)
@@ -146,10 +151,6 @@ def _densify_backward_kernel(g_ptr, mask_ptr, gx_ptr, part_ptr, C, S, H, W, D, h
     tl.store(part_ptr + row * tl.num_programs(1) + chunk, hidden)
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _row_grid(x: torch.Tensor, gpu_block: int) -> tuple[int, int, int]:
     """(rows, chunks per row, block) for the per-(b, c)-row reductions."""
     rows, S = x.shape[0] * x.shape[1], x[0, 0].numel()
@@ -157,14 +158,14 @@ def _row_grid(x: torch.Tensor, gpu_block: int) -> tuple[int, int, int]:
     return rows, triton.cdiv(S, block), block
 
 
-@triton_op("anatomask_fast::densify_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::densify_backward_triton")
 def densify_backward_triton(grad: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_masked("densify_backward", grad, active, name="grad")
     grad = grad.contiguous()
     B, C = grad.shape[:2]
     grad_x = new_output(grad.shape, dtype=grad.dtype, device=grad.device)
     rows, chunks, block = _row_grid(grad, 4096)
-    part = new_output((B, C, chunks), dtype=_acc_dtype(grad), device=grad.device)
+    part = new_output((B, C, chunks), dtype=accumulation_dtype(grad.dtype), device=grad.device)
     if grad.numel():
         launchable(_densify_backward_kernel)[(rows, chunks)](
             grad, _mask_bytes(active), grad_x, part, *_geometry(grad, active), BLOCK=block)
@@ -204,8 +205,8 @@ def _group(part: torch.Tensor, per_sample: bool) -> torch.Tensor:
 def _norm_args(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> dict:
     """Kernel arguments shared by the normalize and gradient passes; a missing affine
     parameter is replaced by x's pointer and flagged off."""
-    return dict(w_ptr=x if weight is None else weight.reshape(-1).to(_acc_dtype(x)).contiguous(),
-                b_ptr=x if bias is None else bias.reshape(-1).to(_acc_dtype(x)).contiguous(),
+    return dict(w_ptr=x if weight is None else weight.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous(),
+                b_ptr=x if bias is None else bias.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous(),
                 HAS_W=weight is not None, HAS_B=bias is not None)
 
 
@@ -249,7 +250,7 @@ def _normalize_kernel(x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, 
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton_op("anatomask_fast::sparse_norm_triton", mutates_args=())
+@kernel_op("anatomask_fast::sparse_norm_triton")
 def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], per_sample: bool, eps: float,
                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,7 +264,7 @@ def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[t
     geometry = _geometry(x, active)
     B, C = x.shape[:2]
     rows, chunks, block = _row_grid(x, 4096)
-    part = new_output((B, C, chunks, 3), dtype=_acc_dtype(x), device=x.device)
+    part = new_output((B, C, chunks, 3), dtype=accumulation_dtype(x.dtype), device=x.device)
     if x.numel():
         launchable(_moments_kernel)[(rows, chunks)](x, mask, part, *geometry, BLOCK=block)
     # Tiny combine (Chan's parallel formula) over the chunks, and the batch if pooled.
@@ -279,7 +280,7 @@ def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[t
             x, mask, mean, rstd, y_ptr=y, n=x.numel(), groups=mean.shape[0], C=C,
             S=geometry[1], H=geometry[2], W=geometry[3], D=geometry[4], h=geometry[5],
             w=geometry[6], d=geometry[7], ph=geometry[8], pw=geometry[9], pd=geometry[10],
-            ACT=ACTIVATION_CODES[activation], BLOCK=block, **_norm_args(x, weight, bias))
+            ACT=ACTIVATIONS[activation][0], BLOCK=block, **_norm_args(x, weight, bias))
     return y, mean, rstd
 
 
@@ -323,7 +324,7 @@ def _norm_grad_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=inside)
 
 
-@triton_op("anatomask_fast::sparse_norm_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::sparse_norm_backward_triton")
 def sparse_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
                                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                 mean: torch.Tensor, rstd: torch.Tensor,
@@ -340,10 +341,10 @@ def sparse_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, active: tor
     groups = mean.shape[0]
     common = dict(groups=groups, C=C, S=geometry[1], H=geometry[2], W=geometry[3], D=geometry[4],
                   h=geometry[5], w=geometry[6], d=geometry[7], ph=geometry[8], pw=geometry[9],
-                  pd=geometry[10], ACT=ACTIVATION_CODES[activation],
+                  pd=geometry[10], ACT=ACTIVATIONS[activation][0],
                   **_norm_args(x, weight, bias))
     rows, chunks, block = _row_grid(x, 4096)
-    part = new_output((B, C, chunks, 3), dtype=_acc_dtype(x), device=x.device)
+    part = new_output((B, C, chunks, 3), dtype=accumulation_dtype(x.dtype), device=x.device)
     if x.numel():
         launchable(_norm_grad_sums_kernel)[(rows, chunks)](
             grad, x, mask, mean, rstd, part_ptr=part, BLOCK=block, **common)
@@ -397,7 +398,7 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None
     return out
 
 
-@triton_op("anatomask_fast::gather_tokens_triton", mutates_args=())
+@kernel_op("anatomask_fast::gather_tokens_triton")
 def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     check_token_ids("gather_tokens", ids_keep, x, "ids_keep", "x")
     check_index_values("gather_tokens", "ids_keep", ids_keep, 0, x.shape[1],
@@ -405,7 +406,7 @@ def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tenso
     return _gather_rows(x, ids_keep, None, None)
 
 
-@triton_op("anatomask_fast::gather_tokens_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::gather_tokens_backward_triton")
 def gather_tokens_backward_triton(grad: torch.Tensor, ids_keep: torch.Tensor,
                                   length: int) -> torch.Tensor:
     op = "gather_tokens_backward"
@@ -420,7 +421,7 @@ def gather_tokens_backward_triton(grad: torch.Tensor, ids_keep: torch.Tensor,
     return _gather_rows(grad, source, None, None)
 
 
-@triton_op("anatomask_fast::scatter_tokens_triton", mutates_args=())
+@kernel_op("anatomask_fast::scatter_tokens_triton")
 def scatter_tokens_triton(x_visible: torch.Tensor, ids_restore: torch.Tensor,
                           mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
     op = "scatter_tokens"
@@ -436,7 +437,7 @@ def scatter_tokens_triton(x_visible: torch.Tensor, ids_restore: torch.Tensor,
     dtype = x_visible.dtype
     token = mask_token.reshape(-1).to(dtype).contiguous()
     pos = None if pos_embed is None else (
-        pos_embed.reshape(ids_restore.shape[1], -1).to(dtype).to(_acc_dtype(x_visible)).contiguous())
+        pos_embed.reshape(ids_restore.shape[1], -1).to(dtype).to(accumulation_dtype(x_visible.dtype)).contiguous())
     return _gather_rows(x_visible, ids_restore, token, pos)
 
 
@@ -463,7 +464,7 @@ def _scatter_tokens_backward_kernel(g_ptr, ids_ptr, gx_ptr, tok_ptr, pos_ptr, B,
         tl.store(pos_ptr + l * C + cols, pos, mask=inside)
 
 
-@triton_op("anatomask_fast::scatter_tokens_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::scatter_tokens_backward_triton")
 def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int,
                                    with_pos: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "scatter_tokens_backward"
@@ -473,7 +474,7 @@ def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor
     check_ids_values(op, "ids_restore", ids_restore, grad.shape[1], permutation=True)
     grad, ids = grad.contiguous(), ids_restore.contiguous()
     B, L, C = grad.shape
-    acc = _acc_dtype(grad)
+    acc = accumulation_dtype(grad.dtype)
     grad_x = new_output((B, len_keep, C), dtype=grad.dtype, device=grad.device)
     token_part = new_output((L, C), dtype=acc, device=grad.device)
     grad_pos = new_output((L if with_pos else 0, C), dtype=acc, device=grad.device)
@@ -485,13 +486,4 @@ def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor
     return grad_x, token_part.sum(0), grad_pos
 
 
-register_autograd(
-    SimpleNamespace(apply_mask=apply_mask_triton, densify=densify_triton,
-                    densify_backward=densify_backward_triton, sparse_norm=sparse_norm_triton,
-                    sparse_norm_backward=sparse_norm_backward_triton,
-                    gather_tokens=gather_tokens_triton,
-                    gather_tokens_backward=gather_tokens_backward_triton,
-                    scatter_tokens=scatter_tokens_triton,
-                    scatter_tokens_backward=scatter_tokens_backward_triton),
-    lambda name, backward, setup: globals()[f"{name}_triton"].register_autograd(
-        backward, setup_context=setup))
+autograd.register_triton(autograd.gather_scatter, globals())

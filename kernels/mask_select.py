@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from anatomask_fast.contracts import check_selection
 from anatomask_fast.outputs import new_output
 
-from . import launchable
+from . import kernel_op, launchable
 
 
 @triton.jit
@@ -73,7 +72,7 @@ def _anatomical_mask_kernel(errors_ptr, noise_ptr, active_ptr, hard_ptr, shuffle
     tl.store(shuffle_ptr + row + position, idx.to(tl.int64), mask=inside)
 
 
-@triton_op("anatomask_fast::anatomical_mask_triton", mutates_args=())
+@kernel_op("anatomask_fast::anatomical_mask_triton")
 def anatomical_mask_triton(errors: torch.Tensor, noise: torch.Tensor | None, len_keep: int,
                            n_hard: int, seed: int, offset: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

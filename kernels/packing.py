@@ -6,13 +6,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from anatomask_fast.contracts import (check_halo, check_layout_values, check_neighbour_values,
-                                      check_pack, check_unpack)
+from anatomask_fast import autograd
+from anatomask_fast.contracts import (
+    check_halo,
+    check_layout_values,
+    check_neighbour_values,
+    check_pack,
+    check_unpack,
+)
 from anatomask_fast.outputs import new_output
 
-from . import launchable
+from . import accumulation, kernel_op, launchable
 from .gather_scatter import block_size
 
 
@@ -110,88 +115,68 @@ def _launch(kernel, n: int, device: torch.device, *args, **meta) -> None:
         launchable(kernel)[(triton.cdiv(n, block),)](*args, BLOCK=block, **meta)
 
 
-@triton_op("anatomask_fast::pack_patches_triton", mutates_args=())
+def _moved(kernel, source: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
+           *geometry: int) -> torch.Tensor:
+    """A new ``shape`` tensor filled by ``kernel`` from ``source`` through the layout
+    table ``index`` (pack: ``patches``; unpack: ``slots``)."""
+    source = source.contiguous()
+    out = new_output(shape, dtype=source.dtype, device=source.device)
+    _launch(kernel, out.numel(), source.device, source, index.contiguous(), out, out.numel(),
+            *geometry)
+    return out
+
+
+@kernel_op("anatomask_fast::pack_patches_triton")
 def pack_patches_triton(x: torch.Tensor, patches: torch.Tensor,
                         slots: torch.Tensor) -> torch.Tensor:
     check_pack("pack_patches", x, patches, slots)
     check_layout_values("pack_patches", patches, slots)
-    x = x.contiguous()
-    B, C, H, W, D = x.shape
+    _, C, H, W, D = x.shape
     _, h, w, d = slots.shape
-    out = new_output((patches.shape[0], C, H // h, W // w, D // d), dtype=x.dtype,
-                     device=x.device)
-    _launch(_pack_kernel, out.numel(), x.device, x, patches.contiguous(), out, out.numel(),
-            C, h, w, d, H // h, W // w, D // d)
-    return out
+    return _moved(_pack_kernel, x, patches, (patches.shape[0], C, H // h, W // w, D // d),
+                  C, h, w, d, H // h, W // w, D // d)
 
 
-@triton_op("anatomask_fast::unpack_patches_triton", mutates_args=())
+@kernel_op("anatomask_fast::unpack_patches_triton")
 def unpack_patches_triton(packed: torch.Tensor, patches: torch.Tensor,
                           slots: torch.Tensor) -> torch.Tensor:
     check_unpack("unpack_patches", packed, patches, slots)
     check_layout_values("unpack_patches", patches, slots)
-    packed = packed.contiguous()
     B, h, w, d = slots.shape
-    N, C, ph, pw, pd = packed.shape
-    out = new_output((B, C, h * ph, w * pw, d * pd), dtype=packed.dtype, device=packed.device)
-    _launch(_unpack_kernel, out.numel(), packed.device, packed, slots.contiguous(), out,
-            out.numel(), C, h, w, d, ph, pw, pd)
+    _, C, ph, pw, pd = packed.shape
+    return _moved(_unpack_kernel, packed, slots, (B, C, h * ph, w * pw, d * pd),
+                  C, h, w, d, ph, pw, pd)
+
+
+def _halo(op: str, name: str, source: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int,
+          *, padded: bool, kernel, **meta) -> torch.Tensor:
+    """pad_halo (``padded=False``: each patch grows by its halo) and its adjoint
+    (``padded=True``: each halo'd patch's gradient is gathered back into its patches):
+    the same checks and launch, the kernels taking the patch sizes (ph, pw, pd)."""
+    check_halo(op, name, source, neighbours, lo, hi, padded=padded)
+    check_neighbour_values(op, neighbours)
+    source = source.contiguous()
+    N, C, *side = source.shape
+    patch = [s - lo - hi for s in side] if padded else side
+    shape = patch if padded else [s + lo + hi for s in side]
+    out = new_output((N, C, *shape), dtype=source.dtype, device=source.device)
+    _launch(kernel, out.numel(), source.device, source, neighbours.contiguous(), out, out.numel(),
+            C, *patch, lo, hi, **meta)
     return out
 
 
-@triton_op("anatomask_fast::pad_halo_triton", mutates_args=())
+@kernel_op("anatomask_fast::pad_halo_triton")
 def pad_halo_triton(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
                     hi: int) -> torch.Tensor:
-    check_halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False)
-    check_neighbour_values("pad_halo", neighbours)
-    packed = packed.contiguous()
-    N, C, ph, pw, pd = packed.shape
-    out = new_output((N, C, ph + lo + hi, pw + lo + hi, pd + lo + hi), dtype=packed.dtype,
-                     device=packed.device)
-    _launch(_pad_halo_kernel, out.numel(), packed.device, packed, neighbours.contiguous(), out,
-            out.numel(), C, ph, pw, pd, lo, hi)
-    return out
+    return _halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False,
+                 kernel=_pad_halo_kernel)
 
 
-@triton_op("anatomask_fast::pad_halo_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::pad_halo_backward_triton")
 def pad_halo_backward_triton(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
                              hi: int) -> torch.Tensor:
-    check_halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True)
-    check_neighbour_values("pad_halo_backward", neighbours)
-    grad = grad.contiguous()
-    N, C, th, tw, td = grad.shape
-    ph, pw, pd = th - lo - hi, tw - lo - hi, td - lo - hi
-    out = new_output((N, C, ph, pw, pd), dtype=grad.dtype, device=grad.device)
-    acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
-    _launch(_pad_halo_backward_kernel, out.numel(), grad.device, grad, neighbours.contiguous(),
-            out, out.numel(), C, ph, pw, pd, lo, hi, ACC=acc)
-    return out
+    return _halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True,
+                 kernel=_pad_halo_backward_kernel, ACC=accumulation(grad.dtype))
 
 
-def _save_layout(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1], inputs[2])
-
-
-def _pack_backward(ctx, grad: torch.Tensor):
-    patches, slots = ctx.saved_tensors
-    return unpack_patches_triton(grad, patches, slots), None, None
-
-
-def _unpack_backward(ctx, grad: torch.Tensor):
-    patches, slots = ctx.saved_tensors
-    return pack_patches_triton(grad, patches, slots), None, None
-
-
-def _save_halo(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1])
-    ctx.lo, ctx.hi = inputs[2], inputs[3]
-
-
-def _pad_halo_backward(ctx, grad: torch.Tensor):
-    (neighbours,) = ctx.saved_tensors
-    return pad_halo_backward_triton(grad, neighbours, ctx.lo, ctx.hi), None, None, None
-
-
-pack_patches_triton.register_autograd(_pack_backward, setup_context=_save_layout)
-unpack_patches_triton.register_autograd(_unpack_backward, setup_context=_save_layout)
-pad_halo_triton.register_autograd(_pad_halo_backward, setup_context=_save_halo)
+autograd.register_triton(autograd.packing, globals())

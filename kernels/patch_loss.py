@@ -8,15 +8,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
+from anatomask_fast import autograd
 from anatomask_fast.contracts import check_patch_loss, check_patch_tables
-from anatomask_fast.ops.patch_loss import autograd, stats_dtype
+from anatomask_fast.numerics import accumulation_dtype
 from anatomask_fast.outputs import new_output
 from anatomask_fast.validation import check_eps
 
-from . import launchable
-
+from . import accumulation, kernel_op, launchable
 
 # The largest patch (values) the forward holds in registers, by device type. The
 # interpreter pays per operation, not per register, so it takes whole patches.
@@ -148,11 +147,7 @@ def _geometry(x: torch.Tensor, active: torch.Tensor) -> dict:
                 PH=H // h, PW=W // w, PD=D // d)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@triton_op("anatomask_fast::patch_recon_loss_triton", mutates_args=())
+@kernel_op("anatomask_fast::patch_recon_loss_triton")
 def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
                             norm_pix: bool, eps: float,
                             hidden_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,19 +157,19 @@ def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Te
     rec, x = rec.contiguous(), x.contiguous()
     mask = active.contiguous().view(torch.uint8)
     shape = (active.shape[0], active[0].numel())
-    dtype = stats_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     per_patch, mean, rstd = (new_output(shape, dtype=dtype, device=x.device) for _ in range(3))
     geo = _geometry(x, active)
     block, one_chunk, warps = _blocks(geo["N"], x.device)
     if per_patch.numel() and geo["N"]:
         launchable(_forward_kernel)[(per_patch.numel(),)](
             rec, x, mask, per_patch, mean, rstd, eps=eps, NORM_PIX=norm_pix,
-            HIDDEN_ONLY=hidden_only, ACC=_acc(x.dtype), BLOCK=block, ONE_CHUNK=one_chunk,
+            HIDDEN_ONLY=hidden_only, ACC=accumulation(x.dtype), BLOCK=block, ONE_CHUNK=one_chunk,
             num_warps=warps, **geo)
     return per_patch, mean, rstd
 
 
-@triton_op("anatomask_fast::patch_recon_loss_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::patch_recon_loss_backward_triton")
 def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Tensor,
                                      x: torch.Tensor, active: torch.Tensor, mean: torch.Tensor,
                                      rstd: torch.Tensor, hidden_only: bool) -> torch.Tensor:
@@ -189,9 +184,8 @@ def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Te
         launchable(_backward_kernel)[(active.numel(),)](
             grad_per_patch.contiguous(), rec, x, active.contiguous().view(torch.uint8),
             mean.contiguous(), rstd.contiguous(), grad, HIDDEN_ONLY=hidden_only,
-            ACC=_acc(x.dtype), BLOCK=block, num_warps=8, **geo)
+            ACC=accumulation(x.dtype), BLOCK=block, num_warps=8, **geo)
     return grad
 
 
-_backward, _setup_context = autograd(patch_recon_loss_backward_triton)
-patch_recon_loss_triton.register_autograd(_backward, setup_context=_setup_context)
+autograd.register_triton(autograd.patch_loss, globals())

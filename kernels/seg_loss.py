@@ -6,22 +6,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
+from anatomask_fast import autograd
 from anatomask_fast.contracts import check_seg_loss, check_seg_loss_backward
-from anatomask_fast.ops.seg_loss import autograd_functions, sums_dtype
+from anatomask_fast.numerics import accumulation_dtype
 from anatomask_fast.outputs import new_output
 
-from . import launchable
+from . import accumulation, kernel_op, launchable
 from .gather_scatter import block_size
 
 
 @triton.jit
 def _softmax_tile(x_base, y_base, tile, S, K, ignore, HAS_IGNORE: tl.constexpr,
-                  K_PAD: tl.constexpr, BLOCK: tl.constexpr, FP64: tl.constexpr):
+                  K_PAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """One tile's probabilities p [K_PAD, BLOCK], its logits, max and sum, the one-hot
     hit mask, the counted voxels and the invalid labels (outside [0, K), not ignored)."""
-    acc = tl.float64 if FP64 else tl.float32
     ks = tl.arange(0, K_PAD)
     v = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = v < S
@@ -35,7 +34,7 @@ def _softmax_tile(x_base, y_base, tile, S, K, ignore, HAS_IGNORE: tl.constexpr,
     bad = ~in_range & ~ignored & inside
     both = (ks < K)[:, None] & inside[None, :]
     x = tl.load(x_base + ks[:, None].to(tl.int64) * S + v[None, :], mask=both,
-                other=float("-inf")).to(acc)
+                other=float("-inf")).to(ACC)
     mx = tl.where(inside, tl.max(x, axis=0), 0.0)
     e = tl.exp(x - mx[None, :])
     s = tl.where(inside, tl.sum(e, axis=0), 1.0)
@@ -47,25 +46,24 @@ def _softmax_tile(x_base, y_base, tile, S, K, ignore, HAS_IGNORE: tl.constexpr,
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, class_ptr, ce_ptr, S, K, ignore, tiles_per_prog,
                     HAS_IGNORE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                    FP64: tl.constexpr):
-    acc = tl.float64 if FP64 else tl.float32
+                    ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     n_prog = tl.num_programs(1)
     x_base = x_ptr + b * K * S
     y_base = y_ptr + b * S
-    inter = tl.zeros([K_PAD], acc)
-    pred = tl.zeros([K_PAD], acc)
-    gt = tl.zeros([K_PAD], acc)
-    ce = tl.zeros([BLOCK], acc)
+    inter = tl.zeros([K_PAD], ACC)
+    pred = tl.zeros([K_PAD], ACC)
+    gt = tl.zeros([K_PAD], ACC)
+    ce = tl.zeros([BLOCK], ACC)
     bad_count = tl.zeros([BLOCK], tl.int32)
     for t in range(0, tiles_per_prog):
         p, x, mx, s, hit, valid, bad, v, both = _softmax_tile(
             x_base, y_base, pid * tiles_per_prog + t, S, K, ignore, HAS_IGNORE, K_PAD, BLOCK,
-            FP64)
+            ACC)
         inter += tl.sum(tl.where(hit, p, 0.0), axis=1)
         pred += tl.sum(tl.where(valid[None, :], p, 0.0), axis=1)
-        gt += tl.sum(hit.to(acc), axis=1)
+        gt += tl.sum(hit.to(ACC), axis=1)
         x_label = tl.sum(tl.where(hit, x, 0.0), axis=0)
         ce += tl.where(valid, mx + tl.log(s) - x_label, 0.0)
         bad_count += bad.to(tl.int32)
@@ -84,11 +82,11 @@ def _forward_kernel(x_ptr, y_ptr, class_ptr, ce_ptr, S, K, ignore, tiles_per_pro
 @triton.jit
 def _backward_kernel(gs_ptr, gc_ptr, x_ptr, y_ptr, grad_ptr, S, K, ignore,
                      HAS_IGNORE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     FP64: tl.constexpr):
+                     ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     x_base = x_ptr + b * K * S
     p, x, mx, s, hit, valid, bad, v, both = _softmax_tile(
-        x_base, y_ptr + b * S, tl.program_id(1), S, K, ignore, HAS_IGNORE, K_PAD, BLOCK, FP64)
+        x_base, y_ptr + b * S, tl.program_id(1), S, K, ignore, HAS_IGNORE, K_PAD, BLOCK, ACC)
     ks = tl.arange(0, K_PAD)
     g_inter = tl.load(gs_ptr + b * 3 * K + ks, mask=ks < K, other=0.0)
     g_pred = tl.load(gs_ptr + b * 3 * K + K + ks, mask=ks < K, other=0.0)
@@ -109,7 +107,7 @@ def _tiles(logits: torch.Tensor) -> tuple[int, int]:
     return k_pad, max(16, block_size(logits.device, 4096) // k_pad)
 
 
-@triton_op("anatomask_fast::dice_ce_loss_triton", mutates_args=())
+@kernel_op("anatomask_fast::dice_ce_loss_triton")
 def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
                         ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     check_seg_loss("dice_ce_loss", logits, labels)
@@ -125,18 +123,18 @@ def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
         n_prog = 1
     tiles_per_prog = triton.cdiv(n_tiles, n_prog)
     n_prog = triton.cdiv(n_tiles, tiles_per_prog)
-    dtype = sums_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     class_part = new_output((B, n_prog, 3, K), dtype=dtype, device=x.device)
     ce_part = new_output((B, n_prog), dtype=dtype, device=x.device)
     if B:
         launchable(_forward_kernel)[(B, n_prog)](
             x, y, class_part, ce_part, S, K, 0 if ignore_index is None else ignore_index,
             tiles_per_prog, HAS_IGNORE=ignore_index is not None, K_PAD=k_pad, BLOCK=block,
-            FP64=dtype == torch.float64)
+            ACC=accumulation(x.dtype))
     return class_part.sum(1), ce_part.sum(1)
 
 
-@triton_op("anatomask_fast::dice_ce_loss_backward_triton", mutates_args=())
+@kernel_op("anatomask_fast::dice_ce_loss_backward_triton")
 def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor,
                                  logits: torch.Tensor, labels: torch.Tensor,
                                  ignore_index: int | None) -> torch.Tensor:
@@ -146,7 +144,7 @@ def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: to
     x, y = logits.contiguous(), labels.contiguous()
     B, K = x.shape[:2]
     S = y.shape[1]
-    dtype = sums_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     gs = grad_class_sums.to(dtype).contiguous()
     gc = grad_ce_sums.to(dtype).contiguous()
     grad = new_output(x.shape, dtype=x.dtype, device=x.device)
@@ -155,9 +153,8 @@ def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: to
         launchable(_backward_kernel)[(B, triton.cdiv(S, block))](
             gs, gc, x, y, grad, S, K, 0 if ignore_index is None else ignore_index,
             HAS_IGNORE=ignore_index is not None, K_PAD=k_pad, BLOCK=block,
-            FP64=dtype == torch.float64)
+            ACC=accumulation(x.dtype))
     return grad
 
 
-_backward, _setup = autograd_functions(dice_ce_loss_backward_triton)
-dice_ce_loss_triton.register_autograd(_backward, setup_context=_setup)
+autograd.register_triton(autograd.seg_loss, globals())

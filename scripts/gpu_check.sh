@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (the device tool runs it in a
 # copy of the working tree, with python3 holding a CUDA torch and Triton):
-#   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [BENCH_FILES...]
+#   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [BENCH_FILE[:FILTER]...]
+# (FILTER: a pytest -k expression that narrows a file's GPU cases, e.g. "112 or 128")
 # 1. makes the package importable from the tree (extension: a prebuilt .so carried in
 #    .gpubuild/ when it loads there, else built for sm_90 here);
 # 2. runs the GPU tests (`-m gpu`) for at most TEST_SECONDS (0: skip);
@@ -9,9 +10,10 @@
 #    `python -m benchmarks.report`, which merges them into benchmarks/results.json and
 #    rewrites RESULTS.md, ratios.png and the README table;
 # 4. profiles the training steps for at most PROFILE_SECONDS (environment, default 150;
-#    0: skip): whole-step allocator peaks (benchmarks.training_memory: STU-Net-L and -B,
-#    models and optimizer state included) and, per step, the ops with the most device
-#    time and the live tensors at the peak (benchmarks.memory_timeline --kernels).
+#    0: skip): whole-step allocator peaks and step times (benchmarks.training_memory:
+#    STU-Net-B with the lean decoder's default and a GPU-sized slice budget, STU-Net-L; models and
+#    optimizer state included) and, per step, the kernels with the most device time and
+#    the live tensors at the peak (benchmarks.memory_timeline --kernels).
 # Logs and the rewritten files land in $OUT (default /tmp/gpu_check).
 #
 # Prebuilding here saves device time (a build there takes minutes): in a Python 3.12
@@ -68,12 +70,15 @@ if [ "$BENCH_SECONDS" != 0 ]; then
   # One report per file, so that a file cut off by the time limit loses only itself.
   deadline=$(( $(date +%s) + BENCH_SECONDS ))
   files=("$@")
-  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{mask_select,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,packing,seg_loss,sparse_encoder,pretrain_step,finetune_step}.py)
-  for file in "${files[@]}"; do
+  [ ${#files[@]} = 0 ] && files=(benchmarks/bench_{anatomical_mask,patch_recon_loss,gather_tokens,scatter_tokens,densify,sparse_norm,apply_mask,pack_patches,unpack_patches,pad_halo,pad_halo_backward,dice_ce_loss,sparse_encoder,pretrain_step,finetune_step,resenc_pretrain_step}.py)
+  for entry in "${files[@]}"; do
+    file=${entry%%:*}
+    filter=cuda
+    [ "$file" != "$entry" ] && filter="cuda and (${entry#*:})"
     left=$(( deadline - $(date +%s) ))
     [ $left -lt 20 ] && { echo "benchmarks: no time left for $file" | tee -a "$OUT/env.txt"; continue; }
     start=$(date +%s)
-    timeout $left $PY -m benchmarks.report "$file" -k cuda >>"$OUT/bench.log" 2>&1
+    timeout $left $PY -m benchmarks.report "$file" -k "$filter" >>"$OUT/bench.log" 2>&1
     echo "benchmark $file: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
     cp benchmarks/results.json benchmarks/RESULTS.md benchmarks/ratios.png "$OUT/"
   done
@@ -91,15 +96,18 @@ profile() {   # profile MODULE ARGS...: python -m benchmarks.MODULE ARGS, within
   echo "profile $module: rc=$?" | tee -a "$OUT/env.txt"
 }
 if [ "$PROFILE_SECONDS" != 0 ]; then
-  profile training_memory --model L --batch 4 --amp bf16
-  profile training_memory --model B --batch 4 --amp bf16
+  # The lean decoder's slice budget: the default (16 MiB) against a GPU-sized one.
   profile training_memory --model B --batch 4 --amp none
+  profile training_memory --model B --batch 4 --amp none --decoder-slice-mib 512
+  profile training_memory --model B --batch 4 --amp bf16
+  profile training_memory --model B --batch 4 --amp bf16 --decoder-slice-mib 512
+  profile training_memory --model L --batch 4 --amp bf16
   step_b4='{"model": "B", "B": 4, "spatial": [112, 112, 128]'
   timeline=(--device cuda --kernels 30 --size)
   profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4, \"amp\": \"bf16\"}"
-  profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4}"
-  profile memory_timeline bench_pretrain_step pretrain_step --backend reference "${timeline[@]}" "$step_b4}"
   profile memory_timeline bench_finetune_step finetune_step --backend cuda "${timeline[@]}" \
     '{"model": "B", "B": 2, "spatial": [128, 128, 128], "classes": 14}'
+  profile memory_timeline bench_pretrain_step pretrain_step --backend cuda "${timeline[@]}" "$step_b4}"
+  profile memory_timeline bench_pretrain_step pretrain_step --backend reference "${timeline[@]}" "$step_b4}"
   grep -E "^(==|training_memory|bench_)|peak|Error" "$OUT/profile.log" | tail -40
 fi

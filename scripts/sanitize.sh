@@ -17,10 +17,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 OUT=build/sanitize
 
-QUICK=(tests/test_hostile_inputs.py tests/test_packing.py)
-FULL=(tests/test_hostile_inputs.py tests/test_packing.py tests/test_token_gather_scatter.py
-      tests/test_sparse_norm.py tests/test_patch_recon_loss.py tests/test_mask_select.py
-      tests/test_seg_loss.py tests/test_densify.py tests/test_apply_mask.py)
+PACKING=(tests/test_pack_patches.py tests/test_unpack_patches.py tests/test_pad_halo.py
+         tests/test_pad_halo_backward.py)
+QUICK=(tests/test_hostile_inputs.py "${PACKING[@]}")
+FULL=(tests/test_hostile_inputs.py "${PACKING[@]}" tests/test_gather_tokens.py
+      tests/test_scatter_tokens.py tests/test_sparse_norm.py tests/test_patch_recon_loss.py
+      tests/test_anatomical_mask.py tests/test_dice_ce_loss.py tests/test_densify.py
+      tests/test_apply_mask.py)
 case "${1:-}" in
   --quick) TESTS=("${QUICK[@]}") ;;
   --) shift; TESTS=("$@") ;;

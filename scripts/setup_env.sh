@@ -10,4 +10,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -c requirements/constraints.txt -r requirements/cpu.txt
 # nnU-Net v2 and its readers (pre-processed input, loader interop tests), same torch.
 .venv/bin/python -m pip install -q -c requirements/constraints.txt -r requirements/nnunet.txt
+# ruff (Python lint and format) and clang-format (csrc), the versions CI checks with.
+.venv/bin/python -m pip install -q -c requirements/constraints.txt -r requirements/lint.txt
 ANATOMASK_STRICT_BUILD=1 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

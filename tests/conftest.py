@@ -25,6 +25,16 @@ BACKEND_DEVICES = [
     pytest.param("reference", "cuda", id="reference-cuda", marks=[gpu, pytest.mark.gpu]),
 ]
 
+# The compiled backends torch.library.opcheck checks (fake kernel, autograd
+# registration, torch.compile traces): the C++ kernels, the Triton ones under the
+# interpreter on small inputs, and both on a GPU (skipped without one).
+OPCHECK_BACKENDS = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interpreted"),
+    pytest.param("cuda", "cuda", id="cuda", marks=[gpu, pytest.mark.gpu]),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[gpu, pytest.mark.gpu]),
+]
+
 
 def pytest_collection_modifyitems(config, items):
     # Any test marked `gpu` is skipped without a device, however it got the mark.

@@ -15,8 +15,11 @@ import torch
 
 import anatomask_fast as am
 from anatomask_fast.models.layout import MaskLayout
-from anatomask_fast.reference.packing import (pack_patches_reference, pad_halo_reference,
-                                              unpack_patches_reference)
+from anatomask_fast.reference.packing import (
+    pack_patches_reference,
+    pad_halo_reference,
+    unpack_patches_reference,
+)
 
 BIG = 1 << 40
 # A comma-separated subset of the backends below (scripts/sanitize.sh: the C++ ones).

@@ -6,8 +6,8 @@ import anatomask_fast
 from anatomask_fast import use_backend
 from anatomask_fast.reference import apply_mask_reference
 
-from .conftest import BACKEND_DEVICES
-from .helpers import random_mask
+from .conftest import BACKEND_DEVICES, OPCHECK_BACKENDS
+from .helpers import opcheck, random_mask
 
 # (B, C, spatial, grid): odd sizes, anisotropic cells, single-voxel cells, B=1.
 SHAPES = [
@@ -70,10 +70,11 @@ def test_gradcheck_cpp_kernel():
         assert torch.autograd.gradcheck(lambda t: anatomask_fast.apply_mask(t, active), (x,))
 
 
-def test_opcheck_cpp_operator():
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck(backend, device):
     x = torch.randn(2, 3, 4, 6, 8, requires_grad=True)
     active = random_mask(2, (2, 3, 4))
-    torch.library.opcheck(torch.ops.anatomask_fast.apply_mask.default, (x, active))
+    opcheck("apply_mask", backend, device, x, active)
 
 
 def test_torch_compile_fullgraph_on_cpu():

@@ -32,7 +32,7 @@ def features(dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("levels", [3, 4])
 def test_lean_equals_plain_forward_backward_and_running_stats(levels, sliced, monkeypatch):
     if sliced:  # the fused BatchNorm backward in uneven groups of at least 5 channels
-        monkeypatch.setattr(decoder_module, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(decoder_module, "SLICE_BYTES", 1)
         monkeypatch.setattr(decoder_module, "_MIN_SLICE_CHANNELS", 5)
         assert len(decoder_module._channel_groups(torch.empty(1, 32, 2, 2, 2))) == 6
     torch.manual_seed(0)

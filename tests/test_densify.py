@@ -6,8 +6,8 @@ import anatomask_fast
 from anatomask_fast import use_backend
 from anatomask_fast.reference import densify_reference
 
-from .conftest import BACKEND_DEVICES
-from .helpers import TOLERANCES, random_mask
+from .conftest import BACKEND_DEVICES, OPCHECK_BACKENDS
+from .helpers import TOLERANCES, opcheck, random_mask
 
 SHAPES = [  # (B, C, spatial, grid): odd sizes, anisotropic and single-voxel cells
     (2, 3, (8, 12, 10), (2, 3, 5)),
@@ -72,13 +72,13 @@ def test_gradcheck_cpp_kernel():
         assert torch.autograd.gradcheck(lambda a, b: anatomask_fast.densify(a, active, b), (x, token))
 
 
-def test_opcheck_cpp_operators():
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck(backend, device):
     x = torch.randn(2, 3, 4, 6, 8, requires_grad=True)
     active = random_mask(2, (2, 3, 4))
     token = torch.randn(3, requires_grad=True)
-    torch.library.opcheck(torch.ops.anatomask_fast.densify.default, (x, active, token))
-    torch.library.opcheck(torch.ops.anatomask_fast.densify_backward.default,
-                          (torch.randn(2, 3, 4, 6, 8), active))
+    opcheck("densify", backend, device, x, active, token)
+    opcheck("densify_backward", backend, device, torch.randn(2, 3, 4, 6, 8), active)
 
 
 def test_torch_compile_fullgraph_on_cpu():

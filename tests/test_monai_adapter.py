@@ -6,7 +6,11 @@ import torch
 
 monai_mae = pytest.importorskip("monai.networks.nets.masked_autoencoder_vit")
 
-from anatomask_fast.integrations.monai_mae import MaskedViTAdapter, patchify, token_errors  # noqa: E402
+from anatomask_fast.integrations.monai_mae import (  # noqa: E402
+    MaskedViTAdapter,
+    patchify,
+    token_errors,
+)
 from anatomask_fast.masker import AnatoMasker  # noqa: E402
 
 

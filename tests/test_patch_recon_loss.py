@@ -6,8 +6,8 @@ import torch
 from anatomask_fast import patch_recon_loss, use_backend
 from anatomask_fast.reference import patch_recon_loss_reference
 
-from .conftest import BACKEND_DEVICES, gpu
-from .helpers import TOLERANCES, random_mask
+from .conftest import BACKEND_DEVICES, OPCHECK_BACKENDS, gpu
+from .helpers import TOLERANCES, opcheck, random_mask
 
 # (B, C, spatial, patch): C > 1, anisotropic, B=1, odd sizes, one patch along d.
 SHAPES = [
@@ -175,18 +175,17 @@ def test_gradcheck_float64(backend, options):
     assert torch.autograd.gradcheck(both, (rec,))
 
 
-def test_opcheck_cpp_operators():
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck(backend, device):
     x = torch.randn(2, 3, 4, 6, 8)
     rec = torch.randn(x.shape, requires_grad=True)
     active = random_mask(2, (2, 3, 4))
-    ops = torch.ops.anatomask_fast
     for norm_pix, hidden_only in [(True, False), (False, True)]:
-        torch.library.opcheck(ops.patch_recon_loss.default,
-                              (rec, x, active, norm_pix, 1e-6, hidden_only))
-    _, mean, rstd = ops.patch_recon_loss(rec, x, active, True, 1e-6, False)
+        opcheck("patch_recon_loss", backend, device, rec, x, active, norm_pix, 1e-6, hidden_only)
+    _, mean, rstd = torch.ops.anatomask_fast.patch_recon_loss(rec, x, active, True, 1e-6, False)
     grad = torch.randn(mean.shape)
-    torch.library.opcheck(ops.patch_recon_loss_backward.default,
-                          (grad, rec.detach(), x, active, mean, rstd, False))
+    opcheck("patch_recon_loss_backward", backend, device, grad, rec.detach(), x, active, mean,
+            rstd, False)
 
 
 @pytest.mark.parametrize("backend,device", [

@@ -69,14 +69,14 @@ def test_step_masks_are_exact_and_reproducible():
     teacher = copy.deepcopy(student).requires_grad_(False)
     x = torch.randn(2, 1, 32, 32, 64)
     loss, mask, rec, _, _ = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0,
-                                          seed=7, raw_teacher_target=True)
+                                          seed=7, teacher_target="raw")
     assert torch.isfinite(loss) and rec.shape == x.shape
     assert mask.active.shape == (2, 1, 2, 2, 4)
     # L = 16, len_keep = 8; hard_frac 1 makes all 8 hidden patches loss-chosen.
     assert mask.active.view(2, -1).sum(1).tolist() == [8, 8]
     assert (mask.hard & mask.active).sum() == 0 and mask.hard.view(2, -1).sum(1).tolist() == [8, 8]
     again = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0, seed=7,
-                          raw_teacher_target=True).mask
+                          teacher_target="raw").mask
     assert torch.equal(again.active, mask.active)
 
 
@@ -98,7 +98,7 @@ def test_step_under_bf16_autocast(device):
         student.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             loss = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=1,
-                                 raw_teacher_target=True).loss
+                                 teacher_target="raw").loss
         loss.backward()
         return loss.item(), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
 

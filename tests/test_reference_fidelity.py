@@ -25,12 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from anatomask_fast.models import AnatoMaskNet
-from anatomask_fast.train.config import PretrainConfig
-from anatomask_fast.train.optim import ema_decay_at_epoch, ema_update
-from anatomask_fast.train.pretrain import (build_optimizer, check_method_options, epoch_lr,
-                                           pretrain_step, published_hard_frac)
-from anatomask_fast.train.runtime import optimizer_step
 from anatomask_fast.schedules import masking_schedule
+from anatomask_fast.train.config import PretrainConfig
+from anatomask_fast.train.config import check as check_config
+from anatomask_fast.train.optim import ema_decay_at_epoch, ema_update
+from anatomask_fast.train.pretrain import (
+    build_optimizer,
+    epoch_lr,
+    pretrain_step,
+    published_hard_frac,
+)
+from anatomask_fast.train.step import optimizer_step
 
 P = 16                   # patch size = the encoder's downsampling
 ENCODER_EPS, DENSIFY_EPS = 1e-5, 1e-6
@@ -301,9 +306,14 @@ def test_hard_frac_published_formula_uncapped_in_reference_mode_capped_by_defaul
 def test_method_options_are_checked():
     with pytest.raises(ValueError, match="cannot be combined with --per-sample-norm, "
                                          "--decay-exempt"):
-        check_method_options(PretrainConfig(reference_compatible=True, per_sample_norm=True,
-                                            decay_exempt=True))
-    with pytest.raises(ValueError, match="--teacher-target must be 'raw' or 'normalized', "
-                                         "got 'noisy'"):
-        check_method_options(PretrainConfig(teacher_target="noisy"))
-    check_method_options(PretrainConfig(per_sample_norm=True, teacher_target="normalized"))
+        check_config(PretrainConfig(reference_compatible=True, per_sample_norm=True,
+                                    decay_exempt=True))
+    with pytest.raises(ValueError, match="argument --teacher-target: invalid choice: 'noisy' "
+                                         r"\(choose from 'raw', 'normalized', 'centred', "
+                                         r"'relative'\)"):
+        check_config(PretrainConfig(teacher_target="noisy"))
+    with pytest.raises(ValueError, match="cannot be combined with --teacher-target centred, "
+                                         "--teacher-foreground"):
+        check_config(PretrainConfig(reference_compatible=True, teacher_target="centred",
+                                    teacher_foreground=True))
+    check_config(PretrainConfig(per_sample_norm=True, teacher_target="normalized"))

@@ -11,7 +11,7 @@ def test_default_is_the_reference_linear_schedule():
     total = 7
     schedule = masking_schedule(total_epochs=total)
     for epoch in range(total):
-        assert schedule(epoch) == 0.5 * (epoch + 1) / (total - 1)  # SPEC section 4, exactly
+        assert schedule(epoch) == 0.5 * (epoch + 1) / (total - 1)  # the published formula, exactly
     assert schedule(5, step=3) == schedule(5)  # by epoch: constant within an epoch
 
 

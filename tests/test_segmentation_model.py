@@ -12,6 +12,8 @@ from anatomask_fast.models.anatomask import AnatoMaskNet
 from anatomask_fast.models.segmentation import STUNet, fused_block, load_encoder, norm_act
 from anatomask_fast.models.stunet import BasicResBlock, STUNetEncoder
 
+from .conftest import gpu
+
 
 def _grads(model, x, fused, checkpointing):
     """Outputs and parameter gradients of a random linear function of the outputs."""
@@ -19,7 +21,7 @@ def _grads(model, x, fused, checkpointing):
     model.fused, model.checkpointing = fused, checkpointing
     outputs = model(x)
     weights = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype)).sum()
+    loss = sum((o * torch.randn(o.shape, generator=weights, dtype=o.dtype).to(o.device)).sum()
                for o in outputs)
     loss.backward()
     return [o.detach() for o in outputs], {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -52,18 +54,26 @@ def test_shapes_and_deep_supervision():
         STUNet("tiny", 1, 2, strides=[(2, 2)] * 5)
 
 
-@pytest.mark.parametrize("fused,checkpointing,per_sample",
-                         [(True, False, False), (True, False, True), (False, True, False),
-                          (True, True, False), (True, 2, True)])
-def test_memory_options_give_the_plain_results(fused, checkpointing, per_sample, monkeypatch):
+def _on_cuda(*values):
+    return pytest.param(*values, "cuda", marks=[gpu, pytest.mark.gpu])
+
+
+@pytest.mark.parametrize("fused,checkpointing,per_sample,device",
+                         [(True, False, False, "cpu"), (True, False, True, "cpu"),
+                          (False, True, False, "cpu"), (True, True, False, "cpu"),
+                          (True, 2, True, "cpu"), _on_cuda(True, False, False),
+                          _on_cuda(True, 2, True)])
+def test_memory_options_give_the_plain_results(fused, checkpointing, per_sample, device,
+                                               monkeypatch):
     if per_sample:      # the one-sample-at-a-time backward of large maps, at a test's size
         monkeypatch.setattr(segmentation, "BATCHED_BACKWARD_BYTES", 0)
     torch.manual_seed(0)
     # fp64: the instance norms over the 2^3 bottleneck voxels make fp32 gradients of a
     # randomly initialised network ill-conditioned; in fp64 the executions agree to
     # rounding.
-    model = STUNet("tiny", 1, 4, strides=ANISO, fused=False, checkpointing=False).double()
-    x = torch.randn(2, 1, 32, 16, 32, dtype=torch.float64)
+    model = STUNet("tiny", 1, 4, strides=ANISO, fused=False, checkpointing=False
+                   ).double().to(device)
+    x = torch.randn(2, 1, 32, 16, 32, dtype=torch.float64).to(device)
     plain_out, plain_grads = _grads(model, x, False, False)
     out, grads = _grads(model, x, fused, checkpointing)
     for a, b in zip(out, plain_out):

@@ -5,9 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from anatomask_fast.models import (STUNET_SIZES, MaskLayout, SparseSTUNetEncoder,
-                                   STUNetEncoder)
-from anatomask_fast.models import packed_conv
+from anatomask_fast.models import (
+    STUNET_SIZES,
+    MaskLayout,
+    SparseSTUNetEncoder,
+    STUNetEncoder,
+    packed_conv,
+)
 from anatomask_fast.reference import upsample_mask
 
 from .conftest import gpu

@@ -7,8 +7,8 @@ import anatomask_fast
 from anatomask_fast import use_backend
 from anatomask_fast.reference import sparse_norm_reference
 
-from .conftest import BACKEND_DEVICES
-from .helpers import TOLERANCES, random_mask
+from .conftest import BACKEND_DEVICES, OPCHECK_BACKENDS
+from .helpers import TOLERANCES, opcheck, random_mask
 from .test_densify import edge_mask
 
 ACTIVATIONS = [None, "leaky_relu", "relu6"]
@@ -116,18 +116,17 @@ def test_gradcheck_cpp_kernel():
                 fast_mode=True)
 
 
-def test_opcheck_cpp_operators():
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck(backend, device):
     x = torch.randn(2, 3, 4, 6, 8, requires_grad=True)
     active = random_mask(2, (2, 3, 4))
     w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
-    torch.library.opcheck(torch.ops.anatomask_fast.sparse_norm.default,
-                          (x, active, w, b, True, 1e-5, "relu6"))
-    torch.library.opcheck(torch.ops.anatomask_fast.sparse_norm.default,
-                          (x, active, None, None, False, 1e-5, "none"))
+    opcheck("sparse_norm", backend, device, x, active, w, b, True, 1e-5, "relu6")
+    opcheck("sparse_norm", backend, device, x, active, None, None, False, 1e-5, "none")
     _, mean, rstd = torch.ops.anatomask_fast.sparse_norm(x, active, w, b, False, 1e-5, "leaky_relu")
-    torch.library.opcheck(torch.ops.anatomask_fast.sparse_norm_backward.default,
-                          (torch.randn(x.shape), x.detach(), active, w.detach(), b.detach(), mean,
-                           rstd, "leaky_relu"))
+    opcheck("sparse_norm_backward", backend, device, torch.randn(x.shape), x.detach(), active,
+            w.detach(), b.detach(), mean,
+            rstd, "leaky_relu")
 
 
 def test_torch_compile_fullgraph_on_cpu():

@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from anatomask_fast.models.export import export_pretrained, main as export_main
+from anatomask_fast.models.export import export_pretrained
+from anatomask_fast.models.export import main as export_main
 from anatomask_fast.models.plans import geometry, load_geometry
 from anatomask_fast.models.segmentation import STUNet, load_encoder
 from anatomask_fast.models.stunet import STUNetEncoder

@@ -11,7 +11,7 @@ import torch
 
 from anatomask_fast.train import store as store_module
 from anatomask_fast.train.augment import region_size, spatial_matrix, warp
-from anatomask_fast.train.data import DataError, _case_dict, discover, preprocessing
+from anatomask_fast.train.data import DataError, case_dict, discover, preprocessing
 from anatomask_fast.train.phantom import LABELS, make_case, write_phantom_dataset
 from anatomask_fast.train.sampling import BatchOrder, RandomCrops, epoch_loader
 from anatomask_fast.train.store import StoreOptions, prepare
@@ -77,7 +77,7 @@ def test_prediction_preprocessing_repeats_the_store_normalization(phantom, label
     assert volumes.normalization["scheme"] == "dataset"
     dataset = discover(phantom)
     transform = preprocessing(dataset, (32, 32, 32), None, volumes.normalization)
-    item = transform(_case_dict(dataset.cases[1]))
+    item = transform(case_dict(dataset.cases[1]))
     image, _ = volumes.whole(1)
     torch.testing.assert_close(item["image"], torch.from_numpy(image), rtol=1e-5, atol=1e-5)
 
@@ -107,7 +107,8 @@ def test_dataset_wide_ct_normalization_equals_numpy(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, monkeypatch):
+def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, monkeypatch,
+                                                                      capsys):
     rng = np.random.default_rng(1)
     for i in range(3):
         save(tmp_path / f"ct{i}.nii.gz", ct_like(rng))
@@ -127,9 +128,14 @@ def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, 
         prepare(tmp_path, StoreOptions(), root)
     assert sorted(p.name for p in (root / "cases").glob("*.json")) == ["ct0.json"]
     assert not (root / "manifest.json").exists()
+    # The partial store is kept, and said so: the next run resumes it.
+    assert f"the partial store {root} is kept (1 of 3 cases written): the next run with the " \
+           "same data and options resumes it" in capsys.readouterr().err
     first = (root / "cases" / "ct0.json").stat().st_mtime_ns
     monkeypatch.setattr(store_module, "_write_b2nd", real_write)
     prepare(tmp_path, StoreOptions(), root)
+    assert f"resuming the store {root}: 1 of 3 cases were written by an earlier run" in \
+        capsys.readouterr().out
     assert len(open_store(root)) == 3
     assert (root / "cases" / "ct0.json").stat().st_mtime_ns == first    # not redone
     assert not list((root / "cases").glob(".*tmp-*"))

@@ -18,7 +18,7 @@ import torch
 from anatomask_fast.models.segmentation import STUNet
 from anatomask_fast.serialization import CheckpointError, safe_load
 from anatomask_fast.train.__main__ import main
-from anatomask_fast.train.finetune import FORMAT
+from anatomask_fast.train.inference import SEGMENTATION_FORMAT as FORMAT
 
 from .test_train_finetune import write_dataset
 
@@ -243,11 +243,3 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path):
                      line), line
     assert latest.read_bytes() == before
     assert not list(run.glob(".*.tmp"))
-
-
-def test_help_lists_the_commands(capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["--help"])
-    assert exit.value.code == 0
-    out = capsys.readouterr().out
-    assert "{pretrain,finetune,predict,preprocess}" in out and "exit status" in out

@@ -1,12 +1,15 @@
 """`python -m anatomask_fast.train finetune` and `predict` end to end on a small
 labelled dataset: outputs, exact resume, bad input, NIfTI predictions."""
 import json
+import os
 import re
+import stat
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anatomask_fast.train.__main__ import main
 
@@ -33,6 +36,12 @@ def write_dataset(root, cases=4, seed=0):
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2}}))
     return root
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def finetune(out, data, *extra):
@@ -65,6 +74,16 @@ def test_outputs(finished_run):
                                                              "checkpoint_best.pt"}
     assert [p.name for p in (out / "overlays").glob("*.png")] == [
         f"epoch_0002_{split['val'][0]}.png"]
+    # Titled with what it shows, the legend naming dataset.json's classes.
+    figure = Image.open(out / "overlays" / f"epoch_0002_{split['val'][0]}.png")
+    assert re.match(rf"validation case {split['val'][0]}, epoch 2 of 2: Dice a \d\.\d\d, "
+                    r"b \d\.\d\d; slice \d+ of the last axis", figure.text["Title"])
+    assert figure.text["Legend"] == "a; b"
+    # Readable by others, as any tool's output (mkstemp alone would make them 0600).
+    mode = 0o666 & ~current_umask()
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == mode, path
 
 
 def test_resume_mid_run_ends_with_the_same_weights(tmp_path, data, finished_run):
@@ -154,20 +173,6 @@ def test_paired_folders_train_with_their_modality(tmp_path, data, capsys):
     assert torch.load(out / "checkpoint_best.pt", weights_only=True)["modality"] == "MR"
 
 
-@pytest.mark.parametrize("job,expected", [
-    ("finetune", ["--modality", "images/ + labels/ folders", "(default 0.33, demo 0.5)",
-                  "--plans-kernels"]),
-    ("pretrain", ["share of hidden patches (default: 0.6)", "--reference-compatible"]),
-    ("predict", ["folder for the label maps (CASE.nii.gz)", "--no-mirroring"]),
-])
-def test_help_describes_every_flag(capsys, job, expected):
-    with pytest.raises(SystemExit):
-        main([job, "--help"])
-    text = " ".join(capsys.readouterr().out.split())     # argparse wraps lines
-    for fragment in expected:
-        assert fragment in text, fragment
-
-
 def test_checkpoints_carry_what_nnunet_inference_reads(finished_run, data):
     """weights_only-loadable; ``network_weights`` in STU-Net's names (strict into the
     network), plus nnU-Net's ``init_args`` / ``trainer_name`` / mirroring axes."""
@@ -188,7 +193,7 @@ def test_checkpoints_carry_what_nnunet_inference_reads(finished_run, data):
 
 def test_mirroring_averages_the_flipped_predictions():
     from anatomask_fast.models.segmentation import STUNet
-    from anatomask_fast.train.predict import infer, mirrorings
+    from anatomask_fast.train.inference import infer, mirrorings
 
     assert mirrorings([0, 2]) == [(), (0,), (2,), (0, 2)]
     torch.manual_seed(0)
@@ -238,3 +243,118 @@ def test_plans_set_the_network_and_the_crop(tmp_path, data):
     assert saved["strides"] == [[2, 2, 2], [2, 2, 2], [1, 2, 2], [2, 2, 2], [1, 1, 1]]
     assert list(saved["crop"]) == [32, 32, 32] and list(saved["spacing"]) == [1.5, 1.5, 2.0]
     assert saved["init_args"]["plans"] == plans
+
+
+def test_predict_takes_a_file_a_folder_or_a_list(tmp_path, data, finished_run, capsys):
+    """As nnU-Net's and MONAI's predictors: --input FILE, --input FOLDER, or several."""
+    (tmp_path / "in").mkdir()
+    for name in ("x", "y"):
+        (tmp_path / "in" / f"{name}.nii.gz").write_bytes(
+            (data / "imagesTr" / "c0_0000.nii.gz").read_bytes())
+    single = tmp_path / "single.nii.gz"
+    single.write_bytes((data / "imagesTr" / "c1_0000.nii.gz").read_bytes())
+    base = ["predict", "--checkpoint", str(finished_run / "checkpoint_best.pt"),
+            "--no-mirroring", "--overlap", "0"]
+    assert main([*base, "--input", str(single), "--output", str(tmp_path / "a")]) == 0
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["single.nii.gz"]
+    printed = capsys.readouterr().out
+    assert "1 case(s) from" in printed and "0 background, 1 a, 2 b" in printed
+    assert f"done: 1 label map(s) in {tmp_path / 'a'}/" in printed and "next:" in printed
+    assert main([*base, "--input", str(tmp_path / "in"), str(single), "--output",
+                 str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "single.nii.gz", "x.nii.gz", "y.nii.gz"]
+    capsys.readouterr()
+    assert main([*base, "--input", str(tmp_path / "missing.nii.gz"), "--output",
+                 str(tmp_path / "c")]) == 2
+    assert f"--input {tmp_path / 'missing.nii.gz'}: no such file or folder" in \
+        capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert main([*base, "--input", str(tmp_path / "notes.txt"), "--output",
+                 str(tmp_path / "c")]) == 2
+    assert "notes.txt: not a .nii or .nii.gz file" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_run_says_what_the_numbers_are_and_what_comes_next(tmp_path, data, capsys):
+    """The progress bar labels the negative loss and shows the last validation Dice;
+    validation names the classes; the end names the outputs and the next command."""
+    out = tmp_path / "run"
+    assert finetune(out, data, "--size", "tiny", "--epochs", "2", "--val-every", "1") == 0
+    printed = capsys.readouterr().out
+    assert "loss (CE - Dice) is nnU-Net's Dice + CE loss" in printed
+    assert "loss (CE - Dice)=" in printed and "val Dice=not yet" in printed
+    assert re.search(r"val Dice=\d\.\d{3}", printed)
+    assert re.search(r"epoch 1 of 2: validation Dice \d\.\d{4} \(mean over the 2 foreground "
+                     r"classes of 1 case\(s\)\): a \d\.\d{3}, b \d\.\d{3}", printed)
+    assert f"outputs in {out}/: checkpoint_best.pt" in printed
+    assert f"next: label new volumes: python -m anatomask_fast.train predict --checkpoint " \
+           f"{out / 'checkpoint_best.pt'}" in printed
+    assert "elapsed" in printed and "left" in printed          # the bars' time and ETA
+
+
+def test_plans_without_plans_file_serve_nnunet_and_stunet_trainers(finished_run):
+    """The plans a run without --plans embeds: nnU-Net 2.8.1's own PlansManager reads
+    every property, and every key STU-Net's nnU-Net 2.2 fork reads is there (the keys:
+    uni-medical/STU-Net nnUNet-2.2/nnunetv2/utilities/plans_handling/plans_handler.py;
+    its trainers also take pool_op_kernel_sizes[1:] as the strides)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    saved = torch.load(finished_run / "checkpoint_latest.pt", weights_only=True)
+    plans = saved["init_args"]["plans"]
+    manager = PlansManager(plans)
+    config = manager.get_configuration("3d_fullres")
+    assert config.patch_size == [32, 32, 32] and config.batch_size == 2
+    assert config.pool_op_kernel_sizes == [[1, 1, 1]] + [[2, 2, 2]] * 5
+    assert config.network_arch_init_kwargs["kernel_sizes"] == [[3, 3, 3]] * 6
+    for name in ("data_identifier", "preprocessor_class", "median_image_size_in_voxels",
+                 "spacing", "normalization_schemes", "use_mask_for_norm",
+                 "network_arch_class_name", "network_arch_init_kwargs_req_import",
+                 "resampling_fn_data", "resampling_fn_probabilities", "resampling_fn_seg",
+                 "batch_dice", "next_stage_names", "previous_stage_name"):
+        getattr(config, name)
+    for name in ("dataset_name", "plans_name", "original_median_spacing_after_transp",
+                 "original_median_shape_after_transp", "image_reader_writer_class",
+                 "transpose_forward", "transpose_backward", "available_configurations",
+                 "experiment_planner_name", "label_manager_class",
+                 "foreground_intensity_properties_per_channel"):
+        getattr(manager, name)
+    labels = manager.get_label_manager(saved["init_args"]["dataset_json"])
+    assert labels.num_segmentation_heads == 3
+    stunet_configuration_keys = {
+        "data_identifier", "preprocessor_name", "batch_size", "patch_size",
+        "median_image_size_in_voxels", "spacing", "normalization_schemes", "use_mask_for_norm",
+        "UNet_class_name", "UNet_base_num_features", "n_conv_per_stage_encoder",
+        "n_conv_per_stage_decoder", "num_pool_per_axis", "pool_op_kernel_sizes",
+        "conv_kernel_sizes", "unet_max_num_features", "resampling_fn_data",
+        "resampling_fn_data_kwargs", "resampling_fn_probabilities",
+        "resampling_fn_probabilities_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs",
+        "batch_dice"}
+    stunet_plans_keys = {"dataset_name", "plans_name", "original_median_spacing_after_transp",
+                         "original_median_shape_after_transp", "image_reader_writer",
+                         "transpose_forward", "transpose_backward", "experiment_planner_used",
+                         "foreground_intensity_properties_per_channel", "configurations"}
+    assert stunet_configuration_keys <= set(plans["configurations"]["3d_fullres"])
+    assert stunet_plans_keys <= set(plans)
+    stu = plans["configurations"]["3d_fullres"]
+    assert stu["pool_op_kernel_sizes"][1:] == saved["strides"]
+    assert stu["conv_kernel_sizes"] == saved["kernels"]
+
+
+@pytest.mark.parametrize("shape,overlap", [((32, 32, 32), 0.5), ((40, 36, 70), 0.5),
+                                           ((33, 20, 64), 0.25), ((64, 64, 64), 0.0)])
+def test_window_count_is_what_the_sliding_window_visits(shape, overlap):
+    """The progress bars of validation and prediction are sized by window_count."""
+    from anatomask_fast.models.segmentation import STUNet
+    from anatomask_fast.train.inference import infer, window_count
+
+    class Count:
+        done = 0
+
+        def update(self, n):
+            self.done += n
+
+    counter = Count()
+    infer(STUNet("tiny", 1, 2, checkpointing=False), torch.zeros(1, 1, *shape), (32, 32, 32),
+          overlap=overlap, progress=counter)
+    assert counter.done == window_count(shape, (32, 32, 32), overlap)

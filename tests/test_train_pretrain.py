@@ -13,7 +13,7 @@ from anatomask_fast.models.stunet import STUNetEncoder
 from anatomask_fast.train import pretrain
 from anatomask_fast.train.__main__ import main
 from anatomask_fast.train.config import PretrainConfig
-from anatomask_fast.train.runtime import NonFiniteLoss
+from anatomask_fast.train.step import NonFiniteLoss
 
 SMALL = ["--crop", "32", "32", "32", "--batch-size", "2", "--phantom-cases", "4",
          "--workers", "0", "--epochs", "2", "--save-every", "1"]

@@ -95,7 +95,7 @@ def test_decoder_lean_and_eval_with_the_composition(composed_everywhere, sliced,
     """The lean levels run the composed block, whose backward hands c1's gradient to the
     composition slice by slice (uneven groups of at least 3 channels when sliced)."""
     if sliced:
-        monkeypatch.setattr(decoder_module, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(decoder_module, "SLICE_BYTES", 1)
         monkeypatch.setattr(decoder_module, "_MIN_SLICE_CHANNELS", 3)
     torch.manual_seed(0)
     plain = LightDecoder(levels=3, width=32, out_channels=2).double().train()

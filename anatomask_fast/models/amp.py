@@ -19,7 +19,7 @@ class AutocastState:
     dtype: torch.dtype
 
     @classmethod
-    def current(cls, device: torch.device) -> "AutocastState":
+    def current(cls, device: torch.device) -> AutocastState:
         return cls(device.type, torch.is_autocast_enabled(device.type),
                    torch.get_autocast_dtype(device.type))
 

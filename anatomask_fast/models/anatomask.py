@@ -1,5 +1,6 @@
-"""The AnatoMask / SparK pretraining network: sparse STU-Net encoder, densify (sparse
-norm, mask token, projection per stage) and the light decoder.
+"""The AnatoMask / SparK pretraining network: a sparse encoder (STU-Net's, or nnU-Net's
+residual encoder: ``AnatoMaskNet(encoder=...)``), densify (sparse norm, mask token,
+projection per stage) and the light decoder.
 
 Parameter names follow the published code (``encoder.conv_blocks_context...``,
 ``mask_tokens.{i}``, ``densify_norms.{i}``, ``densify_projs.{i}``, ``decoder.dec...``),
@@ -23,8 +24,8 @@ from torch import nn
 from ..dispatch import use_backend
 from ..ops.gather_scatter import densify, sparse_norm
 from .decoder import LightDecoder
-from .sparse_encoder import SparseSTUNetEncoder
-from .stunet import STUNET_SIZES, STUNetEncoder
+from .sparse_encoder import SparseEncoder, SparseSTUNetEncoder, all_visible
+from .stunet import STUNetEncoder
 
 # Decoder widths of the published setting (512 for STU-Net); the tiny test model
 # keeps the same 16x ratio to its first stage.
@@ -40,18 +41,26 @@ DENSIFY_EPS = 1e-6
 
 class AnatoMaskNet(nn.Module):
     """``per_sample_norm=False`` (published): the sparse norms' statistics are pooled over
-    the batch; True: per sample, as the dense network at fine-tuning."""
+    the batch; True: per sample, as the dense network at fine-tuning.
+
+    By default the encoder is STU-Net's of ``size``; ``encoder`` (a
+    :class:`SparseEncoder`, built with the same ``per_sample_norm`` and
+    ``packed_stages``) and ``decoder_width`` give another."""
 
     def __init__(self, size: str = "B", in_channels: int = 1, *, per_sample_norm: bool = False,
-                 packed_stages: int | None = None, sync_bn: bool = False) -> None:
+                 packed_stages: int | None = None, sync_bn: bool = False,
+                 encoder: SparseEncoder | None = None, decoder_width: int | None = None) -> None:
         super().__init__()
         self.size = size
         self.per_sample_norm = per_sample_norm
-        self.encoder = SparseSTUNetEncoder(STUNetEncoder.from_size(size, in_channels),
-                                           per_sample=per_sample_norm,
-                                           packed_stages=packed_stages)
-        widths = STUNET_SIZES[size].widths[::-1]              # deepest first
-        decoder_width = DECODER_WIDTHS[size]
+        if encoder is None:
+            encoder = SparseSTUNetEncoder(STUNetEncoder.from_size(size, in_channels),
+                                          per_sample=per_sample_norm, packed_stages=packed_stages)
+            decoder_width = DECODER_WIDTHS[size]
+        self.encoder = encoder
+        widths = encoder.widths[::-1]                          # deepest first
+        # Stages coarser than the mask cells are unmasked: no mask token is ever used.
+        self.masked_levels = getattr(encoder, "masked_stages", (True,) * len(widths))[::-1]
         self.mask_tokens = nn.ParameterList()
         self.densify_norms = nn.ModuleList()
         self.densify_projs = nn.ModuleList()
@@ -67,24 +76,29 @@ class AnatoMaskNet(nn.Module):
                 proj = nn.Conv3d(width, out, 3, padding=1)
             self.densify_projs.append(proj)
         self.decoder = LightDecoder(levels=len(widths) - 1, width=decoder_width,
-                                    out_channels=in_channels, sync_bn=sync_bn)
-        self.patch_size = self.encoder.downsampling
+                                    out_channels=in_channels, sync_bn=sync_bn,
+                                    strides=encoder.strides[::-1])
+        patch = encoder.patch
+        self.patch_size = patch[0] if len(set(patch)) == 1 else patch
         self.lean = True       # False in reference_execution
 
     def unused_in_lean_mode(self) -> list[nn.Parameter]:
         """The full-resolution densify's parameters: computed by the reference, never read
-        by the decoder, so they never receive a gradient either way."""
+        by the decoder, so they never receive a gradient either way; and the mask tokens
+        of unmasked stages."""
         last = len(self.densify_projs) - 1
         return [self.mask_tokens[last], *self.densify_norms[last].parameters(),
-                *self.densify_projs[last].parameters()]
+                *self.densify_projs[last].parameters(),
+                *(token for token, masked in zip(self.mask_tokens[:last], self.masked_levels)
+                  if not masked)]
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The dense STU-Net encoder's weights (``conv_blocks_context...``)."""
+        """The dense encoder's weights (STU-Net: ``conv_blocks_context...``)."""
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
 
     def forward(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The reconstruction of ``x`` (B, C, H, W, D) seen through the visible mask
-        ``active`` (B, 1, H/16, W/16, D/16)."""
+        ``active`` (B, 1, H/p, W/p, D/p), p the ``patch_size`` (16)."""
         return self.decode(self.densify_features(self.encode(x, active), active))
 
     # The three parts of forward, public for benchmarks.bench_pretrain_phases, which
@@ -112,9 +126,11 @@ class AnatoMaskNet(nn.Module):
 
     def _densify(self, i: int, feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         norm = self.densify_norms[i]
-        feature = sparse_norm(feature, active, norm.weight, norm.bias,
+        visible = active if self.masked_levels[i] else all_visible(feature)
+        feature = sparse_norm(feature, visible, norm.weight, norm.bias,
                               per_sample=self.per_sample_norm, eps=norm.eps)
-        feature = densify(feature, active, self.mask_tokens[i])
+        if self.masked_levels[i]:
+            feature = densify(feature, active, self.mask_tokens[i])
         if self.lean and feature.shape[2:].numel() >= CHANNELS_LAST_MIN_VOXELS:
             # The decoder's large levels run channels-last: oneDNN's (transposed)
             # convolutions then need no im2col workspace, which on CPU is the largest

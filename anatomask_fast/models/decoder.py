@@ -2,7 +2,8 @@
 execution that computes the same numbers while storing less for backward.
 
 Structure (parameter names as the reference, so state_dicts move between both): per
-level ``dec.{i}``: ``up_sample`` (ConvTranspose3d k4 s2 p1) then ``conv`` = [conv3
+level ``dec.{i}``: ``up_sample`` (ConvTranspose3d k4 s2 p1; along an axis an encoder
+does not stride, as some nnU-Net plans' stages, k3 s1 p1) then ``conv`` = [conv3
 (no bias), BatchNorm3d, ReLU6, conv3 (no bias), BatchNorm3d]; widths halve per level
 from ``width``; ``proj`` is a 1x1x1 conv to the image channels.
 
@@ -29,7 +30,7 @@ of a CPU pretraining step (STU-Net-B, 1x64^3, B=2) is set by these slices.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -250,15 +251,17 @@ def _per_sample(run: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
 
 
 # The largest slice of a sample the fused BatchNorm backward activates at once (CPU:
-# the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample), and the fewest
+# the full-resolution level of STU-Net-B at 64^3 is 64 MiB a sample; on an H200 the
+# whole STU-Net-B fp32 step at 1x112x112x128, B=4, takes 314 ms and 7.81 GiB with it;
+# `benchmarks.training_memory --decoder-slice-mib` compares others), and the fewest
 # channels a slice has (narrower convolutions lose efficiency).
-_SLICE_BYTES = 16 * 2 ** 20
+SLICE_BYTES = 16 * 2 ** 20
 _MIN_SLICE_CHANNELS = 16
 
 
 def _channel_groups(sample: torch.Tensor) -> list[slice]:
     channels = sample.shape[1]
-    groups = -(-sample.numel() * sample.element_size() // _SLICE_BYTES)
+    groups = -(-sample.numel() * sample.element_size() // SLICE_BYTES)
     groups = max(1, min(groups, channels // _MIN_SLICE_CHANNELS))
     step = -(-channels // groups)
     return [slice(c, min(c + step, channels)) for c in range(0, channels, step)]
@@ -345,11 +348,21 @@ def up_sample_conv(s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv
 _LEAN_MIN_MAP_TO_WEIGHTS = 8
 
 
+def _up_kernel(stride: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The up-sampling kernel per axis: SparK's k4 s2 p1 doubles an axis, k3 s1 p1
+    keeps one."""
+    if any(s not in (1, 2) for s in stride):
+        raise ValueError(f"LightDecoder: strides must be 1 or 2 per axis, got {stride}")
+    return tuple(4 if s == 2 else 3 for s in stride)
+
+
 class UNetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, sync_bn: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, sync_bn: bool = False,
+                 stride: tuple[int, int, int] = (2, 2, 2)) -> None:
         super().__init__()
         norm = nn.SyncBatchNorm if sync_bn else nn.BatchNorm3d
-        self.up_sample = nn.ConvTranspose3d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        self.up_sample = nn.ConvTranspose3d(cin, cin, kernel_size=_up_kernel(stride),
+                                            stride=stride, padding=1, bias=True)
         self.conv = nn.Sequential(
             nn.Conv3d(cin, cin, 3, padding=1, bias=False), norm(cin), nn.ReLU6(inplace=True),
             nn.Conv3d(cin, cout, 3, padding=1, bias=False), norm(cout))
@@ -388,15 +401,21 @@ class UNetBlock(nn.Module):
 
 
 class LightDecoder(nn.Module):
-    """Reconstructs the image from the densified multi-scale features, deepest first."""
+    """Reconstructs the image from the densified multi-scale features, deepest first;
+    ``strides``: each level's up-sampling (default (2, 2, 2))."""
 
     def __init__(self, levels: int = 4, width: int = 512, out_channels: int = 1,
-                 sync_bn: bool = False) -> None:
+                 sync_bn: bool = False,
+                 strides: Sequence[tuple[int, int, int]] | None = None) -> None:
         super().__init__()
         channels = [width // 2 ** i for i in range(levels + 1)]
+        strides = [(2, 2, 2)] * levels if strides is None else list(strides)
+        if len(strides) != levels:
+            raise ValueError(f"LightDecoder: {levels} levels need {levels} strides, got "
+                             f"{len(strides)}")
         self.widths = channels
-        self.dec = nn.ModuleList(UNetBlock(cin, cout, sync_bn)
-                                 for cin, cout in zip(channels[:-1], channels[1:]))
+        self.dec = nn.ModuleList(UNetBlock(cin, cout, sync_bn, stride) for cin, cout, stride
+                                 in zip(channels[:-1], channels[1:], strides))
         self.proj = nn.Conv3d(channels[-1], out_channels, kernel_size=1, bias=True)
         self._initialize()
 

@@ -44,7 +44,7 @@ class NormStats:
     count: torch.Tensor   # (groups,) voxels per group
 
     @classmethod
-    def of(cls, x: torch.Tensor, group: torch.Tensor, groups: int, eps: float) -> "NormStats":
+    def of(cls, x: torch.Tensor, group: torch.Tensor, groups: int, eps: float) -> NormStats:
         N, C = x.shape[:2]
         xf = x.reshape(N, C, -1)
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -96,7 +96,7 @@ class NormStats:
         return self.group, self.mean, self.rstd, self.count
 
     @classmethod
-    def restore(cls, saved: tuple[torch.Tensor, ...], groups: int) -> "NormStats":
+    def restore(cls, saved: tuple[torch.Tensor, ...], groups: int) -> NormStats:
         group, mean, rstd, count = saved
         return cls(group, groups, mean, rstd, count)
 

@@ -1,4 +1,4 @@
-"""The full STU-Net for segmentation (SPEC section 6), module for module and name for
+"""The full STU-Net for segmentation (what fine-tuning trains), module for module and name for
 name as STU-Net's trainers build it (``STUNetTrainer_small/_base/_large/_huge``): six
 encoder stages ``conv_blocks_context.{0..5}`` (widths ``base * (1, 2, 4, 8, 16, 16)``,
 the first five are what AnatoMask pretrains), per-stage strides (nnU-Net's

@@ -4,7 +4,7 @@ same numbers:
 - dense-masked (what the SparK/AnatoMask code does): the input is masked, every conv
   runs on the whole volume and its output is masked, the InstanceNorms become sparse
   norms with statistics over visible voxels only;
-- packed (``../shared/SPEC.md`` section 7): each stage's visible patches are packed
+- packed (the sparse convolution written on visible data): each stage's visible patches are packed
   into (N_visible, C, q, q, q); before a 3x3x3 conv each patch gets its halo from its
   neighbours (zero where hidden or outside), so a conv with padding 0 yields the
   dense conv at visible positions. Compute and stored activations scale with the
@@ -13,8 +13,11 @@ same numbers:
   (:mod:`~anatomask_fast.models.packed_conv`). The deepest stages, where the halo overhead ((q+2)/q)^3 outweighs
   the saving, run dense-masked (see :class:`~anatomask_fast.models.layout.MaskLayout`).
 
-The engine runs the modules of a dense :class:`STUNetEncoder` (shared, not copied),
-so parameter names and the state_dict are those of the dense network.
+The engine (:class:`SparseEncoder`: masking, packing, the stage loop) runs the modules
+of a dense network (shared, not copied), so parameter names and the state_dict are
+those of the dense network: :class:`SparseSTUNetEncoder` a :class:`STUNetEncoder`'s,
+:class:`~anatomask_fast.models.sparse_resenc.SparseResidualEncoder` a nnU-Net residual
+encoder's.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..ops.gather_scatter import apply_mask, sparse_norm
 from ..ops.packing import pack_patches, unpack_patches
 from ..validation import check_active_mask, check_volume
 from .layout import MaskLayout
+from .stunet import Triple
 from .packed_conv import halo_conv, norm_act_halo_conv
 from .packed_norm import packed_norm
 
@@ -77,46 +81,48 @@ def _check_block(name: str, block: nn.Module, stride: int) -> None:
             raise _unsupported(f"{name}.{child}", act, f"expected nn.LeakyReLU({SLOPE})")
 
 
-class SparseSTUNetEncoder(nn.Module):
-    """Masked-pretraining execution of a dense STU-Net encoder's modules.
+class SparseEncoder(nn.Module):
+    """The masked-pretraining engine shared by the encoders: the input masked (or
+    packed), each stage's blocks run packed or dense-masked as the
+    :class:`MaskLayout` plans, the packed stages unpacked for the decoder. A subclass
+    names its stages and runs one block of its kind either way
+    (``_packed_block`` / ``_dense_block``), and may run a stem first.
 
-    ``forward(x, active)`` takes the input (B, C, H, W, D), H, W, D divisible by the
-    total downsampling 2^(stages-1), and the visible mask (B, 1, H/16, W/16, D/16)
-    (or a prebuilt :class:`MaskLayout`), and returns each stage's dense-masked output
-    (hidden positions exactly zero), shallowest first: the maps densify needs.
+    ``patch``: the mask cell at the input resolution, ``divisor``: what the input's
+    spatial shape must be divisible by (per axis)."""
 
-    ``per_sample=False`` reproduces the reference's batch-pooled norm statistics,
-    ``True`` gives per-sample statistics (as the dense network at fine-tuning).
-    ``packed_stages``: None chooses per stage by cost; 0 is the dense-masked
-    reference execution; k packs the first k stages.
-    """
+    name = "SparseEncoder"
 
-    def __init__(self, encoder: nn.Module, *, per_sample: bool = False,
-                 packed_stages: int | None = None) -> None:
+    def __init__(self, *, per_sample: bool, packed_stages: int | None, patch: Triple,
+                 divisor: Triple) -> None:
         super().__init__()
-        stages = getattr(encoder, "conv_blocks_context", None)
-        if not isinstance(stages, nn.ModuleList):
-            raise ValueError(f"SparseSTUNetEncoder: argument 'encoder' must have a "
-                             f"'conv_blocks_context' nn.ModuleList of stages, got "
-                             f"{type(encoder).__name__}")
-        for s, stage in enumerate(stages):
-            blocks = stage if isinstance(stage, nn.Sequential) else [stage]
-            for i, block in enumerate(blocks):
-                _check_block(f"conv_blocks_context.{s}.{i}" if isinstance(stage, nn.Sequential)
-                             else f"conv_blocks_context.{s}", block, 2 if s and not i else 1)
-        self.conv_blocks_context = stages
         self.per_sample = per_sample
         self.packed_stages = packed_stages
-        self.downsampling = 2 ** (len(stages) - 1)
+        self.patch, self.divisor = patch, divisor
 
     def _stage_blocks(self, s: int) -> list[nn.Module]:
-        stage = self.conv_blocks_context[s]
-        return list(stage) if isinstance(stage, nn.Sequential) else [stage]
+        raise NotImplementedError
+
+    def _layout_options(self) -> dict:
+        """Keyword arguments of :meth:`MaskLayout.build` beyond the mask."""
+        raise NotImplementedError
+
+    def _stem(self, h: torch.Tensor, layout: MaskLayout, packed: bool, group: torch.Tensor,
+              groups: int) -> torch.Tensor:
+        return h
+
+    def _packed_block(self, s: int, i: int, block: nn.Module, h: torch.Tensor,
+                      layout: MaskLayout, group: torch.Tensor, groups: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense_block(self, block: nn.Module, h: torch.Tensor,
+                     visible: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def layout(self, active: torch.Tensor) -> MaskLayout:
         """The mask layout of one step (share it between passes with the same mask)."""
-        return MaskLayout.build(active, stages=len(self.conv_blocks_context),
-                                packed_stages=self.packed_stages)
+        return MaskLayout.build(active, packed_stages=self.packed_stages,
+                                **self._layout_options())
 
     def forward(self, x: torch.Tensor, active: torch.Tensor | MaskLayout, *,
                 first: int = 0) -> list[torch.Tensor | None]:
@@ -131,17 +137,19 @@ class SparseSTUNetEncoder(nn.Module):
         packed: dict[int, torch.Tensor] = {}
         group = layout.sample if self.per_sample else torch.zeros_like(layout.sample)
         groups = layout.batch if self.per_sample else 1
-        h = pack_patches(x, layout.patches, layout.slots) if layout.stages[0].packed \
+        packed_input = layout.stages[0].packed
+        h = pack_patches(x, layout.patches, layout.slots) if packed_input \
             else apply_mask(x, active)
+        h = self._stem(h, layout, packed_input, group, groups)
         for s, plan in enumerate(layout.stages):
             if not plan.packed and s and layout.stages[s - 1].packed:
                 # The dense-masked stages read the last packed stage's dense map.
                 h = features[-1] = unpack_patches(packed.pop(s - 1), layout.patches,
                                                   layout.slots)
+            visible = active if plan.masked else None
             for i, block in enumerate(self._stage_blocks(s)):
-                stride = 2 if s and not i else 1
-                h = (_packed_block(block, h, layout, stride, group, groups) if plan.packed
-                     else _dense_block(block, h, active, self.per_sample))
+                h = (self._packed_block(s, i, block, h, layout, group, groups) if plan.packed
+                     else self._dense_block(block, h, visible))
             features.append(None if plan.packed else h)
             if plan.packed:
                 packed[s] = h
@@ -152,29 +160,101 @@ class SparseSTUNetEncoder(nn.Module):
         return features
 
     def _check_inputs(self, x: torch.Tensor, active: torch.Tensor) -> None:
-        op = "SparseSTUNetEncoder"
+        op = self.name
         check_volume(op, "x", x)
         spatial = tuple(x.shape[2:])
-        if any(s % self.downsampling for s in spatial):
+        if any(s % d for s, d in zip(spatial, self.divisor)):
             raise ValueError(f"{op}: the spatial shape {spatial} of 'x' must be divisible by the "
-                             f"total downsampling {self.downsampling}")
-        grid = tuple(s // self.downsampling for s in spatial)
+                             f"total downsampling {_short(self.divisor)}")
+        grid = tuple(s // p for s, p in zip(spatial, self.patch))
         check_active_mask(op, active, x)
         if tuple(active.shape[2:]) != grid:
             raise ValueError(f"{op}: argument 'active' must have the grid {grid} (the spatial "
-                             f"shape of 'x' / {self.downsampling}), got {tuple(active.shape[2:])}")
+                             f"shape of 'x' / {_short(self.patch)}), got "
+                             f"{tuple(active.shape[2:])}")
+
+    def norm(self, t: torch.Tensor, visible: torch.Tensor | None, layer: nn.Module,
+             activation: str | None) -> torch.Tensor:
+        """``layer`` (an affine InstanceNorm) as a sparse norm over the visible voxels,
+        or over all voxels where ``visible`` is None (an unmasked stage)."""
+        return sparse_norm(t, all_visible(t) if visible is None else visible, layer.weight,
+                           layer.bias, per_sample=self.per_sample, eps=layer.eps,
+                           activation=activation)
 
 
-def _dense_block(block: nn.Module, x: torch.Tensor, active: torch.Tensor,
-                 per_sample: bool) -> torch.Tensor:
+def all_visible(t: torch.Tensor) -> torch.Tensor:
+    """The one-cell visible mask of ``t``'s batch: every voxel visible."""
+    return torch.ones((t.shape[0], 1, 1, 1, 1), dtype=torch.bool, device=t.device)
+
+
+def masked(t: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with hidden positions zeroed (unchanged in an unmasked stage)."""
+    return t if visible is None else apply_mask(t, visible)
+
+
+def _short(value: Triple) -> int | Triple:
+    return value[0] if len(set(value)) == 1 else value
+
+
+class SparseSTUNetEncoder(SparseEncoder):
+    """Masked-pretraining execution of a dense STU-Net encoder's modules.
+
+    ``forward(x, active)`` takes the input (B, C, H, W, D), H, W, D divisible by the
+    total downsampling 2^(stages-1), and the visible mask (B, 1, H/16, W/16, D/16)
+    (or a prebuilt :class:`MaskLayout`), and returns each stage's dense-masked output
+    (hidden positions exactly zero), shallowest first: the maps densify needs.
+
+    ``per_sample=False`` reproduces the reference's batch-pooled norm statistics,
+    ``True`` gives per-sample statistics (as the dense network at fine-tuning).
+    ``packed_stages``: None chooses per stage by cost; 0 is the dense-masked
+    reference execution; k packs the first k stages.
+    """
+
+    name = "SparseSTUNetEncoder"
+
+    def __init__(self, encoder: nn.Module, *, per_sample: bool = False,
+                 packed_stages: int | None = None) -> None:
+        stages = getattr(encoder, "conv_blocks_context", None)
+        if not isinstance(stages, nn.ModuleList):
+            raise ValueError(f"SparseSTUNetEncoder: argument 'encoder' must have a "
+                             f"'conv_blocks_context' nn.ModuleList of stages, got "
+                             f"{type(encoder).__name__}")
+        for s, stage in enumerate(stages):
+            blocks = stage if isinstance(stage, nn.Sequential) else [stage]
+            for i, block in enumerate(blocks):
+                _check_block(f"conv_blocks_context.{s}.{i}" if isinstance(stage, nn.Sequential)
+                             else f"conv_blocks_context.{s}", block, 2 if s and not i else 1)
+        downsampling = 2 ** (len(stages) - 1)
+        super().__init__(per_sample=per_sample, packed_stages=packed_stages,
+                         patch=(downsampling,) * 3, divisor=(downsampling,) * 3)
+        self.conv_blocks_context = stages
+        self.downsampling = downsampling
+        self.widths = tuple(_stage_list(stage)[-1].conv2.out_channels for stage in stages)
+        self.strides = ((2, 2, 2),) * (len(stages) - 1)   # between consecutive stages
+
+    def _stage_blocks(self, s: int) -> list[nn.Module]:
+        return _stage_list(self.conv_blocks_context[s])
+
+    def _layout_options(self) -> dict:
+        return {"stages": len(self.conv_blocks_context)}
+
+    def _packed_block(self, s, i, block, h, layout, group, groups):
+        return _packed_block(block, h, layout, 2 if s and not i else 1, group, groups)
+
+    def _dense_block(self, block, h, visible):
+        return _dense_block(self, block, h, visible)
+
+
+def _stage_list(stage: nn.Module) -> list[nn.Module]:
+    return list(stage) if isinstance(stage, nn.Sequential) else [stage]
+
+
+def _dense_block(engine: SparseEncoder, block: nn.Module, x: torch.Tensor,
+                 visible: torch.Tensor | None) -> torch.Tensor:
     """One BasicResBlock, SparK-style: dense convs, outputs masked, sparse norms."""
-    def norm(t: torch.Tensor, layer: nn.Module, activation: str | None) -> torch.Tensor:
-        return sparse_norm(t, active, layer.weight, layer.bias, per_sample=per_sample,
-                           eps=layer.eps, activation=activation)
-
-    y = norm(apply_mask(block.conv1(x), active), block.norm1, "leaky_relu")
-    y = norm(apply_mask(block.conv2(y), active), block.norm2, None)
-    skip = apply_mask(block.conv3(x), active) if block.conv3 is not None else x
+    y = engine.norm(masked(block.conv1(x), visible), visible, block.norm1, "leaky_relu")
+    y = engine.norm(masked(block.conv2(y), visible), visible, block.norm2, None)
+    skip = masked(block.conv3(x), visible) if block.conv3 is not None else x
     return F.leaky_relu(y + skip, SLOPE)
 
 

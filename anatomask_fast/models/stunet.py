@@ -109,7 +109,7 @@ class STUNetEncoder(nn.Module):
             for s, width in enumerate(widths))
 
     @classmethod
-    def from_size(cls, size: str, in_channels: int = 1) -> "STUNetEncoder":
+    def from_size(cls, size: str, in_channels: int = 1) -> STUNetEncoder:
         """The five pretrained stages of one of :data:`STUNET_SIZES` ("tiny", "S", "B",
         "L", "H")."""
         spec = size_spec(size)

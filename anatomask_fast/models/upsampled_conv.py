@@ -42,12 +42,12 @@ def _axis_phases(scale: int, kernel: int) -> tuple[list[_AxisPhase], tuple[int, 
 
 
 def _phase_weight(weight: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    d, h, w = (t.to(weight.dtype) for t in taps)
+    d, h, w = (t.to(weight) for t in taps)   # dtype and device
     return torch.einsum("it,ju,lv,octuv->ocijl", d, h, w, weight)
 
 
 def _weight_grad(grad: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    d, h, w = (t.to(grad.dtype) for t in taps)
+    d, h, w = (t.to(grad) for t in taps)
     return torch.einsum("it,ju,lv,ocijl->octuv", d, h, w, grad)
 
 

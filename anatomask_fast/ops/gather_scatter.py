@@ -3,18 +3,28 @@ layout (B, C, H, W, D) with a low-resolution mask (B, 1, h, w, d) and in the tok
 layout (B, L, C) with MAE's ``ids_keep`` / ``ids_restore``."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
-from .. import _extension
+from .. import _extension, autograd
+from ..contracts import check_activation, check_ids_values
 from ..dispatch import Op
-from ..reference.gather_scatter import (ACTIVATIONS, apply_mask_reference, densify_reference,
-                                        gather_tokens_reference, scatter_tokens_reference,
-                                        sparse_norm_reference)
-from ..validation import (FLOAT_DTYPES, check_active_mask, check_eps, check_same_device,
-                          check_tensor, check_volume, register_fake)
+from ..numerics import accumulation_dtype
+from ..reference.gather_scatter import (
+    apply_mask_reference,
+    densify_reference,
+    gather_tokens_reference,
+    scatter_tokens_reference,
+    sparse_norm_reference,
+)
+from ..validation import (
+    FLOAT_DTYPES,
+    check_active_mask,
+    check_eps,
+    check_same_device,
+    check_tensor,
+    check_volume,
+    register_fake,
+)
 
 # On a GPU: the Triton kernels of densify, sparse_norm and the token gather/scatter
 # moved 1.3-2.2x more bytes per second than the CUDA C++ ones at STU-Net stage-0 size
@@ -80,9 +90,7 @@ def sparse_norm(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | No
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
             _check_channels("sparse_norm", name, value, C, ((C,),), x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"sparse_norm: argument 'activation' must be one of "
-                         f"{tuple(ACTIVATIONS)}, got {activation!r}")
+    check_activation("sparse_norm", "none" if activation is None else activation)
     check_eps("sparse_norm", eps)
     backend = SPARSE_NORM.select(x.device)
     if backend == "reference":
@@ -105,20 +113,9 @@ def _check_ids_values(op: str, name: str, ids: torch.Tensor, bound: int, *,
                       permutation: bool) -> None:
     """Values are checked on CPU tensors only: on a GPU the check would synchronize.
     There the CUDA kernels assert on the device and the Triton kernels skip ids out of
-    range (see kernels/gather_scatter.py). Under torch.compile the C++ CPU kernels make
-    the same checks."""
-    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= bound:
-        raise ValueError(f"{op}: argument '{name}' must hold indices in [0, {bound}), got "
-                         f"values in [{low}, {high}]")
-    ordered = ids.sort(dim=1).values
-    if permutation and not torch.equal(ordered, torch.arange(bound).expand_as(ordered)):
-        raise ValueError(f"{op}: argument '{name}' must be a permutation of [0, {bound}) "
-                         "per sample")
-    if not permutation and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        raise ValueError(f"{op}: argument '{name}' must hold distinct indices per sample")
+    range (see kernels/gather_scatter.py)."""
+    if ids.device.type == "cpu":
+        check_ids_values(op, name, ids, bound, permutation=permutation)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -159,16 +156,6 @@ def scatter_tokens(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_toke
     return SCATTER_TOKENS(x_visible.device)(x_visible, ids_restore, mask_token, pos_embed)
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype kernels accumulate and return reductions in."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _cast_like(grad: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:
-    """A per-parameter gradient in the parameter's shape and dtype."""
-    return None if like is None else grad.reshape(like.shape).to(like.dtype)
-
-
 def _register_fakes() -> None:
     """Fake (meta) kernels of the C++ operators (triton_op derives its own)."""
     ns = "anatomask_fast::"
@@ -183,17 +170,17 @@ def _register_fakes() -> None:
 
     @register_fake(f"{ns}densify_backward")
     def _(grad, active):
-        return grad.new_empty(grad.shape), grad.new_empty((grad.shape[1],), dtype=_acc_dtype(grad))
+        return grad.new_empty(grad.shape), grad.new_empty((grad.shape[1],), dtype=accumulation_dtype(grad.dtype))
 
     @register_fake(f"{ns}sparse_norm")
     def _(x, active, weight, bias, per_sample, eps, activation):
         stats = (x.shape[0] if per_sample else 1, x.shape[1])
-        acc = _acc_dtype(x)
+        acc = accumulation_dtype(x.dtype)
         return x.new_empty(x.shape), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
     @register_fake(f"{ns}sparse_norm_backward")
     def _(grad, x, active, weight, bias, mean, rstd, activation):
-        acc, C = _acc_dtype(x), x.shape[1]
+        acc, C = accumulation_dtype(x.dtype), x.shape[1]
         return x.new_empty(x.shape), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
 
     @register_fake(f"{ns}gather_tokens")
@@ -211,79 +198,15 @@ def _register_fakes() -> None:
     @register_fake(f"{ns}scatter_tokens_backward")
     def _(grad, ids_restore, len_keep, with_pos):
         B, L, C = grad.shape
-        acc = _acc_dtype(grad)
+        acc = accumulation_dtype(grad.dtype)
         return (grad.new_empty((B, len_keep, C)), grad.new_empty((C,), dtype=acc),
                 grad.new_empty((L if with_pos else 0, C), dtype=acc))
-
-
-def register_autograd(ops: Any, register: Callable[[str, Callable, Callable], None]) -> None:
-    """Autograd of one backend's forward operators (the C++ ones, or the Triton ones):
-    ``ops.densify_backward`` etc. are its backward operators, and
-    ``register(name, backward, setup_context)`` attaches the formulas to forward ``name``."""
-
-    def setup_apply_mask(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1])
-
-    def apply_mask_backward(ctx, grad):
-        (active,) = ctx.saved_tensors
-        return ops.apply_mask(grad, active), None
-
-    def setup_densify(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1], inputs[2])
-
-    def densify_backward(ctx, grad):
-        active, token = ctx.saved_tensors
-        grad_x, grad_token = ops.densify_backward(grad, active)
-        return grad_x, None, _cast_like(grad_token, token)
-
-    def setup_sparse_norm(ctx, inputs, output) -> None:
-        x, active, weight, bias, _, _, activation = inputs
-        _, mean, rstd = output
-        ctx.activation = activation
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, active, weight, bias, mean, rstd)
-
-    def sparse_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
-        x, active, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ops.sparse_norm_backward(grad, x, active, weight, bias, mean,
-                                                          rstd, ctx.activation)
-        return (grad_x, None, _cast_like(grad_w, weight), _cast_like(grad_b, bias),
-                None, None, None)
-
-    def setup_gather_tokens(ctx, inputs, output) -> None:
-        ctx.length = inputs[0].shape[1]
-        ctx.save_for_backward(inputs[1])
-
-    def gather_tokens_backward(ctx, grad):
-        (ids_keep,) = ctx.saved_tensors
-        return ops.gather_tokens_backward(grad, ids_keep, ctx.length), None
-
-    def setup_scatter_tokens(ctx, inputs, output) -> None:
-        x_visible, ids_restore, token, pos = inputs
-        ctx.len_keep = x_visible.shape[1]
-        ctx.save_for_backward(ids_restore, token, pos)
-
-    def scatter_tokens_backward(ctx, grad):
-        ids_restore, token, pos = ctx.saved_tensors
-        grad_x, grad_token, grad_pos = ops.scatter_tokens_backward(
-            grad, ids_restore, ctx.len_keep, pos is not None)
-        return grad_x, None, _cast_like(grad_token, token), _cast_like(grad_pos, pos)
-
-    for name, backward, setup in (
-            ("apply_mask", apply_mask_backward, setup_apply_mask),
-            ("densify", densify_backward, setup_densify),
-            ("sparse_norm", sparse_norm_backward, setup_sparse_norm),
-            ("gather_tokens", gather_tokens_backward, setup_gather_tokens),
-            ("scatter_tokens", scatter_tokens_backward, setup_scatter_tokens)):
-        register(name, backward, setup)
 
 
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     _register_fakes()
-    register_autograd(torch.ops.anatomask_fast, lambda name, backward, setup: (
-        torch.library.register_autograd(f"anatomask_fast::{name}", backward,
-                                        setup_context=setup)))
+    autograd.register_cpp(autograd.gather_scatter)
 
 
 if _extension.load()[0] is not None:

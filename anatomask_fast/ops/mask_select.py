@@ -1,5 +1,8 @@
 """Mask selection family: AnatoMask's loss-guided mask, the random mask, and the
-conversions between a visible mask and MAE-style ids (SPEC section 4).
+conversions between a visible mask and MAE-style ids. Per sample, with ``n_mask = L -
+len_keep`` hidden patches: the ``n_hard = floor(n_mask * hard_frac)`` patches of largest
+teacher error are hidden, then ``n_mask - n_hard`` more drawn uniformly without
+replacement from the rest (all ``n_mask`` at random when ``n_hard`` is 0).
 
 One kernel launch selects the masks of the whole batch on the errors' device, with
 no host synchronization: the random part comes from Philox in the kernel, keyed by
@@ -17,8 +20,15 @@ import torch
 from .. import _extension
 from ..dispatch import Op
 from ..reference.mask_select import anatomical_mask_reference, ids_from_active
-from ..validation import (FLOAT_DTYPES, check_index_values, check_same_device, check_tensor,
-                          register_fake, require)
+from ..validation import (
+    FLOAT_DTYPES,
+    check_index_values,
+    check_same_device,
+    check_tensor,
+    data_known,
+    register_fake,
+    require,
+)
 
 ANATOMICAL_MASK = Op("anatomical_mask", reference=anatomical_mask_reference,
                      cpp="anatomical_mask", triton="mask_select:anatomical_mask_triton")
@@ -114,7 +124,7 @@ def _draw_seed(op: str, seed: int | None, generator: torch.Generator | None) -> 
 
 def _check_finite(op: str, name: str, value: torch.Tensor) -> None:
     finite = torch.isfinite(value).all()
-    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+    if value.device.type == "cpu" and data_known(value):
         if not finite:
             raise ValueError(f"{op}: argument '{name}' must be finite (no NaN or Inf)")
     else:

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
+from .. import _extension, autograd
+from ..contracts import (
+    check_halo,
+    check_layout_values,
+    check_neighbour_values,
+    check_pack,
+    check_unpack,
+)
 from ..dispatch import Op
-from ..reference.packing import (pack_patches_reference, pad_halo_backward_reference,
-                                 pad_halo_reference, unpack_patches_reference)
-from ..contracts import (check_halo, check_layout_values, check_neighbour_values, check_pack,
-                         check_unpack)
+from ..reference.packing import (
+    pack_patches_reference,
+    pad_halo_backward_reference,
+    pad_halo_reference,
+    unpack_patches_reference,
+)
 from ..validation import register_fake
 
 PACK_PATCHES = Op("pack_patches", reference=pack_patches_reference, cpp="pack_patches",
@@ -77,7 +86,6 @@ def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
 
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
-    ops = torch.ops.anatomask_fast
 
     @register_fake("anatomask_fast::pack_patches")
     def _(x, patches, slots):
@@ -101,37 +109,7 @@ def _register_cpp() -> None:
         N, C, *side = grad.shape
         return grad.new_empty(N, C, *(s - lo - hi for s in side))
 
-    def save_layout(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1], inputs[2])
-
-    def pack_backward(ctx, grad):
-        patches, slots = ctx.saved_tensors
-        return ops.unpack_patches(grad, patches, slots), None, None
-
-    def unpack_backward(ctx, grad):
-        patches, slots = ctx.saved_tensors
-        return ops.pack_patches(grad, patches, slots), None, None
-
-    def save_halo(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1])
-        ctx.lo, ctx.hi = inputs[2], inputs[3]
-
-    def halo_backward(ctx, grad):
-        (neighbours,) = ctx.saved_tensors
-        return ops.pad_halo_backward(grad, neighbours, ctx.lo, ctx.hi), None, None, None
-
-    def halo_double_backward(ctx, grad):
-        (neighbours,) = ctx.saved_tensors
-        return ops.pad_halo(grad, neighbours, ctx.lo, ctx.hi), None, None, None
-
-    torch.library.register_autograd("anatomask_fast::pack_patches", pack_backward,
-                                    setup_context=save_layout)
-    torch.library.register_autograd("anatomask_fast::unpack_patches", unpack_backward,
-                                    setup_context=save_layout)
-    torch.library.register_autograd("anatomask_fast::pad_halo", halo_backward,
-                                    setup_context=save_halo)
-    torch.library.register_autograd("anatomask_fast::pad_halo_backward", halo_double_backward,
-                                    setup_context=save_halo)
+    autograd.register_cpp(autograd.packing)
 
 
 if _extension.load()[0] is not None:

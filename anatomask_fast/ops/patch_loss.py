@@ -2,13 +2,14 @@
 dense volumes (no patchified copies, no normalized-target or squared-error tensor)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .. import _extension
+from .. import _extension, autograd
 from ..contracts import check_like
 from ..dispatch import Op
+from ..numerics import accumulation_dtype
 from ..reference.patch_loss import patch_recon_loss_reference
 from ..validation import check_active_mask, check_eps, check_volume, register_fake
 
@@ -53,7 +54,11 @@ def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
                      patch_size: int | Sequence[int], *, norm_pix: bool = True,
                      eps: float = 1e-6,
                      hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The masked reconstruction loss of ../shared/SPEC.md sections 3 and 4.
+    """The masked reconstruction loss of masked image modeling: per patch ``l`` of
+    sample ``b``, with ``t`` the patch of ``x`` (N values) and ``r`` the same cells of
+    ``rec``, ``e[b, l] = mean((r - t')^2)`` where ``t' = (t - mean(t)) / sqrt(var(t) +
+    eps)`` (unbiased variance; ``t' = t`` without ``norm_pix``), and ``loss = sum(e *
+    hidden) / (sum(hidden) + 1e-8)`` over the hidden patches.
 
     ``rec`` and ``x`` are ``(B, C, H, W, D)`` of one float dtype, ``active`` the bool
     ``(B, 1, h, w, d)`` visible mask (True = visible) at ``patch_size`` (an int for
@@ -84,36 +89,8 @@ def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
     return per_patch.sum() / (n_hidden + 1e-8), per_patch
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Per-patch results and statistics: fp32, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def autograd(backward_op: Callable) -> tuple[Callable, Callable]:
-    """(backward, setup_context) of a forward op (rec, x, active, norm_pix, eps,
-    hidden_only) -> (per_patch, mean, rstd), given its backward op (grad_per_patch,
-    rec, x, active, mean, rstd, hidden_only) -> grad_rec. Only the inputs and the
-    (B, L) statistics are saved; raw targets come with mean 0 and rstd 1."""
-
-    def setup_context(ctx, inputs, output) -> None:
-        rec, x, active, _, _, hidden_only = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(rec, x, active, mean, rstd)
-        ctx.hidden_only = hidden_only
-
-    def backward(ctx, grad_per_patch, _grad_mean, _grad_rstd):
-        rec, x, active, mean, rstd = ctx.saved_tensors
-        grad = backward_op(grad_per_patch, rec, x, active, mean, rstd, ctx.hidden_only)
-        return grad, None, None, None, None, None
-
-    return backward, setup_context
-
-
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
-    op = torch.ops.anatomask_fast
-
     @register_fake("anatomask_fast::patch_recon_loss")
     def _(rec, x, active, norm_pix, eps, hidden_only):
         return patch_stats_like(rec, active)
@@ -122,16 +99,14 @@ def _register_cpp() -> None:
     def _(grad_per_patch, rec, x, active, mean, rstd, hidden_only):
         return torch.empty_like(rec, memory_format=torch.contiguous_format)
 
-    backward, setup_context = autograd(op.patch_recon_loss_backward.default)
-    torch.library.register_autograd("anatomask_fast::patch_recon_loss", backward,
-                                    setup_context=setup_context)
+    autograd.register_cpp(autograd.patch_loss)
 
 
 def patch_stats_like(rec: torch.Tensor,
                      active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty (per_patch, mean, rstd), each (B, L), for the fake kernels."""
     shape = (active.shape[0], active[0].numel())
-    dtype = stats_dtype(rec.dtype)
+    dtype = accumulation_dtype(rec.dtype)
     return tuple(rec.new_empty(shape, dtype=dtype) for _ in range(3))
 
 

@@ -19,24 +19,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 
 import torch
 
-from .. import _extension
+from .. import _extension, autograd
+from ..contracts import LABEL_DTYPES
 from ..dispatch import Op
+from ..numerics import accumulation_dtype
 from ..reference.seg_loss import dice_ce_loss_reference, soft_dice_from_sums
-from ..validation import check_same_device, check_tensor, check_volume, register_fake
+from ..validation import check_same_device, check_tensor, check_volume, data_known, register_fake
 
 DICE_CE_LOSS = Op("dice_ce_loss", reference=dice_ce_loss_reference, cpp="dice_ce_loss",
                   triton="seg_loss:dice_ce_loss_triton")
-
-LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
-
-
-def sums_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    """The kernels' accumulation and output dtype: fp32, fp64 for fp64 logits."""
-    return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
 def _check_labels(op: str, logits: torch.Tensor, labels: object,
@@ -49,7 +43,7 @@ def _check_labels(op: str, logits: torch.Tensor, labels: object,
                          f"{(batch, 1, *spatial)} to match 'logits' {tuple(logits.shape)}, "
                          f"got {tuple(labels.shape)}")
     check_same_device(op, logits=logits, labels=labels)
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel():
+    if labels.device.type == "cpu" and data_known(labels) and labels.numel():
         _check_label_values(op, labels, logits.shape[1], ignore_label)
     return labels.reshape(batch, -1)
 
@@ -171,23 +165,6 @@ def deep_supervision_loss(outputs: list[torch.Tensor] | tuple[torch.Tensor, ...]
     return total
 
 
-def autograd_functions(backward_op: Callable) -> tuple[Callable, Callable]:
-    """(backward, setup_context) of a ``dice_ce_loss`` operator whose backward operator
-    is ``backward_op(grad_class_sums, grad_ce_sums, logits, labels, ignore_index)``:
-    only the logits and labels are saved, the softmax is recomputed."""
-    def setup_context(ctx, inputs, output) -> None:
-        logits, labels, ignore_index = inputs
-        ctx.save_for_backward(logits, labels)
-        ctx.ignore_index = ignore_index
-
-    def backward(ctx, grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor):
-        logits, labels = ctx.saved_tensors
-        return backward_op(grad_class_sums, grad_ce_sums, logits, labels,
-                           ctx.ignore_index), None, None
-
-    return backward, setup_context
-
-
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
     op = "anatomask_fast::dice_ce_loss"
@@ -195,7 +172,7 @@ def _register_cpp() -> None:
     @register_fake(op)
     def _(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None):
         batch, classes = logits.shape[:2]
-        dtype = sums_dtype(logits.dtype)
+        dtype = accumulation_dtype(logits.dtype)
         return (logits.new_empty((batch, 3, classes), dtype=dtype),
                 logits.new_empty((batch,), dtype=dtype))
 
@@ -203,8 +180,7 @@ def _register_cpp() -> None:
     def _(grad_class_sums, grad_ce_sums, logits, labels, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    backward, setup_context = autograd_functions(torch.ops.anatomask_fast.dice_ce_loss_backward)
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    autograd.register_cpp(autograd.seg_loss)
 
 
 if _extension.load()[0] is not None:

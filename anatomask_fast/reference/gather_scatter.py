@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics import ACTIVATIONS
+
 
 def upsample_mask(active: torch.Tensor, spatial: tuple[int, int, int]) -> torch.Tensor:
     """The full-resolution bool mask, as the reference builds it: ``repeat_interleave``
@@ -26,13 +28,6 @@ def densify_reference(x: torch.Tensor, active: torch.Tensor,
     reference's ``torch.where(active_ex, x, mask_token.expand_as(x))``."""
     token = mask_token.reshape(1, -1, 1, 1, 1).expand_as(x)
     return torch.where(upsample_mask(active, tuple(x.shape[2:])).expand_as(x), x, token)
-
-
-ACTIVATIONS = {
-    None: lambda t: t,
-    "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.01),
-    "relu6": torch.nn.functional.relu6,
-}
 
 
 def sparse_norm_reference(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | None,
@@ -60,7 +55,7 @@ def sparse_norm_reference(x: torch.Tensor, active: torch.Tensor, weight: torch.T
         part = torch.zeros_like(bhwdc[batch])
         part[visible] = normed
         out[batch] = part
-    return ACTIVATIONS[activation](out).permute(0, 4, 1, 2, 3)
+    return ACTIVATIONS[activation or "none"][1](out).permute(0, 4, 1, 2, 3)
 
 
 def gather_tokens_reference(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:

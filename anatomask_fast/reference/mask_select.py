@@ -1,4 +1,4 @@
-"""Reference mask selection: the published per-sample host loop (SPEC section 4).
+"""Reference mask selection: the published per-sample host loop.
 
 For every sample: copy the errors to the host, argsort them (descending), take the
 ``n_hard`` largest, ``numpy.delete`` them from the index list, ``numpy.random.shuffle``

@@ -1,4 +1,6 @@
-"""Reference per-patch reconstruction loss (../shared/SPEC.md sections 3 and 4),
+"""Reference per-patch reconstruction loss, ``e[b, l] = mean((r - t')^2)`` with the
+patch normalized ``t' = (t - mean(t)) / sqrt(var(t) + eps)`` (unbiased variance; the
+raw patch for the teacher's error) and ``loss = sum(e * hidden) / (sum(hidden) + 1e-8)``,
 computed the way the published SparK/AnatoMask code does: patchified copies, a
 normalized-target tensor, a squared-error tensor."""
 from __future__ import annotations

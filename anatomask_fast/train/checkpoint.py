@@ -16,7 +16,6 @@ import torch
 
 from ..serialization import CheckpointError, safe_load
 
-
 # How torch's zip writer reports a failed write (full disk, file size limit).
 _WRITER_FAILURE = re.compile(
     r"PytorchStreamWriter|unexpected pos|inline_container|file write failed")
@@ -26,12 +25,25 @@ class WriteError(OSError):
     """A run output that could not be written (the previous version is intact)."""
 
 
+def file_mode() -> int:
+    """The mode a new file gets from ``open``: 0666 less the process's umask (0644 under
+    the usual 022). ``mkstemp`` creates 0600, which other users and tools cannot read."""
+    with open("/proc/self/status") as status:     # reading it leaves the umask alone
+        for line in status:
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    umask = os.umask(0o022)        # not Linux: read it by setting it, then restore it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(handle, file_mode())
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()

@@ -71,7 +71,7 @@ def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.endswith(NIFTI_SUFFIXES)
 
 
-def _strip(name: str) -> str:
+def strip_suffix(name: str) -> str:
     return name[:-7] if name.endswith(".nii.gz") else name[:-4]
 
 
@@ -80,7 +80,7 @@ def _nnunet(root: Path, with_labels: bool) -> Dataset:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
     files = sorted(p for p in (root / "imagesTr").iterdir() if _is_nifti(p))
-    names = sorted({_strip(p.name)[:-5] for p in files if _strip(p.name)[-5:-4] == "_"})
+    names = sorted({strip_suffix(p.name)[:-5] for p in files if strip_suffix(p.name)[-5:-4] == "_"})
     if not names:
         raise DataError(f"no nnU-Net images (CASE_0000.nii.gz) found in {root / 'imagesTr'}")
     cases = []
@@ -124,8 +124,8 @@ def _paired(root: Path, modality: str) -> Dataset:
     for path in files:
         label = root / "labels" / path.name
         if not label.exists():
-            raise DataError(f"case {_strip(path.name)!r} has no label file: {label} is missing")
-        cases.append(Case(_strip(path.name), (path,), label))
+            raise DataError(f"case {strip_suffix(path.name)!r} has no label file: {label} is missing")
+        cases.append(Case(strip_suffix(path.name), (path,), label))
     meta_path = root / "dataset.json"
     if meta_path.exists():
         labels, note = json.loads(meta_path.read_text()).get("labels"), ""
@@ -157,7 +157,7 @@ def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = Fals
     files = sorted(p for p in root.rglob("*") if _is_nifti(p))
     if not files:
         raise DataError(f"no .nii or .nii.gz volumes found in {root}")
-    cases = tuple(Case(_strip(p.name), (p,)) for p in files)
+    cases = tuple(Case(strip_suffix(p.name), (p,)) for p in files)
     return Dataset(cases, check_modality(modality), f"folder {root} ({len(cases)} volumes, {modality})")
 
 
@@ -242,7 +242,7 @@ def _fixed_normalization(image: torch.Tensor, channels: Sequence[dict]) -> torch
     return out
 
 
-def _case_dict(case: Case) -> dict:
+def case_dict(case: Case) -> dict:
     item = {"image": [str(p) for p in case.images] if len(case.images) > 1 else str(case.images[0])}
     if case.label is not None:
         item["label"] = str(case.label)
@@ -265,7 +265,7 @@ def check_readable(dataset: Dataset) -> None:
 
 
 @contextlib.contextmanager
-def _unwrapped_data_errors() -> Iterator[None]:
+def unwrapped_data_errors() -> Iterator[None]:
     """MONAI wraps a transform's exception in RuntimeError("applying transform ...");
     a DataError (which names the file) is re-raised as itself."""
     try:

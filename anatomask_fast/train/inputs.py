@@ -32,10 +32,10 @@ def job_volumes(config: Any, out: Path, runtime, *, with_labels: bool = False) -
 
 def run_preprocess(config: Any) -> Path:
     """``python -m anatomask_fast.train preprocess``."""
+    from .config import check
     from .runtime import setup, teardown
 
-    if not config.data or not config.out:
-        raise ValueError("preprocess needs --data (a raw dataset folder) and --out (the store)")
+    check(config)
     setup("cpu")
     try:
         root = prepare(config.data, store_options(config, config.labels), Path(config.out),
@@ -44,4 +44,7 @@ def run_preprocess(config: Any) -> Path:
         teardown()
     volumes = open_store(root)
     print(f"anatomask_fast preprocess: {len(volumes)} case(s) in {root} ({volumes.description})")
+    data = f"--data {config.data} --cache {root}" if config.labels else f"--data {root}"
+    print(f"  next: train on it: python -m anatomask_fast.train "
+          f"{'finetune' if config.labels else 'pretrain'} {data}")
     return root

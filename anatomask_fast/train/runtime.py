@@ -1,12 +1,10 @@
-"""Process-level helpers shared by the training jobs: device and torchrun setup, the
-run folder, preemption signals, per-step seeding, peak memory, metrics logging."""
+"""Process set-up of the training jobs: the device and torchrun's process group, the
+run folder, and the preemption signals the loop stops at. What each step does is in
+``step``; the loop in ``loop``."""
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -16,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from .checkpoint import WriteError
+from .config import check as check_config
 
 
 @dataclass(frozen=True)
@@ -110,6 +108,7 @@ def run_job(config: Any, train: Callable[[Any, Runtime, Path], Path]) -> Path:
     group however it ends. A run folder this call created is removed again when the run
     fails before writing any checkpoint (no empty run folders)."""
     config = config.resolved()
+    check_config(config)
     runtime = setup(config.device)
     out = Path(config.out)
     created = not out.exists()
@@ -124,124 +123,9 @@ def run_job(config: Any, train: Callable[[Any, Runtime, Path], Path]) -> Path:
     except BaseException:
         if created and runtime.main and not any(out.glob("checkpoint_*.pt")):
             shutil.rmtree(out, ignore_errors=True)
+            print(f"the run folder {out} was removed: no checkpoint had been written (a store "
+                  "this run built is kept and reused by the next run with the same data and "
+                  "options)", file=sys.stderr, flush=True)
         raise
     finally:
         teardown()
-
-
-def seed_step(seed: int, rank: int, step: int) -> None:
-    """Seeds torch's, NumPy's and Python's global generators from (seed, rank, step)
-    before a step, so that any draw from them is the same in a resumed run (the
-    library's own draws are seeded explicitly; this covers everything else)."""
-    # A tag of its own: not the entropy the jobs derive their mask seeds from.
-    value = int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
-    torch.manual_seed(value)
-    np.random.seed(value)
-    random.seed(value)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is left untouched."""
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, parameters, clip: float) -> None:
-    """Backward (scaled for fp16), gradient clipping at ``clip``, optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(parameters, clip)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def checked_loss(loss: torch.Tensor, epoch: int, step: int, latest: Path) -> float:
-    """The loss as a float (the one host sync of a step, for logging); a non-finite
-    loss stops the run with the checkpoint that is still intact named."""
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step}; the last "
-                            f"good checkpoint {latest} is intact (lower --lr or use --amp none)")
-    return value
-
-
-def finish_step(state: Any, config: Any, runtime: Runtime, metrics: "MetricsLog",
-                progress: Any, save_latest: Callable[[], None], values: dict[str, Any],
-                postfix: dict[str, str]) -> bool:
-    """Counts the step and logs it (metrics.jsonl and the progress bar, with the peak
-    memory), writes the latest checkpoint every ``--latest-every-steps`` and before
-    stopping; True once ``--stop-after-steps`` is reached; raises Preempted (checkpoint
-    written) after a SIGTERM / SIGUSR1."""
-    state.step_in_epoch += 1
-    state.global_step += 1
-    peak = peak_memory_bytes(runtime.device)
-    metrics.write(state.global_step, {"epoch": state.epoch, **values,
-                                      "peak_memory_mb": peak / 2**20})
-    progress.update(1)
-    progress.set_postfix(**postfix, mem=f"{peak / 2**30:.2f}G")
-    preempted = STOP.requested(runtime)
-    stop = bool(config.stop_after_steps and state.global_step >= config.stop_after_steps)
-    if preempted or stop or (config.latest_every_steps
-                             and state.global_step % config.latest_every_steps == 0):
-        save_latest()
-    if preempted:
-        progress.close()
-        raise Preempted(f"stopped by {STOP.received or 'a signal on another rank'} after step "
-                        f"{state.global_step}; the checkpoint in {config.out} is written, "
-                        "continue with --resume")
-    return stop
-
-
-def autocast(device: torch.device, amp: str):
-    """``torch.autocast`` for ``--amp bf16|fp16``; nothing for ``none``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def progress_bar(runtime: Runtime, total: int, done: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, disable=not runtime.main, file=sys.stdout,
-                desc=desc, unit="step", dynamic_ncols=True)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA allocator peak on GPU; this process's peak RSS (VmHWM) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class MetricsLog:
-    """JSON lines in ``metrics.jsonl``, and TensorBoard scalars when it is installed."""
-
-    def __init__(self, folder: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = folder / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(folder / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as file:
-            file.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

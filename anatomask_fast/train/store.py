@@ -27,14 +27,14 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import (MODALITIES, Case, DataError, Dataset, check_modality, discover,
-                   refuse_nonfinite)
+from .data import MODALITIES, Case, DataError, Dataset, check_modality, discover, refuse_nonfinite
 
 FORMAT = "anatomask_fast.store/1"
 CT_NORMALIZATIONS = ("dataset", "volume")
@@ -301,7 +301,7 @@ def build(dataset: Dataset, root: Path, options: StoreOptions, *, workers: int =
     """Writes (or completes) the store of ``dataset`` in ``root``; returns ``root``.
     Under torchrun each rank writes its share of the cases (every world_size-th), then
     rank 0 writes the manifest after a barrier; ``workers`` processes per rank."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     rank, world, distributed = _rank_info()
     folder = root / "cases"
@@ -310,8 +310,12 @@ def build(dataset: Dataset, root: Path, options: StoreOptions, *, workers: int =
     todo = [case for case in mine if _done(case, folder) is None]
     for case in todo:
         _remove_partial(case, folder)
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="preprocess",
-               unit="case", disable=not (progress and rank == 0), dynamic_ncols=True)
+    talk = progress and rank == 0
+    if talk and todo and len(todo) < len(mine):
+        print(f"  resuming the store {root}: {len(mine) - len(todo)} of {len(mine)} cases were "
+              "written by an earlier run with the same data and options", flush=True)
+    bar = progress_bar(len(mine), "preprocess", "case", done=len(mine) - len(todo),
+                       enabled=talk)
     try:
         if workers <= 1 or len(todo) <= 1:
             for case in todo:
@@ -328,6 +332,14 @@ def build(dataset: Dataset, root: Path, options: StoreOptions, *, workers: int =
                 for future in concurrent.futures.as_completed(futures):
                     future.result()
                     bar.update(1)
+    except BaseException:
+        if rank == 0:
+            done = sum(_done(case, folder) is not None for case in dataset.cases)
+            # Kept, not removed: a store is the expensive part of a first run.
+            print(f"the partial store {root} is kept ({done} of {len(dataset.cases)} cases "
+                  "written): the next run with the same data and options resumes it; delete "
+                  "the folder to discard it", file=sys.stderr, flush=True)
+        raise
     finally:
         bar.close()
     if distributed:

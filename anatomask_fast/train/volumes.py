@@ -71,7 +71,7 @@ class Volumes:
     def names(self) -> list[str]:
         return [entry.name for entry in self.entries]
 
-    def subset(self, names: Sequence[str]) -> "Volumes":
+    def subset(self, names: Sequence[str]) -> Volumes:
         keep = set(names)
         return Volumes([e for e in self.entries if e.name in keep], channels=self.channels,
                        labels=self.labels, description=self.description,
@@ -148,8 +148,9 @@ def open_store(root: Path) -> Volumes:
         options["ct_normalization"] == "dataset" else "volume"
     return Volumes(entries, channels=manifest["cases"][0]["channels"],
                    labels=manifest["labels"],
-                   description=f"{manifest['description']}, store {root}",
+                   description=f"{manifest['description']}, read from the store {root}",
                    normalization={"scheme": scheme, "modality": options["modality"],
+                                  "spacing": options["spacing"],
                                   "channels": manifest["normalization"]})
 
 

@@ -108,18 +108,33 @@ struct Geo {
 };
 
 Geo make_geo(const MaskGeometry& g) {
-  return {g.C, g.H * g.W * g.D, g.H, g.W, g.D, g.h, g.w, g.d, g.ph, g.pw, g.pd};
+  const int64_t S = g.H * g.W * g.D;
+  TORCH_CHECK_VALUE(S < (int64_t{1} << 31), "the CUDA kernels index one (b, c) map of at most "
+                    "2^31 voxels in 32-bit arithmetic, got ", g.H, " x ", g.W, " x ", g.D);
+  TORCH_CHECK_VALUE(g.B * g.C <= 65535, "the CUDA kernels take one grid row per (b, c) map: "
+                    "at most 65535 maps, got B * C = ", g.B * g.C);
+  return {g.C, S, g.H, g.W, g.D, g.h, g.w, g.d, g.ph, g.pw, g.pd};
 }
 
+// The voxel `within` a (b, c) row in 32-bit arithmetic (make_geo checks S < 2^31): per
+// element, 64-bit divisions cost more than the copy they guard.
 __device__ __forceinline__ bool visible(const bool* mask, const Geo& g, int64_t b, int64_t within) {
-  const int64_t k = within % g.D;
-  const int64_t j = (within / g.D) % g.W;
-  const int64_t i = within / (g.D * g.W);
-  return mask[((b * g.h + i / g.ph) * g.w + j / g.pw) * g.d + k / g.pd];
+  const uint32_t v = static_cast<uint32_t>(within);
+  const uint32_t D = static_cast<uint32_t>(g.D), W = static_cast<uint32_t>(g.W);
+  const uint32_t k = v % D, j = (v / D) % W, i = v / (D * W);
+  const int64_t cell_i = i / static_cast<uint32_t>(g.ph), cell_j = j / static_cast<uint32_t>(g.pw);
+  return mask[((b * g.h + cell_i) * g.w + cell_j) * g.d + k / static_cast<uint32_t>(g.pd)];
 }
 
 unsigned elementwise_blocks(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
+}
+
+// Blocks (chunk, row) cover kChunk voxels of one (b, c) row each: the row's b and c
+// are per block, not divisions per element.
+dim3 row_chunk_blocks(const Geo& g, int64_t rows) {
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, (g.S + kChunk - 1) / kChunk)),
+              static_cast<unsigned>(rows));
 }
 
 // Sum of `v` over the block (kThreads threads); every thread gets the total.
@@ -145,11 +160,14 @@ __device__ T block_sum(T v) {
 
 template <typename T>
 __global__ void densify_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
-                               const T* __restrict__ token, T* __restrict__ y, int64_t n, Geo g) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
-    const int64_t row = e / g.S;
-    y[e] = visible(mask, g, row / g.C, e % g.S) ? x[e] : token[row % g.C];
+                               const T* __restrict__ token, T* __restrict__ y, Geo g) {
+  const int64_t row = blockIdx.y, b = row / g.C;
+  const T fill = token[row % g.C];
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
+  for (int64_t v = start + threadIdx.x; v < stop; v += kThreads) {
+    const int64_t e = row * g.S + v;
+    y[e] = visible(mask, g, b, v) ? x[e] : fill;
   }
 }
 
@@ -163,9 +181,11 @@ at::Tensor densify_cuda(const at::Tensor& x, const at::Tensor& active, const at:
   const int64_t n = xc.numel();
   if (n == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "densify", [&] {
-    densify_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const Geo g = make_geo(mg);
+    densify_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0,
+                               c10::cuda::getCurrentCUDAStream()>>>(
         xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), tc.const_data_ptr<scalar_t>(),
-        y.data_ptr<scalar_t>(), n, make_geo(mg));
+        y.data_ptr<scalar_t>(), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

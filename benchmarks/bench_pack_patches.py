@@ -1,6 +1,7 @@
-"""Packing ops forward+backward: each backend vs the reference, at STU-Net-B stage-0
-and stage-1 sizes (1x64x64x64, B=2, mask ratio 0.6): pack the visible patches, add
-the halo a 3x3x3 conv needs, unpack."""
+"""pack_patches as a packed convolution uses it, forward+backward: each backend vs the
+reference, at STU-Net-B stage-0 and stage-1 sizes (1x64x64x64, B=2, mask ratio 0.6):
+pack the visible patches, add the halo a 3x3x3 conv needs, unpack (the other packing
+ops alone: bench_unpack_patches, bench_pad_halo, bench_pad_halo_backward)."""
 from __future__ import annotations
 
 import torch
@@ -18,12 +19,17 @@ SIZES = sizes(
 )
 
 
-def setup_packing(backend: str, size: dict, device: str):
+def packing_inputs(size: dict, device: str):
+    """(x, layout) of a size: x requires grad, 40% of the patches visible."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(size["B"], size["C"], *size["spatial"], generator=gen).to(device)
     x.requires_grad_()
     active = (torch.rand(size["B"], 1, *size["grid"], generator=gen) < 0.4).to(device)
-    layout = MaskLayout.build(active)
+    return x, MaskLayout.build(active)
+
+
+def setup_pack_patches(backend: str, size: dict, device: str):
+    x, layout = packing_inputs(size, device)
 
     def run() -> None:
         with use_backend(backend):
@@ -36,4 +42,4 @@ def setup_packing(backend: str, size: dict, device: str):
     return run
 
 
-test_packing = benchmark_test("bench_packing", "packing", "pack+pad_halo+unpack fwd+bwd", SIZES, backend_devices(PAD_HALO))
+test_pack_patches = benchmark_test("bench_pack_patches", "pack_patches", "pack+pad_halo+unpack fwd+bwd", SIZES, backend_devices(PAD_HALO))

@@ -12,7 +12,8 @@ import anatomask_fast
 from anatomask_fast import active_to_ids, anatomical_mask, ids_to_active, random_mask, use_backend
 from anatomask_fast.ops.mask_select import mask_counts
 
-from .conftest import BACKEND_DEVICES, gpu
+from .conftest import BACKEND_DEVICES, OPCHECK_BACKENDS, gpu
+from .helpers import opcheck
 
 FIELDS = ("active", "hard", "ids_shuffle", "ids_restore")
 
@@ -196,12 +197,12 @@ def test_random_mask(backend, device, shape):
     assert torch.equal(ids_to_active(expected, shape), given.active)
 
 
-def test_opcheck_cpp_operator():
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck(backend, device):
     errors = torch.rand(3, 37)
     noise = torch.rand(3, 37)
-    op = torch.ops.anatomask_fast.anatomical_mask.default
-    torch.library.opcheck(op, (errors, noise, 15, 5, 1, 0))
-    torch.library.opcheck(op, (errors, None, 15, 5, 1, 0))
+    opcheck("anatomical_mask", backend, device, errors, noise, 15, 5, 1, 0)
+    opcheck("anatomical_mask", backend, device, errors, None, 15, 5, 1, 0)
 
 
 def test_torch_compile_fullgraph_on_cpu():

@@ -31,4 +31,4 @@ def setup_dice_ce_loss(backend: str, size: dict, device: str):
     return run
 
 
-test_dice_ce_loss = benchmark_test("bench_seg_loss", "dice_ce_loss", "dice_ce_loss fwd+bwd", SIZES, backend_devices(DICE_CE_LOSS))
+test_dice_ce_loss = benchmark_test("bench_dice_ce_loss", "dice_ce_loss", "dice_ce_loss fwd+bwd", SIZES, backend_devices(DICE_CE_LOSS))

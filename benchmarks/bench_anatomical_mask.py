@@ -28,7 +28,7 @@ def setup_anatomical_mask(backend: str, size: dict, device: str):
     return run
 
 
-test_anatomical_mask = benchmark_test("bench_mask_select", "anatomical_mask", "anatomical_mask", SIZES, backend_devices(ANATOMICAL_MASK))
+test_anatomical_mask = benchmark_test("bench_anatomical_mask", "anatomical_mask", "anatomical_mask", SIZES, backend_devices(ANATOMICAL_MASK))
 
 
 def setup_anatomical_mask_graph(backend: str, size: dict, device: str):
@@ -52,4 +52,4 @@ def _graph_pairs() -> list:
             if p.values[1] == "cuda" and p.values[0] != "reference"]
 
 
-test_anatomical_mask_graph = benchmark_test("bench_mask_select", "anatomical_mask_graph", "anatomical_mask CUDA graph replay", SIZES, _graph_pairs())
+test_anatomical_mask_graph = benchmark_test("bench_anatomical_mask", "anatomical_mask_graph", "anatomical_mask CUDA graph replay", SIZES, _graph_pairs())

@@ -48,7 +48,7 @@ import torch
 from anatomask_fast import anatomical_mask, patch_recon_loss, random_mask
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
 from anatomask_fast.train.optim import ema_update
-from anatomask_fast.train.pretrain import patch_errors, teacher_reconstruction
+from anatomask_fast.train.teacher import ranking_errors, teacher_reconstruction
 
 from .common import ROOT, benchmark_test, sizes, synchronize, training_step_pairs
 
@@ -216,7 +216,7 @@ def phased_step(run: Execution, batches: Iterator[dict], meter: Meter, device: s
         with meter("teacher forward"):
             rec = teacher_reconstruction(teacher, x, teacher_mask.active)
         with meter("teacher errors"):
-            errors = patch_errors(rec, x, teacher_mask.active, patch, raw_target=True)
+            errors = ranking_errors(rec, x, teacher_mask.active, patch, target="raw")
         del rec
         with meter("anatomical mask"), torch.no_grad():
             active = anatomical_mask(errors.view(shape), MASK_RATIO, HARD_FRAC,

@@ -106,7 +106,7 @@ class AnatoMaskNet(nn.Module):
     def encode(self, x: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor | None]:
         """Every encoder stage's dense-masked output, deepest first; when lean, None for
         the stages the decoder does not read (the full-resolution one)."""
-        stages = len(self.encoder.conv_blocks_context)
+        stages = len(self.densify_norms)     # one per encoder stage
         first = stages - self._densified(stages)
         return self.encoder(x, active, first=first)[::-1]
 

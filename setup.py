@@ -14,6 +14,7 @@ Environment:
 Install with `pip install --no-build-isolation -e .` so that the build uses the torch
 already installed (build isolation would download a CUDA torch).
 """
+
 from __future__ import annotations
 
 import glob
@@ -35,9 +36,11 @@ def build_cuda() -> bool:
     choice = os.environ.get("ANATOMASK_BUILD_CUDA", "auto")
     possible = torch.version.cuda is not None and CUDA_HOME is not None
     if choice == "1" and not possible:
-        raise RuntimeError("ANATOMASK_BUILD_CUDA=1 but torch has no CUDA "
-                           f"(torch.version.cuda={torch.version.cuda}) or nvcc is missing "
-                           f"(CUDA_HOME={CUDA_HOME})")
+        raise RuntimeError(
+            "ANATOMASK_BUILD_CUDA=1 but torch has no CUDA "
+            f"(torch.version.cuda={torch.version.cuda}) or nvcc is missing "
+            f"(CUDA_HOME={CUDA_HOME})"
+        )
     return possible and choice != "0"
 
 
@@ -50,8 +53,10 @@ class OptionalBuildExtension(BuildExtension):
         except Exception as error:  # noqa: BLE001 - any compiler failure
             if os.environ.get("ANATOMASK_STRICT_BUILD") == "1":
                 raise
-            warnings.warn(f"anatomask_fast: building {ext.name} failed ({error}); "
-                          "the package will run its reference backend")
+            warnings.warn(
+                f"anatomask_fast: building {ext.name} failed ({error}); "
+                "the package will run its reference backend"
+            )
 
 
 def extension():
@@ -61,8 +66,11 @@ def extension():
     if sanitize():
         # Every UB report aborts (the tests then fail); vptr checks would see libtorch's
         # classes, which are outside this build.
-        checks = ["-fsanitize=address,undefined", "-fno-sanitize=vptr",
-                  "-fno-sanitize-recover=undefined"]
+        checks = [
+            "-fsanitize=address,undefined",
+            "-fno-sanitize=vptr",
+            "-fno-sanitize-recover=undefined",
+        ]
         opt = ["-O1", "-g", "-fno-omit-frame-pointer", *checks]
         link = [*link, *checks]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
@@ -71,19 +79,30 @@ def extension():
     # or errno.
     cxx = [*opt, "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if not build_cuda():
-        return CppExtension("anatomask_fast._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=link)
+        return CppExtension(
+            "anatomask_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     return CUDAExtension(
-        "anatomask_fast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        "anatomask_fast._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("ANATOMASK_WITH_CUDA", None)],
-        extra_compile_args={"cxx": [*cxx, "-DANATOMASK_WITH_CUDA"],
-                            "nvcc": [*opt, "--expt-relaxed-constexpr", "-lineinfo"]},
-        extra_link_args=["-fopenmp"])
+        extra_compile_args={
+            "cxx": [*cxx, "-DANATOMASK_WITH_CUDA"],
+            "nvcc": [*opt, "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
 
 
 setup(
-    packages=["anatomask_fast", "anatomask_fast.ops", "anatomask_fast.reference",
-              "anatomask_fast.kernels", "anatomask_fast.models", "anatomask_fast.train"],
+    packages=[
+        "anatomask_fast",
+        "anatomask_fast.ops",
+        "anatomask_fast.reference",
+        "anatomask_fast.kernels",
+        "anatomask_fast.models",
+        "anatomask_fast.train",
+    ],
     package_dir={"anatomask_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},

@@ -1,4 +1,5 @@
 """Loads the compiled kernels (``anatomask_fast._C``) once, remembering why not."""
+
 from __future__ import annotations
 
 import functools

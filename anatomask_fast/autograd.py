@@ -5,6 +5,7 @@ names: ``torch.ops.anatomask_fast`` for C++, the ``*_triton`` operators for Trit
 backward, expressed with that backend's backward operators. What is saved is the
 least the backward needs (inputs and per-channel or per-patch statistics, never an
 activation the kernels can recompute)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,10 +50,18 @@ def gather_scatter(ops: Any, register: Register) -> None:
 
     def sparse_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
         x, active, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ops.sparse_norm_backward(grad, x, active, weight, bias, mean,
-                                                          rstd, ctx.activation)
-        return (grad_x, None, _cast_like(grad_w, weight), _cast_like(grad_b, bias),
-                None, None, None)
+        grad_x, grad_w, grad_b = ops.sparse_norm_backward(
+            grad, x, active, weight, bias, mean, rstd, ctx.activation
+        )
+        return (
+            grad_x,
+            None,
+            _cast_like(grad_w, weight),
+            _cast_like(grad_b, bias),
+            None,
+            None,
+            None,
+        )
 
     def setup_gather_tokens(ctx, inputs, output) -> None:
         ctx.length = inputs[0].shape[1]
@@ -70,7 +79,8 @@ def gather_scatter(ops: Any, register: Register) -> None:
     def scatter_tokens_backward(ctx, grad):
         ids_restore, token, pos = ctx.saved_tensors
         grad_x, grad_token, grad_pos = ops.scatter_tokens_backward(
-            grad, ids_restore, ctx.len_keep, pos is not None)
+            grad, ids_restore, ctx.len_keep, pos is not None
+        )
         return grad_x, None, _cast_like(grad_token, token), _cast_like(grad_pos, pos)
 
     register("apply_mask", apply_mask_backward, setup_apply_mask)
@@ -127,8 +137,9 @@ def patch_loss(ops: Any, register: Register) -> None:
 
     def backward(ctx, grad_per_patch, _grad_mean, _grad_rstd):
         rec, x, active, mean, rstd = ctx.saved_tensors
-        grad = ops.patch_recon_loss_backward(grad_per_patch, rec, x, active, mean, rstd,
-                                             ctx.hidden_only)
+        grad = ops.patch_recon_loss_backward(
+            grad_per_patch, rec, x, active, mean, rstd, ctx.hidden_only
+        )
         return grad, None, None, None, None, None
 
     register("patch_recon_loss", backward, setup_context)
@@ -145,23 +156,40 @@ def seg_loss(ops: Any, register: Register) -> None:
 
     def backward(ctx, grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor):
         logits, labels = ctx.saved_tensors
-        return ops.dice_ce_loss_backward(grad_class_sums, grad_ce_sums, logits, labels,
-                                         ctx.ignore_index), None, None
+        return (
+            ops.dice_ce_loss_backward(
+                grad_class_sums, grad_ce_sums, logits, labels, ctx.ignore_index
+            ),
+            None,
+            None,
+        )
 
     register("dice_ce_loss", backward, setup_context)
 
 
 def register_cpp(family: Callable[[Any, Register], None]) -> None:
     """``family``'s formulas on the C++ operators (schemas in csrc/ops.cpp)."""
-    family(torch.ops.anatomask_fast, lambda name, backward, setup: (
-        torch.library.register_autograd(f"anatomask_fast::{name}", backward,
-                                        setup_context=setup)))
+    family(
+        torch.ops.anatomask_fast,
+        lambda name, backward, setup: torch.library.register_autograd(
+            f"anatomask_fast::{name}", backward, setup_context=setup
+        ),
+    )
 
 
 def register_triton(family: Callable[[Any, Register], None], namespace: dict[str, Any]) -> None:
     """``family``'s formulas on the ``*_triton`` operators found in ``namespace`` (a
     kernel module's globals)."""
-    ops = SimpleNamespace(**{name.removesuffix("_triton"): value
-                             for name, value in namespace.items() if name.endswith("_triton")})
-    family(ops, lambda name, backward, setup: getattr(ops, name).register_autograd(
-        backward, setup_context=setup))
+    ops = SimpleNamespace(
+        **{
+            name.removesuffix("_triton"): value
+            for name, value in namespace.items()
+            if name.endswith("_triton")
+        }
+    )
+    family(
+        ops,
+        lambda name, backward, setup: getattr(ops, name).register_autograd(
+            backward, setup_context=setup
+        ),
+    )

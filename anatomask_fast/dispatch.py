@@ -7,6 +7,7 @@ on CPU tensors with the C++ kernel, and falls back to the reference when neither
 available. ``ANATOMASK_BACKEND=<name>`` or ``with use_backend(name):`` forces one;
 a forced backend that cannot run the inputs' device raises instead of falling back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,11 @@ def _triton_status() -> BackendStatus:
     if torch.cuda.is_available():
         return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
     if triton_interpreted():
-        return BackendStatus(True, f"triton {triton.__version__}, interpreted on CPU tensors "
-                                   "(TRITON_INTERPRET=1): for testing, not speed")
+        return BackendStatus(
+            True,
+            f"triton {triton.__version__}, interpreted on CPU tensors "
+            "(TRITON_INTERPRET=1): for testing, not speed",
+        )
     return BackendStatus(False, "no CUDA device, and TRITON_INTERPRET=0 forbids the interpreter")
 
 
@@ -79,8 +83,10 @@ def _status(name: str) -> BackendStatus:
     if name == "cpu":
         return BackendStatus(True, f"C++ kernels, {torch.get_num_threads()} OpenMP threads")
     if not _extension.cuda_kernels_built():
-        return BackendStatus(False, "the extension was built without CUDA kernels "
-                                    "(no CUDA torch or no nvcc at build time)")
+        return BackendStatus(
+            False,
+            "the extension was built without CUDA kernels (no CUDA torch or no nvcc at build time)",
+        )
     if not torch.cuda.is_available():
         return BackendStatus(False, "CUDA kernels built, but no CUDA device is visible")
     return BackendStatus(True, f"CUDA C++ kernels on {torch.cuda.get_device_name()}")
@@ -161,7 +167,8 @@ class Op:
 
     def implements(self, backend: str) -> bool:
         return backend == "reference" or (
-            self.cpp is not None if backend in ("cpu", "cuda") else self.triton is not None)
+            self.cpp is not None if backend in ("cpu", "cuda") else self.triton is not None
+        )
 
     def select(self, device: torch.device) -> str:
         """The backend that runs this op for inputs on ``device``."""
@@ -190,17 +197,21 @@ def _select(op_name: str, device_type: str) -> str:
     forced = forced_backend()
     if forced is not None:
         if not op.implements(forced):
-            raise NotImplementedError(f"{op.name}: backend {forced!r} is not implemented "
-                                      "for this op")
+            raise NotImplementedError(
+                f"{op.name}: backend {forced!r} is not implemented for this op"
+            )
         reason = _runs_on(forced, device)
         if reason:
-            raise RuntimeError(f"{op.name}: backend {forced!r} was requested but cannot "
-                               f"run here: {reason}")
+            raise RuntimeError(
+                f"{op.name}: backend {forced!r} was requested but cannot run here: {reason}"
+            )
         choice = forced
     else:
         order = op.cuda_preference if device.type == "cuda" else ("cpu",)
-        choice = next((name for name in order
-                       if op.implements(name) and not _runs_on(name, device)), "reference")
+        choice = next(
+            (name for name in order if op.implements(name) and not _runs_on(name, device)),
+            "reference",
+        )
     if choice == "triton":
         importlib.import_module(f"anatomask_fast.kernels.{op.triton.split(':')[0]}")
     return choice

@@ -13,6 +13,7 @@ for resume::
     ...
     masker.step()                                             # after each optimizer step
 """
+
 from __future__ import annotations
 
 import math
@@ -36,10 +37,20 @@ class AnatoMasker:
     instead of every epoch. ``rank`` defaults to the torch.distributed rank.
     """
 
-    def __init__(self, *, grid: Sequence[int] | None = None, num_patches: int | None = None,
-                 mask_ratio: float = 0.6, total_epochs: int, steps_per_epoch: int | None = None,
-                 schedule: str | float | Callable = "linear", by_step: bool = False,
-                 seed: int = 0, rank: int | None = None, **schedule_params) -> None:
+    def __init__(
+        self,
+        *,
+        grid: Sequence[int] | None = None,
+        num_patches: int | None = None,
+        mask_ratio: float = 0.6,
+        total_epochs: int,
+        steps_per_epoch: int | None = None,
+        schedule: str | float | Callable = "linear",
+        by_step: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        **schedule_params,
+    ) -> None:
         if (grid is None) == (num_patches is None):
             raise ValueError("AnatoMasker: give exactly one of 'grid' (h, w, d) or 'num_patches'")
         if grid is not None and (len(grid) != 3 or min(grid) <= 0):
@@ -49,14 +60,20 @@ class AnatoMasker:
         self.grid = tuple(grid) if grid is not None else None
         self.num_patches = math.prod(self.grid) if grid is not None else int(num_patches)
         self.mask_ratio = mask_ratio
-        self.schedule = masking_schedule(schedule, total_epochs=total_epochs,
-                                         steps_per_epoch=steps_per_epoch if by_step else None,
-                                         **schedule_params)
+        self.schedule = masking_schedule(
+            schedule,
+            total_epochs=total_epochs,
+            steps_per_epoch=steps_per_epoch if by_step else None,
+            **schedule_params,
+        )
         self.steps_per_epoch = steps_per_epoch
         self.by_step = by_step
         self.seed = seed
-        self.rank = rank if rank is not None else (
-            dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        self.rank = (
+            rank
+            if rank is not None
+            else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        )
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -77,8 +94,12 @@ class AnatoMasker:
         return self.schedule(self.epoch, self.step_in_epoch if self.by_step else 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -94,8 +115,9 @@ class AnatoMasker:
 
     def random(self, batch_size: int, device: torch.device | str) -> MaskResult:
         """The teacher pass's uniform random mask (exactly len_keep visible per sample)."""
-        return random_mask(self._shape(batch_size), self.mask_ratio, device=device,
-                           seed=self._seed(0))
+        return random_mask(
+            self._shape(batch_size), self.mask_ratio, device=device, seed=self._seed(0)
+        )
 
     def anatomical(self, errors: torch.Tensor) -> MaskResult:
         """AnatoMask's mask from per-patch errors (B, L) or (B, 1, h, w, d) at the
@@ -103,17 +125,29 @@ class AnatoMasker:
         expected = self._shape(errors.shape[0]) if errors.dim() else None
         flat_ok = errors.dim() == 2 and errors.shape[1] == self.num_patches
         if not (flat_ok or tuple(errors.shape) == expected):
-            raise ValueError(f"AnatoMasker: argument 'errors' must be (B, {self.num_patches})"
-                             + (f" or (B, 1, {', '.join(map(str, self.grid))})" if self.grid else "")
-                             + f" for this masker, got {tuple(errors.shape)}")
+            raise ValueError(
+                f"AnatoMasker: argument 'errors' must be (B, {self.num_patches})"
+                + (f" or (B, 1, {', '.join(map(str, self.grid))})" if self.grid else "")
+                + f" for this masker, got {tuple(errors.shape)}"
+            )
         return anatomical_mask(errors, self.mask_ratio, self.hard_frac, seed=self._seed(1))
 
     @torch.no_grad()
-    def errors(self, rec: torch.Tensor, x: torch.Tensor, mask: MaskResult,
-               patch_size: int | Sequence[int], *, raw_target: bool = True) -> torch.Tensor:
+    def errors(
+        self,
+        rec: torch.Tensor,
+        x: torch.Tensor,
+        mask: MaskResult,
+        patch_size: int | Sequence[int],
+        *,
+        raw_target: bool = True,
+    ) -> torch.Tensor:
         """The teacher's per-patch errors (B, L) from its reconstruction of volumes
         (B, C, H, W, D), by the fused loss; ``raw_target`` is the reference's choice."""
-        active = mask.active if mask.active.dim() == 5 else mask.active.view(self._shape(x.shape[0]))
-        _, per_patch = patch_recon_loss(rec, x, active, patch_size, norm_pix=not raw_target,
-                                        hidden_only=True)
+        active = (
+            mask.active if mask.active.dim() == 5 else mask.active.view(self._shape(x.shape[0]))
+        )
+        _, per_patch = patch_recon_loss(
+            rec, x, active, patch_size, norm_pix=not raw_target, hidden_only=True
+        )
         return per_patch

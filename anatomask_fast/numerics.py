@@ -1,6 +1,7 @@
 """Numeric conventions that every backend of every op shares: the dtype reductions
 accumulate in, and the activations ``sparse_norm`` fuses. One definition each; the C++
 kernels follow the same rules (csrc/checks.h, csrc/cpu/gather_scatter.cpp)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

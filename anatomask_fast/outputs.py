@@ -1,6 +1,7 @@
 """Output allocation for the Triton kernels, the twin of csrc/outputs.h: with
 ANATOMASK_POISON_OUTPUTS=1 (set by the test suite) outputs start as NaN (floats) or
 -1 (integers), so an element a kernel forgets to write cannot pass as a zero."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ import torch
 POISON = os.environ.get("ANATOMASK_POISON_OUTPUTS") == "1"
 
 
-def new_output(shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
+def new_output(
+    shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if POISON:
         if dtype.is_floating_point:

@@ -22,6 +22,7 @@ step`` over ``total_epochs * steps_per_epoch`` units. With ``T`` the last unit's
 Built-in kinds are clipped to [0, 1] (the linear one exceeds 0.5 slightly at the last
 epoch, as in the reference); a callable's values must lie in [0, 1].
 """
+
 from __future__ import annotations
 
 import bisect
@@ -51,15 +52,20 @@ def _cosine(T: int, start: float = 0.0, end: float = 0.5) -> Curve:
 
 def _step(T: int, milestones: Sequence[int], values: Sequence[float]) -> Curve:
     if len(values) != len(milestones) + 1 or list(milestones) != sorted(milestones):
-        raise ValueError("masking_schedule: 'step' needs ascending 'milestones' and "
-                         f"len(values) == len(milestones) + 1, got milestones={list(milestones)}"
-                         f" and values={list(values)}")
+        raise ValueError(
+            "masking_schedule: 'step' needs ascending 'milestones' and "
+            f"len(values) == len(milestones) + 1, got milestones={list(milestones)}"
+            f" and values={list(values)}"
+        )
     return lambda t: values[bisect.bisect_right(milestones, t)]
 
 
 KINDS: dict[str, Callable[..., Curve]] = {
-    "linear": _linear, "hard_to_easy": _hard_to_easy, "constant": _constant,
-    "cosine": _cosine, "step": _step,
+    "linear": _linear,
+    "hard_to_easy": _hard_to_easy,
+    "constant": _constant,
+    "cosine": _cosine,
+    "step": _step,
 }
 
 
@@ -84,26 +90,36 @@ class MaskingSchedule:
     def __call__(self, epoch: int, step: int = 0) -> float:
         epoch = _check_count("epoch", epoch, 0)
         if epoch >= self.total_epochs:
-            raise ValueError(f"masking_schedule: 'epoch' must be < total_epochs="
-                             f"{self.total_epochs}, got {epoch}")
+            raise ValueError(
+                f"masking_schedule: 'epoch' must be < total_epochs={self.total_epochs}, got {epoch}"
+            )
         t = epoch
         if self.steps_per_epoch is not None:
             step = _check_count("step", step, 0)
             if step >= self.steps_per_epoch:
-                raise ValueError(f"masking_schedule: 'step' must be < steps_per_epoch="
-                                 f"{self.steps_per_epoch}, got {step}")
+                raise ValueError(
+                    f"masking_schedule: 'step' must be < steps_per_epoch="
+                    f"{self.steps_per_epoch}, got {step}"
+                )
             t = epoch * self.steps_per_epoch + step
         value = float(self.curve(t))
         if self.clip:
             return min(1.0, max(0.0, value))
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"masking_schedule: {self.name} gave hard_frac={value} at t={t}; "
-                             "it must be in [0, 1]")
+            raise ValueError(
+                f"masking_schedule: {self.name} gave hard_frac={value} at t={t}; "
+                "it must be in [0, 1]"
+            )
         return value
 
 
-def masking_schedule(kind: str | float | Curve = "linear", *, total_epochs: int,
-                     steps_per_epoch: int | None = None, **params) -> MaskingSchedule:
+def masking_schedule(
+    kind: str | float | Curve = "linear",
+    *,
+    total_epochs: int,
+    steps_per_epoch: int | None = None,
+    **params,
+) -> MaskingSchedule:
     """The schedule ``schedule(epoch, step=0) -> hard_frac``; ``kind`` as listed in
     the module's documentation, ``params`` that kind's parameters."""
     total_epochs = _check_count("total_epochs", total_epochs, 1)
@@ -114,15 +130,25 @@ def masking_schedule(kind: str | float | Curve = "linear", *, total_epochs: int,
         kind, params = "constant", {"value": float(kind), **params}
     if callable(kind):
         if params:
-            raise TypeError(f"masking_schedule: a callable takes no parameters, got {sorted(params)}")
-        return MaskingSchedule(kind, getattr(kind, "__name__", "the callable"), total_epochs,
-                               steps_per_epoch, clip=False)
+            raise TypeError(
+                f"masking_schedule: a callable takes no parameters, got {sorted(params)}"
+            )
+        return MaskingSchedule(
+            kind,
+            getattr(kind, "__name__", "the callable"),
+            total_epochs,
+            steps_per_epoch,
+            clip=False,
+        )
     if kind not in KINDS:
-        raise ValueError(f"masking_schedule: 'kind' must be one of {sorted(KINDS)}, a float or "
-                         f"a callable, got {kind!r}")
+        raise ValueError(
+            f"masking_schedule: 'kind' must be one of {sorted(KINDS)}, a float or "
+            f"a callable, got {kind!r}"
+        )
     if units < 2 and kind in ("linear", "hard_to_easy", "cosine"):
-        raise ValueError(f"masking_schedule: {kind!r} needs at least 2 epochs (or steps), "
-                         f"got {units}")
+        raise ValueError(
+            f"masking_schedule: {kind!r} needs at least 2 epochs (or steps), got {units}"
+        )
     try:
         curve = KINDS[kind](units - 1, **params)
     except TypeError as error:

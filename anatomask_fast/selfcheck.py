@@ -1,5 +1,6 @@
 """``python -m anatomask_fast.selfcheck``: reports the backends and checks each
 available one against the reference on random inputs."""
+
 from __future__ import annotations
 
 import sys
@@ -33,7 +34,8 @@ def main() -> int:
                 out = apply_mask(x, active)
             out.backward(torch.ones_like(out))
             ok = torch.equal(out, apply_mask_reference(x.detach(), active)) and torch.equal(
-                x.grad, apply_mask_reference(torch.ones_like(x), active))
+                x.grad, apply_mask_reference(torch.ones_like(x), active)
+            )
             failures += not ok
             print(f"apply_mask on {name} ({device}): {'ok' if ok else 'MISMATCH'}")
     return 1 if failures else 0

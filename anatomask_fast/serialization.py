@@ -5,6 +5,7 @@ refused before any of its objects is built), a truncated write, a text file.
 
 Lives at the package root so that both ``train`` and ``models`` use it (imports run
 train -> models -> ops)."""
+
 from __future__ import annotations
 
 import pickle
@@ -19,8 +20,9 @@ class CheckpointError(ValueError):
     """A checkpoint or weight file that cannot be used, with the file named."""
 
 
-def safe_load(path: str | Path, what: str = "checkpoint",
-              map_location: str | torch.device = "cpu") -> dict:
+def safe_load(
+    path: str | Path, what: str = "checkpoint", map_location: str | torch.device = "cpu"
+) -> dict:
     """The dict saved in ``path``; ``what`` names the file's role in errors."""
     path = Path(path)
     if not path.is_file():
@@ -30,17 +32,22 @@ def safe_load(path: str | Path, what: str = "checkpoint",
     except Exception as error:  # a damaged stream makes the unpickler raise any type
         found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
         if isinstance(error, pickle.UnpicklingError) and (
-                found or "Weights only load failed" in str(error)):
+            found or "Weights only load failed" in str(error)
+        ):
             culprit = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
                 f"{what} {path} holds Python objects other than tensors and plain "
                 f"containers{culprit}; refused without running them (loading them could run "
-                "code): only files written by anatomask_fast or plain state dicts load") from None
-        raise CheckpointError(f"{what} {path} cannot be read: truncated or not a PyTorch file "
-                              f"({_first_line(error)})") from None
+                "code): only files written by anatomask_fast or plain state dicts load"
+            ) from None
+        raise CheckpointError(
+            f"{what} {path} cannot be read: truncated or not a PyTorch file ({_first_line(error)})"
+        ) from None
     if not isinstance(saved, dict):
-        raise CheckpointError(f"{what} {path} holds a {type(saved).__name__}, expected a dict "
-                              "(a checkpoint or a state dict)")
+        raise CheckpointError(
+            f"{what} {path} holds a {type(saved).__name__}, expected a dict "
+            "(a checkpoint or a state dict)"
+        )
     return saved
 
 

@@ -2,6 +2,7 @@
 reference's per-sample host loop, at the paper's grid (7x7x8 = 392 patches) and at
 L = 4096, batch 8, mask ratio 0.6, hard_frac 0.5 (the end of the easy-to-hard
 schedule), randomness drawn from a seed (no noise tensor)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,13 @@ def setup_anatomical_mask(backend: str, size: dict, device: str):
     return run
 
 
-test_anatomical_mask = benchmark_test("bench_anatomical_mask", "anatomical_mask", "anatomical_mask", SIZES, backend_devices(ANATOMICAL_MASK))
+test_anatomical_mask = benchmark_test(
+    "bench_anatomical_mask",
+    "anatomical_mask",
+    "anatomical_mask",
+    SIZES,
+    backend_devices(ANATOMICAL_MASK),
+)
 
 
 def setup_anatomical_mask_graph(backend: str, size: dict, device: str):
@@ -38,7 +45,7 @@ def setup_anatomical_mask_graph(backend: str, size: dict, device: str):
     with use_backend(backend):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):             # compile and warm up outside capture
+        with torch.cuda.stream(side):  # compile and warm up outside capture
             anatomical_mask(errors, mask_ratio=0.6, hard_frac=0.5, seed=1)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -48,8 +55,17 @@ def setup_anatomical_mask_graph(backend: str, size: dict, device: str):
 
 
 def _graph_pairs() -> list:
-    return [p for p in backend_devices(ANATOMICAL_MASK)
-            if p.values[1] == "cuda" and p.values[0] != "reference"]
+    return [
+        p
+        for p in backend_devices(ANATOMICAL_MASK)
+        if p.values[1] == "cuda" and p.values[0] != "reference"
+    ]
 
 
-test_anatomical_mask_graph = benchmark_test("bench_anatomical_mask", "anatomical_mask_graph", "anatomical_mask CUDA graph replay", SIZES, _graph_pairs())
+test_anatomical_mask_graph = benchmark_test(
+    "bench_anatomical_mask",
+    "anatomical_mask_graph",
+    "anatomical_mask CUDA graph replay",
+    SIZES,
+    _graph_pairs(),
+)

@@ -1,5 +1,6 @@
 """densify forward+backward: each backend vs the reference (repeat_interleave x3,
 torch.where; backward: where + sum) at the apply_mask benchmark's sizes."""
+
 from __future__ import annotations
 
 import torch
@@ -34,4 +35,6 @@ def setup_densify(backend: str, size: dict, device: str):
     return run
 
 
-test_densify = benchmark_test("bench_densify", "densify", "densify fwd+bwd", SIZES, backend_devices(DENSIFY))
+test_densify = benchmark_test(
+    "bench_densify", "densify", "densify fwd+bwd", SIZES, backend_devices(DENSIFY)
+)

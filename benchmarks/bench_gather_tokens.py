@@ -1,6 +1,7 @@
 """gather_tokens forward+backward: each backend vs MAE's torch.gather. Tokens are the
 patches of the apply_mask benchmark's volumes: L = h*w*d, C = channels * patch volume,
 40% kept."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,15 @@ def token_inputs(size: dict, device: str):
     C = size["C"] * math.prod(size["spatial"]) // L
     keep = round(L * 0.4)
     ids_shuffle = torch.rand(B, L, generator=gen).argsort(dim=1)
-    return B, L, C, keep, ids_shuffle[:, :keep].to(device), ids_shuffle.argsort(dim=1).to(device), gen
+    return (
+        B,
+        L,
+        C,
+        keep,
+        ids_shuffle[:, :keep].to(device),
+        ids_shuffle.argsort(dim=1).to(device),
+        gen,
+    )
 
 
 def setup_gather_tokens(backend: str, size: dict, device: str):
@@ -40,4 +49,10 @@ def setup_gather_tokens(backend: str, size: dict, device: str):
     return run
 
 
-test_gather_tokens = benchmark_test("bench_gather_tokens", "gather_tokens", "gather_tokens fwd+bwd", SIZES, backend_devices(GATHER_TOKENS))
+test_gather_tokens = benchmark_test(
+    "bench_gather_tokens",
+    "gather_tokens",
+    "gather_tokens fwd+bwd",
+    SIZES,
+    backend_devices(GATHER_TOKENS),
+)

@@ -2,6 +2,7 @@
 reference, at STU-Net-B stage-0 and stage-1 sizes (1x64x64x64, B=2, mask ratio 0.6):
 pack the visible patches, add the halo a 3x3x3 conv needs, unpack (the other packing
 ops alone: bench_unpack_patches, bench_pad_halo, bench_pad_halo_backward)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,10 @@ from anatomask_fast.ops.packing import PAD_HALO
 from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
-    full={"stage0-B2-32x64x64x64": dict(B=2, C=32, spatial=(64, 64, 64), grid=(4, 4, 4)),
-          "stage1-B2-64x32x32x32": dict(B=2, C=64, spatial=(32, 32, 32), grid=(4, 4, 4))},
+    full={
+        "stage0-B2-32x64x64x64": dict(B=2, C=32, spatial=(64, 64, 64), grid=(4, 4, 4)),
+        "stage1-B2-64x32x32x32": dict(B=2, C=64, spatial=(32, 32, 32), grid=(4, 4, 4)),
+    },
     quick={"quick-B2-8x32x32x32": dict(B=2, C=8, spatial=(32, 32, 32), grid=(2, 2, 2))},
 )
 
@@ -42,4 +45,10 @@ def setup_pack_patches(backend: str, size: dict, device: str):
     return run
 
 
-test_pack_patches = benchmark_test("bench_pack_patches", "pack_patches", "pack+pad_halo+unpack fwd+bwd", SIZES, backend_devices(PAD_HALO))
+test_pack_patches = benchmark_test(
+    "bench_pack_patches",
+    "pack_patches",
+    "pack+pad_halo+unpack fwd+bwd",
+    SIZES,
+    backend_devices(PAD_HALO),
+)

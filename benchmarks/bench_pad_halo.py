@@ -1,6 +1,7 @@
 """pad_halo forward+backward alone (its backward is pad_halo_backward, the gather-add
 adjoint): each backend vs the reference, at the sizes of bench_pack_patches, with the
 halo of a stride-1 3x3x3 convolution (lo = hi = 1)."""
+
 from __future__ import annotations
 
 from anatomask_fast import pack_patches, pad_halo, use_backend
@@ -22,5 +23,6 @@ def setup_pad_halo(backend: str, size: dict, device: str):
     return run
 
 
-test_pad_halo = benchmark_test("bench_pad_halo", "pad_halo", "pad_halo fwd+bwd", SIZES,
-                               backend_devices(PAD_HALO))
+test_pad_halo = benchmark_test(
+    "bench_pad_halo", "pad_halo", "pad_halo fwd+bwd", SIZES, backend_devices(PAD_HALO)
+)

@@ -1,6 +1,7 @@
 """pad_halo_backward alone (the adjoint of pad_halo, for backward passes that rebuild
 the halo'd tensor; not differentiable, so forward only): each backend vs the reference,
 at the sizes of bench_pack_patches, lo = hi = 1."""
+
 from __future__ import annotations
 
 import torch
@@ -24,6 +25,10 @@ def setup_pad_halo_backward(backend: str, size: dict, device: str):
     return run
 
 
-test_pad_halo_backward = benchmark_test("bench_pad_halo_backward", "pad_halo_backward",
-                                        "pad_halo_backward fwd", SIZES,
-                                        backend_devices(PAD_HALO_BACKWARD))
+test_pad_halo_backward = benchmark_test(
+    "bench_pad_halo_backward",
+    "pad_halo_backward",
+    "pad_halo_backward fwd",
+    SIZES,
+    backend_devices(PAD_HALO_BACKWARD),
+)

@@ -7,6 +7,7 @@ gradient it returns, so the setup touches and frees a gradient-sized buffer: on 
 the fresh-process baseline peak (VmHWM) then already holds one gradient, for the
 reference and the kernels alike. ``gradient_bytes`` in extra_info says how much.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,10 @@ from anatomask_fast.ops.patch_loss import PATCH_RECON_LOSS
 from .common import backend_devices, benchmark_test, sizes
 
 SIZES = sizes(
-    full={"pretrain-B4-1x112x112x128-p16": dict(B=4, C=1, spatial=(112, 112, 128), patch=16),
-          "B2-1x160x160x160-p16": dict(B=2, C=1, spatial=(160, 160, 160), patch=16)},
+    full={
+        "pretrain-B4-1x112x112x128-p16": dict(B=4, C=1, spatial=(112, 112, 128), patch=16),
+        "B2-1x160x160x160-p16": dict(B=2, C=1, spatial=(160, 160, 160), patch=16),
+    },
     quick={"quick-B2-1x32x32x32-p8": dict(B=2, C=1, spatial=(32, 32, 32), patch=8)},
 )
 
@@ -43,4 +46,10 @@ def setup_patch_recon_loss(backend: str, size: dict, device: str):
     return run
 
 
-test_patch_recon_loss = benchmark_test("bench_patch_recon_loss", "patch_recon_loss", "patch_recon_loss fwd+bwd", SIZES, backend_devices(PATCH_RECON_LOSS))
+test_patch_recon_loss = benchmark_test(
+    "bench_patch_recon_loss",
+    "patch_recon_loss",
+    "patch_recon_loss fwd+bwd",
+    SIZES,
+    backend_devices(PATCH_RECON_LOSS),
+)

@@ -18,6 +18,7 @@ processes (memory), with the spread over repeats::
 
     python -m benchmarks.bench_resenc_pretrain_step SIZE [REPEATS [MEMORY_REPEATS]]
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,13 +39,22 @@ _L = RESENC_PRESETS["resenc-l"].arch
 NETWORKS = {
     # nnUNetPlannerResEncM's network for a 64^3 or 96^3 patch: five stages (the edge of
     # the deepest map stays >= 4), the preset's first five.
-    "ResEnc-M": dataclasses.replace(_L, features=_L.features[:5], kernels=_L.kernels[:5],
-                                    strides=_L.strides[:5], blocks=_L.blocks[:5],
-                                    decoder_convs=_L.decoder_convs[:4]),
+    "ResEnc-M": dataclasses.replace(
+        _L,
+        features=_L.features[:5],
+        kernels=_L.kernels[:5],
+        strides=_L.strides[:5],
+        blocks=_L.blocks[:5],
+        decoder_convs=_L.decoder_convs[:4],
+    ),
     "ResEnc-L": _L,
-    "ResEnc-tiny": ResEncArch(features=(8, 16, 32, 32, 32), kernels=((3, 3, 3),) * 5,
-                              strides=((1, 1, 1),) + ((2, 2, 2),) * 4, blocks=(1, 2, 2, 2, 2),
-                              decoder_convs=(1,) * 4),
+    "ResEnc-tiny": ResEncArch(
+        features=(8, 16, 32, 32, 32),
+        kernels=((3, 3, 3),) * 5,
+        strides=((1, 1, 1),) + ((2, 2, 2),) * 4,
+        blocks=(1, 2, 2, 2, 2),
+        decoder_convs=(1,) * 4,
+    ),
 }
 # Ratio 0.6: AnatoMask's step (hard_frac 0.25, mid-schedule); 0.75: SparK's (no teacher).
 METHODS = {0.6: 0.25, 0.75: None}
@@ -52,8 +62,12 @@ METHODS = {0.6: 0.25, 0.75: None}
 
 def _sizes(net: str, side: int, ratios=(0.6, 0.75), **extra) -> dict:
     amp = f"-{extra['amp']}" if "amp" in extra else ""
-    return {f"{net}-B2-1x{side}x{side}x{side}{amp}-r{r}": dict(net=net, B=2, spatial=(side,) * 3,
-                                                           ratio=r, **extra) for r in ratios}
+    return {
+        f"{net}-B2-1x{side}x{side}x{side}{amp}-r{r}": dict(
+            net=net, B=2, spatial=(side,) * 3, ratio=r, **extra
+        )
+        for r in ratios
+    }
 
 
 SIZES = sizes(
@@ -67,19 +81,32 @@ SIZES = sizes(
 def setup_resenc_pretrain_step(backend: str, size: dict, device: str):
     torch.manual_seed(0)
     spec = NetworkSpec("resenc", "", NETWORKS[size["net"]], size["spatial"])
-    student = pretraining_network(spec, 1, **({"decoder_width": size["decoder"]}
-                                              if "decoder" in size else {})).to(device)
+    student = pretraining_network(
+        spec, 1, **({"decoder_width": size["decoder"]} if "decoder" in size else {})
+    ).to(device)
     for unused in student.unused_in_lean_mode():
         unused.requires_grad_(False)
     teacher = copy.deepcopy(student).requires_grad_(False)
     x = torch.randn(size["B"], 1, *size["spatial"], device=device)
-    return step_runner(student, teacher, x, backend, device, amp=size.get("amp", "none"),
-                       mask_ratio=size["ratio"], hard_frac=METHODS[size["ratio"]])
+    return step_runner(
+        student,
+        teacher,
+        x,
+        backend,
+        device,
+        amp=size.get("amp", "none"),
+        mask_ratio=size["ratio"],
+        hard_frac=METHODS[size["ratio"]],
+    )
 
 
 test_resenc_pretrain_step = benchmark_test(
-    "bench_resenc_pretrain_step", "resenc_pretrain_step", "ResEnc pretrain step", SIZES,
-    training_step_pairs())
+    "bench_resenc_pretrain_step",
+    "resenc_pretrain_step",
+    "ResEnc pretrain step",
+    SIZES,
+    training_step_pairs(),
+)
 
 
 def alternating(name: str, repeats: int = 3, memory_repeats: int = 1) -> None:
@@ -87,11 +114,19 @@ def alternating(name: str, repeats: int = 3, memory_repeats: int = 1) -> None:
     ``repeats`` rounds); memory: ``memory_repeats`` fresh processes per execution.
     Prints each measurement and the ratios' spread."""
     size = next(p.values[0] for p in SIZES if p.values[0]["name"] == name)
-    memory = {backend: [peak_extra_memory("bench_resenc_pretrain_step", "resenc_pretrain_step",
-                                          backend, size, "cpu") for _ in range(memory_repeats)]
-              for backend in ("reference", "cpu")}
-    runs = {backend: setup_resenc_pretrain_step(backend, size, "cpu")
-            for backend in ("reference", "cpu")}
+    memory = {
+        backend: [
+            peak_extra_memory(
+                "bench_resenc_pretrain_step", "resenc_pretrain_step", backend, size, "cpu"
+            )
+            for _ in range(memory_repeats)
+        ]
+        for backend in ("reference", "cpu")
+    }
+    runs = {
+        backend: setup_resenc_pretrain_step(backend, size, "cpu")
+        for backend in ("reference", "cpu")
+    }
     for run in runs.values():
         run()
     seconds: dict[str, list[float]] = {backend: [] for backend in runs}
@@ -102,12 +137,14 @@ def alternating(name: str, repeats: int = 3, memory_repeats: int = 1) -> None:
             seconds[backend].append(time.perf_counter() - started)
     ratios = [c / r for c, r in zip(seconds["cpu"], seconds["reference"])]
     mem = [c / r for c in memory["cpu"] for r in memory["reference"]]
-    print(f"{name}: dense masked {[round(s, 1) for s in seconds['reference']]} s, "
-          f"{[m >> 20 for m in memory['reference']]} MiB; library "
-          f"{[round(s, 1) for s in seconds['cpu']]} s, {[m >> 20 for m in memory['cpu']]} MiB; "
-          f"time ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
-          f"memory ratio {statistics.median(mem):.2f} ({min(mem):.2f}-{max(mem):.2f})",
-          flush=True)
+    print(
+        f"{name}: dense masked {[round(s, 1) for s in seconds['reference']]} s, "
+        f"{[m >> 20 for m in memory['reference']]} MiB; library "
+        f"{[round(s, 1) for s in seconds['cpu']]} s, {[m >> 20 for m in memory['cpu']]} MiB; "
+        f"time ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
+        f"memory ratio {statistics.median(mem):.2f} ({min(mem):.2f}-{max(mem):.2f})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

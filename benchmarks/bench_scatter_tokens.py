@@ -1,6 +1,7 @@
 """scatter_tokens forward+backward with a positional embedding: each backend vs MAE's
 way (repeat the mask token, cat, torch.gather, add pos_embed), tokens as in
 bench_gather_tokens."""
+
 from __future__ import annotations
 
 import torch
@@ -30,4 +31,10 @@ def setup_scatter_tokens(backend: str, size: dict, device: str):
     return run
 
 
-test_scatter_tokens = benchmark_test("bench_scatter_tokens", "scatter_tokens", "scatter_tokens fwd+bwd", SIZES, backend_devices(SCATTER_TOKENS))
+test_scatter_tokens = benchmark_test(
+    "bench_scatter_tokens",
+    "scatter_tokens",
+    "scatter_tokens fwd+bwd",
+    SIZES,
+    backend_devices(SCATTER_TOKENS),
+)

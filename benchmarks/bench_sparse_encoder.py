@@ -9,6 +9,7 @@ Peak memory is the fresh-process RSS: glibc's dynamic mmap threshold serves tens
 up to 32 MiB from the heap after the first such free, and heap holes stay resident, so
 it varies by ~15% between identical runs. ``MALLOC_MMAP_THRESHOLD_=131072`` in the
 environment fixes the threshold: the RSS then follows the live tensor bytes."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,10 @@ from anatomask_fast.models import SparseSTUNetEncoder, STUNetEncoder
 from .common import record, sizes, skip_other_device
 
 SIZES = sizes(
-    full={"B-B2-1x64x64x64-r0.6": dict(size="B", B=2, spatial=(64, 64, 64), ratio=0.6),
-          "B-B2-1x64x64x64-r0.75": dict(size="B", B=2, spatial=(64, 64, 64), ratio=0.75)},
+    full={
+        "B-B2-1x64x64x64-r0.6": dict(size="B", B=2, spatial=(64, 64, 64), ratio=0.6),
+        "B-B2-1x64x64x64-r0.75": dict(size="B", B=2, spatial=(64, 64, 64), ratio=0.75),
+    },
     quick={"tiny-B2-1x32x32x32-r0.6": dict(size="tiny", B=2, spatial=(32, 32, 32), ratio=0.6)},
     gpu={"B-B4-1x112x112x128-r0.6": dict(size="B", B=4, spatial=(112, 112, 128), ratio=0.6)},
 )
@@ -59,5 +62,12 @@ def setup_sparse_encoder(backend: str, size: dict, device: str):
 def test_sparse_encoder(benchmark, backend, device, size):
     skip_other_device(size, device)
     benchmark.group = f"sparse STU-Net encoder fwd+bwd {size['name']}"
-    record(benchmark, module="bench_sparse_encoder", case="sparse_encoder", backend=backend,
-           size=size, device=device, run=setup_sparse_encoder(backend, size, device))
+    record(
+        benchmark,
+        module="bench_sparse_encoder",
+        case="sparse_encoder",
+        backend=backend,
+        size=size,
+        device=device,
+        run=setup_sparse_encoder(backend, size, device),
+    )

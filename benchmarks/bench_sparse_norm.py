@@ -1,5 +1,6 @@
 """sparse_norm forward+backward (affine, LeakyReLU, pooled and per-sample statistics):
 each backend vs the reference (boolean-index gather, instance_norm, zeros, scatter)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ def setup_sparse_norm(backend: str, size: dict, device: str):
 
     def run() -> None:
         with use_backend(backend):
-            sparse_norm(x, active, weight, bias, per_sample=size["per_sample"],
-                        activation="leaky_relu").backward(grad)
+            sparse_norm(
+                x, active, weight, bias, per_sample=size["per_sample"], activation="leaky_relu"
+            ).backward(grad)
         x.grad = weight.grad = bias.grad = None
 
     # The bytes that must move: read x, write y; read the gradient and x, write x's.
@@ -30,10 +32,19 @@ def setup_sparse_norm(backend: str, size: dict, device: str):
 
 
 # Both statistics modes at every size: pooled (the reference's quirk) and per-sample.
-MODES = [pytest.param({**param.values[0], "per_sample": per_sample,
-                       "name": f"{'per-sample' if per_sample else 'pooled'} {param.values[0]['name']}"},
-                      id=f"{'per-sample' if per_sample else 'pooled'}-{param.id}")
-         for param in SIZES for per_sample in (False, True)]
+MODES = [
+    pytest.param(
+        {
+            **param.values[0],
+            "per_sample": per_sample,
+            "name": f"{'per-sample' if per_sample else 'pooled'} {param.values[0]['name']}",
+        },
+        id=f"{'per-sample' if per_sample else 'pooled'}-{param.id}",
+    )
+    for param in SIZES
+    for per_sample in (False, True)
+]
 
-test_sparse_norm = benchmark_test("bench_sparse_norm", "sparse_norm", "sparse_norm fwd+bwd", MODES,
-                                  backend_devices(SPARSE_NORM))
+test_sparse_norm = benchmark_test(
+    "bench_sparse_norm", "sparse_norm", "sparse_norm fwd+bwd", MODES, backend_devices(SPARSE_NORM)
+)

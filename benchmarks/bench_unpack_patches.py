@@ -1,5 +1,6 @@
 """unpack_patches forward+backward alone (its backward is pack_patches): each backend
 vs the reference, at the sizes of bench_pack_patches."""
+
 from __future__ import annotations
 
 from anatomask_fast import pack_patches, unpack_patches, use_backend
@@ -24,6 +25,10 @@ def setup_unpack_patches(backend: str, size: dict, device: str):
     return run
 
 
-test_unpack_patches = benchmark_test("bench_unpack_patches", "unpack_patches",
-                                     "unpack_patches fwd+bwd", SIZES,
-                                     backend_devices(UNPACK_PATCHES))
+test_unpack_patches = benchmark_test(
+    "bench_unpack_patches",
+    "unpack_patches",
+    "unpack_patches fwd+bwd",
+    SIZES,
+    backend_devices(UNPACK_PATCHES),
+)

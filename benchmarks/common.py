@@ -10,6 +10,7 @@ pytest-benchmark; memory from ``peak_extra_memory``: the peak beyond the inputs,
 peak RSS of a fresh process (CPU) or the CUDA allocator's peak (GPU); on a GPU the
 achieved bandwidth is also recorded, as a fraction of the device's copy bandwidth.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,13 +31,20 @@ QUICK = os.environ.get("ANATOMASK_BENCH_QUICK") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sizes(full: dict[str, dict], quick: dict[str, dict],
-          gpu: dict[str, dict] | None = None) -> list:
+def sizes(
+    full: dict[str, dict], quick: dict[str, dict], gpu: dict[str, dict] | None = None
+) -> list:
     """pytest params of named sizes: the realistic ones, or the quick ones for CI.
     ``gpu`` sizes (the issues' GPU configurations, too large for a CPU) run on CUDA
     devices only; the others run everywhere."""
-    chosen = quick if QUICK else {**full, **{name: {**value, "only_device": "cuda"}
-                                                   for name, value in (gpu or {}).items()}}
+    chosen = (
+        quick
+        if QUICK
+        else {
+            **full,
+            **{name: {**value, "only_device": "cuda"} for name, value in (gpu or {}).items()},
+        }
+    )
     return [pytest.param({"name": name, **value}, id=name) for name, value in chosen.items()]
 
 
@@ -65,11 +73,15 @@ def backend_devices(op: anatomask_fast.dispatch.Op) -> list:
 def training_step_pairs() -> list:
     """The reference-faithful execution and the library's, on CPU and (when present)
     on the GPU: the pairs of the training-step benchmarks."""
-    pairs = [pytest.param("reference", "cpu", id="reference-cpu"),
-             pytest.param("cpu", "cpu", id="fast-cpu")]
+    pairs = [
+        pytest.param("reference", "cpu", id="reference-cpu"),
+        pytest.param("cpu", "cpu", id="fast-cpu"),
+    ]
     if torch.cuda.is_available() and anatomask_fast.backends()["cuda"].available:
-        pairs += [pytest.param("reference", "cuda", id="reference-cuda"),
-                  pytest.param("cuda", "cuda", id="fast-cuda")]
+        pairs += [
+            pytest.param("reference", "cuda", id="reference-cuda"),
+            pytest.param("cuda", "cuda", id="fast-cuda"),
+        ]
     return pairs
 
 
@@ -125,7 +137,7 @@ def _measure_here(module: str, case: str, backend: str, size: dict, device: str)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
         before = _rss_bytes()
-    except OSError:     # no reset allowed here: the second call's growth over the first
+    except OSError:  # no reset allowed here: the second call's growth over the first
         before = _rss_peak_bytes()
     run()
     return max(0, _rss_peak_bytes() - before)
@@ -143,8 +155,14 @@ def peak_extra_memory(module: str, case: str, backend: str, size: dict, device: 
     # keeps later freed tensors in the heap, so RSS would count allocator retention
     # instead of live memory (and vary from run to run).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.common", spec], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.common", spec],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -174,21 +192,36 @@ def kernel_seconds(run: Callable[[], None], repeats: int = 5) -> float:
         for _ in range(repeats):
             run()
         torch.cuda.synchronize()
-    busy_us = sum(event.self_device_time_total for event in prof.key_averages()
-                  if event.device_type == DeviceType.CUDA)
+    busy_us = sum(
+        event.self_device_time_total
+        for event in prof.key_averages()
+        if event.device_type == DeviceType.CUDA
+    )
     return busy_us / 1e6 / repeats
 
 
-def record(benchmark, *, module: str, case: str, backend: str, size: dict, device: str,
-           run: Callable[[], None]) -> None:
+def record(
+    benchmark,
+    *,
+    module: str,
+    case: str,
+    backend: str,
+    size: dict,
+    device: str,
+    run: Callable[[], None],
+) -> None:
     """Times ``run`` and stores its peak memory (:func:`peak_extra_memory`; on a GPU also
     the achieved share of the copy bandwidth, per call and per kernel time) next to the
     time."""
     time_it(benchmark, run, device)
     benchmark.extra_info.update(
-        backend=backend, device=device, case=case, size=size,
-        peak_extra_bytes=peak_extra_memory(module, case, backend, size, device))
-    extra = getattr(run, "extra_info", None)      # e.g. per-phase times of the timed calls
+        backend=backend,
+        device=device,
+        case=case,
+        size=size,
+        peak_extra_bytes=peak_extra_memory(module, case, backend, size, device),
+    )
+    extra = getattr(run, "extra_info", None)  # e.g. per-phase times of the timed calls
     if extra is not None:
         benchmark.extra_info.update(extra())
     moved = getattr(run, "bytes_moved", None)
@@ -197,11 +230,11 @@ def record(benchmark, *, module: str, case: str, backend: str, size: dict, devic
         kernels = kernel_seconds(run)
         benchmark.extra_info.update(
             bandwidth_fraction=moved / benchmark.stats.stats.median / copy,
-            kernel_bandwidth_fraction=moved / kernels / copy if kernels > 0 else None)
+            kernel_bandwidth_fraction=moved / kernels / copy if kernels > 0 else None,
+        )
 
 
-def benchmark_test(module: str, case: str, title: str, size_params: list,
-                   pairs: list) -> Callable:
+def benchmark_test(module: str, case: str, title: str, size_params: list, pairs: list) -> Callable:
     """The pytest test of ``benchmarks.<module>.setup_<case>``: every size against
     every (backend, device) pair, grouped as ``"<title> <size name>"``."""
 
@@ -211,8 +244,15 @@ def benchmark_test(module: str, case: str, title: str, size_params: list,
         skip_other_device(size, device)
         benchmark.group = f"{title} {size['name']}"
         setup = getattr(importlib.import_module(f"benchmarks.{module}"), f"setup_{case}")
-        record(benchmark, module=module, case=case, backend=backend, size=size, device=device,
-               run=setup(backend, size, device))
+        record(
+            benchmark,
+            module=module,
+            case=case,
+            backend=backend,
+            size=size,
+            device=device,
+            run=setup(backend, size, device),
+        )
 
     return test
 
@@ -220,5 +260,8 @@ def benchmark_test(module: str, case: str, title: str, size_params: list,
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
     with anatomask_fast.use_backend(spec["backend"]):
-        print(_measure_here(spec["module"], spec["case"], spec["backend"], spec["size"],
-                            spec["device"]))
+        print(
+            _measure_here(
+                spec["module"], spec["case"], spec["backend"], spec["size"], spec["device"]
+            )
+        )

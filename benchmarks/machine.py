@@ -1,5 +1,6 @@
 """Which machine and which versions measured a result: the stamp on every benchmark
 group and on the data-pipeline measurement."""
+
 from __future__ import annotations
 
 import os
@@ -11,14 +12,21 @@ import torch
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"CPU {model}, {os.cpu_count()} cores"
 
 
 def versions() -> str:
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"

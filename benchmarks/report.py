@@ -10,6 +10,7 @@ reference on the same device, with the machine and versions that measured it) an
 ``benchmarks/ratios.png``, and the README's summary table. Quick mode (small sizes, for CI) writes
 ``benchmarks/RESULTS.quick.md`` only.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def ratios(items: list[dict]) -> list[tuple[dict, float | None, float | None]]:
     for entry in items:
         ref = reference.get(entry["device"])
         time = entry["median_s"] / ref["median_s"] if ref else None
-        memory = (entry["peak_extra_bytes"] / ref["peak_extra_bytes"]
-                  if ref and ref.get("peak_extra_bytes") else None)
+        memory = (
+            entry["peak_extra_bytes"] / ref["peak_extra_bytes"]
+            if ref and ref.get("peak_extra_bytes")
+            else None
+        )
         out.append((entry, time, memory))
     return out
 
@@ -59,17 +63,24 @@ def table(entries: list[dict]) -> list[str]:
     lines = []
     for group, items in groups(entries).items():
         where = sorted({f"{e['machine']}; {e['versions']}; {e['date']}" for e in items})
-        lines += [f"### {group}", "", f"_Measured on {' / '.join(where)}._", "",
-                  "| backend | device | median time | time / reference | peak extra memory "
-                  "| memory / reference | bandwidth / copy bandwidth |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {group}",
+            "",
+            f"_Measured on {' / '.join(where)}._",
+            "",
+            "| backend | device | median time | time / reference | peak extra memory "
+            "| memory / reference | bandwidth / copy bandwidth |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for entry, time, memory in ratios(items):
             mem = entry.get("peak_extra_bytes")
-            lines.append(f"| {entry['backend']} | {entry['device']} | "
-                         f"{entry['median_s'] * 1e3:.3f} ms | {'-' if time is None else f'{time:.3f}'} | "
-                         f"{'-' if mem is None else f'{mem / 2**20:.1f} MiB'} | "
-                         f"{'-' if memory is None else f'{memory:.3f}'} | "
-                         f"{_fraction(entry)} |")
+            lines.append(
+                f"| {entry['backend']} | {entry['device']} | "
+                f"{entry['median_s'] * 1e3:.3f} ms | {'-' if time is None else f'{time:.3f}'} | "
+                f"{'-' if mem is None else f'{mem / 2**20:.1f} MiB'} | "
+                f"{'-' if memory is None else f'{memory:.3f}'} | "
+                f"{_fraction(entry)} |"
+            )
         lines.append("")
     return lines
 
@@ -79,15 +90,18 @@ def plot(entries: list[dict], path: Path) -> None:
     reference at 1.0 marked."""
     from PIL import Image, ImageDraw
 
-    rows = [(f"{group} [{e['backend']}-{e['device']}]", t, m)
-            for group, items in groups(entries).items()
-            for e, t, m in ratios(items) if e["backend"] != "reference"]
+    rows = [
+        (f"{group} [{e['backend']}-{e['device']}]", t, m)
+        for group, items in groups(entries).items()
+        for e, t, m in ratios(items)
+        if e["backend"] != "reference"
+    ]
     label_w, bar_w, row_h = 520, 360, 22
     image = Image.new("RGB", (label_w + 2 * bar_w + 40, 40 + row_h * max(1, len(rows))), "white")
     draw = ImageDraw.Draw(image)
     draw.text((label_w, 8), "time / reference", fill="black")
     draw.text((label_w + bar_w + 20, 8), "memory / reference", fill="black")
-    scale = bar_w / 1.5                              # 1.5x the reference fills a bar
+    scale = bar_w / 1.5  # 1.5x the reference fills a bar
     for i, (label, time, memory) in enumerate(rows):
         y = 30 + i * row_h
         draw.text((4, y + 4), label[:84], fill="black")
@@ -106,20 +120,38 @@ def run_pytest(args: list[str], quick: bool) -> tuple[list[dict], int]:
     env = {**os.environ, **({"ANATOMASK_BENCH_QUICK": "1"} if quick else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        code = subprocess.call([sys.executable, "-m", "pytest", *(args or ["benchmarks"]), "-q",
-                                "-p", "no:cacheprovider", f"--benchmark-json={out}"],
-                               cwd=ROOT, env=env)
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                *(args or ["benchmarks"]),
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--benchmark-json={out}",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         if not out.exists():
             raise SystemExit(code or 1)
         raw = json.loads(out.read_text())
     stamp = dict(machine=machine(), versions=versions(), date=raw["datetime"][:10])
-    return [{"name": b["fullname"], "group": b["group"], "median_s": b["stats"]["median"],
-             "backend": b["extra_info"]["backend"], "device": b["extra_info"]["device"],
-             "peak_extra_bytes": b["extra_info"].get("peak_extra_bytes"),
-             "bandwidth_fraction": b["extra_info"].get("bandwidth_fraction"),
-             "kernel_bandwidth_fraction": b["extra_info"].get("kernel_bandwidth_fraction"),
-             **stamp}
-            for b in raw["benchmarks"]], code
+    return [
+        {
+            "name": b["fullname"],
+            "group": b["group"],
+            "median_s": b["stats"]["median"],
+            "backend": b["extra_info"]["backend"],
+            "device": b["extra_info"]["device"],
+            "peak_extra_bytes": b["extra_info"].get("peak_extra_bytes"),
+            "bandwidth_fraction": b["extra_info"].get("bandwidth_fraction"),
+            "kernel_bandwidth_fraction": b["extra_info"].get("kernel_bandwidth_fraction"),
+            **stamp,
+        }
+        for b in raw["benchmarks"]
+    ], code
 
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -128,18 +160,25 @@ README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->
 def readme_summary(entries: list[dict]) -> str:
     """The compact table the README shows: ratios per group and backend."""
     where = sorted({e["machine"] for e in entries})
-    lines = [README_START, "",
-             f"Measured on {' / '.join(where)} (details, absolute numbers and versions in "
-             "`benchmarks/RESULTS.md`). Ratios to the reference on the same device; lower "
-             "is better.", "",
-             "| benchmark | backend | time / reference | memory / reference |", "|---|---|---|---|"]
+    lines = [
+        README_START,
+        "",
+        f"Measured on {' / '.join(where)} (details, absolute numbers and versions in "
+        "`benchmarks/RESULTS.md`). Ratios to the reference on the same device; lower "
+        "is better.",
+        "",
+        "| benchmark | backend | time / reference | memory / reference |",
+        "|---|---|---|---|",
+    ]
     for group, items in groups(entries).items():
         for entry, time, memory in ratios(items):
             if entry["backend"] != "reference":
                 # Without a reference (CUDA graph replays): the absolute time.
                 shown = f"{entry['median_s'] * 1e6:.0f} us" if time is None else f"{time:.2f}"
-                lines.append(f"| {group} | {entry['backend']}-{entry['device']} | {shown} | "
-                             f"{'-' if memory is None else f'{memory:.2f}'} |")
+                lines.append(
+                    f"| {group} | {entry['backend']}-{entry['device']} | {shown} | "
+                    f"{'-' if memory is None else f'{memory:.2f}'} |"
+                )
     return "\n".join([*lines, "", README_END])
 
 
@@ -151,18 +190,24 @@ def update_readme(entries: list[dict]) -> None:
 
 
 def document(entries: list[dict], command: str) -> str:
-    return "\n".join([
-        "# Benchmark results", "",
-        f"Written by `{command}`. Times are medians of one forward+backward (or one training "
-        "step); memory is the peak beyond the inputs of a call after a first one (the steady "
-        "state): on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after the "
-        "first call) of a fresh process with a fixed glibc mmap threshold, on GPU the CUDA "
-        "allocator's peak. Ratios are to the reference backend on the "
-        "same device, measured in the same run (lower is better). `ratios.png` plots them. "
-        "On a GPU, memory-bound ops also report the bytes they must move per second as a "
-        "share of the device's measured copy bandwidth, per call (host overhead included) and, "
-        "in parentheses, over the time the device spends in the op's kernels (profiler).",
-        "", *table(entries), *data_pipeline()])
+    return "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"Written by `{command}`. Times are medians of one forward+backward (or one training "
+            "step); memory is the peak beyond the inputs of a call after a first one (the steady "
+            "state): on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after the "
+            "first call) of a fresh process with a fixed glibc mmap threshold, on GPU the CUDA "
+            "allocator's peak. Ratios are to the reference backend on the "
+            "same device, measured in the same run (lower is better). `ratios.png` plots them. "
+            "On a GPU, memory-bound ops also report the bytes they must move per second as a "
+            "share of the device's measured copy bandwidth, per call (host overhead included) and, "
+            "in parentheses, over the time the device spends in the op's kernels (profiler).",
+            "",
+            *table(entries),
+            *data_pipeline(),
+        ]
+    )
 
 
 def data_pipeline() -> list[str]:
@@ -190,7 +235,8 @@ def main(argv: list[str]) -> int:
         fresh, code = run_pytest([arg for arg in argv if arg != "--quick"], quick)
         if quick:
             (HERE / "RESULTS.quick.md").write_text(
-                document(fresh, "python -m benchmarks.report --quick"))
+                document(fresh, "python -m benchmarks.report --quick")
+            )
             return code
         entries = merged(entries, fresh)
     store.write_text(json.dumps(entries, indent=1) + "\n")

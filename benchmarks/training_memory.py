@@ -3,6 +3,7 @@
 whole training steps of the library (student, eval-mode teacher, AdamW state, the
 step's activations, gradient clipping, the optimizer and EMA updates), the numbers a
 card's memory must hold. The step benchmark counts only the step's extra memory."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from anatomask_fast.train.optim import ema_update
 from anatomask_fast.train.pretrain import pretrain_step
 from anatomask_fast.train.step import optimizer_step
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,12 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spatial", type=int, nargs=3, default=(112, 112, 128))
     parser.add_argument("--amp", default="bf16", choices=("none", "bf16", "fp16"))
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--decoder-slice-mib", type=int, default=None,
-                        help="the lean decoder's slice budget (default: "
-                             f"{decoder.SLICE_BYTES // 2 ** 20} MiB)")
+    parser.add_argument(
+        "--decoder-slice-mib",
+        type=int,
+        default=None,
+        help=f"the lean decoder's slice budget (default: {decoder.SLICE_BYTES // 2**20} MiB)",
+    )
     args = parser.parse_args(argv)
     if args.decoder_slice_mib is not None:
-        decoder.SLICE_BYTES = args.decoder_slice_mib * 2 ** 20
+        decoder.SLICE_BYTES = args.decoder_slice_mib * 2**20
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator's peak is the number a card holds")
     device = torch.device("cuda")
@@ -50,19 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(args.steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=step,
-                             amp=args.amp).loss
+        loss = pretrain_step(
+            student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=step, amp=args.amp
+        ).loss
         optimizer_step(loss, optimizer, scaler, student.parameters(), 12.0)
         ema_update(teacher, student, 0.999)
         torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     parameters = sum(p.numel() for p in student.parameters())
-    print(f"training_memory STU-Net-{args.model} B={args.batch} {tuple(args.spatial)} "
-          f"amp={args.amp} decoder slices <= {decoder.SLICE_BYTES // 2 ** 20} MiB "
-          f"on {torch.cuda.get_device_name()}: {parameters / 1e6:.1f} M "
-          f"parameters; peak allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, "
-          f"peak reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB; "
-          f"step {min(seconds[1:] or seconds) * 1e3:.0f} ms (best after the first)")
+    print(
+        f"training_memory STU-Net-{args.model} B={args.batch} {tuple(args.spatial)} "
+        f"amp={args.amp} decoder slices <= {decoder.SLICE_BYTES // 2**20} MiB "
+        f"on {torch.cuda.get_device_name()}: {parameters / 1e6:.1f} M "
+        f"parameters; peak allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, "
+        f"peak reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB; "
+        f"step {min(seconds[1:] or seconds) * 1e3:.0f} ms (best after the first)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,21 +28,21 @@ inline void check_float(const at::Tensor& t, const char* op, const char* name) {
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* op,
                         const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == expected, op, ": argument '", name, "' must be ",
-                   expected, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, op, ": argument '", name, "' must be ", expected,
+                   ", got ", t.scalar_type());
 }
 
 // `t` on the device of `like` (a kernel would otherwise read a foreign pointer).
 inline void check_device(const at::Tensor& t, const at::Tensor& like, const char* op,
                          const char* name, const char* like_name) {
-  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": argument '", name, "' is on ",
-                    t.device(), ", expected ", like.device(), " like '", like_name, "'");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": argument '", name, "' is on ", t.device(),
+                    ", expected ", like.device(), " like '", like_name, "'");
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op,
                         const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": argument '", name, "' must have shape ",
-                    expected, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": argument '", name, "' must have shape ", expected,
+                    ", got ", t.sizes());
 }
 
 // A statistics / gradient table of `expected` shape in dtype `acc` on `like`'s device
@@ -76,17 +76,17 @@ inline void check_index_values(const at::Tensor& ids, int64_t low, int64_t high,
                                const char* name, const std::string& what) {
   if (ids.numel() == 0) return;
   const IndexRange r = index_range(ids);
-  TORCH_CHECK_VALUE(r.low >= low, op, ": argument '", name, "' must hold indices in [", low,
-                    ", ", high, ") of ", what, "; got a minimum of ", r.low);
-  TORCH_CHECK_VALUE(r.high < high, op, ": argument '", name, "' must hold indices in [", low,
-                    ", ", high, ") of ", what, "; got a maximum of ", r.high);
+  TORCH_CHECK_VALUE(r.low >= low, op, ": argument '", name, "' must hold indices in [", low, ", ",
+                    high, ") of ", what, "; got a minimum of ", r.low);
+  TORCH_CHECK_VALUE(r.high < high, op, ": argument '", name, "' must hold indices in [", low, ", ",
+                    high, ") of ", what, "; got a maximum of ", r.high);
 }
 
 // A non-negative length argument (allocations of negative sizes fail obscurely).
 inline void check_length(int64_t value, int64_t low, int64_t high, const char* op,
                          const char* name) {
-  TORCH_CHECK_VALUE(value >= low && value <= high, op, ": argument '", name,
-                    "' must lie in [", low, ", ", high, "], got ", value);
+  TORCH_CHECK_VALUE(value >= low && value <= high, op, ": argument '", name, "' must lie in [", low,
+                    ", ", high, "], got ", value);
 }
 
 }  // namespace anatomask_fast

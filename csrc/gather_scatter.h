@@ -15,8 +15,8 @@
 namespace anatomask_fast {
 
 // A float parameter of `numel` values on the device of `like` (named `like_name`).
-inline void check_param(const at::Tensor& p, int64_t numel, const at::Tensor& like,
-                        const char* op, const char* name, const char* like_name) {
+inline void check_param(const at::Tensor& p, int64_t numel, const at::Tensor& like, const char* op,
+                        const char* name, const char* like_name) {
   check_float(p, op, name);
   TORCH_CHECK_VALUE(p.numel() == numel, op, ": argument '", name, "' must have ", numel,
                     " values, got shape ", p.sizes());
@@ -38,9 +38,9 @@ inline int64_t check_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                    const MaskGeometry& g, const char* op) {
   check_like(grad, x, op, "grad", "x");
   const int64_t groups = mean.dim() == 2 ? mean.size(0) : -1;
-  TORCH_CHECK_VALUE(mean.dim() == 2 && (groups == 1 || groups == g.B) && mean.size(1) == g.C,
-                    op, ": argument 'mean' must have shape (1, C=", g.C, ") or (B=", g.B,
-                    ", C=", g.C, "), got ", mean.sizes());
+  TORCH_CHECK_VALUE(mean.dim() == 2 && (groups == 1 || groups == g.B) && mean.size(1) == g.C, op,
+                    ": argument 'mean' must have shape (1, C=", g.C, ") or (B=", g.B, ", C=", g.C,
+                    "), got ", mean.sizes());
   const at::ScalarType acc = accumulation_type(x);
   check_table(mean, mean.sizes(), acc, x, op, "mean", "x");
   check_table(rstd, mean.sizes(), acc, x, op, "rstd", "x");
@@ -57,8 +57,7 @@ inline void check_tokens(const at::Tensor& t, const char* op, const char* name) 
 // `tokens` (B, n, C) named `tokens_name` and their int64 ids (B, m) named `ids_name`;
 // `ids_width` >= 0 also requires m == ids_width.
 inline void check_token_ids(const at::Tensor& ids, const at::Tensor& tokens, const char* op,
-                            const char* ids_name, const char* tokens_name,
-                            int64_t ids_width = -1) {
+                            const char* ids_name, const char* tokens_name, int64_t ids_width = -1) {
   check_tokens(tokens, op, tokens_name);
   check_dtype(ids, at::kLong, op, ids_name);
   TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) == tokens.size(0) &&

@@ -13,30 +13,30 @@
 namespace anatomask_fast {
 
 struct MaskGeometry {
-  int64_t B, C, H, W, D;     // volume
-  int64_t h, w, d;           // mask grid
-  int64_t ph, pw, pd;        // patch (cell) size at this resolution
+  int64_t B, C, H, W, D;  // volume
+  int64_t h, w, d;        // mask grid
+  int64_t ph, pw, pd;     // patch (cell) size at this resolution
 };
 
 // Validates the float volume `x` (named `name`) and `active` against it; returns the
 // cell geometry.
-inline MaskGeometry mask_geometry(const at::Tensor& x, const at::Tensor& active,
-                                  const char* op, const char* name = "x") {
+inline MaskGeometry mask_geometry(const at::Tensor& x, const at::Tensor& active, const char* op,
+                                  const char* name = "x") {
   check_float(x, op, name);
   TORCH_CHECK_VALUE(x.dim() == 5, op, ": argument '", name, "' must be 5-D (B, C, H, W, D), got ",
                     x.sizes());
   TORCH_CHECK_TYPE(active.scalar_type() == at::kBool, op,
                    ": argument 'active' must be a bool tensor, got ", active.scalar_type());
-  TORCH_CHECK_VALUE(active.dim() == 5 && active.size(0) == x.size(0) && active.size(1) == 1,
-                    op, ": argument 'active' must have shape (B=", x.size(0),
-                    ", 1, h, w, d), got ", active.sizes());
+  TORCH_CHECK_VALUE(active.dim() == 5 && active.size(0) == x.size(0) && active.size(1) == 1, op,
+                    ": argument 'active' must have shape (B=", x.size(0), ", 1, h, w, d), got ",
+                    active.sizes());
   check_device(active, x, op, "active", name);
-  MaskGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4),
-                 active.size(2), active.size(3), active.size(4), 0, 0, 0};
-  TORCH_CHECK_VALUE(g.h > 0 && g.w > 0 && g.d > 0 && g.H % g.h == 0 && g.W % g.w == 0 &&
-                        g.D % g.d == 0,
-                    op, ": the mask grid of 'active' (", g.h, ", ", g.w, ", ", g.d,
-              ") must divide the spatial shape of 'x' (", g.H, ", ", g.W, ", ", g.D, ")");
+  MaskGeometry g{x.size(0),      x.size(1),      x.size(2), x.size(3), x.size(4), active.size(2),
+                 active.size(3), active.size(4), 0,         0,         0};
+  TORCH_CHECK_VALUE(
+      g.h > 0 && g.w > 0 && g.d > 0 && g.H % g.h == 0 && g.W % g.w == 0 && g.D % g.d == 0, op,
+      ": the mask grid of 'active' (", g.h, ", ", g.w, ", ", g.d,
+      ") must divide the spatial shape of 'x' (", g.H, ", ", g.W, ", ", g.D, ")");
   g.ph = g.H / g.h;
   g.pw = g.W / g.w;
   g.pd = g.D / g.d;
@@ -61,8 +61,8 @@ inline void check_like(const at::Tensor& t, const at::Tensor& like, const char* 
                     "' must have the shape of '", like_name, "' ", like.sizes(), ", got ",
                     t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": argument '", name,
-                   "' must have the dtype of '", like_name, "' (", like.scalar_type(),
-                   "), got ", t.scalar_type());
+                   "' must have the dtype of '", like_name, "' (", like.scalar_type(), "), got ",
+                   t.scalar_type());
   check_device(t, like, op, name, like_name);
 }
 

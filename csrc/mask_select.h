@@ -62,7 +62,9 @@ MASK_SELECT_HD uint32_t float_order(float value) {
 }
 
 // Hard patches are the smallest keys of the errors: largest error first.
-MASK_SELECT_HD uint32_t error_key(float error) { return ~float_order(error); }
+MASK_SELECT_HD uint32_t error_key(float error) {
+  return ~float_order(error);
+}
 
 // Patch classes, as the kernels record them.
 constexpr uint8_t kKept = 0, kHard = 1, kRandom = 2;
@@ -80,19 +82,31 @@ inline Sizes check_args(const at::Tensor& errors, const std::optional<at::Tensor
                    "anatomical_mask: argument 'errors' must be float32, float16 or bfloat16, got ",
                    errors.scalar_type());
   const int64_t B = errors.size(0), L = errors.size(1);
-  TORCH_CHECK_VALUE(len_keep >= 1 && len_keep < L, "anatomical_mask: argument 'len_keep' must be "
-                    "in [1, L=", L, "), got ", len_keep);
-  TORCH_CHECK_VALUE(n_hard >= 0 && n_hard <= L - len_keep, "anatomical_mask: argument 'n_hard' "
-                    "must be in [0, L - len_keep=", L - len_keep, "], got ", n_hard);
-  TORCH_CHECK_VALUE(seed >= 0 && offset >= 0, "anatomical_mask: 'seed' and 'offset' must be "
-                    ">= 0, got ", seed, " and ", offset);
+  TORCH_CHECK_VALUE(len_keep >= 1 && len_keep < L,
+                    "anatomical_mask: argument 'len_keep' must be "
+                    "in [1, L=",
+                    L, "), got ", len_keep);
+  TORCH_CHECK_VALUE(n_hard >= 0 && n_hard <= L - len_keep,
+                    "anatomical_mask: argument 'n_hard' "
+                    "must be in [0, L - len_keep=",
+                    L - len_keep, "], got ", n_hard);
+  TORCH_CHECK_VALUE(seed >= 0 && offset >= 0,
+                    "anatomical_mask: 'seed' and 'offset' must be "
+                    ">= 0, got ",
+                    seed, " and ", offset);
   if (noise.has_value()) {
-    TORCH_CHECK_VALUE(noise->sizes() == errors.sizes(), "anatomical_mask: argument 'noise' must "
-                      "have the shape of 'errors' ", errors.sizes(), ", got ", noise->sizes());
-    TORCH_CHECK_TYPE(noise->scalar_type() == at::kFloat, "anatomical_mask: argument 'noise' "
-                     "must be float32, got ", noise->scalar_type());
-    TORCH_CHECK_VALUE(noise->device() == errors.device(), "anatomical_mask: argument 'noise' "
-                      "is on ", noise->device(), " but 'errors' is on ", errors.device());
+    TORCH_CHECK_VALUE(noise->sizes() == errors.sizes(),
+                      "anatomical_mask: argument 'noise' must "
+                      "have the shape of 'errors' ",
+                      errors.sizes(), ", got ", noise->sizes());
+    TORCH_CHECK_TYPE(noise->scalar_type() == at::kFloat,
+                     "anatomical_mask: argument 'noise' "
+                     "must be float32, got ",
+                     noise->scalar_type());
+    TORCH_CHECK_VALUE(noise->device() == errors.device(),
+                      "anatomical_mask: argument 'noise' "
+                      "is on ",
+                      noise->device(), " but 'errors' is on ", errors.device());
   }
   return {B, L, len_keep, n_hard, L - len_keep - n_hard};
 }
@@ -114,8 +128,10 @@ inline Buffers prepare(const at::Tensor& errors, const std::optional<at::Tensor>
   // Errors are not read without hard patches (random_mask passes an expanded zero).
   return {z.n_hard > 0 ? errors.contiguous() : errors,
           noise.has_value() ? noise->contiguous() : at::Tensor(),
-          new_output({z.B, z.L}, flags), new_output({z.B, z.L}, flags),
-          new_output({z.B, z.L}, ids), new_output({z.B, z.L}, ids)};
+          new_output({z.B, z.L}, flags),
+          new_output({z.B, z.L}, flags),
+          new_output({z.B, z.L}, ids),
+          new_output({z.B, z.L}, ids)};
 }
 
 }  // namespace mask_select

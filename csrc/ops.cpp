@@ -16,19 +16,22 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // per patch when norm_pix), times hidden = !active: (per_patch, mean, rstd), each
   // (B, L) fp32 (float64 for float64 inputs); mean/rstd are the target's statistics
   // (0 and 1 for raw targets; 0 where hidden_only skipped a visible patch).
-  m.def("patch_recon_loss(Tensor rec, Tensor x, Tensor active, bool norm_pix, float eps, "
-        "bool hidden_only) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "patch_recon_loss(Tensor rec, Tensor x, Tensor active, bool norm_pix, float eps, "
+      "bool hidden_only) -> (Tensor, Tensor, Tensor)");
   // grad_rec = grad_per_patch * hidden * 2/N * (rec - (x - mean) * rstd), per patch.
-  m.def("patch_recon_loss_backward(Tensor grad_per_patch, Tensor rec, Tensor x, "
-        "Tensor active, Tensor mean, Tensor rstd, bool hidden_only) -> Tensor");
+  m.def(
+      "patch_recon_loss_backward(Tensor grad_per_patch, Tensor rec, Tensor x, "
+      "Tensor active, Tensor mean, Tensor rstd, bool hidden_only) -> Tensor");
   // ---- mask_select family (csrc/*/mask_select.*) ----
   // AnatoMask selection for errors (B, L): hide the n_hard largest errors (ties by
   // lower index) and the L - len_keep - n_hard remaining patches with the smallest
   // noise (given, or Philox from (seed, offset)). Returns (active, hard, ids_shuffle,
   // ids_restore): bool (B, L) visible and loss-chosen flags, int64 (B, L) ids with
   // the kept patches first, each part in index order. Not differentiable.
-  m.def("anatomical_mask(Tensor errors, Tensor? noise, int len_keep, int n_hard, int seed, "
-        "int offset) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "anatomical_mask(Tensor errors, Tensor? noise, int len_keep, int n_hard, int seed, "
+      "int offset) -> (Tensor, Tensor, Tensor, Tensor)");
   // Mask token (C,) at hidden voxels, x at visible ones; backward: (grad_x, grad_token
   // (C,) in the accumulation dtype).
   m.def("densify(Tensor x, Tensor active, Tensor mask_token) -> Tensor");
@@ -36,10 +39,12 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // Norm over visible voxels, per (sample, channel) or pooled over the batch; returns
   // (y, mean, rstd) with statistics (B or 1, C) in the accumulation dtype.
   // activation: "none" | "leaky_relu" | "relu6".
-  m.def("sparse_norm(Tensor x, Tensor active, Tensor? weight, Tensor? bias, bool per_sample, "
-        "float eps, str activation) -> (Tensor, Tensor, Tensor)");
-  m.def("sparse_norm_backward(Tensor grad, Tensor x, Tensor active, Tensor? weight, "
-        "Tensor? bias, Tensor mean, Tensor rstd, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_norm(Tensor x, Tensor active, Tensor? weight, Tensor? bias, bool per_sample, "
+      "float eps, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_norm_backward(Tensor grad, Tensor x, Tensor active, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor rstd, str activation) -> (Tensor, Tensor, Tensor)");
   // Token layout (B, L, C): rows of x by ids_keep (B, K); backward scatters them into
   // zeros (B, L, C).
   m.def("gather_tokens(Tensor x, Tensor ids_keep) -> Tensor");
@@ -47,10 +52,12 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // out[b, l] = (r < K ? x_visible[b, r] : mask_token) (+ pos_embed[l]), r = ids_restore[b, l];
   // backward: (grad_x_visible, grad_mask_token (C,), grad_pos_embed (L, C) or empty),
   // tokens in the accumulation dtype.
-  m.def("scatter_tokens(Tensor x_visible, Tensor ids_restore, Tensor mask_token, "
-        "Tensor? pos_embed) -> Tensor");
-  m.def("scatter_tokens_backward(Tensor grad, Tensor ids_restore, SymInt len_keep, "
-        "bool with_pos) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "scatter_tokens(Tensor x_visible, Tensor ids_restore, Tensor mask_token, "
+      "Tensor? pos_embed) -> Tensor");
+  m.def(
+      "scatter_tokens_backward(Tensor grad, Tensor ids_restore, SymInt len_keep, "
+      "bool with_pos) -> (Tensor, Tensor, Tensor)");
   // ---- packing family (csrc/*/packing.*) ----
   // The visible patches of a (B, C, H, W, D) map as (N, C, ph, pw, pd), and back
   // (zero-filled where hidden); `patches` (N,) flat cell indices, `slots` (B, h, w, d)
@@ -68,8 +75,9 @@ TORCH_LIBRARY(anatomask_fast, m) {
   // Voxels labelled ignore_index count nowhere.
   m.def("dice_ce_loss(Tensor logits, Tensor labels, int? ignore_index) -> (Tensor, Tensor)");
   // Gradient of the logits given the gradients of both outputs, softmax recomputed.
-  m.def("dice_ce_loss_backward(Tensor grad_class_sums, Tensor grad_ce_sums, Tensor logits, "
-        "Tensor labels, int? ignore_index) -> Tensor");
+  m.def(
+      "dice_ce_loss_backward(Tensor grad_class_sums, Tensor grad_ce_sums, Tensor logits, "
+      "Tensor labels, int? ignore_index) -> Tensor");
 }
 
 namespace {
@@ -82,10 +90,9 @@ PyObject* cuda_kernels_built(PyObject*, PyObject*) {
 #endif
 }
 
-PyMethodDef methods[] = {
-    {"cuda_kernels_built", cuda_kernels_built, METH_NOARGS,
-     "Whether this build contains the CUDA kernels."},
-    {nullptr, nullptr, 0, nullptr}};
+PyMethodDef methods[] = {{"cuda_kernels_built", cuda_kernels_built, METH_NOARGS,
+                          "Whether this build contains the CUDA kernels."},
+                         {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                       "anatomask_fast compiled kernels (registered as torch.ops.anatomask_fast)",
@@ -93,4 +100,6 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&module);
+}

@@ -16,9 +16,9 @@
 namespace anatomask_fast {
 
 struct PackGeometry {
-  int64_t B, C, N;           // batch, channels, visible patches
-  int64_t h, w, d;           // mask grid
-  int64_t ph, pw, pd;        // patch side at this resolution
+  int64_t B, C, N;     // batch, channels, visible patches
+  int64_t h, w, d;     // mask grid
+  int64_t ph, pw, pd;  // patch side at this resolution
 };
 
 inline void check_index(const at::Tensor& t, const char* name, int64_t dim, const char* op) {
@@ -39,10 +39,10 @@ inline PackGeometry dense_geometry(const at::Tensor& x, const at::Tensor& patche
   check_device(slots, x, op, "slots", "x");
   TORCH_CHECK_VALUE(slots.size(0) == x.size(0), op, ": argument 'slots' must have batch ",
                     x.size(0), " (B, h, w, d), got ", slots.sizes());
-  PackGeometry g{x.size(0), x.size(1), patches.size(0), slots.size(1), slots.size(2),
-                 slots.size(3), 0, 0, 0};
-  TORCH_CHECK_VALUE(g.h > 0 && g.w > 0 && g.d > 0 && x.size(2) % g.h == 0 &&
-                        x.size(3) % g.w == 0 && x.size(4) % g.d == 0,
+  PackGeometry g{
+      x.size(0), x.size(1), patches.size(0), slots.size(1), slots.size(2), slots.size(3), 0, 0, 0};
+  TORCH_CHECK_VALUE(g.h > 0 && g.w > 0 && g.d > 0 && x.size(2) % g.h == 0 && x.size(3) % g.w == 0 &&
+                        x.size(4) % g.d == 0,
                     op, ": the grid of 'slots' ", slots.sizes(),
                     " must divide the spatial shape of 'x' ", x.sizes());
   g.ph = x.size(2) / g.h;
@@ -63,9 +63,8 @@ inline PackGeometry packed_geometry(const at::Tensor& packed, const at::Tensor& 
   check_device(slots, packed, op, "slots", "packed");
   TORCH_CHECK_VALUE(patches.size(0) == packed.size(0), op, ": argument 'patches' must have ",
                     packed.size(0), " entries (one per packed patch), got ", patches.size(0));
-  return PackGeometry{slots.size(0), packed.size(1), packed.size(0), slots.size(1),
-                      slots.size(2), slots.size(3), packed.size(2), packed.size(3),
-                      packed.size(4)};
+  return PackGeometry{slots.size(0), packed.size(1), packed.size(0), slots.size(1), slots.size(2),
+                      slots.size(3), packed.size(2), packed.size(3), packed.size(4)};
 }
 
 // The layout contract of `patches` (N,) and `slots` (B, h, w, d), contiguous int64 on
@@ -78,20 +77,22 @@ inline void check_layout_values(const at::Tensor& patches, const at::Tensor& slo
   std::ostringstream grid;
   grid << "the " << cells << " cells of the " << slots.sizes() << " grid of 'slots'";
   check_index_values(patches, 0, cells, op, "patches", grid.str());
-  check_index_values(slots, -1, N, op, "slots", "the " + std::to_string(N) +
-                     " packed patches (or -1 where hidden)");
+  check_index_values(slots, -1, N, op, "slots",
+                     "the " + std::to_string(N) + " packed patches (or -1 where hidden)");
   const int64_t* p = patches.const_data_ptr<int64_t>();
   const int64_t* s = slots.const_data_ptr<int64_t>();
   int64_t with_slot = 0;
   for (int64_t c = 0; c < cells; ++c) with_slot += s[c] >= 0;
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_VALUE(s[p[n]] == n, op, ": arguments 'patches' and 'slots' disagree: "
-                      "slots must hold n at cell patches[n], got slots[", p[n], "] = ", s[p[n]],
-                      " for patches[", n, "] = ", p[n]);
+    TORCH_CHECK_VALUE(s[p[n]] == n, op,
+                      ": arguments 'patches' and 'slots' disagree: "
+                      "slots must hold n at cell patches[n], got slots[",
+                      p[n], "] = ", s[p[n]], " for patches[", n, "] = ", p[n]);
   }
-  TORCH_CHECK_VALUE(with_slot == N, op, ": arguments 'patches' and 'slots' disagree: slots "
-                    "must be -1 at every cell not in patches (", N, " cells with a slot), got ",
-                    with_slot, " cells with a slot");
+  TORCH_CHECK_VALUE(with_slot == N, op,
+                    ": arguments 'patches' and 'slots' disagree: slots "
+                    "must be -1 at every cell not in patches (",
+                    N, " cells with a slot), got ", with_slot, " cells with a slot");
 }
 
 // Checks the neighbour table against `packed` (N, C, ...) and the halo widths
@@ -120,10 +121,12 @@ inline void check_neighbour_values(const at::Tensor& neighbours, const char* op)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t o = 0; o < 27; ++o) {
       const int64_t m = t[n * 27 + o];
-      TORCH_CHECK_VALUE(m < 0 || t[m * 27 + 26 - o] == n, op, ": argument 'neighbours' must "
+      TORCH_CHECK_VALUE(m < 0 || t[m * 27 + 26 - o] == n, op,
+                        ": argument 'neighbours' must "
                         "be symmetric (neighbours[n, o] = m implies neighbours[m, 26 - o] = n), "
-                        "got neighbours[", n, ", ", o, "] = ", m, " but neighbours[", m, ", ",
-                        26 - o, "] = ", t[m * 27 + 26 - o]);
+                        "got neighbours[",
+                        n, ", ", o, "] = ", m, " but neighbours[", m, ", ", 26 - o,
+                        "] = ", t[m * 27 + 26 - o]);
     }
   }
 }
@@ -132,10 +135,12 @@ inline void check_neighbour_values(const at::Tensor& neighbours, const char* op)
 inline std::vector<int64_t> pad_halo_sizes(const at::Tensor& packed, const at::Tensor& neighbours,
                                            int64_t lo, int64_t hi) {
   check_float(packed, "pad_halo", "packed");
-  TORCH_CHECK_VALUE(packed.dim() == 5, "pad_halo: argument 'packed' must be 5-D "
-                    "(N, C, ph, pw, pd), got ", packed.sizes());
-  check_halo(packed, neighbours, lo, hi,
-             std::min({packed.size(2), packed.size(3), packed.size(4)}), "packed", "pad_halo");
+  TORCH_CHECK_VALUE(packed.dim() == 5,
+                    "pad_halo: argument 'packed' must be 5-D "
+                    "(N, C, ph, pw, pd), got ",
+                    packed.sizes());
+  check_halo(packed, neighbours, lo, hi, std::min({packed.size(2), packed.size(3), packed.size(4)}),
+             "packed", "pad_halo");
   return {packed.size(0), packed.size(1), packed.size(2) + lo + hi, packed.size(3) + lo + hi,
           packed.size(4) + lo + hi};
 }
@@ -146,11 +151,14 @@ inline std::vector<int64_t> pad_halo_backward_sizes(const at::Tensor& grad,
                                                     int64_t hi) {
   const char* op = "pad_halo_backward";
   check_float(grad, op, "grad");
-  TORCH_CHECK_VALUE(grad.dim() == 5, op, ": argument 'grad' must be 5-D "
-                    "(N, C, ph+lo+hi, pw+lo+hi, pd+lo+hi), got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.dim() == 5, op,
+                    ": argument 'grad' must be 5-D "
+                    "(N, C, ph+lo+hi, pw+lo+hi, pd+lo+hi), got ",
+                    grad.sizes());
   TORCH_CHECK_VALUE(lo >= 0 && hi >= 0, op, ": halo widths 'lo'=", lo, ", 'hi'=", hi,
                     " must be >= 0");
-  const int64_t ph = grad.size(2) - lo - hi, pw = grad.size(3) - lo - hi, pd = grad.size(4) - lo - hi;
+  const int64_t ph = grad.size(2) - lo - hi, pw = grad.size(3) - lo - hi,
+                pd = grad.size(4) - lo - hi;
   TORCH_CHECK_VALUE(ph > 0 && pw > 0 && pd > 0, op, ": argument 'grad' ", grad.sizes(),
                     " is smaller than its halo lo=", lo, ", hi=", hi);
   check_halo(grad, neighbours, lo, hi, std::min({ph, pw, pd}), "grad", op);

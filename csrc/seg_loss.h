@@ -49,10 +49,14 @@ inline at::ScalarType sums_dtype(const at::Tensor& logits) {
 template <typename F>
 void with_labels(const at::Tensor& labels, F&& body) {
   switch (labels.scalar_type()) {
-    case at::kLong: return body(labels.const_data_ptr<int64_t>());
-    case at::kInt: return body(labels.const_data_ptr<int32_t>());
-    case at::kShort: return body(labels.const_data_ptr<int16_t>());
-    default: return body(labels.const_data_ptr<uint8_t>());
+    case at::kLong:
+      return body(labels.const_data_ptr<int64_t>());
+    case at::kInt:
+      return body(labels.const_data_ptr<int32_t>());
+    case at::kShort:
+      return body(labels.const_data_ptr<int16_t>());
+    default:
+      return body(labels.const_data_ptr<uint8_t>());
   }
 }
 
@@ -77,9 +81,9 @@ inline SegLossBackwardInputs seg_loss_backward_inputs(const at::Tensor& grad_cla
   TORCH_CHECK_VALUE(grad_ce_sums.dim() == 1 && grad_ce_sums.size(0) == g.B, op,
                     ": argument 'grad_ce_sums' must have shape (", g.B, "), got ",
                     grad_ce_sums.sizes());
-  TORCH_CHECK_VALUE(grad_class_sums.device() == logits.device() &&
-                        grad_ce_sums.device() == logits.device(),
-                    op, ": the gradients must be on ", logits.device(), " like 'logits'");
+  TORCH_CHECK_VALUE(
+      grad_class_sums.device() == logits.device() && grad_ce_sums.device() == logits.device(), op,
+      ": the gradients must be on ", logits.device(), " like 'logits'");
   const auto dtype = sums_dtype(logits);
   return {g, grad_class_sums.to(dtype).contiguous(), grad_ce_sums.to(dtype).contiguous(),
           logits.contiguous(), labels.contiguous()};

@@ -6,6 +6,7 @@ interpreter on CPU tensors: ``TRITON_INTERPRET`` is read when triton is imported
 when a kernel is defined, so it is set here, before the family modules import triton,
 unless the user set it.
 """
+
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,7 @@ def kernel_op(name: str) -> Callable[[Callable], object]:
     Under the interpreter an opaque ``torch.library.custom_op`` instead, whose fake
     kernel is the function itself (its launches skip fake tensors, :func:`launchable`):
     interpreted launches cannot be recorded in a traced graph."""
+
     def define(function: Callable) -> object:
         if not triton_interpreted():
             return torch.library.triton_op(name, mutates_args=())(function)
@@ -55,8 +57,9 @@ class _Interpreted:
         def launch(*args, **kwargs) -> None:
             from torch._subclasses.fake_tensor import is_fake
 
-            if not any(isinstance(a, torch.Tensor) and is_fake(a)
-                       for a in (*args, *kwargs.values())):
+            if not any(
+                isinstance(a, torch.Tensor) and is_fake(a) for a in (*args, *kwargs.values())
+            ):
                 self.kernel[grid](*args, **kwargs)
 
         return launch

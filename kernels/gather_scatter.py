@@ -1,4 +1,5 @@
 """Triton kernels of the gather/scatter family."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -32,8 +33,9 @@ def block_size(device: torch.device, gpu_block: int) -> int:
 
 
 @triton.jit
-def _apply_mask_kernel(x_ptr, mask_ptr, y_ptr, n, C, H, W, D, h, w, d, ph, pw, pd,
-                       BLOCK: tl.constexpr):
+def _apply_mask_kernel(
+    x_ptr, mask_ptr, y_ptr, n, C, H, W, D, h, w, d, ph, pw, pd, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     k = offs % D
@@ -60,10 +62,9 @@ def apply_mask_triton(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     block = block_size(x.device, 1024)
     if n:
         launchable(_apply_mask_kernel)[(triton.cdiv(n, block),)](
-            x, mask, y, n, C, H, W, D, h, w, d, H // h, W // w, D // d, BLOCK=block)
+            x, mask, y, n, C, H, W, D, h, w, d, H // h, W // w, D // d, BLOCK=block
+        )
     return y
-
-
 
 
 def _geometry(x: torch.Tensor, active: torch.Tensor) -> tuple[int, ...]:
@@ -109,9 +110,11 @@ def _activation_slope(v, ACT: tl.constexpr):
 
 # ---- densify ----
 
+
 @triton.jit
-def _densify_kernel(x_ptr, mask_ptr, token_ptr, y_ptr, n, C, S, H, W, D, h, w, d, ph, pw, pd,
-                    BLOCK: tl.constexpr):
+def _densify_kernel(
+    x_ptr, mask_ptr, token_ptr, y_ptr, n, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     row = offs // S
@@ -131,13 +134,15 @@ def densify_triton(x: torch.Tensor, active: torch.Tensor, mask_token: torch.Tens
     block = block_size(x.device, 1024)
     if x.numel():
         launchable(_densify_kernel)[(triton.cdiv(x.numel(), block),)](
-            x, _mask_bytes(active), token, y, x.numel(), *_geometry(x, active), BLOCK=block)
+            x, _mask_bytes(active), token, y, x.numel(), *_geometry(x, active), BLOCK=block
+        )
     return y
 
 
 @triton.jit
-def _densify_backward_kernel(g_ptr, mask_ptr, gx_ptr, part_ptr, C, S, H, W, D, h, w, d, ph, pw,
-                             pd, BLOCK: tl.constexpr):
+def _densify_backward_kernel(
+    g_ptr, mask_ptr, gx_ptr, part_ptr, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK: tl.constexpr
+):
     """Program (row, chunk): grad_x of BLOCK voxels of the (b, c) row, and their sum over
     hidden voxels into part[row, chunk]."""
     row = tl.program_id(0).to(tl.int64)
@@ -159,7 +164,9 @@ def _row_grid(x: torch.Tensor, gpu_block: int) -> tuple[int, int, int]:
 
 
 @kernel_op("anatomask_fast::densify_backward_triton")
-def densify_backward_triton(grad: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def densify_backward_triton(
+    grad: torch.Tensor, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_masked("densify_backward", grad, active, name="grad")
     grad = grad.contiguous()
     B, C = grad.shape[:2]
@@ -168,15 +175,18 @@ def densify_backward_triton(grad: torch.Tensor, active: torch.Tensor) -> tuple[t
     part = new_output((B, C, chunks), dtype=accumulation_dtype(grad.dtype), device=grad.device)
     if grad.numel():
         launchable(_densify_backward_kernel)[(rows, chunks)](
-            grad, _mask_bytes(active), grad_x, part, *_geometry(grad, active), BLOCK=block)
+            grad, _mask_bytes(active), grad_x, part, *_geometry(grad, active), BLOCK=block
+        )
     return grad_x, part.sum(dim=(0, 2))
 
 
 # ---- sparse_norm ----
 
+
 @triton.jit
-def _moments_kernel(x_ptr, mask_ptr, part_ptr, C, S, H, W, D, h, w, d, ph, pw, pd,
-                    BLOCK: tl.constexpr):
+def _moments_kernel(
+    x_ptr, mask_ptr, part_ptr, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK: tl.constexpr
+):
     """Program (row, chunk): count, mean and squared deviations (two-pass in registers)
     of the visible voxels of BLOCK voxels of a (b, c) row, into part[row, chunk, :3]."""
     row = tl.program_id(0).to(tl.int64)
@@ -205,9 +215,14 @@ def _group(part: torch.Tensor, per_sample: bool) -> torch.Tensor:
 def _norm_args(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> dict:
     """Kernel arguments shared by the normalize and gradient passes; a missing affine
     parameter is replaced by x's pointer and flagged off."""
-    return dict(w_ptr=x if weight is None else weight.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous(),
-                b_ptr=x if bias is None else bias.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous(),
-                HAS_W=weight is not None, HAS_B=bias is not None)
+    return dict(
+        w_ptr=x
+        if weight is None
+        else weight.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous(),
+        b_ptr=x if bias is None else bias.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous(),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+    )
 
 
 @triton.jit
@@ -223,8 +238,20 @@ def _element_site(mask_ptr, n, groups, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK
 
 
 @triton.jit
-def _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def _affine_pre(
+    x_ptr,
+    offs,
+    keep,
+    inside,
+    stat,
+    c,
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    b_ptr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
     """(xhat, weight, pre-activation) of the voxels at ``offs``."""
     mean = tl.load(mean_ptr + stat, mask=inside, other=0)
     rstd = tl.load(rstd_ptr + stat, mask=inside, other=1)
@@ -239,21 +266,52 @@ def _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr, b
 
 
 @triton.jit
-def _normalize_kernel(x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, n, groups, C, S,
-                      H, W, D, h, w, d, ph, pw, pd, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offs, inside, c, keep, stat = _element_site(mask_ptr, n, groups, C, S, H, W, D, h, w, d,
-                                                ph, pw, pd, BLOCK)
-    _, _, _, pre = _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr,
-                               b_ptr, HAS_W, HAS_B)
+def _normalize_kernel(
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    n,
+    groups,
+    C,
+    S,
+    H,
+    W,
+    D,
+    h,
+    w,
+    d,
+    ph,
+    pw,
+    pd,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs, inside, c, keep, stat = _element_site(
+        mask_ptr, n, groups, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK
+    )
+    _, _, _, pre = _affine_pre(
+        x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B
+    )
     y = tl.where(keep, _activate(pre, ACT), 0.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @kernel_op("anatomask_fast::sparse_norm_triton")
-def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], per_sample: bool, eps: float,
-                       activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparse_norm_triton(
+    x: torch.Tensor,
+    active: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    per_sample: bool,
+    eps: float,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "sparse_norm"
     check_masked(op, x, active)
     check_activation(op, activation)
@@ -277,17 +335,58 @@ def sparse_norm_triton(x: torch.Tensor, active: torch.Tensor, weight: Optional[t
     block = block_size(x.device, 1024)
     if x.numel():
         launchable(_normalize_kernel)[(triton.cdiv(x.numel(), block),)](
-            x, mask, mean, rstd, y_ptr=y, n=x.numel(), groups=mean.shape[0], C=C,
-            S=geometry[1], H=geometry[2], W=geometry[3], D=geometry[4], h=geometry[5],
-            w=geometry[6], d=geometry[7], ph=geometry[8], pw=geometry[9], pd=geometry[10],
-            ACT=ACTIVATIONS[activation][0], BLOCK=block, **_norm_args(x, weight, bias))
+            x,
+            mask,
+            mean,
+            rstd,
+            y_ptr=y,
+            n=x.numel(),
+            groups=mean.shape[0],
+            C=C,
+            S=geometry[1],
+            H=geometry[2],
+            W=geometry[3],
+            D=geometry[4],
+            h=geometry[5],
+            w=geometry[6],
+            d=geometry[7],
+            ph=geometry[8],
+            pw=geometry[9],
+            pd=geometry[10],
+            ACT=ACTIVATIONS[activation][0],
+            BLOCK=block,
+            **_norm_args(x, weight, bias),
+        )
     return y, mean, rstd
 
 
 @triton.jit
-def _norm_grad_sums_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, part_ptr,
-                           groups, C, S, H, W, D, h, w, d, ph, pw, pd, HAS_W: tl.constexpr,
-                           HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_grad_sums_kernel(
+    g_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    b_ptr,
+    part_ptr,
+    groups,
+    C,
+    S,
+    H,
+    W,
+    D,
+    h,
+    w,
+    d,
+    ph,
+    pw,
+    pd,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row, chunk): over its visible voxels, the count, sum of g' and of
     g' * xhat (g' the gradient before the activation) into part[row, chunk, :3]."""
     row = tl.program_id(0).to(tl.int64)
@@ -298,8 +397,20 @@ def _norm_grad_sums_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_
     keep = inside & _visible(mask_ptr, b, within, inside, H, W, D, h, w, d, ph, pw, pd)
     offs = row * S + within
     zero = within * 0  # per-row parameters loaded as blocks, like the elementwise passes
-    xhat, _, _, pre = _affine_pre(x_ptr, offs, keep, inside, (b % groups) * C + c + zero, c + zero,
-                                  mean_ptr, rstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
+    xhat, _, _, pre = _affine_pre(
+        x_ptr,
+        offs,
+        keep,
+        inside,
+        (b % groups) * C + c + zero,
+        c + zero,
+        mean_ptr,
+        rstd_ptr,
+        w_ptr,
+        b_ptr,
+        HAS_W,
+        HAS_B,
+    )
     g = tl.load(g_ptr + offs, mask=keep, other=0).to(xhat.dtype) * _activation_slope(pre, ACT)
     g = tl.where(keep, g, 0.0)
     out = part_ptr + (row * tl.num_programs(1) + chunk) * 3
@@ -309,14 +420,41 @@ def _norm_grad_sums_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_
 
 
 @triton.jit
-def _norm_grad_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, coef_ptr, gx_ptr,
-                      n, groups, C, S, H, W, D, h, w, d, ph, pw, pd, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_grad_kernel(
+    g_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    b_ptr,
+    coef_ptr,
+    gx_ptr,
+    n,
+    groups,
+    C,
+    S,
+    H,
+    W,
+    D,
+    h,
+    w,
+    d,
+    ph,
+    pw,
+    pd,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """grad_x = rstd * w * (g' - mean(g') - xhat * mean(g' * xhat)) at visible voxels."""
-    offs, inside, c, keep, stat = _element_site(mask_ptr, n, groups, C, S, H, W, D, h, w, d,
-                                                ph, pw, pd, BLOCK)
-    xhat, wt, rstd, pre = _affine_pre(x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr,
-                                      w_ptr, b_ptr, HAS_W, HAS_B)
+    offs, inside, c, keep, stat = _element_site(
+        mask_ptr, n, groups, C, S, H, W, D, h, w, d, ph, pw, pd, BLOCK
+    )
+    xhat, wt, rstd, pre = _affine_pre(
+        x_ptr, offs, keep, inside, stat, c, mean_ptr, rstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B
+    )
     g = tl.load(g_ptr + offs, mask=keep, other=0).to(xhat.dtype) * _activation_slope(pre, ACT)
     mean_g = tl.load(coef_ptr + stat * 2, mask=inside, other=0)
     mean_gx = tl.load(coef_ptr + stat * 2 + 1, mask=inside, other=0)
@@ -325,10 +463,16 @@ def _norm_grad_kernel(g_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
 
 
 @kernel_op("anatomask_fast::sparse_norm_backward_triton")
-def sparse_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
-                                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                                mean: torch.Tensor, rstd: torch.Tensor,
-                                activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparse_norm_backward_triton(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "sparse_norm_backward"
     check_masked(op, x, active)
     check_activation(op, activation)
@@ -339,31 +483,65 @@ def sparse_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, active: tor
     geometry = _geometry(x, active)
     B, C = x.shape[:2]
     groups = mean.shape[0]
-    common = dict(groups=groups, C=C, S=geometry[1], H=geometry[2], W=geometry[3], D=geometry[4],
-                  h=geometry[5], w=geometry[6], d=geometry[7], ph=geometry[8], pw=geometry[9],
-                  pd=geometry[10], ACT=ACTIVATIONS[activation][0],
-                  **_norm_args(x, weight, bias))
+    common = dict(
+        groups=groups,
+        C=C,
+        S=geometry[1],
+        H=geometry[2],
+        W=geometry[3],
+        D=geometry[4],
+        h=geometry[5],
+        w=geometry[6],
+        d=geometry[7],
+        ph=geometry[8],
+        pw=geometry[9],
+        pd=geometry[10],
+        ACT=ACTIVATIONS[activation][0],
+        **_norm_args(x, weight, bias),
+    )
     rows, chunks, block = _row_grid(x, 4096)
     part = new_output((B, C, chunks, 3), dtype=accumulation_dtype(x.dtype), device=x.device)
     if x.numel():
         launchable(_norm_grad_sums_kernel)[(rows, chunks)](
-            grad, x, mask, mean, rstd, part_ptr=part, BLOCK=block, **common)
+            grad, x, mask, mean, rstd, part_ptr=part, BLOCK=block, **common
+        )
     n, sum_g, sum_gx = _group(part, groups == B).sum(2).unbind(-1)
     coef = torch.stack([sum_g, sum_gx], dim=-1) / n.clamp_min(1).unsqueeze(-1)
     grad_x = new_output(x.shape, dtype=x.dtype, device=x.device)
     block = block_size(x.device, 1024)
     if x.numel():
         launchable(_norm_grad_kernel)[(triton.cdiv(x.numel(), block),)](
-            grad, x, mask, mean, rstd, coef_ptr=coef.contiguous(), gx_ptr=grad_x, n=x.numel(),
-            BLOCK=block, **common)
+            grad,
+            x,
+            mask,
+            mean,
+            rstd,
+            coef_ptr=coef.contiguous(),
+            gx_ptr=grad_x,
+            n=x.numel(),
+            BLOCK=block,
+            **common,
+        )
     return grad_x, sum_gx.sum(0), sum_g.sum(0)
 
 
 # ---- token layout ----
 
+
 @triton.jit
-def _gather_rows_kernel(src_ptr, idx_ptr, fill_ptr, pos_ptr, out_ptr, n_src, n_idx, C,
-                        HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gather_rows_kernel(
+    src_ptr,
+    idx_ptr,
+    fill_ptr,
+    pos_ptr,
+    out_ptr,
+    n_src,
+    n_idx,
+    C,
+    HAS_FILL: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """out[b, i, :] = src[b, idx[b, i], :] if 0 <= idx < n_src, else the fill row (or
     zeros), plus pos[i, :]. Program (b * n_idx + i, channel block). Ids out of range
     read nothing (the fill instead): values are checked on the host for CPU tensors
@@ -373,8 +551,7 @@ def _gather_rows_kernel(src_ptr, idx_ptr, fill_ptr, pos_ptr, out_ptr, n_src, n_i
     inside = cols < C
     idx = tl.load(idx_ptr + r) + cols * 0  # a block, so that it can join the load masks
     valid = (idx >= 0) & (idx < n_src)
-    value = tl.load(src_ptr + ((r // n_idx) * n_src + idx) * C + cols, mask=inside & valid,
-                    other=0)
+    value = tl.load(src_ptr + ((r // n_idx) * n_src + idx) * C + cols, mask=inside & valid, other=0)
     if HAS_FILL:
         fill = tl.load(fill_ptr + cols, mask=inside & ~valid, other=0)
         value = tl.where(valid, value, fill)
@@ -384,8 +561,9 @@ def _gather_rows_kernel(src_ptr, idx_ptr, fill_ptr, pos_ptr, out_ptr, n_src, n_i
     tl.store(out_ptr + r * C + cols, value.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _gather_rows(src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None,
-                 pos: torch.Tensor | None) -> torch.Tensor:
+def _gather_rows(
+    src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None, pos: torch.Tensor | None
+) -> torch.Tensor:
     src, idx = src.contiguous(), idx.contiguous()
     B, n_src, C = src.shape
     n_idx = idx.shape[1]
@@ -393,22 +571,39 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, fill: torch.Tensor | None
     block_c = min(block_size(src.device, 1024), triton.next_power_of_2(max(C, 1)))
     if out.numel():
         launchable(_gather_rows_kernel)[(B * n_idx, triton.cdiv(C, block_c))](
-            src, idx, src if fill is None else fill, src if pos is None else pos, out, n_src,
-            n_idx, C, HAS_FILL=fill is not None, HAS_POS=pos is not None, BLOCK_C=block_c)
+            src,
+            idx,
+            src if fill is None else fill,
+            src if pos is None else pos,
+            out,
+            n_src,
+            n_idx,
+            C,
+            HAS_FILL=fill is not None,
+            HAS_POS=pos is not None,
+            BLOCK_C=block_c,
+        )
     return out
 
 
 @kernel_op("anatomask_fast::gather_tokens_triton")
 def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     check_token_ids("gather_tokens", ids_keep, x, "ids_keep", "x")
-    check_index_values("gather_tokens", "ids_keep", ids_keep, 0, x.shape[1],
-                       f"the L={x.shape[1]} tokens of each sample")
+    check_index_values(
+        "gather_tokens",
+        "ids_keep",
+        ids_keep,
+        0,
+        x.shape[1],
+        f"the L={x.shape[1]} tokens of each sample",
+    )
     return _gather_rows(x, ids_keep, None, None)
 
 
 @kernel_op("anatomask_fast::gather_tokens_backward_triton")
-def gather_tokens_backward_triton(grad: torch.Tensor, ids_keep: torch.Tensor,
-                                  length: int) -> torch.Tensor:
+def gather_tokens_backward_triton(
+    grad: torch.Tensor, ids_keep: torch.Tensor, length: int
+) -> torch.Tensor:
     op = "gather_tokens_backward"
     check_tensor(op, "grad", grad, ndim=3)
     check_token_ids(op, ids_keep, grad, "ids_keep", "grad", width=grad.shape[1])
@@ -422,28 +617,52 @@ def gather_tokens_backward_triton(grad: torch.Tensor, ids_keep: torch.Tensor,
 
 
 @kernel_op("anatomask_fast::scatter_tokens_triton")
-def scatter_tokens_triton(x_visible: torch.Tensor, ids_restore: torch.Tensor,
-                          mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+def scatter_tokens_triton(
+    x_visible: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: Optional[torch.Tensor],
+) -> torch.Tensor:
     op = "scatter_tokens"
     check_token_ids(op, ids_restore, x_visible, "ids_restore", "x_visible")
     (_, K, C), L = x_visible.shape, ids_restore.shape[1]
     if K > L:
-        raise ValueError(f"{op}: argument 'x_visible' has {K} tokens, more than the L={L} "
-                         "slots of 'ids_restore'")
+        raise ValueError(
+            f"{op}: argument 'x_visible' has {K} tokens, more than the L={L} slots of 'ids_restore'"
+        )
     check_param(op, "mask_token", mask_token, C, x_visible, "x_visible")
     if pos_embed is not None:
         check_param(op, "pos_embed", pos_embed, L * C, x_visible, "x_visible")
     check_ids_values(op, "ids_restore", ids_restore, L, permutation=True)
     dtype = x_visible.dtype
     token = mask_token.reshape(-1).to(dtype).contiguous()
-    pos = None if pos_embed is None else (
-        pos_embed.reshape(ids_restore.shape[1], -1).to(dtype).to(accumulation_dtype(x_visible.dtype)).contiguous())
+    pos = (
+        None
+        if pos_embed is None
+        else (
+            pos_embed.reshape(ids_restore.shape[1], -1)
+            .to(dtype)
+            .to(accumulation_dtype(x_visible.dtype))
+            .contiguous()
+        )
+    )
     return _gather_rows(x_visible, ids_restore, token, pos)
 
 
 @triton.jit
-def _scatter_tokens_backward_kernel(g_ptr, ids_ptr, gx_ptr, tok_ptr, pos_ptr, B, L, K, C,
-                                    HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_tokens_backward_kernel(
+    g_ptr,
+    ids_ptr,
+    gx_ptr,
+    tok_ptr,
+    pos_ptr,
+    B,
+    L,
+    K,
+    C,
+    HAS_POS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Program (slot l, channel block): over the batch, sends grad[b, l] to
     grad_x[b, ids_restore[b, l]] when visible, else sums it into the mask token's partial
     for l; sums it over b into grad_pos[l]. One pass over grad."""
@@ -465,8 +684,9 @@ def _scatter_tokens_backward_kernel(g_ptr, ids_ptr, gx_ptr, tok_ptr, pos_ptr, B,
 
 
 @kernel_op("anatomask_fast::scatter_tokens_backward_triton")
-def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int,
-                                   with_pos: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scatter_tokens_backward_triton(
+    grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, with_pos: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "scatter_tokens_backward"
     check_tensor(op, "grad", grad, ndim=3)
     check_token_ids(op, ids_restore, grad, "ids_restore", "grad", width=grad.shape[1])
@@ -481,8 +701,18 @@ def scatter_tokens_backward_triton(grad: torch.Tensor, ids_restore: torch.Tensor
     block_c = min(block_size(grad.device, 1024), triton.next_power_of_2(max(C, 1)))
     if grad.numel():
         launchable(_scatter_tokens_backward_kernel)[(L, triton.cdiv(C, block_c))](
-            grad, ids, grad_x, token_part, grad_pos if with_pos else token_part, B, L, len_keep,
-            C, HAS_POS=with_pos, BLOCK_C=block_c)
+            grad,
+            ids,
+            grad_x,
+            token_part,
+            grad_pos if with_pos else token_part,
+            B,
+            L,
+            len_keep,
+            C,
+            HAS_POS=with_pos,
+            BLOCK_C=block_c,
+        )
     return grad_x, token_part.sum(0), grad_pos
 
 

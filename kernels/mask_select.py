@@ -8,6 +8,7 @@ and CUDA kernels lay them out (word g % 4 of ``tl.randint4x(seed, offset + g // 
 for element g = b * L + l), so the three backends give the same masks for the same
 seed, bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,9 +45,21 @@ def _select_smallest(key, eligible, k):
 
 
 @triton.jit
-def _anatomical_mask_kernel(errors_ptr, noise_ptr, active_ptr, hard_ptr, shuffle_ptr,
-                            restore_ptr, L, len_keep, n_hard, seed, offset,
-                            HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+def _anatomical_mask_kernel(
+    errors_ptr,
+    noise_ptr,
+    active_ptr,
+    hard_ptr,
+    shuffle_ptr,
+    restore_ptr,
+    L,
+    len_keep,
+    n_hard,
+    seed,
+    offset,
+    HAS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64) * L
     idx = tl.arange(0, BLOCK)
     inside = idx < L
@@ -73,9 +86,14 @@ def _anatomical_mask_kernel(errors_ptr, noise_ptr, active_ptr, hard_ptr, shuffle
 
 
 @kernel_op("anatomask_fast::anatomical_mask_triton")
-def anatomical_mask_triton(errors: torch.Tensor, noise: torch.Tensor | None, len_keep: int,
-                           n_hard: int, seed: int, offset: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def anatomical_mask_triton(
+    errors: torch.Tensor,
+    noise: torch.Tensor | None,
+    len_keep: int,
+    n_hard: int,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_selection("anatomical_mask", errors, noise, len_keep, n_hard, seed, offset)
     B, L = errors.shape
     # Errors are not read without hard patches (random_mask passes an expanded zero).
@@ -87,7 +105,19 @@ def anatomical_mask_triton(errors: torch.Tensor, noise: torch.Tensor | None, len
     restore = new_output((B, L), dtype=torch.int64, device=errors.device)
     block = triton.next_power_of_2(L)
     launchable(_anatomical_mask_kernel)[(B,)](
-        errors, errors if noise is None else noise, active.view(torch.uint8),
-        hard.view(torch.uint8), shuffle, restore, L, len_keep, n_hard, seed, offset,
-        HAS_NOISE=noise is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+        errors,
+        errors if noise is None else noise,
+        active.view(torch.uint8),
+        hard.view(torch.uint8),
+        shuffle,
+        restore,
+        L,
+        len_keep,
+        n_hard,
+        seed,
+        offset,
+        HAS_NOISE=noise is not None,
+        BLOCK=block,
+        num_warps=min(16, max(4, block // 512)),
+    )
     return active, hard, shuffle, restore

@@ -1,6 +1,7 @@
 """Triton kernels of the packing family: one program per block of output elements,
 each element computing its source from the index tables (gathers only: no atomics,
 the halo adjoint included)."""
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,7 @@ def _unravel(offs, C, X, Y, Z):
 
 
 @triton.jit
-def _pack_kernel(x_ptr, patches_ptr, out_ptr, n, C, h, w, d, ph, pw, pd,
-                 BLOCK: tl.constexpr):
+def _pack_kernel(x_ptr, patches_ptr, out_ptr, n, C, h, w, d, ph, pw, pd, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     p, c, i, j, k = _unravel(offs, C, ph, pw, pd)
@@ -47,13 +47,13 @@ def _pack_kernel(x_ptr, patches_ptr, out_ptr, n, C, h, w, d, ph, pw, pd,
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, slots_ptr, out_ptr, n, C, h, w, d, ph, pw, pd,
-                   BLOCK: tl.constexpr):
+def _unpack_kernel(packed_ptr, slots_ptr, out_ptr, n, C, h, w, d, ph, pw, pd, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     b, c, I, J, K = _unravel(offs, C, h * ph, w * pw, d * pd)
-    slot = tl.load(slots_ptr + ((b * h + I // ph) * w + J // pw) * d + K // pd, mask=inside,
-                   other=-1)
+    slot = tl.load(
+        slots_ptr + ((b * h + I // ph) * w + J // pw) * d + K // pd, mask=inside, other=-1
+    )
     src = (((slot * C + c) * ph + I % ph) * pw + J % pw) * pd + K % pd
     value = tl.load(packed_ptr + src, mask=inside & (slot >= 0), other=0)
     tl.store(out_ptr + offs, value, mask=inside)
@@ -68,24 +68,23 @@ def _halo_source(t, lo, p):
 
 
 @triton.jit
-def _pad_halo_kernel(packed_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, hi,
-                     BLOCK: tl.constexpr):
+def _pad_halo_kernel(packed_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, hi, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     m, c, ti, tj, tk = _unravel(offs, C, ph + lo + hi, pw + lo + hi, pd + lo + hi)
     oi, li = _halo_source(ti, lo, ph)
     oj, lj = _halo_source(tj, lo, pw)
     ok, lk = _halo_source(tk, lo, pd)
-    source = tl.load(nb_ptr + m * 27 + (oi + 1) * 9 + (oj + 1) * 3 + ok + 1, mask=inside,
-                     other=-1)
+    source = tl.load(nb_ptr + m * 27 + (oi + 1) * 9 + (oj + 1) * 3 + ok + 1, mask=inside, other=-1)
     src = (((source * C + c) * ph + li) * pw + lj) * pd + lk
     value = tl.load(packed_ptr + src, mask=inside & (source >= 0), other=0)
     tl.store(out_ptr + offs, value, mask=inside)
 
 
 @triton.jit
-def _pad_halo_backward_kernel(grad_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, hi,
-                              BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _pad_halo_backward_kernel(
+    grad_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, hi, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     th = ph + lo + hi
@@ -100,11 +99,17 @@ def _pad_halo_backward_kernel(grad_ptr, nb_ptr, out_ptr, n, C, ph, pw, pd, lo, h
             tj = (e - 1) * pw + j + lo
             for f in tl.static_range(3):
                 tk = (f - 1) * pd + k + lo
-                valid = inside & (ti >= 0) & (ti < th) & (tj >= 0) & (tj < tw) & (tk >= 0) & (tk < td)
-                src_patch = tl.load(nb_ptr + m * 27 + (2 - a) * 9 + (2 - e) * 3 + (2 - f),
-                                    mask=valid, other=-1)
-                g = tl.load(grad_ptr + (((src_patch * C + c) * th + ti) * tw + tj) * td + tk,
-                            mask=valid & (src_patch >= 0), other=0)
+                valid = (
+                    inside & (ti >= 0) & (ti < th) & (tj >= 0) & (tj < tw) & (tk >= 0) & (tk < td)
+                )
+                src_patch = tl.load(
+                    nb_ptr + m * 27 + (2 - a) * 9 + (2 - e) * 3 + (2 - f), mask=valid, other=-1
+                )
+                g = tl.load(
+                    grad_ptr + (((src_patch * C + c) * th + ti) * tw + tj) * td + tk,
+                    mask=valid & (src_patch >= 0),
+                    other=0,
+                )
                 acc += g.to(ACC)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -115,41 +120,67 @@ def _launch(kernel, n: int, device: torch.device, *args, **meta) -> None:
         launchable(kernel)[(triton.cdiv(n, block),)](*args, BLOCK=block, **meta)
 
 
-def _moved(kernel, source: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...],
-           *geometry: int) -> torch.Tensor:
+def _moved(
+    kernel, source: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...], *geometry: int
+) -> torch.Tensor:
     """A new ``shape`` tensor filled by ``kernel`` from ``source`` through the layout
     table ``index`` (pack: ``patches``; unpack: ``slots``)."""
     source = source.contiguous()
     out = new_output(shape, dtype=source.dtype, device=source.device)
-    _launch(kernel, out.numel(), source.device, source, index.contiguous(), out, out.numel(),
-            *geometry)
+    _launch(
+        kernel, out.numel(), source.device, source, index.contiguous(), out, out.numel(), *geometry
+    )
     return out
 
 
 @kernel_op("anatomask_fast::pack_patches_triton")
-def pack_patches_triton(x: torch.Tensor, patches: torch.Tensor,
-                        slots: torch.Tensor) -> torch.Tensor:
+def pack_patches_triton(
+    x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     check_pack("pack_patches", x, patches, slots)
     check_layout_values("pack_patches", patches, slots)
     _, C, H, W, D = x.shape
     _, h, w, d = slots.shape
-    return _moved(_pack_kernel, x, patches, (patches.shape[0], C, H // h, W // w, D // d),
-                  C, h, w, d, H // h, W // w, D // d)
+    return _moved(
+        _pack_kernel,
+        x,
+        patches,
+        (patches.shape[0], C, H // h, W // w, D // d),
+        C,
+        h,
+        w,
+        d,
+        H // h,
+        W // w,
+        D // d,
+    )
 
 
 @kernel_op("anatomask_fast::unpack_patches_triton")
-def unpack_patches_triton(packed: torch.Tensor, patches: torch.Tensor,
-                          slots: torch.Tensor) -> torch.Tensor:
+def unpack_patches_triton(
+    packed: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     check_unpack("unpack_patches", packed, patches, slots)
     check_layout_values("unpack_patches", patches, slots)
     B, h, w, d = slots.shape
     _, C, ph, pw, pd = packed.shape
-    return _moved(_unpack_kernel, packed, slots, (B, C, h * ph, w * pw, d * pd),
-                  C, h, w, d, ph, pw, pd)
+    return _moved(
+        _unpack_kernel, packed, slots, (B, C, h * ph, w * pw, d * pd), C, h, w, d, ph, pw, pd
+    )
 
 
-def _halo(op: str, name: str, source: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int,
-          *, padded: bool, kernel, **meta) -> torch.Tensor:
+def _halo(
+    op: str,
+    name: str,
+    source: torch.Tensor,
+    neighbours: torch.Tensor,
+    lo: int,
+    hi: int,
+    *,
+    padded: bool,
+    kernel,
+    **meta,
+) -> torch.Tensor:
     """pad_halo (``padded=False``: each patch grows by its halo) and its adjoint
     (``padded=True``: each halo'd patch's gradient is gathered back into its patches):
     the same checks and launch, the kernels taking the patch sizes (ph, pw, pd)."""
@@ -160,23 +191,47 @@ def _halo(op: str, name: str, source: torch.Tensor, neighbours: torch.Tensor, lo
     patch = [s - lo - hi for s in side] if padded else side
     shape = patch if padded else [s + lo + hi for s in side]
     out = new_output((N, C, *shape), dtype=source.dtype, device=source.device)
-    _launch(kernel, out.numel(), source.device, source, neighbours.contiguous(), out, out.numel(),
-            C, *patch, lo, hi, **meta)
+    _launch(
+        kernel,
+        out.numel(),
+        source.device,
+        source,
+        neighbours.contiguous(),
+        out,
+        out.numel(),
+        C,
+        *patch,
+        lo,
+        hi,
+        **meta,
+    )
     return out
 
 
 @kernel_op("anatomask_fast::pad_halo_triton")
-def pad_halo_triton(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
-                    hi: int) -> torch.Tensor:
-    return _halo("pad_halo", "packed", packed, neighbours, lo, hi, padded=False,
-                 kernel=_pad_halo_kernel)
+def pad_halo_triton(
+    packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
+    return _halo(
+        "pad_halo", "packed", packed, neighbours, lo, hi, padded=False, kernel=_pad_halo_kernel
+    )
 
 
 @kernel_op("anatomask_fast::pad_halo_backward_triton")
-def pad_halo_backward_triton(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
-                             hi: int) -> torch.Tensor:
-    return _halo("pad_halo_backward", "grad", grad, neighbours, lo, hi, padded=True,
-                 kernel=_pad_halo_backward_kernel, ACC=accumulation(grad.dtype))
+def pad_halo_backward_triton(
+    grad: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
+    return _halo(
+        "pad_halo_backward",
+        "grad",
+        grad,
+        neighbours,
+        lo,
+        hi,
+        padded=True,
+        kernel=_pad_halo_backward_kernel,
+        ACC=accumulation(grad.dtype),
+    )
 
 
 autograd.register_triton(autograd.packing, globals())

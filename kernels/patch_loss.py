@@ -3,6 +3,7 @@ the patch straight from the dense (B, C, H, W, D) volumes (rows of pd contiguous
 values). The forward keeps a patch of up to MAX_ONE_CHUNK values in registers and
 reads each input once; larger patches are streamed in chunks (the re-reads of the
 target hit the cache)."""
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ def _blocks(n: int, device: torch.device) -> tuple[int, bool, int]:
 
 
 @triton.jit
-def _patch_offsets(pid, n, L, C, H, W, D, w, d, PH: tl.constexpr, PW: tl.constexpr,
-                   PD: tl.constexpr):
+def _patch_offsets(
+    pid, n, L, C, H, W, D, w, d, PH: tl.constexpr, PW: tl.constexpr, PD: tl.constexpr
+):
     """Offsets of values ``n`` (channel-major within the patch) of patch ``pid`` =
     b*L + l in the volume."""
     b = pid // L
@@ -61,10 +63,31 @@ def _needed(visible, HIDDEN_ONLY: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(rec_ptr, x_ptr, mask_ptr, pp_ptr, mean_ptr, rstd_ptr, N, L, C, H, W, D,
-                    w, d, eps, PH: tl.constexpr, PW: tl.constexpr, PD: tl.constexpr,
-                    NORM_PIX: tl.constexpr, HIDDEN_ONLY: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
+def _forward_kernel(
+    rec_ptr,
+    x_ptr,
+    mask_ptr,
+    pp_ptr,
+    mean_ptr,
+    rstd_ptr,
+    N,
+    L,
+    C,
+    H,
+    W,
+    D,
+    w,
+    d,
+    eps,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PD: tl.constexpr,
+    NORM_PIX: tl.constexpr,
+    HIDDEN_ONLY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     visible = tl.load(mask_ptr + pid) != 0
     # Visible patches in hidden-only mode move no bytes: every load is masked off.
@@ -119,9 +142,29 @@ def _forward_kernel(rec_ptr, x_ptr, mask_ptr, pp_ptr, mean_ptr, rstd_ptr, N, L, 
 
 
 @triton.jit
-def _backward_kernel(grad_pp_ptr, rec_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, out_ptr, N, L,
-                     C, H, W, D, w, d, PH: tl.constexpr, PW: tl.constexpr, PD: tl.constexpr,
-                     HIDDEN_ONLY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _backward_kernel(
+    grad_pp_ptr,
+    rec_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    rstd_ptr,
+    out_ptr,
+    N,
+    L,
+    C,
+    H,
+    W,
+    D,
+    w,
+    d,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PD: tl.constexpr,
+    HIDDEN_ONLY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     visible = tl.load(mask_ptr + pid) != 0
     needed = _needed(visible, HIDDEN_ONLY)
@@ -143,14 +186,30 @@ def _backward_kernel(grad_pp_ptr, rec_ptr, x_ptr, mask_ptr, mean_ptr, rstd_ptr, 
 def _geometry(x: torch.Tensor, active: torch.Tensor) -> dict:
     B, C, H, W, D = x.shape
     h, w, d = active.shape[2:]
-    return dict(N=C * (H // h) * (W // w) * (D // d), L=h * w * d, C=C, H=H, W=W, D=D, w=w, d=d,
-                PH=H // h, PW=W // w, PD=D // d)
+    return dict(
+        N=C * (H // h) * (W // w) * (D // d),
+        L=h * w * d,
+        C=C,
+        H=H,
+        W=W,
+        D=D,
+        w=w,
+        d=d,
+        PH=H // h,
+        PW=W // w,
+        PD=D // d,
+    )
 
 
 @kernel_op("anatomask_fast::patch_recon_loss_triton")
-def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
-                            norm_pix: bool, eps: float,
-                            hidden_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def patch_recon_loss_triton(
+    rec: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor,
+    norm_pix: bool,
+    eps: float,
+    hidden_only: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per_patch, mean, rstd), each (B, L): see csrc/ops.cpp patch_recon_loss."""
     check_patch_loss("patch_recon_loss", rec, x, active)
     check_eps("patch_recon_loss", eps)
@@ -163,16 +222,34 @@ def patch_recon_loss_triton(rec: torch.Tensor, x: torch.Tensor, active: torch.Te
     block, one_chunk, warps = _blocks(geo["N"], x.device)
     if per_patch.numel() and geo["N"]:
         launchable(_forward_kernel)[(per_patch.numel(),)](
-            rec, x, mask, per_patch, mean, rstd, eps=eps, NORM_PIX=norm_pix,
-            HIDDEN_ONLY=hidden_only, ACC=accumulation(x.dtype), BLOCK=block, ONE_CHUNK=one_chunk,
-            num_warps=warps, **geo)
+            rec,
+            x,
+            mask,
+            per_patch,
+            mean,
+            rstd,
+            eps=eps,
+            NORM_PIX=norm_pix,
+            HIDDEN_ONLY=hidden_only,
+            ACC=accumulation(x.dtype),
+            BLOCK=block,
+            ONE_CHUNK=one_chunk,
+            num_warps=warps,
+            **geo,
+        )
     return per_patch, mean, rstd
 
 
 @kernel_op("anatomask_fast::patch_recon_loss_backward_triton")
-def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Tensor,
-                                     x: torch.Tensor, active: torch.Tensor, mean: torch.Tensor,
-                                     rstd: torch.Tensor, hidden_only: bool) -> torch.Tensor:
+def patch_recon_loss_backward_triton(
+    grad_per_patch: torch.Tensor,
+    rec: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    hidden_only: bool,
+) -> torch.Tensor:
     op = "patch_recon_loss_backward"
     check_patch_loss(op, rec, x, active)
     check_patch_tables(op, x, active, grad_per_patch=grad_per_patch, mean=mean, rstd=rstd)
@@ -182,9 +259,19 @@ def patch_recon_loss_backward_triton(grad_per_patch: torch.Tensor, rec: torch.Te
     block = min(triton.next_power_of_2(max(geo["N"], 1)), CHUNK[x.device.type])
     if grad.numel():
         launchable(_backward_kernel)[(active.numel(),)](
-            grad_per_patch.contiguous(), rec, x, active.contiguous().view(torch.uint8),
-            mean.contiguous(), rstd.contiguous(), grad, HIDDEN_ONLY=hidden_only,
-            ACC=accumulation(x.dtype), BLOCK=block, num_warps=8, **geo)
+            grad_per_patch.contiguous(),
+            rec,
+            x,
+            active.contiguous().view(torch.uint8),
+            mean.contiguous(),
+            rstd.contiguous(),
+            grad,
+            HIDDEN_ONLY=hidden_only,
+            ACC=accumulation(x.dtype),
+            BLOCK=block,
+            num_warps=8,
+            **geo,
+        )
     return grad
 
 

@@ -1,6 +1,7 @@
 """Triton kernels of the segmentation loss family: nnU-Net Dice + CE statistics from
 logits (B, K, S) and labels (B, S) with the per-voxel softmax in registers, as
 [K_PAD, BLOCK] tiles (each class row is a coalesced run of voxels)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,18 @@ from .gather_scatter import block_size
 
 
 @triton.jit
-def _softmax_tile(x_base, y_base, tile, S, K, ignore, HAS_IGNORE: tl.constexpr,
-                  K_PAD: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _softmax_tile(
+    x_base,
+    y_base,
+    tile,
+    S,
+    K,
+    ignore,
+    HAS_IGNORE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One tile's probabilities p [K_PAD, BLOCK], its logits, max and sum, the one-hot
     hit mask, the counted voxels and the invalid labels (outside [0, K), not ignored)."""
     ks = tl.arange(0, K_PAD)
@@ -33,8 +44,9 @@ def _softmax_tile(x_base, y_base, tile, S, K, ignore, HAS_IGNORE: tl.constexpr,
     valid = in_range & ~ignored & inside
     bad = ~in_range & ~ignored & inside
     both = (ks < K)[:, None] & inside[None, :]
-    x = tl.load(x_base + ks[:, None].to(tl.int64) * S + v[None, :], mask=both,
-                other=float("-inf")).to(ACC)
+    x = tl.load(
+        x_base + ks[:, None].to(tl.int64) * S + v[None, :], mask=both, other=float("-inf")
+    ).to(ACC)
     mx = tl.where(inside, tl.max(x, axis=0), 0.0)
     e = tl.exp(x - mx[None, :])
     s = tl.where(inside, tl.sum(e, axis=0), 1.0)
@@ -44,9 +56,20 @@ def _softmax_tile(x_base, y_base, tile, S, K, ignore, HAS_IGNORE: tl.constexpr,
 
 
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, class_ptr, ce_ptr, S, K, ignore, tiles_per_prog,
-                    HAS_IGNORE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                    ACC: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    y_ptr,
+    class_ptr,
+    ce_ptr,
+    S,
+    K,
+    ignore,
+    tiles_per_prog,
+    HAS_IGNORE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     n_prog = tl.num_programs(1)
@@ -59,8 +82,8 @@ def _forward_kernel(x_ptr, y_ptr, class_ptr, ce_ptr, S, K, ignore, tiles_per_pro
     bad_count = tl.zeros([BLOCK], tl.int32)
     for t in range(0, tiles_per_prog):
         p, x, mx, s, hit, valid, bad, v, both = _softmax_tile(
-            x_base, y_base, pid * tiles_per_prog + t, S, K, ignore, HAS_IGNORE, K_PAD, BLOCK,
-            ACC)
+            x_base, y_base, pid * tiles_per_prog + t, S, K, ignore, HAS_IGNORE, K_PAD, BLOCK, ACC
+        )
         inter += tl.sum(tl.where(hit, p, 0.0), axis=1)
         pred += tl.sum(tl.where(valid[None, :], p, 0.0), axis=1)
         gt += tl.sum(hit.to(ACC), axis=1)
@@ -80,13 +103,25 @@ def _forward_kernel(x_ptr, y_ptr, class_ptr, ce_ptr, S, K, ignore, tiles_per_pro
 
 
 @triton.jit
-def _backward_kernel(gs_ptr, gc_ptr, x_ptr, y_ptr, grad_ptr, S, K, ignore,
-                     HAS_IGNORE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                     ACC: tl.constexpr):
+def _backward_kernel(
+    gs_ptr,
+    gc_ptr,
+    x_ptr,
+    y_ptr,
+    grad_ptr,
+    S,
+    K,
+    ignore,
+    HAS_IGNORE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     x_base = x_ptr + b * K * S
     p, x, mx, s, hit, valid, bad, v, both = _softmax_tile(
-        x_base, y_ptr + b * S, tl.program_id(1), S, K, ignore, HAS_IGNORE, K_PAD, BLOCK, ACC)
+        x_base, y_ptr + b * S, tl.program_id(1), S, K, ignore, HAS_IGNORE, K_PAD, BLOCK, ACC
+    )
     ks = tl.arange(0, K_PAD)
     g_inter = tl.load(gs_ptr + b * 3 * K + ks, mask=ks < K, other=0.0)
     g_pred = tl.load(gs_ptr + b * 3 * K + K + ks, mask=ks < K, other=0.0)
@@ -96,8 +131,11 @@ def _backward_kernel(gs_ptr, gc_ptr, x_ptr, y_ptr, grad_ptr, S, K, ignore,
     dot = tl.sum(p * gp, axis=0)
     grad = p * (gp - dot[None, :]) + g_ce * (p - hit.to(p.dtype))
     grad = tl.where(valid[None, :], grad, 0.0)
-    tl.store(grad_ptr + b * K * S + ks[:, None].to(tl.int64) * S + v[None, :],
-             grad.to(grad_ptr.dtype.element_ty), mask=both)
+    tl.store(
+        grad_ptr + b * K * S + ks[:, None].to(tl.int64) * S + v[None, :],
+        grad.to(grad_ptr.dtype.element_ty),
+        mask=both,
+    )
 
 
 def _tiles(logits: torch.Tensor) -> tuple[int, int]:
@@ -108,8 +146,9 @@ def _tiles(logits: torch.Tensor) -> tuple[int, int]:
 
 
 @kernel_op("anatomask_fast::dice_ce_loss_triton")
-def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
-                        ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def dice_ce_loss_triton(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_seg_loss("dice_ce_loss", logits, labels)
     x, y = logits.contiguous(), labels.contiguous()
     B, K = x.shape[:2]
@@ -128,16 +167,30 @@ def dice_ce_loss_triton(logits: torch.Tensor, labels: torch.Tensor,
     ce_part = new_output((B, n_prog), dtype=dtype, device=x.device)
     if B:
         launchable(_forward_kernel)[(B, n_prog)](
-            x, y, class_part, ce_part, S, K, 0 if ignore_index is None else ignore_index,
-            tiles_per_prog, HAS_IGNORE=ignore_index is not None, K_PAD=k_pad, BLOCK=block,
-            ACC=accumulation(x.dtype))
+            x,
+            y,
+            class_part,
+            ce_part,
+            S,
+            K,
+            0 if ignore_index is None else ignore_index,
+            tiles_per_prog,
+            HAS_IGNORE=ignore_index is not None,
+            K_PAD=k_pad,
+            BLOCK=block,
+            ACC=accumulation(x.dtype),
+        )
     return class_part.sum(1), ce_part.sum(1)
 
 
 @kernel_op("anatomask_fast::dice_ce_loss_backward_triton")
-def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: torch.Tensor,
-                                 logits: torch.Tensor, labels: torch.Tensor,
-                                 ignore_index: int | None) -> torch.Tensor:
+def dice_ce_loss_backward_triton(
+    grad_class_sums: torch.Tensor,
+    grad_ce_sums: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int | None,
+) -> torch.Tensor:
     op = "dice_ce_loss_backward"
     check_seg_loss(op, logits, labels)
     check_seg_loss_backward(op, grad_class_sums, grad_ce_sums, logits)
@@ -151,9 +204,19 @@ def dice_ce_loss_backward_triton(grad_class_sums: torch.Tensor, grad_ce_sums: to
     k_pad, block = _tiles(x)
     if x.numel():
         launchable(_backward_kernel)[(B, triton.cdiv(S, block))](
-            gs, gc, x, y, grad, S, K, 0 if ignore_index is None else ignore_index,
-            HAS_IGNORE=ignore_index is not None, K_PAD=k_pad, BLOCK=block,
-            ACC=accumulation(x.dtype))
+            gs,
+            gc,
+            x,
+            y,
+            grad,
+            S,
+            K,
+            0 if ignore_index is None else ignore_index,
+            HAS_IGNORE=ignore_index is not None,
+            K_PAD=k_pad,
+            BLOCK=block,
+            ACC=accumulation(x.dtype),
+        )
     return grad
 
 

@@ -8,6 +8,7 @@ labelled structure.
 
     python scripts/guidance_hypothesis.py RUN LABELLED [LABELLED ...] [--initialization]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def analyse(run_path: str, data: str, entry: str | None) -> dict:
     saved, config, path = load_run(run_path)
     run = run_data(saved, config, path.parent)
     volumes, _ = labelled_volumes(data, run, out=path.parent)
-    probe = GuidanceProbe(volumes, (64, 64, 64), batch_size=2, mask_ratio=0.6, hard_frac=0.5,
-                          repeats=1)
+    probe = GuidanceProbe(
+        volumes, (64, 64, 64), batch_size=2, mask_ratio=0.6, hard_frac=0.5, repeats=1
+    )
     net = _network(saved, config, torch.device("cpu"), entry)
     air, bone = (hu_threshold(run.normalization, hu) for hu in (-500.0, 300.0))
     errors, squares, variances, kinds = [], [], [], {"hard": [], "hidden": []}
@@ -75,27 +77,40 @@ def analyse(run_path: str, data: str, entry: str | None) -> dict:
         kinds["hard"].append({k: v[hard] for k, v in props.items()})
         kinds["hidden"].append({k: v[hidden] for k, v in props.items()})
     errors, squares, variances = (torch.cat(v) for v in (errors, squares, variances))
-    shares = {name: {k: float(torch.cat([d[k] for d in parts]).float().mean())
-                     for k in parts[0]} for name, parts in kinds.items()}
-    return {"patches": len(errors), "spearman_mean_square": spearman(errors, squares),
-            "spearman_variance": spearman(errors, variances), "shares": shares}
+    shares = {
+        name: {k: float(torch.cat([d[k] for d in parts]).float().mean()) for k in parts[0]}
+        for name, parts in kinds.items()
+    }
+    return {
+        "patches": len(errors),
+        "spearman_mean_square": spearman(errors, squares),
+        "spearman_variance": spearman(errors, variances),
+        "shares": shares,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run")
     parser.add_argument("data", nargs="+")
-    parser.add_argument("--initialization", action="store_true",
-                        help="the network at initialization instead of the run's teacher")
+    parser.add_argument(
+        "--initialization",
+        action="store_true",
+        help="the network at initialization instead of the run's teacher",
+    )
     args = parser.parse_args()
     entry = None if args.initialization else NETWORKS["teacher"]
     for data in args.data:
         found = analyse(args.run, data, entry)
-        shares = "; ".join(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items())
-                           for name, s in found["shares"].items())
-        print(f"{Path(data).name}: {found['patches']} hidden patches, Spearman(raw error, "
-              f"mean t^2) {found['spearman_mean_square']:.3f}, (raw error, variance) "
-              f"{found['spearman_variance']:.3f}; {shares}")
+        shares = "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items())
+            for name, s in found["shares"].items()
+        )
+        print(
+            f"{Path(data).name}: {found['patches']} hidden patches, Spearman(raw error, "
+            f"mean t^2) {found['spearman_mean_square']:.3f}, (raw error, variance) "
+            f"{found['spearman_variance']:.3f}; {shares}"
+        )
 
 
 if __name__ == "__main__":

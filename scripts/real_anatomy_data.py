@@ -24,6 +24,7 @@ Writes, at the files' own grids, paired ``images/`` + ``labels/`` folders (for
 
 Without the sdist path the script fetches it with pip.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -39,15 +40,17 @@ MRICRON = Path("/usr/share/mricron/templates")
 TOTALSEG = "totalsegmentator==2.18.0"
 REFERENCE = "tests/reference_files/"
 # ct_thorax: label files (on the full grid or a crop of it) -> label value, later wins.
-THORAX_LABELS = {"pulmonary_report/models/heart.nii.gz": 1,
-                 "aorta_report/test_result/models/brachiocephalic_trunk.nii.gz": 5,
-                 "aorta_report/test_result/models/common_carotid_artery_left.nii.gz": 5,
-                 "aorta_report/test_result/models/subclavian_artery_left.nii.gz": 5,
-                 "aorta_report/test_result/models/celiac_trunk.nii.gz": 5,
-                 "aorta_report/test_result/models/superior_mesenteric_artery.nii.gz": 5,
-                 "aorta_report/test_result/models/aorta.nii.gz": 2,
-                 "pulmonary_report/models/pulmonary_artery.nii.gz": 3,
-                 "aorta_report/test_result/models/vertebrae_T12.nii.gz": 4}
+THORAX_LABELS = {
+    "pulmonary_report/models/heart.nii.gz": 1,
+    "aorta_report/test_result/models/brachiocephalic_trunk.nii.gz": 5,
+    "aorta_report/test_result/models/common_carotid_artery_left.nii.gz": 5,
+    "aorta_report/test_result/models/subclavian_artery_left.nii.gz": 5,
+    "aorta_report/test_result/models/celiac_trunk.nii.gz": 5,
+    "aorta_report/test_result/models/superior_mesenteric_artery.nii.gz": 5,
+    "aorta_report/test_result/models/aorta.nii.gz": 2,
+    "pulmonary_report/models/pulmonary_artery.nii.gz": 3,
+    "aorta_report/test_result/models/vertebrae_T12.nii.gz": 4,
+}
 
 
 def _nilearn_data() -> Path:
@@ -56,14 +59,17 @@ def _nilearn_data() -> Path:
     return Path(nilearn.__file__).parent / "datasets" / "data"
 
 
-def _write(out: Path, name: str, modality: str, data: np.ndarray, affine: np.ndarray,
-           label: np.ndarray) -> None:
+def _write(
+    out: Path, name: str, modality: str, data: np.ndarray, affine: np.ndarray, label: np.ndarray
+) -> None:
     for folder in (name, modality.lower()):
         for sub in ("images", "labels"):
             (out / folder / sub).mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(data, affine), out / folder / "images" / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(label.astype(np.int16), affine),
-                 out / folder / "labels" / f"{name}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(label.astype(np.int16), affine),
+            out / folder / "labels" / f"{name}.nii.gz",
+        )
 
 
 def _array(image: nib.Nifti1Image) -> np.ndarray:
@@ -73,8 +79,21 @@ def _array(image: nib.Nifti1Image) -> np.ndarray:
 def _sdist(path: str | None, scratch: Path) -> Path:
     if path is not None:
         return Path(path)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                    ":all:", TOTALSEG, "-d", str(scratch)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            TOTALSEG,
+            "-d",
+            str(scratch),
+        ],
+        check=True,
+    )
     return next(scratch.glob("totalsegmentator-*.tar.gz"))
 
 
@@ -91,9 +110,10 @@ def _thorax_label(files: Path, grid: nib.Nifti1Image) -> np.ndarray:
     inverse = np.linalg.inv(grid.affine)
     for name, value in THORAX_LABELS.items():
         part = nib.load(files / name)
-        offset = inverse @ part.affine        # an integer translation of the full grid
-        if not np.allclose(offset[:3, :3], np.eye(3)) or \
-                not np.allclose(offset[:3, 3], np.round(offset[:3, 3])):
+        offset = inverse @ part.affine  # an integer translation of the full grid
+        if not np.allclose(offset[:3, :3], np.eye(3)) or not np.allclose(
+            offset[:3, 3], np.round(offset[:3, 3])
+        ):
             raise ValueError(f"{name} is not on a crop of the CT's grid")
         start = np.round(offset[:3, 3]).astype(int)
         where = tuple(slice(s, s + n) for s, n in zip(start, part.shape))
@@ -106,28 +126,48 @@ def main(out: Path, sdist: str | None) -> None:
     if not colin.exists():
         sys.exit(f"{colin} is missing: apt-get install -y mricron-data")
     image = nib.load(colin)
-    _write(out, "colin27", "MR", _array(image), image.affine,
-           np.asanyarray(nib.load(aal).dataobj))
+    _write(out, "colin27", "MR", _array(image), image.affine, np.asanyarray(nib.load(aal).dataobj))
     base = _nilearn_data()
     t1 = nib.load(base / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-    grey, white = (np.asanyarray(nib.load(base / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted"
-                                                  ".nii.gz").dataobj) / 255.0
-                   for k in ("gm", "wm"))
-    _write(out, "mni152", "MR", _array(t1), t1.affine,
-           np.where(white > 0.5, 2, np.where(grey > 0.5, 1, 0)))
+    grey, white = (
+        np.asanyarray(nib.load(base / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz").dataobj)
+        / 255.0
+        for k in ("gm", "wm")
+    )
+    _write(
+        out,
+        "mni152",
+        "MR",
+        _array(t1),
+        t1.affine,
+        np.where(white > 0.5, 2, np.where(grey > 0.5, 1, 0)),
+    )
     with tempfile.TemporaryDirectory() as scratch:
         files = _members(_sdist(sdist, Path(scratch)), Path(scratch))
         mr = nib.load(files / "example_mr_sm.nii.gz")
-        _write(out, "mr_abdomen", "MR", _array(mr), mr.affine,
-               np.asanyarray(nib.load(files / "example_seg_mr.nii.gz").dataobj))
+        _write(
+            out,
+            "mr_abdomen",
+            "MR",
+            _array(mr),
+            mr.affine,
+            np.asanyarray(nib.load(files / "example_seg_mr.nii.gz").dataobj),
+        )
         ct = nib.load(files / "example_ct.nii.gz")
-        _write(out, "ct_abdomen", "CT", _array(ct), ct.affine,
-               np.asanyarray(nib.load(files / "example_seg_fast_force_split.nii.gz").dataobj))
+        _write(
+            out,
+            "ct_abdomen",
+            "CT",
+            _array(ct),
+            ct.affine,
+            np.asanyarray(nib.load(files / "example_seg_fast_force_split.nii.gz").dataobj),
+        )
         thorax = nib.load(files / "aorta_report/example_ct.nii.gz")
-        _write(out, "ct_thorax", "CT", _array(thorax), thorax.affine,
-               _thorax_label(files, thorax))
-    print(f"wrote {out}/: colin27, mni152, mr_abdomen, ct_abdomen, ct_thorax (images/ + "
-          "labels/), and mr/, ct/ with each modality's volumes")
+        _write(out, "ct_thorax", "CT", _array(thorax), thorax.affine, _thorax_label(files, thorax))
+    print(
+        f"wrote {out}/: colin27, mni152, mr_abdomen, ct_abdomen, ct_thorax (images/ + "
+        "labels/), and mr/, ct/ with each modality's volumes"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ Only dynamic-network-architectures' Primus module is kept from importing (it pul
 timm and torchvision, which do not import against a CPU torch): master's own import
 guard then leaves Primus out. Prints one JSON line with what was checked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,13 +52,20 @@ class _NoPrimus(importlib.abc.MetaPathFinder):
 
 
 def _extract(repo: Path, work: Path) -> tuple[Path, str]:
-    commit = subprocess.run(["git", f"--git-dir={_git_dir(repo)}", "rev-parse", "HEAD"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", f"--git-dir={_git_dir(repo)}", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     target = work / "nnunet_master"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    archive = subprocess.run(["git", f"--git-dir={_git_dir(repo)}", "archive", "HEAD", "nnunetv2"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", f"--git-dir={_git_dir(repo)}", "archive", "HEAD", "nnunetv2"],
+        capture_output=True,
+        check=True,
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target, commit
 
@@ -85,9 +93,13 @@ def main() -> None:
     work = args.work.resolve()
     master, commit = _extract(args.nnunet, work)
     _raw_dataset(work)
-    os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-                      nnUNet_results=str(work / "results"), nnUNet_compile="false",
-                      nnUNet_n_proc_DA="1")
+    os.environ.update(
+        nnUNet_raw=str(work / "raw"),
+        nnUNet_preprocessed=str(work / "preprocessed"),
+        nnUNet_results=str(work / "results"),
+        nnUNet_compile="false",
+        nnUNet_n_proc_DA="1",
+    )
     sys.path.insert(0, str(master))
     sys.meta_path.insert(0, _NoPrimus())
 
@@ -95,39 +107,56 @@ def main() -> None:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.experiment_planning.like_nnssl import preprocess_like_nnssl
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints,
-                                                                      plan_experiments)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+    )
     from nnunetv2.run.run_training_from_pretrained import get_trainer_from_args
 
     assert Path(nnunetv2.__file__).is_relative_to(master), nnunetv2.__file__
     extract_fingerprints([17], num_processes=1, check_dataset_integrity=True, verbose=False)
     plan_experiments([17], experiment_planner_class_name="nnUNetPlannerResEncM")
-    preprocess_like_nnssl(dataset_id=17, pretrain_name="anatomask", pt_ckpt=str(args.checkpoint),
-                          adaptation_mode="like_pretrained", override_spacing=None,
-                          num_processes=1, verbose=False, overwrite_pp=True)
+    preprocess_like_nnssl(
+        dataset_id=17,
+        pretrain_name="anatomask",
+        pt_ckpt=str(args.checkpoint),
+        adaptation_mode="like_pretrained",
+        override_spacing=None,
+        num_processes=1,
+        verbose=False,
+        overwrite_pp=True,
+    )
     dataset = work / "preprocessed" / "Dataset017_Phantom"
     plans_file = next(dataset.glob("ptPlans__anatomask*.json"))
     plans = load_json(str(plans_file))
     # nnUNetv2_train_pretrained 17 3d_fullres 0 -p ptPlans__... -tr PretrainedTrainer
-    trainer = get_trainer_from_args("17", "3d_fullres", 0, "PretrainedTrainer", plans_file.stem,
-                                    device=torch.device("cpu"))
+    trainer = get_trainer_from_args(
+        "17", "3d_fullres", 0, "PretrainedTrainer", plans_file.stem, device=torch.device("cpu")
+    )
     trainer.initialize()
     saved = torch.load(args.checkpoint, weights_only=True)
     plan = saved["nnssl_adaptation_plan"]
     weights, state = saved["network_weights"], trainer.network.state_dict()
-    keys = [k for k in state if k.startswith((plan["key_to_encoder"] + ".",
-                                              plan["key_to_stem"] + "."))]
+    keys = [
+        k for k in state if k.startswith((plan["key_to_encoder"] + ".", plan["key_to_stem"] + "."))
+    ]
     differ = [k for k in keys if not torch.equal(state[k], weights[k])]
-    os.environ["nnUNet_n_proc_DA"] = "0"          # the data loader in this process
+    os.environ["nnUNet_n_proc_DA"] = "0"  # the data loader in this process
     trainer.on_train_start()
-    losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"])
-              for _ in range(args.steps)]
+    losses = [
+        float(trainer.train_step(next(trainer.dataloader_train))["loss"]) for _ in range(args.steps)
+    ]
     trainer.on_train_end()
-    report = {"nnunet_commit": commit, "plans": plans_file.name,
-              "network": type(trainer.network).__name__,
-              "patch_size": plans["configurations"]["3d_fullres"]["patch_size"],
-              "spacing": plans["configurations"]["3d_fullres"]["spacing"],
-              "encoder_and_stem_tensors": len(keys), "differ": differ, "train_losses": losses}
+    report = {
+        "nnunet_commit": commit,
+        "plans": plans_file.name,
+        "network": type(trainer.network).__name__,
+        "patch_size": plans["configurations"]["3d_fullres"]["patch_size"],
+        "spacing": plans["configurations"]["3d_fullres"]["spacing"],
+        "encoder_and_stem_tensors": len(keys),
+        "differ": differ,
+        "train_losses": losses,
+    }
     print(json.dumps(report))
     if differ or not keys:
         sys.exit(1)

@@ -1,6 +1,7 @@
 """Test setup: outputs are poisoned before kernels write them, and Triton kernels run
 under the interpreter on CPU tensors when there is no GPU. Both variables are read
 when the package and its kernels are imported, so they are set here, first."""
+
 import os
 
 os.environ.setdefault("ANATOMASK_POISON_OUTPUTS", "1")

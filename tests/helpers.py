@@ -1,4 +1,5 @@
 """Shared test utilities."""
+
 from __future__ import annotations
 
 import importlib
@@ -24,8 +25,14 @@ TOLERANCES = {
 }
 
 
-def random_mask(batch: int, grid: tuple[int, int, int], *, keep: float = 0.4,
-                generator: torch.Generator | None = None, device: str = "cpu") -> torch.Tensor:
+def random_mask(
+    batch: int,
+    grid: tuple[int, int, int],
+    *,
+    keep: float = 0.4,
+    generator: torch.Generator | None = None,
+    device: str = "cpu",
+) -> torch.Tensor:
     """A random visible mask (B, 1, h, w, d) with at least one visible cell per sample."""
     mask = torch.rand(batch, 1, *grid, generator=generator) < keep
     mask.view(batch, -1)[:, 0] = True
@@ -62,17 +69,28 @@ def nnunet_dataset(root: Path, planner: str = "ExperimentPlanner") -> Path:
         image, label = image[16:80, 16:80, 10:70], label[16:80, 16:80, 10:70]
         nib.save(nib.Nifti1Image(image, affine), raw / "imagesTr" / f"case{i}_0000.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), raw / "labelsTr" / f"case{i}.nii.gz")
-    (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "kidney": 2,
-                                                 "spleen": 3},
-        "numTraining": 2, "file_ending": ".nii.gz"}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_raw": str(root / "raw"),
-           "nnUNet_preprocessed": str(root / "preprocessed"),
-           "nnUNet_results": str(root / "results")}
+    (raw / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0, "liver": 1, "kidney": 2, "spleen": 3},
+                "numTraining": 2,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+    }
     script = root / "plan_and_preprocess.py"
     script.write_text(_NNUNET)
-    result = subprocess.run([sys.executable, str(script), planner], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), planner], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "preprocessed" / "Dataset017_Phantom"
 
@@ -92,8 +110,10 @@ def raw_op(name: str, backend: str):
 
 def on(device: str, *values):
     """``values`` with every tensor moved to ``device`` (leaves keep requires_grad)."""
-    return tuple(v.detach().to(device).requires_grad_(v.requires_grad)
-                 if isinstance(v, torch.Tensor) else v for v in values)
+    return tuple(
+        v.detach().to(device).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+        for v in values
+    )
 
 
 def opcheck(name: str, backend: str, device: str, *args) -> None:

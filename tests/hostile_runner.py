@@ -6,6 +6,7 @@ Before a case runs, its name is written (and flushed) to RESULTS.jsonl as a
 ``started`` line; after it, the outcome line. A case that kills the process leaves
 its ``started`` line last; ``run_cases`` then records it as a crash and starts a
 fresh child for the cases after it."""
+
 from __future__ import annotations
 
 import json
@@ -53,19 +54,30 @@ def main(out: str, names: list[str]) -> None:
             log.flush()
 
 
-def run_cases(names: list[str], out: Path, env: dict[str, str] | None = None,
-              timeout: float = 600) -> dict[str, dict]:
+def run_cases(
+    names: list[str], out: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> dict[str, dict]:
     """Outcome of every case, running them in as few child processes as crashes allow
     (a crash is recorded as error 'crash' with the child's exit status)."""
     results: dict[str, dict] = {}
     pending = list(names)
-    child_env = {**os.environ, "ANATOMASK_POISON_OUTPUTS": "1", "OMP_NUM_THREADS": "1",
-                 "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"), **(env or {})}
+    child_env = {
+        **os.environ,
+        "ANATOMASK_POISON_OUTPUTS": "1",
+        "OMP_NUM_THREADS": "1",
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"),
+        **(env or {}),
+    }
     while pending:
         out.unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "tests.hostile_runner", str(out), *pending],
-                              cwd=ROOT, env=child_env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.hostile_runner", str(out), *pending],
+            cwd=ROOT,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         started = None
         for line in out.read_text().splitlines() if out.exists() else []:
             record = json.loads(line)
@@ -77,11 +89,15 @@ def run_cases(names: list[str], out: Path, env: dict[str, str] | None = None,
         if proc.returncode == 0 and started is None:
             break
         if started is None:  # died outside any case (import error, ...)
-            raise RuntimeError(f"hostile runner failed (exit {proc.returncode}): "
-                               f"{proc.stderr[-3000:]}")
-        results[started] = {"name": started, "error": "crash",
-                            "message": f"exit status {proc.returncode}: {proc.stderr[-2000:]}"}
-        pending = pending[pending.index(started) + 1:]
+            raise RuntimeError(
+                f"hostile runner failed (exit {proc.returncode}): {proc.stderr[-3000:]}"
+            )
+        results[started] = {
+            "name": started,
+            "error": "crash",
+            "message": f"exit status {proc.returncode}: {proc.stderr[-2000:]}",
+        }
+        pending = pending[pending.index(started) + 1 :]
     return results
 
 

@@ -1,5 +1,6 @@
 """Inputs shared by the packing ops' tests (pack_patches, unpack_patches, pad_halo,
 pad_halo_backward): odd grids, anisotropic patches, single-voxel patches, B=1."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """anatomical_mask / random_mask on every backend: identical masks given the same noise,
 the spec's counts and top-k, uniformity of the random part, seeding, ids, bad input."""
+
 import itertools
 import math
 import subprocess
@@ -18,8 +19,14 @@ from .helpers import opcheck
 FIELDS = ("active", "hard", "ids_shuffle", "ids_restore")
 
 # (shape, mask_ratio): odd L, a 5-D grid, len_keep = 1 (L=10, 0.9), L=2.
-CASES = [((3, 10), 0.6), ((2, 1, 3, 5, 7), 0.6), ((4, 10), 0.9), ((2, 2), 0.5),
-         ((5, 392), 0.6), ((2, 1, 7, 7, 8), 0.75)]
+CASES = [
+    ((3, 10), 0.6),
+    ((2, 1, 3, 5, 7), 0.6),
+    ((4, 10), 0.9),
+    ((2, 2), 0.5),
+    ((5, 392), 0.6),
+    ((2, 1, 7, 7, 8), 0.75),
+]
 
 
 def make_errors(shape, gen, dtype=torch.float32):
@@ -29,7 +36,7 @@ def make_errors(shape, gen, dtype=torch.float32):
     L = errors.shape[1]
     errors[:, : L // 3] = 0.0
     errors[:, 0] = -0.0
-    errors[:, L // 3: L // 3 + 3] = 0.5
+    errors[:, L // 3 : L // 3 + 3] = 0.5
     return errors.reshape(shape).to(dtype)
 
 
@@ -153,15 +160,16 @@ def test_seed_reproducibility(backend, device):
     first = run(backend, errors, 0.6, 0.3, seed=5)
     assert torch.equal(run(backend, errors, 0.6, 0.3, seed=5).active, first.active)
     assert not torch.equal(run(backend, errors, 0.6, 0.3, seed=6).active, first.active)
-    assert not torch.equal(run(backend, errors, 0.6, 0.3, seed=5, offset=1000).active,
-                           first.active)
+    assert not torch.equal(run(backend, errors, 0.6, 0.3, seed=5, offset=1000).active, first.active)
     # The default seed comes from torch's generator.
     torch.manual_seed(42)
     drawn = run(backend, errors, 0.6, 0.3)
     torch.manual_seed(42)
     assert torch.equal(run(backend, errors, 0.6, 0.3).active, drawn.active)
-    assert torch.equal(run(backend, errors, 0.6, 0.3,
-                           generator=torch.Generator().manual_seed(42)).active, drawn.active)
+    assert torch.equal(
+        run(backend, errors, 0.6, 0.3, generator=torch.Generator().manual_seed(42)).active,
+        drawn.active,
+    )
     # Samples of one batch get different masks.
     assert not torch.equal(first.active[0], first.active[1])
 
@@ -193,7 +201,9 @@ def test_random_mask(backend, device, shape):
     noise = torch.rand(shape, device=device)
     with use_backend(backend):
         given = random_mask(shape, 0.6, noise=noise)
-    expected = torch.argsort(noise.reshape(shape[0], -1), dim=1, stable=True)[:, L - round(L * 0.4):]
+    expected = torch.argsort(noise.reshape(shape[0], -1), dim=1, stable=True)[
+        :, L - round(L * 0.4) :
+    ]
     assert torch.equal(ids_to_active(expected, shape), given.active)
 
 
@@ -262,33 +272,107 @@ def test_non_finite_errors_fail_on_the_device(backend):
     assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda e: anatomical_mask(e, 0.0, 0.3), ValueError, r"'mask_ratio' must be in \(0, 1\), got 0.0"),
-    (lambda e: anatomical_mask(e, 1.0, 0.3), ValueError, r"'mask_ratio' must be in \(0, 1\), got 1.0"),
-    (lambda e: anatomical_mask(e, -0.2, 0.3), ValueError, r"'mask_ratio'.*got -0.2"),
-    (lambda e: anatomical_mask(e, "0.6", 0.3), TypeError, r"'mask_ratio' must be a real number, got str"),
-    (lambda e: anatomical_mask(e, 0.6, -0.1), ValueError, r"'hard_frac' must be in \[0, 1\], got -0.1"),
-    (lambda e: anatomical_mask(e, 0.6, 1.5), ValueError, r"'hard_frac' must be in \[0, 1\], got 1.5"),
-    (lambda e: anatomical_mask(e, 0.99, 0.3), ValueError, r"keeps 0 of L=20"),
-    (lambda e: anatomical_mask(e.reshape(2, 2, 2, 5, 1), 0.6, 0.3), ValueError,
-     r"'errors' must have shape \(B, L\) or \(B, 1, h, w, d\), got \(2, 2, 2, 5, 1\)"),
-    (lambda e: anatomical_mask(e.reshape(40), 0.6, 0.3), ValueError, r"'errors' must have shape.*\(40,\)"),
-    (lambda e: anatomical_mask(e.reshape(2, 4, 5), 0.6, 0.3), ValueError, r"got \(2, 4, 5\)"),
-    (lambda e: anatomical_mask(e[:, :1], 0.6, 0.3), ValueError, r"L >= 2.*\(2, 1\)"),
-    (lambda e: anatomical_mask(e.long(), 0.6, 0.3), TypeError, r"'errors' must have dtype.*torch.int64"),
-    (lambda e: anatomical_mask(e.tolist(), 0.6, 0.3), TypeError, r"'errors' must be a torch.Tensor, got list"),
-    (lambda e: anatomical_mask(e, 0.6, 0.3, noise=torch.rand(2, 19)), ValueError, r"'noise' must have shape \(2, 20\)"),
-    (lambda e: anatomical_mask(e, 0.6, 0.3, noise=torch.rand(2, 20, device="meta")), ValueError, r"'noise' is on meta"),
-    (lambda e: anatomical_mask(e, 0.6, 0.3, noise=torch.full((2, 20), float("nan"))), ValueError, r"'noise' must be finite"),
-    (lambda e: anatomical_mask(e, 0.6, 0.3, seed=-1), ValueError, r"'seed' must be in \[0, 2\*\*63\), got -1"),
-    (lambda e: anatomical_mask(e, 0.6, 0.3, seed=1.5), TypeError, r"'seed' must be an int, got float"),
-    (lambda e: anatomical_mask(e, 0.6, 0.3, offset=-3), ValueError, r"'offset' must be in"),
-    (lambda e: random_mask((2, 1, 4, 5), 0.6), ValueError, r"random_mask: argument 'shape' must have shape"),
-    (lambda e: random_mask((2, 20), 1.2), ValueError, r"random_mask: argument 'mask_ratio'"),
-    (lambda e: ids_to_active(torch.zeros(3, 4, dtype=torch.long), (2, 20)), ValueError, r"'ids_keep' must be \(2, len_keep <= 20\)"),
-    (lambda e: ids_to_active(torch.zeros(2, 4, dtype=torch.int32), (2, 20)), TypeError, r"'ids_keep' must have dtype"),
-    (lambda e: active_to_ids(e), TypeError, r"'active' must have dtype in \(torch.bool\), got torch.float32"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda e: anatomical_mask(e, 0.0, 0.3),
+            ValueError,
+            r"'mask_ratio' must be in \(0, 1\), got 0.0",
+        ),
+        (
+            lambda e: anatomical_mask(e, 1.0, 0.3),
+            ValueError,
+            r"'mask_ratio' must be in \(0, 1\), got 1.0",
+        ),
+        (lambda e: anatomical_mask(e, -0.2, 0.3), ValueError, r"'mask_ratio'.*got -0.2"),
+        (
+            lambda e: anatomical_mask(e, "0.6", 0.3),
+            TypeError,
+            r"'mask_ratio' must be a real number, got str",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, -0.1),
+            ValueError,
+            r"'hard_frac' must be in \[0, 1\], got -0.1",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, 1.5),
+            ValueError,
+            r"'hard_frac' must be in \[0, 1\], got 1.5",
+        ),
+        (lambda e: anatomical_mask(e, 0.99, 0.3), ValueError, r"keeps 0 of L=20"),
+        (
+            lambda e: anatomical_mask(e.reshape(2, 2, 2, 5, 1), 0.6, 0.3),
+            ValueError,
+            r"'errors' must have shape \(B, L\) or \(B, 1, h, w, d\), got \(2, 2, 2, 5, 1\)",
+        ),
+        (
+            lambda e: anatomical_mask(e.reshape(40), 0.6, 0.3),
+            ValueError,
+            r"'errors' must have shape.*\(40,\)",
+        ),
+        (lambda e: anatomical_mask(e.reshape(2, 4, 5), 0.6, 0.3), ValueError, r"got \(2, 4, 5\)"),
+        (lambda e: anatomical_mask(e[:, :1], 0.6, 0.3), ValueError, r"L >= 2.*\(2, 1\)"),
+        (
+            lambda e: anatomical_mask(e.long(), 0.6, 0.3),
+            TypeError,
+            r"'errors' must have dtype.*torch.int64",
+        ),
+        (
+            lambda e: anatomical_mask(e.tolist(), 0.6, 0.3),
+            TypeError,
+            r"'errors' must be a torch.Tensor, got list",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, 0.3, noise=torch.rand(2, 19)),
+            ValueError,
+            r"'noise' must have shape \(2, 20\)",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, 0.3, noise=torch.rand(2, 20, device="meta")),
+            ValueError,
+            r"'noise' is on meta",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, 0.3, noise=torch.full((2, 20), float("nan"))),
+            ValueError,
+            r"'noise' must be finite",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, 0.3, seed=-1),
+            ValueError,
+            r"'seed' must be in \[0, 2\*\*63\), got -1",
+        ),
+        (
+            lambda e: anatomical_mask(e, 0.6, 0.3, seed=1.5),
+            TypeError,
+            r"'seed' must be an int, got float",
+        ),
+        (lambda e: anatomical_mask(e, 0.6, 0.3, offset=-3), ValueError, r"'offset' must be in"),
+        (
+            lambda e: random_mask((2, 1, 4, 5), 0.6),
+            ValueError,
+            r"random_mask: argument 'shape' must have shape",
+        ),
+        (lambda e: random_mask((2, 20), 1.2), ValueError, r"random_mask: argument 'mask_ratio'"),
+        (
+            lambda e: ids_to_active(torch.zeros(3, 4, dtype=torch.long), (2, 20)),
+            ValueError,
+            r"'ids_keep' must be \(2, len_keep <= 20\)",
+        ),
+        (
+            lambda e: ids_to_active(torch.zeros(2, 4, dtype=torch.int32), (2, 20)),
+            TypeError,
+            r"'ids_keep' must have dtype",
+        ),
+        (
+            lambda e: active_to_ids(e),
+            TypeError,
+            r"'active' must have dtype in \(torch.bool\), got torch.float32",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(call, error, match):
     errors = torch.rand(2, 20)
     with pytest.raises(error, match=match):
@@ -317,11 +401,12 @@ def test_exports():
 def test_non_finite_errors_stop_the_device(backend):
     """On a GPU the check is a device-side assertion (a host check would synchronize);
     it poisons the CUDA context, so it runs in a fresh process."""
-    code = ("import torch, anatomask_fast as a\n"
-            "e = torch.rand(2, 64, device='cuda'); e[1, 5] = float('nan')\n"
-            f"with a.use_backend({backend!r}):\n"
-            "    a.anatomical_mask(e, 0.6, 0.5).active.cpu()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import torch, anatomask_fast as a\n"
+        "e = torch.rand(2, 64, device='cuda'); e[1, 5] = float('nan')\n"
+        f"with a.use_backend({backend!r}):\n"
+        "    a.anatomical_mask(e, 0.6, 0.5).active.cpu()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "device-side assert" in done.stderr or "must be finite" in done.stderr, done.stderr

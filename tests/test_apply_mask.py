@@ -1,4 +1,5 @@
 """apply_mask on every backend against the reference (repeat_interleave + multiply)."""
+
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ SHAPES = [
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("batch,channels,spatial,grid", SHAPES)
-def test_matches_reference_forward_and_backward(backend, device, dtype, batch, channels,
-                                                spatial, grid):
+def test_matches_reference_forward_and_backward(
+    backend, device, dtype, batch, channels, spatial, grid
+):
     gen = torch.Generator().manual_seed(hash((batch, channels, spatial)) % 2**31)
     x = torch.randn(batch, channels, *spatial, generator=gen).to(device, dtype)
     active = random_mask(batch, grid, generator=gen, device=device)
@@ -92,15 +94,46 @@ def test_torch_compile_fullgraph_on_cpu():
     torch.testing.assert_close(x.grad, 8.0 * apply_mask_reference(x.detach(), active))
 
 
-@pytest.mark.parametrize("make_args,error,match", [
-    (lambda x: (x, torch.ones(2, 1, 2, 2, dtype=torch.bool)), ValueError, r"'active'.*\(2, 1, h, w, d\)"),
-    (lambda x: (x, torch.ones(3, 1, 2, 2, 2, dtype=torch.bool)), ValueError, r"'active'.*\(2, 1, h, w, d\)"),
-    (lambda x: (x, torch.ones(2, 1, 3, 2, 2, dtype=torch.bool)), ValueError, r"grid \(3, 2, 2\).*'active'.*\(8, 8, 8\)"),
-    (lambda x: (x, torch.ones(2, 1, 2, 2, 2)), TypeError, r"'active' must be a bool.*torch.float32"),
-    (lambda x: (x, torch.ones(2, 1, 2, 2, 2, dtype=torch.bool, device="meta")), ValueError, r"'active' is on meta"),
-    (lambda x: (x[0], torch.ones(2, 1, 2, 2, 2, dtype=torch.bool)), ValueError, r"'x' must be 5-D"),
-    (lambda x: (x.long(), torch.ones(2, 1, 2, 2, 2, dtype=torch.bool)), TypeError, r"'x' must have dtype"),
-])
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (
+            lambda x: (x, torch.ones(2, 1, 2, 2, dtype=torch.bool)),
+            ValueError,
+            r"'active'.*\(2, 1, h, w, d\)",
+        ),
+        (
+            lambda x: (x, torch.ones(3, 1, 2, 2, 2, dtype=torch.bool)),
+            ValueError,
+            r"'active'.*\(2, 1, h, w, d\)",
+        ),
+        (
+            lambda x: (x, torch.ones(2, 1, 3, 2, 2, dtype=torch.bool)),
+            ValueError,
+            r"grid \(3, 2, 2\).*'active'.*\(8, 8, 8\)",
+        ),
+        (
+            lambda x: (x, torch.ones(2, 1, 2, 2, 2)),
+            TypeError,
+            r"'active' must be a bool.*torch.float32",
+        ),
+        (
+            lambda x: (x, torch.ones(2, 1, 2, 2, 2, dtype=torch.bool, device="meta")),
+            ValueError,
+            r"'active' is on meta",
+        ),
+        (
+            lambda x: (x[0], torch.ones(2, 1, 2, 2, 2, dtype=torch.bool)),
+            ValueError,
+            r"'x' must be 5-D",
+        ),
+        (
+            lambda x: (x.long(), torch.ones(2, 1, 2, 2, 2, dtype=torch.bool)),
+            TypeError,
+            r"'x' must have dtype",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(make_args, error, match):
     x = torch.randn(2, 1, 8, 8, 8)
     with pytest.raises(error, match=match):

@@ -1,6 +1,7 @@
 """The phase profile's step (benchmarks/bench_pretrain_phases.py) is the training step:
 cut at the student's part boundaries and differentiated part by part, it gives the
 loss and gradients of one whole forward and backward, in both executions."""
+
 import contextlib
 import copy
 
@@ -9,8 +10,14 @@ import torch
 
 from anatomask_fast import patch_recon_loss
 from anatomask_fast.models.anatomask import reference_execution
-from benchmarks.bench_pretrain_phases import (PHASES, Meter, _union_ns, batch_loader, executions,
-                                              phased_step)
+from benchmarks.bench_pretrain_phases import (
+    PHASES,
+    Meter,
+    _union_ns,
+    batch_loader,
+    executions,
+    phased_step,
+)
 
 SIZE = dict(model="tiny", B=2, spatial=(32, 32, 32))
 
@@ -22,11 +29,12 @@ def test_phased_step_gives_the_loss_and_gradients_of_one_backward(backend):
     run.teacher.double()
     whole = copy.deepcopy(run.student)
     batches = ({"image": b["image"].double()} for b in batch_loader(SIZE, workers=0))
-    x = next(batch_loader(SIZE, workers=0))["image"].double()     # the same first batch
+    x = next(batch_loader(SIZE, workers=0))["image"].double()  # the same first batch
     grads = {}
     # The gradients as the optimizer gets them (and no update).
     run.optimizer.step = lambda: grads.update(
-        {n: p.grad.clone() for n, p in run.student.named_parameters() if p.grad is not None})
+        {n: p.grad.clone() for n, p in run.student.named_parameters() if p.grad is not None}
+    )
     meter = Meter("cpu", memory=False)
     loss, active = phased_step(run, batches, meter, "cpu", seed=3)
     assert list(meter.records) == list(PHASES)

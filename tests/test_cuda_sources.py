@@ -1,5 +1,6 @@
 """Without a GPU the CUDA kernels cannot run here, but nvcc must compile every CUDA
 source against the installed torch headers, so that a GPU machine can build them."""
+
 import glob
 import os
 import shutil
@@ -16,8 +17,9 @@ SOURCES = sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
 
 
 def nvcc() -> str:
-    found = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
-                                     if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    found = shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    )
     if found is None:
         if os.environ.get("CI"):
             pytest.fail("nvcc is not installed on this CI machine")
@@ -29,12 +31,20 @@ def nvcc() -> str:
 @pytest.mark.parametrize("source", SOURCES, ids=[Path(s).name for s in SOURCES])
 def test_cuda_source_compiles(source, tmp_path):
     command = [
-        nvcc(), "-c", source, "-o", str(tmp_path / "kernel.o"),
-        "-std=c++20", "-arch=sm_90", "--expt-relaxed-constexpr",
+        nvcc(),
+        "-c",
+        source,
+        "-o",
+        str(tmp_path / "kernel.o"),
+        "-std=c++20",
+        "-arch=sm_90",
+        "--expt-relaxed-constexpr",
         # The CPU torch wheel lacks the generated cuda_cmake_macros.h.
-        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DANATOMASK_WITH_CUDA",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-DANATOMASK_WITH_CUDA",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        "-Xcudafe", "--diag_suppress=3306",  # bit-field initializers in torch headers
+        "-Xcudafe",
+        "--diag_suppress=3306",  # bit-field initializers in torch headers
         *[f"-I{path}" for path in include_paths()],
         f"-I{sysconfig.get_paths()['include']}",
     ]

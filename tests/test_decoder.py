@@ -1,5 +1,6 @@
 """The light decoder's memory-lean execution computes what the plain one computes and
 stores less for backward."""
+
 import copy
 
 import pytest
@@ -66,8 +67,9 @@ def test_lean_stores_less():
 def test_eval_mode_and_no_grad_use_the_plain_path():
     decoder = LightDecoder(levels=3, width=32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(decoder(features(torch.float32), lean=True),
-                                   decoder(features(torch.float32)))
+        torch.testing.assert_close(
+            decoder(features(torch.float32), lean=True), decoder(features(torch.float32))
+        )
 
 
 def test_batchnorm_in_eval_mode_inside_a_training_decoder_uses_running_statistics():

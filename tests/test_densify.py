@@ -1,4 +1,5 @@
 """densify on every backend against the reference (repeat_interleave + torch.where)."""
+
 import pytest
 import torch
 
@@ -61,7 +62,9 @@ def edge_mask(case: str, device: str) -> torch.Tensor:
 def test_edge_masks(backend, device, case):
     x = torch.randn(2, 3, 8, 8, 8, device=device)
     active = edge_mask(case, device)
-    check_against_reference(backend, device, torch.float32, x, active, torch.randn(3, device=device))
+    check_against_reference(
+        backend, device, torch.float32, x, active, torch.randn(3, device=device)
+    )
 
 
 def test_gradcheck_cpp_kernel():
@@ -69,7 +72,9 @@ def test_gradcheck_cpp_kernel():
     token = torch.randn(1, 2, 1, 1, 1, dtype=torch.float64, requires_grad=True)
     active = random_mask(2, (2, 3, 1))
     with use_backend("cpu"):
-        assert torch.autograd.gradcheck(lambda a, b: anatomask_fast.densify(a, active, b), (x, token))
+        assert torch.autograd.gradcheck(
+            lambda a, b: anatomask_fast.densify(a, active, b), (x, token)
+        )
 
 
 @pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
@@ -99,13 +104,28 @@ def test_torch_compile_fullgraph_on_cpu():
     torch.testing.assert_close(token.grad, t_ref.grad)
 
 
-@pytest.mark.parametrize("make_args,error,match", [
-    (lambda x, m: (x, m, torch.randn(4)), ValueError, r"'mask_token' must have shape \(1, 3, 1, 1, 1\) or \(3,\).*\(4,\)"),
-    (lambda x, m: (x, m, torch.randn(1, 3)), ValueError, r"'mask_token'.*got \(1, 3\)"),
-    (lambda x, m: (x, m, torch.ones(3, dtype=torch.long)), TypeError, r"'mask_token' must have dtype"),
-    (lambda x, m: (x, torch.ones(2, 1, 3, 2, 2, dtype=torch.bool), torch.randn(3)), ValueError, r"grid \(3, 2, 2\).*\(8, 8, 8\)"),
-    (lambda x, m: (x[0], m, torch.randn(3)), ValueError, r"'x' must be 5-D"),
-])
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (
+            lambda x, m: (x, m, torch.randn(4)),
+            ValueError,
+            r"'mask_token' must have shape \(1, 3, 1, 1, 1\) or \(3,\).*\(4,\)",
+        ),
+        (lambda x, m: (x, m, torch.randn(1, 3)), ValueError, r"'mask_token'.*got \(1, 3\)"),
+        (
+            lambda x, m: (x, m, torch.ones(3, dtype=torch.long)),
+            TypeError,
+            r"'mask_token' must have dtype",
+        ),
+        (
+            lambda x, m: (x, torch.ones(2, 1, 3, 2, 2, dtype=torch.bool), torch.randn(3)),
+            ValueError,
+            r"grid \(3, 2, 2\).*\(8, 8, 8\)",
+        ),
+        (lambda x, m: (x[0], m, torch.randn(3)), ValueError, r"'x' must be 5-D"),
+    ],
+)
 def test_bad_input_names_the_argument(make_args, error, match):
     x = torch.randn(2, 3, 8, 8, 8)
     with pytest.raises(error, match=match):

@@ -1,5 +1,6 @@
 """dice_ce_loss and deep_supervision_loss on every backend against the reference
 (softmax tensor + one-hot by scatter + products + F.cross_entropy, as nnU-Net)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,9 @@ OPTIONS = [
 ]
 
 
-def make_inputs(batch, classes, spatial, dtype, device, *, seed=0, ignore_label=None,
-                channel_dim=False):
+def make_inputs(
+    batch, classes, spatial, dtype, device, *, seed=0, ignore_label=None, channel_dim=False
+):
     gen = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(batch, classes, *spatial, generator=gen)).to(device, dtype)
     labels = torch.randint(0, classes, (batch, *spatial), generator=gen)
@@ -62,9 +64,15 @@ def run_both(backend, logits, labels, **options):
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "default")
 @pytest.mark.parametrize("batch,classes,spatial", SHAPES)
 def test_matches_reference_fp32(backend, device, options, batch, classes, spatial):
-    logits, labels = make_inputs(batch, classes, spatial, torch.float32, device,
-                                 ignore_label=options.get("ignore_label"),
-                                 channel_dim=batch == 2)
+    logits, labels = make_inputs(
+        batch,
+        classes,
+        spatial,
+        torch.float32,
+        device,
+        ignore_label=options.get("ignore_label"),
+        channel_dim=batch == 2,
+    )
     out, expected, grad, grad_ref = run_both(backend, logits, labels, **options)
     assert out.dtype == torch.float32 and out.shape == ()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
@@ -105,7 +113,7 @@ def test_non_contiguous_logits_and_gradient_into_both_terms(backend, device):
             # Gradients reach the CE and the Dice through separate graph paths.
             ce_only = fn(x, labels, weight_dice=0.0)
             dice_only = fn(x, labels, weight_ce=0.0, batch_dice=True)
-            (3.0 * ce_only - 0.5 * dice_only ** 2).backward()
+            (3.0 * ce_only - 0.5 * dice_only**2).backward()
         results.append((ce_only, dice_only, x.grad))
     for got, want in zip(results[1], results[0]):
         assert_close_scaled(got, want, torch.float32)
@@ -132,6 +140,7 @@ def test_kernels_flag_invalid_labels_with_nan(backend):
         class_sums, ce_sums = torch.ops.anatomask_fast.dice_ce_loss(logits, labels, None)
     else:
         from anatomask_fast.kernels.seg_loss import dice_ce_loss_triton
+
         class_sums, ce_sums = dice_ce_loss_triton(logits, labels, None)
     assert ce_sums[0].isfinite() and ce_sums[1].isnan()
     assert class_sums[1, 2].sum() == 63  # the invalid voxel is counted nowhere
@@ -144,8 +153,9 @@ def test_sums_match_their_definition():
     counted = (labels != 9)[:, None]
     onehot = F.one_hot(labels.clamp(max=3), 4).permute(0, 4, 1, 2, 3) * counted
     dims = (2, 3, 4)
-    expected = torch.stack([(probs * onehot).sum(dims), (probs * counted).sum(dims),
-                            onehot.sum(dims).double()], 1)
+    expected = torch.stack(
+        [(probs * onehot).sum(dims), (probs * counted).sum(dims), onehot.sum(dims).double()], 1
+    )
     torch.testing.assert_close(class_sums, expected)
     torch.testing.assert_close(ce_sums, -(probs.log() * onehot).sum((1, 2, 3, 4)))
 
@@ -155,8 +165,8 @@ def test_gradcheck_cpp_kernel():
     logits.requires_grad_()
     with use_backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda t: anatomask_fast.dice_ce_loss(t, labels, ignore_label=0, do_bg=True),
-            (logits,))
+            lambda t: anatomask_fast.dice_ce_loss(t, labels, ignore_label=0, do_bg=True), (logits,)
+        )
 
 
 @pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
@@ -211,9 +221,15 @@ def test_deep_supervision_loss(backend, device):
     loss.backward()
     weights = deep_supervision_weights(len(sizes))
     copies = [o.detach().clone().requires_grad_() for o in outputs]
-    expected = sum(w * dice_ce_loss_reference(
-        o, F.interpolate(labels.float(), o.shape[2:], mode="nearest-exact").long(),
-        batch_dice=True) for w, o in zip(weights, copies))
+    expected = sum(
+        w
+        * dice_ce_loss_reference(
+            o,
+            F.interpolate(labels.float(), o.shape[2:], mode="nearest-exact").long(),
+            batch_dice=True,
+        )
+        for w, o in zip(weights, copies)
+    )
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     for out, ref in zip(outputs[:-1], copies[:-1]):
@@ -237,8 +253,11 @@ def bad_cases():
         (lambda: call(x, y, smooth="1"), TypeError, r"'smooth' must be a float"),
         (lambda: call(x, y, ignore_label=1.5), TypeError, r"'ignore_label' must be an int"),
         (lambda: anatomask_fast.deep_supervision_loss(x, y), TypeError, r"'outputs' must be"),
-        (lambda: anatomask_fast.deep_supervision_loss([x, x], y, weights=[1.0]), ValueError,
-         r"'weights' must have one entry per output \(2\)"),
+        (
+            lambda: anatomask_fast.deep_supervision_loss([x, x], y, weights=[1.0]),
+            ValueError,
+            r"'weights' must have one entry per output \(2\)",
+        ),
     ]
 
 

@@ -1,4 +1,5 @@
 """Backend reporting, selection and the fallback when the extension is missing."""
+
 import os
 import subprocess
 import sys
@@ -24,8 +25,9 @@ def test_backends_report_every_backend_with_a_reason():
         assert "interpreted" in report["triton"].detail
 
 
-@pytest.mark.skipif(os.environ.get("ANATOMASK_ALLOW_NO_EXT") == "1",
-                    reason="extension deliberately absent")
+@pytest.mark.skipif(
+    os.environ.get("ANATOMASK_ALLOW_NO_EXT") == "1", reason="extension deliberately absent"
+)
 def test_cpu_extension_is_built():
     assert anatomask_fast.backends()["cpu"].available, anatomask_fast.backends()["cpu"].detail
 
@@ -47,8 +49,10 @@ def test_environment_variable_forces(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "reference")
     assert APPLY_MASK.select(torch.device("cpu")) == "reference"
     with use_backend("auto"):
-        assert APPLY_MASK.select(torch.device("cpu")) != "reference" or not \
-            anatomask_fast.backends()["cpu"].available
+        assert (
+            APPLY_MASK.select(torch.device("cpu")) != "reference"
+            or not anatomask_fast.backends()["cpu"].available
+        )
     monkeypatch.setenv(BACKEND_ENV, "fastest")
     with pytest.raises(ValueError, match="ANATOMASK_BACKEND.*'fastest'"):
         APPLY_MASK.select(torch.device("cpu"))

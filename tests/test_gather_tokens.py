@@ -1,5 +1,6 @@
 """gather_tokens on every backend against MAE's way (torch.gather with a repeated
 index), forward and backward."""
+
 import pytest
 import torch
 
@@ -29,7 +30,6 @@ def test_matches_reference(backend, device, dtype, batch, length, channels, keep
     compare(out, expected, [x_test], [x_ref], dtype)
 
 
-
 def test_gradcheck_cpp_kernels():
     gen = torch.Generator().manual_seed(2)
     ids_keep, _ = shuffle(2, 6, 3, gen, "cpu")
@@ -47,18 +47,46 @@ def test_opcheck(backend, device):
     opcheck("gather_tokens_backward", backend, device, torch.randn(2, 3, 5), ids_keep, 8)
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda: anatomask_fast.gather_tokens(torch.randn(2, 6, 4), torch.tensor([[0, 6], [1, 2]])),
-     ValueError, r"'ids_keep' must hold indices in \[0, 6\) of the L=6 tokens of each sample; got a maximum of 6"),
-    (lambda: anatomask_fast.gather_tokens(torch.randn(2, 6, 4), torch.tensor([[0, 0], [1, 2]])),
-     ValueError, r"'ids_keep' must hold distinct indices"),
-    (lambda: anatomask_fast.gather_tokens(torch.randn(2, 6, 4), torch.zeros(2, 7, dtype=torch.long)),
-     ValueError, r"'ids_keep' must have at most L=6 columns, got \(2, 7\)"),
-    (lambda: anatomask_fast.gather_tokens(torch.randn(2, 6, 4), torch.zeros(3, 2, dtype=torch.long)),
-     ValueError, r"'ids_keep' must have shape \(2, n\), got \(3, 2\)"),
-    (lambda: anatomask_fast.gather_tokens(torch.randn(2, 6, 4), torch.zeros(2, 2, dtype=torch.int32)),
-     TypeError, r"'ids_keep' must have dtype in \(torch.int64\), got torch.int32"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda: anatomask_fast.gather_tokens(
+                torch.randn(2, 6, 4), torch.tensor([[0, 6], [1, 2]])
+            ),
+            ValueError,
+            r"'ids_keep' must hold indices in \[0, 6\) of the L=6 tokens of each sample; got a maximum of 6",
+        ),
+        (
+            lambda: anatomask_fast.gather_tokens(
+                torch.randn(2, 6, 4), torch.tensor([[0, 0], [1, 2]])
+            ),
+            ValueError,
+            r"'ids_keep' must hold distinct indices",
+        ),
+        (
+            lambda: anatomask_fast.gather_tokens(
+                torch.randn(2, 6, 4), torch.zeros(2, 7, dtype=torch.long)
+            ),
+            ValueError,
+            r"'ids_keep' must have at most L=6 columns, got \(2, 7\)",
+        ),
+        (
+            lambda: anatomask_fast.gather_tokens(
+                torch.randn(2, 6, 4), torch.zeros(3, 2, dtype=torch.long)
+            ),
+            ValueError,
+            r"'ids_keep' must have shape \(2, n\), got \(3, 2\)",
+        ),
+        (
+            lambda: anatomask_fast.gather_tokens(
+                torch.randn(2, 6, 4), torch.zeros(2, 2, dtype=torch.int32)
+            ),
+            TypeError,
+            r"'ids_keep' must have dtype in \(torch.int64\), got torch.int32",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -2,6 +2,7 @@
 and the benchmarks, and the layers train -> models -> ops -> kernels are never
 crossed upwards. Read statically from the source (an import inside a function ties
 two modules together as much as one at the top)."""
+
 from __future__ import annotations
 
 import ast
@@ -17,8 +18,11 @@ PACKAGES = ("anatomask_fast", "kernels", "benchmarks")
 FORBIDDEN = {
     "kernels": ("anatomask_fast.ops", "anatomask_fast.models", "anatomask_fast.train"),
     "anatomask_fast.ops": ("anatomask_fast.models", "anatomask_fast.train"),
-    "anatomask_fast.reference": ("anatomask_fast.ops", "anatomask_fast.models",
-                                 "anatomask_fast.train"),
+    "anatomask_fast.reference": (
+        "anatomask_fast.ops",
+        "anatomask_fast.models",
+        "anatomask_fast.train",
+    ),
     "anatomask_fast.models": ("anatomask_fast.train",),
 }
 
@@ -31,8 +35,10 @@ def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
         base = root / package
         for path in sorted(base.rglob("*.py")):
             relative = path.relative_to(root)
-            if any((root / Path(*relative.parts[:i])).is_symlink()
-                   for i in range(1, len(relative.parts))):
+            if any(
+                (root / Path(*relative.parts[:i])).is_symlink()
+                for i in range(1, len(relative.parts))
+            ):
                 continue
             name = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
             found[name] = path
@@ -40,9 +46,11 @@ def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _canonical(name: str) -> str:
-    return "kernels" + name[len("anatomask_fast.kernels"):] \
-        if name == "anatomask_fast.kernels" or name.startswith("anatomask_fast.kernels.") \
+    return (
+        "kernels" + name[len("anatomask_fast.kernels") :]
+        if name == "anatomask_fast.kernels" or name.startswith("anatomask_fast.kernels.")
         else name
+    )
 
 
 def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
@@ -117,8 +125,11 @@ def upward_imports(edges: dict[str, set[str]]) -> list[str]:
     for source, targets in edges.items():
         for layer, banned in FORBIDDEN.items():
             if source == layer or source.startswith(layer + "."):
-                bad += [f"{source} imports {t}" for t in sorted(targets)
-                        if any(t == b or t.startswith(b + ".") for b in banned)]
+                bad += [
+                    f"{source} imports {t}"
+                    for t in sorted(targets)
+                    if any(t == b or t.startswith(b + ".") for b in banned)
+                ]
     return bad
 
 
@@ -139,8 +150,7 @@ def test_the_checks_find_a_circle_and_an_upward_import(tmp_path):
     (tmp_path / "anatomask_fast" / "__init__.py").write_text("")
     (tmp_path / "anatomask_fast" / "ops" / "__init__.py").write_text("")
     (tmp_path / "anatomask_fast" / "ops" / "a.py").write_text("from . import b\n")
-    (tmp_path / "anatomask_fast" / "ops" / "b.py").write_text(
-        "def f():\n    from .a import g\n")
+    (tmp_path / "anatomask_fast" / "ops" / "b.py").write_text("def f():\n    from .a import g\n")
     (tmp_path / "kernels" / "__init__.py").write_text("")
     (tmp_path / "kernels" / "k.py").write_text("from anatomask_fast.ops.a import x\n")
     edges = graph(tmp_path, ("anatomask_fast", "kernels"))
@@ -150,5 +160,6 @@ def test_the_checks_find_a_circle_and_an_upward_import(tmp_path):
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_package_is_read(package):
-    assert any(name == package or name.startswith(package + ".")
-               for name in modules(ROOT, PACKAGES))
+    assert any(
+        name == package or name.startswith(package + ".") for name in modules(ROOT, PACKAGES)
+    )

@@ -4,6 +4,7 @@ plain-PyTorch reference ``<op>_reference`` in ``anatomask_fast/reference/<family
 a registered compiled backend (``<op>_cpu`` / ``<op>_cuda`` in ``csrc/cpu/<family>.cpp``
 and ``csrc/cuda/<family>.cu``, ``<op>_triton`` in ``kernels/<family>.py``),
 ``tests/test_<op>.py`` and ``benchmarks/bench_<op>.py``."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,8 +28,7 @@ def registered_ops() -> list[tuple[str, Op]]:
     found = []
     for module in pkgutil.iter_modules(anatomask_fast.ops.__path__):
         family = importlib.import_module(f"anatomask_fast.ops.{module.name}")
-        found += [(module.name, value) for value in vars(family).values()
-                  if isinstance(value, Op)]
+        found += [(module.name, value) for value in vars(family).values() if isinstance(value, Op)]
     return sorted(found, key=lambda item: item[1].name)
 
 
@@ -38,13 +38,18 @@ def layout_problems(family: str, op: Op, root: Path = ROOT) -> list[str]:
     public = getattr(importlib.import_module(f"anatomask_fast.ops.{family}"), name, None)
     if not callable(public) or getattr(anatomask_fast, name, None) is not public:
         problems.append(f"public function anatomask_fast.{name} (ops/{family}.py)")
-    if (getattr(op.reference, "__name__", None) != f"{name}_reference"
-            or op.reference.__module__ != f"anatomask_fast.reference.{family}"):
+    if (
+        getattr(op.reference, "__name__", None) != f"{name}_reference"
+        or op.reference.__module__ != f"anatomask_fast.reference.{family}"
+    ):
         problems.append(f"reference {name}_reference in anatomask_fast/reference/{family}.py")
     if op.cpp is None and op.triton is None:
         problems.append("a compiled backend (C++ or Triton)")
     if op.cpp is not None:
-        for source, suffix in ((f"csrc/cpu/{family}.cpp", "cpu"), (f"csrc/cuda/{family}.cu", "cuda")):
+        for source, suffix in (
+            (f"csrc/cpu/{family}.cpp", "cpu"),
+            (f"csrc/cuda/{family}.cu", "cuda"),
+        ):
             path = root / source
             text = path.read_text() if path.exists() else ""
             if not re.search(rf'm\.impl\("{op.cpp}",\s*&{name}_{suffix}\)', text):
@@ -62,9 +67,19 @@ OPS = registered_ops()
 
 def test_every_public_op_family_registers_ops():
     assert {op.name for _, op in OPS} >= {
-        "apply_mask", "densify", "sparse_norm", "gather_tokens", "scatter_tokens",
-        "dice_ce_loss", "anatomical_mask", "patch_recon_loss", "pack_patches",
-        "unpack_patches", "pad_halo", "pad_halo_backward"}
+        "apply_mask",
+        "densify",
+        "sparse_norm",
+        "gather_tokens",
+        "scatter_tokens",
+        "dice_ce_loss",
+        "anatomical_mask",
+        "patch_recon_loss",
+        "pack_patches",
+        "unpack_patches",
+        "pad_halo",
+        "pad_halo_backward",
+    }
 
 
 @pytest.mark.parametrize("family,op", OPS, ids=[op.name for _, op in OPS])
@@ -77,8 +92,9 @@ def test_compiled_backends_are_registered(family, op):
     """The C++ operator has a CPU kernel in the loaded extension; the Triton operator
     exists once its kernel module is imported."""
     if op.cpp is not None and _extension.load()[0] is not None:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anatomask_fast::{op.cpp}",
-                                                              "CPU"), op.cpp
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anatomask_fast::{op.cpp}", "CPU"), (
+            op.cpp
+        )
     if op.triton is not None:
         module, function = op.triton.split(":")
         kernels = importlib.import_module(f"anatomask_fast.kernels.{module}")
@@ -88,8 +104,9 @@ def test_compiled_backends_are_registered(family, op):
 
 def test_the_rule_finds_what_is_missing(tmp_path):
     """An op without test, benchmark, C++ kernels, Triton name or reference is named."""
-    orphan = Op("orphan_op", reference=lambda x: x, cpp="orphan_op",
-                triton="gather_scatter:something_else")
+    orphan = Op(
+        "orphan_op", reference=lambda x: x, cpp="orphan_op", triton="gather_scatter:something_else"
+    )
     try:
         problems = layout_problems("gather_scatter", orphan, root=tmp_path)
     finally:
@@ -100,4 +117,6 @@ def test_the_rule_finds_what_is_missing(tmp_path):
         'm.impl("orphan_op", &orphan_op_cpu) in csrc/cpu/gather_scatter.cpp',
         'm.impl("orphan_op", &orphan_op_cuda) in csrc/cuda/gather_scatter.cu',
         "Triton kernel gather_scatter:orphan_op_triton (registered: gather_scatter:something_else)",
-        "tests/test_orphan_op.py", "benchmarks/bench_orphan_op.py"]
+        "tests/test_orphan_op.py",
+        "benchmarks/bench_orphan_op.py",
+    ]

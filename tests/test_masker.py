@@ -1,5 +1,6 @@
 """The drop-in masker: counters and schedule, both mask conventions, seeding per
 rank and step, resume, and clear errors."""
+
 import pytest
 import torch
 
@@ -7,8 +8,9 @@ from anatomask_fast.masker import AnatoMasker
 
 
 def make(**kw):
-    return AnatoMasker(**{"grid": (2, 3, 4), "mask_ratio": 0.5, "total_epochs": 5,
-                          "steps_per_epoch": 3, **kw})
+    return AnatoMasker(
+        **{"grid": (2, 3, 4), "mask_ratio": 0.5, "total_epochs": 5, "steps_per_epoch": 3, **kw}
+    )
 
 
 def test_random_and_anatomical_masks_in_both_conventions():
@@ -19,12 +21,12 @@ def test_random_and_anatomical_masks_in_both_conventions():
     assert teacher.ids_keep.shape == (4, 12) and teacher.ids_restore.shape == (4, 24)
     flat = teacher.active.view(4, -1)
     assert torch.equal(torch.gather(flat, 1, teacher.ids_keep), torch.ones(4, 12, dtype=torch.bool))
-    masker.set_epoch(4)                       # linear schedule at its top: 0.5 * 5 / 4 -> 0.625
+    masker.set_epoch(4)  # linear schedule at its top: 0.5 * 5 / 4 -> 0.625
     errors = torch.rand(4, 24)
     mask = masker.anatomical(errors)
     n_hard = int(12 * masker.hard_frac)
     top = errors.topk(n_hard, dim=1).indices
-    assert (~mask.active.gather(1, top)).all()          # the largest errors are hidden
+    assert (~mask.active.gather(1, top)).all()  # the largest errors are hidden
     assert mask.hard.sum(1).tolist() == [n_hard] * 4
 
 
@@ -65,4 +67,6 @@ def test_errors_from_the_fused_loss():
     mask = masker.random(2, "cpu")
     errors = masker.errors(torch.randn_like(x), x, mask, (4, 4, 4))
     assert errors.shape == (2, 24)
-    assert (errors[mask.active.view(2, -1)] == 0).all() and (errors[mask.hidden.view(2, -1)] > 0).all()
+    assert (errors[mask.active.view(2, -1)] == 0).all() and (
+        errors[mask.hidden.view(2, -1)] > 0
+    ).all()

@@ -1,5 +1,6 @@
 """benchmarks.memory_timeline: the peak of live tensor bytes it reports is exact on a
 known allocation pattern, and it finds the start of backward."""
+
 import torch
 
 from benchmarks.memory_timeline import MIB, timeline
@@ -10,7 +11,7 @@ def test_peak_of_a_known_allocation_pattern():
         a = torch.ones(4 * MIB, dtype=torch.uint8)
         b = torch.ones(8 * MIB, dtype=torch.uint8)
         del a
-        c = torch.ones(2 * MIB, dtype=torch.uint8)    # reuses nothing: 10 MiB live < 12
+        c = torch.ones(2 * MIB, dtype=torch.uint8)  # reuses nothing: 10 MiB live < 12
         del b, c
 
     found = timeline(run, "cpu", window_ms=10_000, min_bytes=MIB)
@@ -20,10 +21,10 @@ def test_peak_of_a_known_allocation_pattern():
 
 
 def test_live_bytes_at_the_start_of_backward():
-    x = torch.randn(MIB // 4, requires_grad=True)          # 1 MiB of fp32
+    x = torch.randn(MIB // 4, requires_grad=True)  # 1 MiB of fp32
 
     def run() -> None:
-        y = x.exp()                       # saved for backward: 1 MiB live
+        y = x.exp()  # saved for backward: 1 MiB live
         y.sum().backward()
         x.grad = None
 

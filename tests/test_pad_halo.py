@@ -1,6 +1,7 @@
 """pad_halo on every backend against the reference, forward and backward (its
 backward is the gather-add adjoint, pad_halo_backward), and a padding-0 convolution on
 the halo'd patches equal to the dense masked convolution."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,16 +57,18 @@ def test_conv_on_halo_equals_dense_masked_conv(backend, device, stride, lo, hi):
     dense = apply_mask_reference(F.conv3d(x, weight, stride=stride, padding=1), active.to(device))
     with use_backend(backend):
         packed = pad_halo(pack_patches(x, patches, slots), neighbours, lo, hi)
-        out = unpack_patches(F.conv3d(packed, weight, stride=stride), coarse.patches.to(device),
-                             coarse.slots.to(device))
+        out = unpack_patches(
+            F.conv3d(packed, weight, stride=stride),
+            coarse.patches.to(device),
+            coarse.slots.to(device),
+        )
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_gradcheck_cpp_kernels():
     layout, packed = packed_case(torch.float64, 3)
     with use_backend("cpu"):
-        assert torch.autograd.gradcheck(
-            lambda p: pad_halo(p, layout.neighbours, 1, 1), (packed,))
+        assert torch.autograd.gradcheck(lambda p: pad_halo(p, layout.neighbours, 1, 1), (packed,))
 
 
 @pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
@@ -74,12 +77,23 @@ def test_opcheck(backend, device):
     opcheck("pad_halo", backend, device, packed, layout.neighbours, 1, 0)
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x, lay: pad_halo(pack_patches(x, lay.patches, lay.slots), lay.neighbours, 5, 1),
-     ValueError, r"'lo' must be an int in \[0, 4\].*got 5"),
-    (lambda x, lay: pad_halo(pack_patches(x, lay.patches, lay.slots), lay.neighbours[:, :9], 1,
-                             1), ValueError, r"'neighbours' must have shape \(\d+, 27\)"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda x, lay: pad_halo(pack_patches(x, lay.patches, lay.slots), lay.neighbours, 5, 1),
+            ValueError,
+            r"'lo' must be an int in \[0, 4\].*got 5",
+        ),
+        (
+            lambda x, lay: pad_halo(
+                pack_patches(x, lay.patches, lay.slots), lay.neighbours[:, :9], 1, 1
+            ),
+            ValueError,
+            r"'neighbours' must have shape \(\d+, 27\)",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(call, error, match):
     bad_layout_call(call, error, match)
 

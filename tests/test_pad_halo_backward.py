@@ -1,5 +1,6 @@
 """pad_halo_backward (the adjoint of pad_halo, a deterministic gather-add) on every
 backend against the reference's autograd adjoint, and its own backward (pad_halo)."""
+
 import pytest
 import torch
 
@@ -32,11 +33,13 @@ def test_matches_reference(backend, device, dtype, lo, hi, batch, channels, grid
 def test_gradcheck_cpp_kernels():
     """Its own backward is pad_halo (the adjoint of the adjoint)."""
     layout, packed = packed_case(torch.float64, 3)
-    halo = torch.randn(pad_halo(packed, layout.neighbours, 1, 0).shape, dtype=torch.float64,
-                       requires_grad=True)
+    halo = torch.randn(
+        pad_halo(packed, layout.neighbours, 1, 0).shape, dtype=torch.float64, requires_grad=True
+    )
     with use_backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda g: pad_halo_backward(g, layout.neighbours, 1, 0), (halo,))
+            lambda g: pad_halo_backward(g, layout.neighbours, 1, 0), (halo,)
+        )
 
 
 @pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
@@ -46,10 +49,18 @@ def test_opcheck(backend, device):
     opcheck("pad_halo_backward", backend, device, halo, layout.neighbours, 1, 1)
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x, lay: pad_halo_backward(pack_patches(x, lay.patches, lay.slots), lay.neighbours,
-                                      2, 1), ValueError, r"pad_halo_backward: argument 'lo' must "
-                                                         r"be an int in \[0, 1\].*got 2"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda x, lay: pad_halo_backward(
+                pack_patches(x, lay.patches, lay.slots), lay.neighbours, 2, 1
+            ),
+            ValueError,
+            r"pad_halo_backward: argument 'lo' must "
+            r"be an int in \[0, 1\].*got 2",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(call, error, match):
     bad_layout_call(call, error, match)

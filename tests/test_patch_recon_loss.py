@@ -1,5 +1,6 @@
 """patch_recon_loss on every backend against the reference (patchify, normalize,
 squared error, masked mean), forward and both gradient paths (loss and per_patch)."""
+
 import pytest
 import torch
 
@@ -16,12 +17,18 @@ SHAPES = [
     (3, 2, (6, 4, 9), (3, 2, 3)),
     (2, 1, (8, 8, 16), (2, 4, 16)),
 ]
-MODES = [dict(norm_pix=True), dict(norm_pix=False), dict(norm_pix=True, hidden_only=True),
-         dict(norm_pix=False, hidden_only=True)]
+MODES = [
+    dict(norm_pix=True),
+    dict(norm_pix=False),
+    dict(norm_pix=True, hidden_only=True),
+    dict(norm_pix=False, hidden_only=True),
+]
 # Per-patch results are fp32 from identical input values on every backend: they differ
 # only in the order of fp32 sums (float64 inputs are computed in float64).
-RESULT_TOLERANCES = {dtype: TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
-                     for dtype in TOLERANCES}
+RESULT_TOLERANCES = {
+    dtype: TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
+    for dtype in TOLERANCES
+}
 
 
 def grid_of(spatial, patch):
@@ -32,8 +39,9 @@ def run(fn, rec, x, active, patch, **options):
     """(loss, per_patch, rec.grad) with a gradient through both outputs."""
     rec = rec.detach().clone().requires_grad_()
     loss, per_patch = fn(rec, x, active, patch, **options)
-    weights = torch.linspace(0.5, 2.0, per_patch.numel(), dtype=per_patch.dtype,
-                             device=per_patch.device).view(per_patch.shape)
+    weights = torch.linspace(
+        0.5, 2.0, per_patch.numel(), dtype=per_patch.dtype, device=per_patch.device
+    ).view(per_patch.shape)
     (loss + (per_patch * weights).sum()).backward()
     return loss.detach(), per_patch.detach(), rec.grad
 
@@ -42,6 +50,7 @@ def run_backend(backend, *args, **options):
     def fused(*inner, **kw):
         with use_backend(backend):
             return patch_recon_loss(*inner, **kw)
+
     return run(fused, *args, **options)
 
 
@@ -101,7 +110,7 @@ def test_constant_patch_has_zero_variance(backend, device, value):
     active = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool, device=device)
     loss, per_patch, grad = run_backend(backend, rec, x, active, 4)
     constant = rec[0, :, :4, :4, 4:]
-    torch.testing.assert_close(per_patch[0, 1], (constant ** 2).mean())
+    torch.testing.assert_close(per_patch[0, 1], (constant**2).mean())
     expected = run(patch_recon_loss_reference, rec, x, active, 4)
     assert_matches((loss, per_patch, grad), expected, torch.float32)
 
@@ -111,6 +120,7 @@ def test_patches_larger_than_one_chunk(backend, device, monkeypatch):
     """The Triton forward streams patches larger than its one-chunk limit."""
     if backend == "triton":
         from anatomask_fast.kernels import patch_loss as kernels
+
         monkeypatch.setitem(kernels.MAX_ONE_CHUNK, device, 64)
         monkeypatch.setitem(kernels.CHUNK, device, 128)  # 4.5 chunks per patch
     x = torch.randn(2, 3, 8, 8, 12, device=device)
@@ -184,15 +194,28 @@ def test_opcheck(backend, device):
         opcheck("patch_recon_loss", backend, device, rec, x, active, norm_pix, 1e-6, hidden_only)
     _, mean, rstd = torch.ops.anatomask_fast.patch_recon_loss(rec, x, active, True, 1e-6, False)
     grad = torch.randn(mean.shape)
-    opcheck("patch_recon_loss_backward", backend, device, grad, rec.detach(), x, active, mean,
-            rstd, False)
+    opcheck(
+        "patch_recon_loss_backward",
+        backend,
+        device,
+        grad,
+        rec.detach(),
+        x,
+        active,
+        mean,
+        rstd,
+        False,
+    )
 
 
-@pytest.mark.parametrize("backend,device", [
-    pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[gpu, pytest.mark.gpu]),
-    pytest.param("cuda", "cuda", id="cuda", marks=[gpu, pytest.mark.gpu]),
-])
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        pytest.param("cpu", "cpu", id="cpu"),
+        pytest.param("triton", "cuda", id="triton-cuda", marks=[gpu, pytest.mark.gpu]),
+        pytest.param("cuda", "cuda", id="cuda", marks=[gpu, pytest.mark.gpu]),
+    ],
+)
 def test_torch_compile_fullgraph(backend, device):
     x = torch.randn(2, 1, 8, 8, 8, device=device)
     rec = torch.randn(x.shape, device=device, requires_grad=True)
@@ -215,27 +238,57 @@ def test_torch_compile_fullgraph(backend, device):
 
 def _args(**changes):
     x = torch.randn(2, 1, 8, 8, 8)
-    args = dict(rec=torch.randn(2, 1, 8, 8, 8), x=x, active=random_mask(2, (2, 2, 2)),
-                patch_size=4)
+    args = dict(rec=torch.randn(2, 1, 8, 8, 8), x=x, active=random_mask(2, (2, 2, 2)), patch_size=4)
     args.update(changes)
     return args
 
 
-@pytest.mark.parametrize("changes,error,match", [
-    (dict(rec=torch.randn(2, 1, 8, 8, 4)), ValueError, r"'rec'.*shape of 'x' \(2, 1, 8, 8, 8\).*\(2, 1, 8, 8, 4\)"),
-    (dict(rec=torch.randn(2, 1, 8, 8, 8, dtype=torch.float64)), TypeError, r"'rec'.*dtype of 'x'.*float64"),
-    (dict(rec=torch.randn(2, 1, 8, 8, 8, device="meta")), ValueError, r"'rec' is on meta"),
-    (dict(active=torch.ones(2, 1, 2, 2, 2, dtype=torch.bool, device="meta")), ValueError, r"'active' is on meta"),
-    (dict(patch_size=3), ValueError, r"spatial shape \(8, 8, 8\).*divisible.*'patch_size' \(3, 3, 3\)"),
-    (dict(patch_size=(4, 4)), ValueError, r"'patch_size' must be 3 positive ints.*\(4, 4\)"),
-    (dict(patch_size=0), ValueError, r"'patch_size' must be 3 positive ints.*\(0, 0, 0\)"),
-    (dict(patch_size=4.0), TypeError, r"'patch_size' must be an int or 3 ints, got 4.0"),
-    (dict(patch_size=2), ValueError, r"'active' must have the patch grid \(2, 1, 4, 4, 4\).*\(2, 1, 2, 2, 2\)"),
-    (dict(active=torch.ones(2, 1, 2, 2, 2)), TypeError, r"'active' must be a bool.*torch.float32"),
-    (dict(active=torch.ones(3, 1, 2, 2, 2, dtype=torch.bool)), ValueError, r"'active'.*\(2, 1, h, w, d\)"),
-    (dict(x=torch.randn(2, 8, 8, 8)), ValueError, r"'x' must be 5-D"),
-    (dict(x=torch.ones(2, 1, 8, 8, 8, dtype=torch.long)), TypeError, r"'x' must have dtype"),
-])
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (
+            dict(rec=torch.randn(2, 1, 8, 8, 4)),
+            ValueError,
+            r"'rec'.*shape of 'x' \(2, 1, 8, 8, 8\).*\(2, 1, 8, 8, 4\)",
+        ),
+        (
+            dict(rec=torch.randn(2, 1, 8, 8, 8, dtype=torch.float64)),
+            TypeError,
+            r"'rec'.*dtype of 'x'.*float64",
+        ),
+        (dict(rec=torch.randn(2, 1, 8, 8, 8, device="meta")), ValueError, r"'rec' is on meta"),
+        (
+            dict(active=torch.ones(2, 1, 2, 2, 2, dtype=torch.bool, device="meta")),
+            ValueError,
+            r"'active' is on meta",
+        ),
+        (
+            dict(patch_size=3),
+            ValueError,
+            r"spatial shape \(8, 8, 8\).*divisible.*'patch_size' \(3, 3, 3\)",
+        ),
+        (dict(patch_size=(4, 4)), ValueError, r"'patch_size' must be 3 positive ints.*\(4, 4\)"),
+        (dict(patch_size=0), ValueError, r"'patch_size' must be 3 positive ints.*\(0, 0, 0\)"),
+        (dict(patch_size=4.0), TypeError, r"'patch_size' must be an int or 3 ints, got 4.0"),
+        (
+            dict(patch_size=2),
+            ValueError,
+            r"'active' must have the patch grid \(2, 1, 4, 4, 4\).*\(2, 1, 2, 2, 2\)",
+        ),
+        (
+            dict(active=torch.ones(2, 1, 2, 2, 2)),
+            TypeError,
+            r"'active' must be a bool.*torch.float32",
+        ),
+        (
+            dict(active=torch.ones(3, 1, 2, 2, 2, dtype=torch.bool)),
+            ValueError,
+            r"'active'.*\(2, 1, h, w, d\)",
+        ),
+        (dict(x=torch.randn(2, 8, 8, 8)), ValueError, r"'x' must be 5-D"),
+        (dict(x=torch.ones(2, 1, 8, 8, 8, dtype=torch.long)), TypeError, r"'x' must have dtype"),
+    ],
+)
 def test_bad_input_names_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
         patch_recon_loss(**_args(**changes))

@@ -1,5 +1,6 @@
 """The pretraining network: the library's execution (packed encoder, fused ops, lean
 decoder) gives the reference execution's reconstruction, loss and gradients."""
+
 import copy
 
 import pytest
@@ -17,7 +18,12 @@ def loss_and_grads(net, x, active):
     rec = net(x, active)
     loss, per_patch = patch_recon_loss(rec, x, active, 16)
     loss.backward()
-    return rec, loss, per_patch, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    return (
+        rec,
+        loss,
+        per_patch,
+        {n: p.grad for n, p in net.named_parameters() if p.grad is not None},
+    )
 
 
 def run_both(per_sample: bool, mask_ratio: float, dtype: torch.dtype, device: str = "cpu"):
@@ -37,7 +43,8 @@ def run_both(per_sample: bool, mask_ratio: float, dtype: torch.dtype, device: st
 def test_library_execution_equals_reference_execution_float64(per_sample, mask_ratio, device):
     """Same math: in float64 every output and gradient agrees to rounding."""
     (rec, loss, per_patch, grads), (rec_r, loss_r, per_patch_r, grads_r) = run_both(
-        per_sample, mask_ratio, torch.float64, device)
+        per_sample, mask_ratio, torch.float64, device
+    )
     torch.testing.assert_close(loss, loss_r, rtol=1e-11, atol=0)
     torch.testing.assert_close(rec, rec_r, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(per_patch, per_patch_r, rtol=1e-9, atol=1e-12)
@@ -68,15 +75,17 @@ def test_step_masks_are_exact_and_reproducible():
     student = AnatoMaskNet("tiny", 1)
     teacher = copy.deepcopy(student).requires_grad_(False)
     x = torch.randn(2, 1, 32, 32, 64)
-    loss, mask, rec, _, _ = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0,
-                                          seed=7, teacher_target="raw")
+    loss, mask, rec, _, _ = pretrain_step(
+        student, teacher, x, mask_ratio=0.5, hard_frac=1.0, seed=7, teacher_target="raw"
+    )
     assert torch.isfinite(loss) and rec.shape == x.shape
     assert mask.active.shape == (2, 1, 2, 2, 4)
     # L = 16, len_keep = 8; hard_frac 1 makes all 8 hidden patches loss-chosen.
     assert mask.active.view(2, -1).sum(1).tolist() == [8, 8]
     assert (mask.hard & mask.active).sum() == 0 and mask.hard.view(2, -1).sum(1).tolist() == [8, 8]
-    again = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=1.0, seed=7,
-                          teacher_target="raw").mask
+    again = pretrain_step(
+        student, teacher, x, mask_ratio=0.5, hard_frac=1.0, seed=7, teacher_target="raw"
+    ).mask
     assert torch.equal(again.active, mask.active)
 
 
@@ -97,8 +106,9 @@ def test_step_under_bf16_autocast(device):
     def step(amp: bool):
         student.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            loss = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=1,
-                                 teacher_target="raw").loss
+            loss = pretrain_step(
+                student, teacher, x, mask_ratio=0.6, hard_frac=0.25, seed=1, teacher_target="raw"
+            ).loss
         loss.backward()
         return loss.item(), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
 
@@ -128,6 +138,7 @@ def test_teacher_pass_skipped_when_no_patch_is_chosen_by_its_error():
     teacher.forward = refuse
     skipped = pretrain_step(student, teacher, x, mask_ratio=0.5, hard_frac=0.1, seed=7)
     assert skipped.mask.n_hard == 0 and not skipped.teacher_errors.any()
-    expected = anatomical_mask(with_errors.teacher_errors.view(2, 1, 2, 2, 4), 0.5, 0.1,
-                               seed=_seed(7, 1))
+    expected = anatomical_mask(
+        with_errors.teacher_errors.view(2, 1, 2, 2, 4), 0.5, 0.1, seed=_seed(7, 1)
+    )
     assert torch.equal(skipped.mask.active, expected.active)

@@ -17,6 +17,7 @@ same weights, input and masks:
   ``0.999 + i / (E // 4) * (0.9999 - 0.999)`` for ``i < E // 4``, else 0.9999.
 The reference is built from plain torch modules and ops; nothing of the library's
 step, schedules or EMA is used in it."""
+
 import copy
 import math
 
@@ -37,12 +38,13 @@ from anatomask_fast.train.pretrain import (
 )
 from anatomask_fast.train.step import optimizer_step
 
-P = 16                   # patch size = the encoder's downsampling
+P = 16  # patch size = the encoder's downsampling
 ENCODER_EPS, DENSIFY_EPS = 1e-5, 1e-6
 SLOPE = 0.01
 
 
 # ---------------------------------------------------------------- the published step
+
 
 def full_mask(active: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     f = t.shape[2] // active.shape[2]
@@ -64,6 +66,7 @@ def pooled_instance_norm(x, active, weight, bias, eps):
 
 def published_forward(net, x, active):
     """SparK.forward with the SparK-converted STU-Net encoder and LightDecoder."""
+
     def sparse(t):
         return t * full_mask(active, t)
 
@@ -71,11 +74,19 @@ def published_forward(net, x, active):
     features = []
     for stage in net.encoder.conv_blocks_context:
         for block in stage:
-            y = F.leaky_relu(pooled_instance_norm(sparse(block.conv1(h)), active,
-                                                  block.norm1.weight, block.norm1.bias,
-                                                  ENCODER_EPS), SLOPE)
-            y = pooled_instance_norm(sparse(block.conv2(y)), active, block.norm2.weight,
-                                     block.norm2.bias, ENCODER_EPS)
+            y = F.leaky_relu(
+                pooled_instance_norm(
+                    sparse(block.conv1(h)),
+                    active,
+                    block.norm1.weight,
+                    block.norm1.bias,
+                    ENCODER_EPS,
+                ),
+                SLOPE,
+            )
+            y = pooled_instance_norm(
+                sparse(block.conv2(y)), active, block.norm2.weight, block.norm2.bias, ENCODER_EPS
+            )
             skip = sparse(block.conv3(h)) if block.conv3 is not None else h
             h = F.leaky_relu(y + skip, SLOPE)
         features.append(h)
@@ -95,7 +106,7 @@ def published_forward(net, x, active):
 def patchify(t):
     B, C, H, W, D = t.shape
     t = t.reshape(B, C, H // P, P, W // P, P, D // P, P)
-    return torch.einsum("bchpwqdg->bhwdpqgc", t).reshape(B, -1, C * P ** 3)
+    return torch.einsum("bchpwqdg->bhwdpqgc", t).reshape(B, -1, C * P**3)
 
 
 def teacher_errors_published(teacher, x, active):
@@ -121,10 +132,10 @@ def mask_published(errors, noise, mask_ratio, hard_frac):
     len_keep = round(L * (1 - mask_ratio))
     n_mask = L - len_keep
     n_hard = int(n_mask * hard_frac)
-    hard_ids = torch.argsort(errors, dim=1)[:, L - n_hard:]
+    hard_ids = torch.argsort(errors, dim=1)[:, L - n_hard :]
     hard = torch.zeros(B, L, dtype=torch.bool).scatter_(1, hard_ids, True)
     rest_noise = noise.masked_fill(hard, math.inf)
-    random_ids = torch.argsort(rest_noise, dim=1, stable=True)[:, :n_mask - n_hard]
+    random_ids = torch.argsort(rest_noise, dim=1, stable=True)[:, : n_mask - n_hard]
     hidden = hard.clone().scatter_(1, random_ids, True)
     return ~hidden, hard
 
@@ -147,7 +158,8 @@ def lr_lightning_bolts(epochs, base_lr=1e-4, warmup=20, start=1e-6, eta_min=0.0)
         else:
             span = epochs - warmup
             lr = (1 + math.cos(math.pi * (e - warmup) / span)) / (
-                1 + math.cos(math.pi * (e - warmup - 1) / span)) * (lr - eta_min) + eta_min
+                1 + math.cos(math.pi * (e - warmup - 1) / span)
+            ) * (lr - eta_min) + eta_min
         lrs.append(lr)
     return lrs
 
@@ -157,6 +169,7 @@ def ema_decay_published(i, epochs):
 
 
 # ---------------------------------------------------------------- the comparison
+
 
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
@@ -170,7 +183,7 @@ def make_models(dtype):
     student = AnatoMaskNet("tiny", 1).to(dtype)
     with torch.no_grad():
         warm = torch.randn(2, 1, 32, 32, 64, dtype=dtype)
-        student(warm, torch.rand(2, 1, 2, 2, 4) < 0.5)      # running stats off 0 / 1
+        student(warm, torch.rand(2, 1, 2, 2, 4) < 0.5)  # running stats off 0 / 1
     for unused in student.unused_in_lean_mode():
         unused.requires_grad_(False)
     teacher = copy.deepcopy(student).requires_grad_(False)
@@ -194,13 +207,14 @@ def config(epochs=1000):
 def library_and_reference_step(dtype, epoch=30, hard_frac=0.5):
     student, teacher = make_models(dtype)
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    ref_teacher.eval()                       # ModelEma's copy
-    teacher.train()                          # the library must put it in eval itself
+    ref_teacher.eval()  # ModelEma's copy
+    teacher.train()  # the library must put it in eval itself
     x = torch.randn(2, 1, 32, 32, 64, dtype=dtype)
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(4))
     cfg = config()
-    lib = pretrain_step(student, teacher, x, mask_ratio=0.6, hard_frac=hard_frac, seed=11,
-                        noise=noise)
+    lib = pretrain_step(
+        student, teacher, x, mask_ratio=0.6, hard_frac=hard_frac, seed=11, noise=noise
+    )
     optimizer = build_optimizer(student, cfg)
     for group in optimizer.param_groups:
         group["lr"] = epoch_lr(cfg, epoch)
@@ -217,17 +231,28 @@ def library_and_reference_step(dtype, epoch=30, hard_frac=0.5):
     active = active.view(lib.mask.active.shape)
     ref_student.train()
     loss = student_loss_published(published_forward(ref_student, x, active), x, active)
-    ref_optimizer = torch.optim.AdamW(ref_student.parameters(), lr=lr_lightning_bolts(1000)[epoch],
-                                      betas=(0.9, 0.999), weight_decay=1e-5)
+    ref_optimizer = torch.optim.AdamW(
+        ref_student.parameters(),
+        lr=lr_lightning_bolts(1000)[epoch],
+        betas=(0.9, 0.999),
+        weight_decay=1e-5,
+    )
     ref_optimizer.zero_grad()
     loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in ref_student.named_parameters()
-                 if p.grad is not None}
+    ref_grads = {n: p.grad.clone() for n, p in ref_student.named_parameters() if p.grad is not None}
     torch.nn.utils.clip_grad_norm_(ref_student.parameters(), 12)
     ref_optimizer.step()
     ema_published(ref_teacher, ref_student, ema_decay_published(epoch, 1000))
-    return dict(lib=lib, errors=errors, active=active, hard=hard, loss=loss, grads=grads,
-                ref_grads=ref_grads, models=(student, teacher, ref_student, ref_teacher))
+    return dict(
+        lib=lib,
+        errors=errors,
+        active=active,
+        hard=hard,
+        loss=loss,
+        grads=grads,
+        ref_grads=ref_grads,
+        models=(student, teacher, ref_student, ref_teacher),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +293,7 @@ def test_weights_ema_and_batchnorm_statistics_after_the_step(float64_step):
             else:
                 assert torch.equal(value, ref_state[name]), name
     tracked = {n: b.item() for n, b in teacher.named_buffers() if n.endswith("tracked")}
-    assert tracked and set(tracked.values()) == {5}      # 5 * d + (1 - d) * 8 = 5.003, truncated
+    assert tracked and set(tracked.values()) == {5}  # 5 * d + (1 - d) * 8 = 5.003, truncated
 
 
 def test_float32_loss_and_hard_set():
@@ -296,7 +321,7 @@ def test_ema_decay_per_epoch_over_1000_epochs_and_short_runs():
 
 def test_hard_frac_published_formula_uncapped_in_reference_mode_capped_by_default():
     schedule = masking_schedule("linear", total_epochs=2, max_frac=0.5)
-    published = [0.5 * (e + 1) / (2 - 1) for e in range(2)]            # 0.5, 1.0
+    published = [0.5 * (e + 1) / (2 - 1) for e in range(2)]  # 0.5, 1.0
     reference = [published_hard_frac(schedule, config(2), e, 0) for e in range(2)]
     default = PretrainConfig(data="x", epochs=2).resolved()
     capped = [published_hard_frac(schedule, default, e, 0) for e in range(2)]
@@ -304,16 +329,25 @@ def test_hard_frac_published_formula_uncapped_in_reference_mode_capped_by_defaul
 
 
 def test_method_options_are_checked():
-    with pytest.raises(ValueError, match="cannot be combined with --per-sample-norm, "
-                                         "--decay-exempt"):
-        check_config(PretrainConfig(reference_compatible=True, per_sample_norm=True,
-                                    decay_exempt=True))
-    with pytest.raises(ValueError, match="argument --teacher-target: invalid choice: 'noisy' "
-                                         r"\(choose from 'raw', 'normalized', 'centred', "
-                                         r"'relative'\)"):
+    with pytest.raises(
+        ValueError, match="cannot be combined with --per-sample-norm, --decay-exempt"
+    ):
+        check_config(
+            PretrainConfig(reference_compatible=True, per_sample_norm=True, decay_exempt=True)
+        )
+    with pytest.raises(
+        ValueError,
+        match="argument --teacher-target: invalid choice: 'noisy' "
+        r"\(choose from 'raw', 'normalized', 'centred', "
+        r"'relative'\)",
+    ):
         check_config(PretrainConfig(teacher_target="noisy"))
-    with pytest.raises(ValueError, match="cannot be combined with --teacher-target centred, "
-                                         "--teacher-foreground"):
-        check_config(PretrainConfig(reference_compatible=True, teacher_target="centred",
-                                    teacher_foreground=True))
+    with pytest.raises(
+        ValueError, match="cannot be combined with --teacher-target centred, --teacher-foreground"
+    ):
+        check_config(
+            PretrainConfig(
+                reference_compatible=True, teacher_target="centred", teacher_foreground=True
+            )
+        )
     check_config(PretrainConfig(per_sample_norm=True, teacher_target="normalized"))

@@ -3,6 +3,7 @@ dynamic-network-architectures, built by nnunetv2 from the same plans: every
 state_dict name and shape in order, and the outputs with the same weights; the
 presets against what nnunetv2's ResEnc planners write; plans this module does not
 build are named."""
+
 import json
 import os
 import subprocess
@@ -12,27 +13,51 @@ import textwrap
 import pytest
 import torch
 
-from anatomask_fast.models.resenc import (RESENC_PRESETS, ResEncArch, ResidualEncoderUNet,
-                                          arch_from_plans)
+from anatomask_fast.models.resenc import (
+    RESENC_PRESETS,
+    ResEncArch,
+    ResidualEncoderUNet,
+    arch_from_plans,
+)
 
 get_network_from_plans = pytest.importorskip(
-    "nnunetv2.utilities.get_network_from_plans").get_network_from_plans
+    "nnunetv2.utilities.get_network_from_plans"
+).get_network_from_plans
 
-ANISO = ResEncArch(features=(4, 8, 16, 16), kernels=((1, 3, 3), (3, 3, 3), (1, 3, 3), (3, 3, 3)),
-                   strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 1)), blocks=(1, 2, 3, 2),
-                   decoder_convs=(1, 2, 1))
-ARCHS = {"preset": RESENC_PRESETS["resenc-l"].arch, "anisotropic": ANISO,
-         "no-bias-slope": ResEncArch(features=(3, 5, 7), kernels=((3, 3, 3),) * 3,
-                                     strides=((1, 1, 1), (2, 2, 2), (2, 1, 2)), blocks=(2, 1, 2),
-                                     decoder_convs=(2, 1), conv_bias=False, eps=1e-3, slope=0.2)}
+ANISO = ResEncArch(
+    features=(4, 8, 16, 16),
+    kernels=((1, 3, 3), (3, 3, 3), (1, 3, 3), (3, 3, 3)),
+    strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 1)),
+    blocks=(1, 2, 3, 2),
+    decoder_convs=(1, 2, 1),
+)
+ARCHS = {
+    "preset": RESENC_PRESETS["resenc-l"].arch,
+    "anisotropic": ANISO,
+    "no-bias-slope": ResEncArch(
+        features=(3, 5, 7),
+        kernels=((3, 3, 3),) * 3,
+        strides=((1, 1, 1), (2, 2, 2), (2, 1, 2)),
+        blocks=(2, 1, 2),
+        decoder_convs=(2, 1),
+        conv_bias=False,
+        eps=1e-3,
+        slope=0.2,
+    ),
+}
 
 
 def real_network(arch: ResEncArch, in_channels: int, classes: int, **options):
     """The real class, from a plans configuration's architecture, as nnU-Net builds it."""
-    architecture = json.loads(json.dumps(arch.architecture()))      # as read from plans
-    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                  architecture["_kw_requires_import"], in_channels, classes,
-                                  **options)
+    architecture = json.loads(json.dumps(arch.architecture()))  # as read from plans
+    return get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        in_channels,
+        classes,
+        **options,
+    )
 
 
 def shapes(model):
@@ -47,8 +72,9 @@ def test_names_shapes_and_order_are_the_real_classs(name):
         ours = ResidualEncoderUNet(arch, 2, 5)
     assert shapes(ours) == shapes(real)
     # Every encoder tensor twice: encoder.* and decoder.encoder.* (one parameter).
-    assert ours.get_parameter("decoder.encoder.stem.convs.0.conv.weight") is \
-        ours.get_parameter("encoder.stem.convs.0.all_modules.0.weight")
+    assert ours.get_parameter("decoder.encoder.stem.convs.0.conv.weight") is ours.get_parameter(
+        "encoder.stem.convs.0.all_modules.0.weight"
+    )
 
 
 def test_a_structural_difference_is_caught():
@@ -56,8 +82,9 @@ def test_a_structural_difference_is_caught():
     arch = ARCHS["anisotropic"]
     fewer = ResEncArch(arch.features, arch.kernels, arch.strides, (1, 2, 2, 2), arch.decoder_convs)
     with torch.device("meta"):
-        assert shapes(ResidualEncoderUNet(fewer, 2, 5)) != \
-            shapes(real_network(arch, 2, 5, allow_init=False))
+        assert shapes(ResidualEncoderUNet(fewer, 2, 5)) != shapes(
+            real_network(arch, 2, 5, allow_init=False)
+        )
 
 
 @pytest.mark.parametrize("name", ["anisotropic", "no-bias-slope"])
@@ -66,7 +93,7 @@ def test_outputs_equal_the_real_classs(name, deep_supervision):
     arch = ARCHS[name]
     torch.manual_seed(0)
     real = real_network(arch, 2, 3, deep_supervision=deep_supervision).double()
-    with torch.no_grad():                 # nnU-Net's init zeroes the last norms: undo it
+    with torch.no_grad():  # nnU-Net's init zeroes the last norms: undo it
         for key, value in real.state_dict().items():
             if "norm" in key:
                 value.normal_(1.0 if key.endswith("weight") else 0.0, 0.3)
@@ -83,9 +110,13 @@ def test_outputs_equal_the_real_classs(name, deep_supervision):
 def test_initialization_is_nnunets():
     """He-normal convolutions (std sqrt(2 / (1 + 0.01^2) / fan_in)), zero biases, each
     residual block's last norm zero, as ``network.apply(network.initialize)``."""
-    arch = ResEncArch(features=(32, 64, 96), kernels=((3, 3, 3),) * 3,
-                      strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), blocks=(1, 2, 2),
-                      decoder_convs=(1, 1))
+    arch = ResEncArch(
+        features=(32, 64, 96),
+        kernels=((3, 3, 3),) * 3,
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+        blocks=(1, 2, 2),
+        decoder_convs=(1, 1),
+    )
     torch.manual_seed(0)
     ours = ResidualEncoderUNet(arch, 1, 2).initialize()
     torch.manual_seed(1)
@@ -99,16 +130,26 @@ def test_initialization_is_nnunets():
 
 
 def test_plans_that_are_not_a_resenc_are_named():
-    plans = {"configurations": {"3d_fullres": {"patch_size": [64, 64, 64], "architecture": {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {}}}}}
+    plans = {
+        "configurations": {
+            "3d_fullres": {
+                "patch_size": [64, 64, 64],
+                "architecture": {
+                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": {},
+                },
+            }
+        }
+    }
     with pytest.raises(ValueError, match=r"builds .*PlainConvUNet, not a ResidualEncoderUNet"):
         arch_from_plans(plans, source="p.json")
     kwargs = ARCHS["preset"].arch_kwargs()
-    for key, value, message in [("dropout_op", "torch.nn.Dropout3d", r"'dropout_op' must be None"),
-                                ("norm_op", "torch.nn.BatchNorm3d", r"'norm_op' must be .*Instance"),
-                                ("norm_op_kwargs", {"eps": 1e-5}, r"affine=True"),
-                                ("block", "BottleneckD", r"'block' 'BottleneckD' is not supported")]:
+    for key, value, message in [
+        ("dropout_op", "torch.nn.Dropout3d", r"'dropout_op' must be None"),
+        ("norm_op", "torch.nn.BatchNorm3d", r"'norm_op' must be .*Instance"),
+        ("norm_op_kwargs", {"eps": 1e-5}, r"affine=True"),
+        ("block", "BottleneckD", r"'block' 'BottleneckD' is not supported"),
+    ]:
         with pytest.raises(ValueError, match=message):
             ResEncArch.from_arch_kwargs({**kwargs, key: value}, "p.json")
     with pytest.raises(ValueError, match=r"6 stages need as many kernel_sizes"):
@@ -138,17 +179,35 @@ def test_presets_are_what_the_resenc_planners_write(tmp_path):
     raw, pre = tmp_path / "raw" / "Dataset999_Iso", tmp_path / "pre" / "Dataset999_Iso"
     (raw / "imagesTr").mkdir(parents=True)
     pre.mkdir(parents=True)
-    (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1}, "numTraining": 0,
-        "file_ending": ".nii.gz"}))
-    (pre / "dataset_fingerprint.json").write_text(json.dumps({
-        "spacings": [[1.0, 1.0, 1.0]] * 4, "shapes_after_crop": [[256, 256, 256]] * 4,
-        "foreground_intensity_properties_per_channel": {"0": {}},
-        "median_relative_size_after_cropping": 1.0}))
-    env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed":
-           str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "results")}
-    result = subprocess.run([sys.executable, "-c", _PLANNERS], env=env, capture_output=True,
-                            text=True, timeout=600)
+    (raw / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "MRI"},
+                "labels": {"background": 0, "a": 1},
+                "numTraining": 0,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    (pre / "dataset_fingerprint.json").write_text(
+        json.dumps(
+            {
+                "spacings": [[1.0, 1.0, 1.0]] * 4,
+                "shapes_after_crop": [[256, 256, 256]] * 4,
+                "foreground_intensity_properties_per_channel": {"0": {}},
+                "median_relative_size_after_cropping": 1.0,
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(tmp_path / "raw"),
+        "nnUNet_preprocessed": str(tmp_path / "pre"),
+        "nnUNet_results": str(tmp_path / "results"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _PLANNERS], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     for name, preset in RESENC_PRESETS.items():

@@ -1,5 +1,6 @@
 """Masking dynamics: the reference's linear easy-to-hard schedule exactly, the other
 kinds, by epoch and by step, and bad input."""
+
 import math
 
 import pytest
@@ -45,21 +46,66 @@ def test_built_in_kinds_are_clipped_to_one():
     assert schedule(1) == 1.0 and schedule(2) == 1.0  # (e + 1) / T reaches 1.5
 
 
-@pytest.mark.parametrize("make,call,error,match", [
-    (lambda: masking_schedule(total_epochs=1), None, ValueError, r"'linear' needs at least 2"),
-    (lambda: masking_schedule(total_epochs=0), None, ValueError, r"'total_epochs' must be >= 1, got 0"),
-    (lambda: masking_schedule(total_epochs=2.5), None, TypeError, r"'total_epochs' must be an int, got float"),
-    (lambda: masking_schedule("exponential", total_epochs=5), None, ValueError, r"'kind' must be one of"),
-    (lambda: masking_schedule("step", total_epochs=5, milestones=[2], values=[0.1]), None,
-     ValueError, r"len\(values\) == len\(milestones\) \+ 1"),
-    (lambda: masking_schedule("cosine", total_epochs=5, middle=0.2), None, TypeError, r"bad parameters for 'cosine'"),
-    (lambda: masking_schedule(total_epochs=5), lambda s: s(5), ValueError, r"'epoch' must be < total_epochs=5, got 5"),
-    (lambda: masking_schedule(total_epochs=5), lambda s: s(-1), ValueError, r"'epoch' must be >= 0, got -1"),
-    (lambda: masking_schedule(total_epochs=5, steps_per_epoch=3), lambda s: s(1, 3), ValueError,
-     r"'step' must be < steps_per_epoch=3, got 3"),
-    (lambda: masking_schedule(lambda t: 2.0, total_epochs=5), lambda s: s(1), ValueError,
-     r"gave hard_frac=2.0 at t=1; it must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "make,call,error,match",
+    [
+        (lambda: masking_schedule(total_epochs=1), None, ValueError, r"'linear' needs at least 2"),
+        (
+            lambda: masking_schedule(total_epochs=0),
+            None,
+            ValueError,
+            r"'total_epochs' must be >= 1, got 0",
+        ),
+        (
+            lambda: masking_schedule(total_epochs=2.5),
+            None,
+            TypeError,
+            r"'total_epochs' must be an int, got float",
+        ),
+        (
+            lambda: masking_schedule("exponential", total_epochs=5),
+            None,
+            ValueError,
+            r"'kind' must be one of",
+        ),
+        (
+            lambda: masking_schedule("step", total_epochs=5, milestones=[2], values=[0.1]),
+            None,
+            ValueError,
+            r"len\(values\) == len\(milestones\) \+ 1",
+        ),
+        (
+            lambda: masking_schedule("cosine", total_epochs=5, middle=0.2),
+            None,
+            TypeError,
+            r"bad parameters for 'cosine'",
+        ),
+        (
+            lambda: masking_schedule(total_epochs=5),
+            lambda s: s(5),
+            ValueError,
+            r"'epoch' must be < total_epochs=5, got 5",
+        ),
+        (
+            lambda: masking_schedule(total_epochs=5),
+            lambda s: s(-1),
+            ValueError,
+            r"'epoch' must be >= 0, got -1",
+        ),
+        (
+            lambda: masking_schedule(total_epochs=5, steps_per_epoch=3),
+            lambda s: s(1, 3),
+            ValueError,
+            r"'step' must be < steps_per_epoch=3, got 3",
+        ),
+        (
+            lambda: masking_schedule(lambda t: 2.0, total_epochs=5),
+            lambda s: s(1),
+            ValueError,
+            r"gave hard_frac=2.0 at t=1; it must be in \[0, 1\]",
+        ),
+    ],
+)
 def test_bad_input(make, call, error, match):
     with pytest.raises(error, match=match):
         schedule = make()

@@ -48,8 +48,10 @@ def _case(ratio: float, batch: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 1, 32, 32, 32, generator=gen)
     active = _mask(batch, ratio, gen)
-    probes = [torch.randn(batch, w, 32 >> s, 32 >> s, 32 >> s, generator=gen)
-              for s, w in enumerate(WIDTHS)]
+    probes = [
+        torch.randn(batch, w, 32 >> s, 32 >> s, 32 >> s, generator=gen)
+        for s, w in enumerate(WIDTHS)
+    ]
     return x, active, probes
 
 
@@ -66,22 +68,34 @@ def _assert_grads_close(encoder, got, expected):
         # sides hold rounding noise of the norm's bias gradient, the sum it cancels.
         block, layer, leaf = name.rsplit(".", 2)
         norm_bias = f"{block}.{layer.replace('conv', 'norm')}.{leaf}"
-        scale = grads[norm_bias].abs().max() if layer in ("conv1", "conv2") and leaf == "bias" \
+        scale = (
+            grads[norm_bias].abs().max()
+            if layer in ("conv1", "conv2") and leaf == "bias"
             else e.abs().max()
-        torch.testing.assert_close(g, e, rtol=TOL["rtol"], atol=TOL["atol"] * max(1.0, float(scale)),
-                                   msg=lambda m: f"{name}: {m}")
+        )
+        torch.testing.assert_close(
+            g,
+            e,
+            rtol=TOL["rtol"],
+            atol=TOL["atol"] * max(1.0, float(scale)),
+            msg=lambda m: f"{name}: {m}",
+        )
 
 
 def _check_equivalence(ratio, batch, per_sample, packed_stages_list, seed, device="cpu"):
-    x, active, probes = (t.to(device) if torch.is_tensor(t) else [p.to(device) for p in t]
-                         for t in _case(ratio, batch, seed))
+    x, active, probes = (
+        t.to(device) if torch.is_tensor(t) else [p.to(device) for p in t]
+        for t in _case(ratio, batch, seed)
+    )
     encoder = _encoder(seed).double().to(device)
     probes = [p.double() for p in probes]
-    expected, expected_grads = _run(encoder, x, active, probes, per_sample=per_sample,
-                                    packed_stages=0)
+    expected, expected_grads = _run(
+        encoder, x, active, probes, per_sample=per_sample, packed_stages=0
+    )
     for packed_stages in packed_stages_list:
-        features, grads = _run(encoder, x, active, probes, per_sample=per_sample,
-                               packed_stages=packed_stages)
+        features, grads = _run(
+            encoder, x, active, probes, per_sample=per_sample, packed_stages=packed_stages
+        )
         for s, (f, e) in enumerate(zip(features, expected)):
             torch.testing.assert_close(f, e, **TOL, msg=lambda m: f"stage {s}: {m}")
             hidden = ~upsample_mask(active, tuple(f.shape[2:])).expand_as(f)
@@ -90,8 +104,11 @@ def _check_equivalence(ratio, batch, per_sample, packed_stages_list, seed, devic
 
 
 # Batch 1: pooled and per-sample statistics coincide.
-@pytest.mark.parametrize("batch,per_sample", [(1, False), (3, False), (3, True)],
-                         ids=["B1", "B3-pooled", "B3-per-sample"])
+@pytest.mark.parametrize(
+    "batch,per_sample",
+    [(1, False), (3, False), (3, True)],
+    ids=["B1", "B3-pooled", "B3-per-sample"],
+)
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
 def test_packed_matches_dense_masked(ratio, batch, per_sample):
     """The cost-chosen plan (some stages packed, the deepest dense-masked)."""
@@ -144,7 +161,10 @@ def test_state_dict_keys_are_the_dense_encoders():
     sparse = SparseSTUNetEncoder(encoder)
     assert list(sparse.state_dict()) == list(encoder.state_dict())
     assert "conv_blocks_context.1.0.conv3.weight" in encoder.state_dict()
-    assert sparse.conv_blocks_context[0][0].conv1.weight is encoder.conv_blocks_context[0][0].conv1.weight
+    assert (
+        sparse.conv_blocks_context[0][0].conv1.weight
+        is encoder.conv_blocks_context[0][0].conv1.weight
+    )
 
 
 @pytest.mark.parametrize("size", ["S", "B", "L", "H"])
@@ -152,19 +172,22 @@ def test_sizes_have_the_stunet_structure(size):
     spec = STUNET_SIZES[size]
     encoder = STUNetEncoder.from_size(size)
     assert [len(stage) for stage in encoder.conv_blocks_context] == [spec.depth] * 5
-    assert [stage[0].conv1.out_channels for stage in encoder.conv_blocks_context] == list(spec.widths)
-    assert [stage[0].conv1.stride for stage in encoder.conv_blocks_context] == \
-        [(1, 1, 1)] + [(2, 2, 2)] * 4
+    assert [stage[0].conv1.out_channels for stage in encoder.conv_blocks_context] == list(
+        spec.widths
+    )
+    assert [stage[0].conv1.stride for stage in encoder.conv_blocks_context] == [(1, 1, 1)] + [
+        (2, 2, 2)
+    ] * 4
     SparseSTUNetEncoder(encoder)  # every layer is supported
 
 
 def test_stage_plan_by_cost():
     active = torch.zeros(2, 1, 4, 4, 4, dtype=torch.bool)
-    active.view(2, -1)[:, :26] = True                       # mask ratio 0.6
+    active.view(2, -1)[:, :26] = True  # mask ratio 0.6
     plan = MaskLayout.build(active).stages
     assert [p.side for p in plan] == [16, 8, 4, 2, 1]
     assert [p.packed for p in plan] == [True, True, False, False, False]
-    active.view(2, -1)[:, 16:] = False                      # mask ratio 0.75
+    active.view(2, -1)[:, 16:] = False  # mask ratio 0.75
     assert [p.packed for p in MaskLayout.build(active).stages] == [True, True, True, False, False]
 
 
@@ -180,28 +203,47 @@ def test_layout_neighbours_are_symmetric():
 
 def test_bad_input_is_named():
     sparse = SparseSTUNetEncoder(STUNetEncoder.from_size("tiny"))
-    with pytest.raises(ValueError, match=r"spatial shape \(32, 32, 24\) of 'x' must be divisible "
-                                         r"by the total downsampling 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"spatial shape \(32, 32, 24\) of 'x' must be divisible "
+        r"by the total downsampling 16",
+    ):
         sparse(torch.randn(1, 1, 32, 32, 24), torch.ones(1, 1, 2, 2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"'active' must have the grid \(2, 2, 2\).*got \(4, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"'active' must have the grid \(2, 2, 2\).*got \(4, 4, 4\)"
+    ):
         sparse(torch.randn(1, 1, 32, 32, 32), torch.ones(1, 1, 4, 4, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"'active' must be a bool"):
         sparse(torch.randn(1, 1, 32, 32, 32), torch.ones(1, 1, 2, 2, 2))
 
 
-@pytest.mark.parametrize("edit,layer", [
-    (lambda e: setattr(e.conv_blocks_context[1][0], "norm1", nn.BatchNorm3d(16)),
-     r"'conv_blocks_context\.1\.0\.norm1' \(BatchNorm3d"),
-    (lambda e: e.conv_blocks_context[2].append(nn.MaxPool3d(2)),
-     r"'conv_blocks_context\.2\.1'"),
-    (lambda e: setattr(e.conv_blocks_context[0][0], "drop", nn.Dropout3d()),
-     r"'conv_blocks_context\.0\.0\.drop' \(Dropout3d"),
-    (lambda e: setattr(e.conv_blocks_context[3][0], "conv2", nn.Conv3d(64, 64, 3, padding=2,
-                                                                        dilation=2)),
-     r"'conv_blocks_context\.3\.0\.conv2'.*dilation"),
-    (lambda e: setattr(e.conv_blocks_context[4][0], "act2", nn.GELU()),
-     r"'conv_blocks_context\.4\.0\.act2' \(GELU"),
-])
+@pytest.mark.parametrize(
+    "edit,layer",
+    [
+        (
+            lambda e: setattr(e.conv_blocks_context[1][0], "norm1", nn.BatchNorm3d(16)),
+            r"'conv_blocks_context\.1\.0\.norm1' \(BatchNorm3d",
+        ),
+        (
+            lambda e: e.conv_blocks_context[2].append(nn.MaxPool3d(2)),
+            r"'conv_blocks_context\.2\.1'",
+        ),
+        (
+            lambda e: setattr(e.conv_blocks_context[0][0], "drop", nn.Dropout3d()),
+            r"'conv_blocks_context\.0\.0\.drop' \(Dropout3d",
+        ),
+        (
+            lambda e: setattr(
+                e.conv_blocks_context[3][0], "conv2", nn.Conv3d(64, 64, 3, padding=2, dilation=2)
+            ),
+            r"'conv_blocks_context\.3\.0\.conv2'.*dilation",
+        ),
+        (
+            lambda e: setattr(e.conv_blocks_context[4][0], "act2", nn.GELU()),
+            r"'conv_blocks_context\.4\.0\.act2' \(GELU",
+        ),
+    ],
+)
 def test_unsupported_layer_is_named(edit, layer):
     encoder = STUNetEncoder.from_size("tiny")
     edit(encoder)

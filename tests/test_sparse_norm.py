@@ -1,5 +1,6 @@
 """sparse_norm on every backend against the reference (boolean-index gather into an
 (n, C) matrix, instance_norm, zeros, scatter back, activation)."""
+
 import pytest
 import torch
 
@@ -17,17 +18,23 @@ ACTIVATIONS = [None, "leaky_relu", "relu6"]
 def check_against_reference(backend, device, dtype, x, active, *, affine, per_sample, activation):
     gen = torch.Generator().manual_seed(3)
     C = x.shape[1]
-    params = [torch.randn(C, generator=gen).to(device, dtype) if affine else None,
-              torch.randn(C, generator=gen).to(device, dtype) if affine else None]
+    params = [
+        torch.randn(C, generator=gen).to(device, dtype) if affine else None,
+        torch.randn(C, generator=gen).to(device, dtype) if affine else None,
+    ]
     grad = torch.randn(x.shape, generator=gen).to(device, dtype)
-    ref_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in [x, *params]]
-    expected = sparse_norm_reference(ref_inputs[0], active, *ref_inputs[1:], per_sample=per_sample,
-                                     activation=activation)
+    ref_inputs = [
+        t.detach().double().requires_grad_() if t is not None else None for t in [x, *params]
+    ]
+    expected = sparse_norm_reference(
+        ref_inputs[0], active, *ref_inputs[1:], per_sample=per_sample, activation=activation
+    )
     expected.backward(grad.double())
     inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in [x, *params]]
     with use_backend(backend):
-        out = anatomask_fast.sparse_norm(inputs[0], active, *inputs[1:], per_sample=per_sample,
-                                         activation=activation)
+        out = anatomask_fast.sparse_norm(
+            inputs[0], active, *inputs[1:], per_sample=per_sample, activation=activation
+        )
     out.backward(grad)
     assert out.dtype == dtype
     hidden = ~anatomask_fast.reference.upsample_mask(active, x.shape[2:]).expand_as(x)
@@ -38,9 +45,12 @@ def check_against_reference(backend, device, dtype, x, active, *, affine, per_sa
     # activation, a low-precision pass may take the other slope: skip those voxels'
     # gradient (their effect on the sums is within tolerance).
     with torch.no_grad():
-        pre = sparse_norm_reference(*[t.detach() if t is not None else None for t in ref_inputs[:1]],
-                                    active, *[t.detach() if t is not None else None for t in ref_inputs[1:]],
-                                    per_sample=per_sample)
+        pre = sparse_norm_reference(
+            *[t.detach() if t is not None else None for t in ref_inputs[:1]],
+            active,
+            *[t.detach() if t is not None else None for t in ref_inputs[1:]],
+            per_sample=per_sample,
+        )
     band = {torch.bfloat16: 0.05, torch.float16: 0.01}.get(dtype, 0.0) * pre.abs().clamp_min(1)
     kink = (pre.abs() < band) | ((pre - 6).abs() < band) if activation else torch.zeros_like(hidden)
     for mine, ref in zip(inputs, ref_inputs):
@@ -63,20 +73,30 @@ def test_matches_reference(backend, device, dtype, per_sample, activation, affin
     # An offset mean checks that the variance does not cancel.
     x = (torch.randn(3, 4, 6, 10, 14, generator=gen) * 2 + 3).to(device, dtype)
     active = random_mask(3, (3, 5, 7), generator=gen, device=device)
-    check_against_reference(backend, device, dtype, x, active, affine=affine,
-                            per_sample=per_sample, activation=activation)
+    check_against_reference(
+        backend,
+        device,
+        dtype,
+        x,
+        active,
+        affine=affine,
+        per_sample=per_sample,
+        activation=activation,
+    )
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-@pytest.mark.parametrize("batch,channels,spatial,grid", [
-    (2, 3, (8, 12, 10), (2, 3, 5)), (1, 1, (7, 5, 9), (7, 1, 3))])
+@pytest.mark.parametrize(
+    "batch,channels,spatial,grid", [(2, 3, (8, 12, 10), (2, 3, 5)), (1, 1, (7, 5, 9), (7, 1, 3))]
+)
 def test_other_dtypes_and_shapes(backend, device, dtype, batch, channels, spatial, grid):
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(batch, channels, *spatial, generator=gen).to(device, dtype)
     active = random_mask(batch, grid, generator=gen, device=device)
-    check_against_reference(backend, device, dtype, x, active, affine=True, per_sample=True,
-                            activation="leaky_relu")
+    check_against_reference(
+        backend, device, dtype, x, active, affine=True, per_sample=True, activation="leaky_relu"
+    )
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -85,8 +105,16 @@ def test_other_dtypes_and_shapes(backend, device, dtype, batch, channels, spatia
 def test_edge_masks(backend, device, case, per_sample):
     x = torch.randn(2, 3, 8, 8, 8, device=device)
     active = edge_mask(case, device)
-    check_against_reference(backend, device, torch.float32, x, active, affine=True,
-                            per_sample=per_sample, activation="relu6")
+    check_against_reference(
+        backend,
+        device,
+        torch.float32,
+        x,
+        active,
+        affine=True,
+        per_sample=per_sample,
+        activation="relu6",
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -96,8 +124,14 @@ def test_backward_saves_input_and_statistics_only(backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         with use_backend(backend):
-            anatomask_fast.sparse_norm(x, active, torch.ones(4, requires_grad=True), None,
-                                       per_sample=True, activation="leaky_relu")
+            anatomask_fast.sparse_norm(
+                x,
+                active,
+                torch.ones(4, requires_grad=True),
+                None,
+                per_sample=True,
+                activation="leaky_relu",
+            )
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     assert sum(t.numel() for t in saved) <= x.numel() + active.numel() + 4 + 2 * 2 * 4
@@ -111,9 +145,12 @@ def test_gradcheck_cpp_kernel():
     for per_sample in (False, True):
         with use_backend("cpu"):
             assert torch.autograd.gradcheck(
-                lambda *t: anatomask_fast.sparse_norm(t[0], active, t[1], t[2], per_sample=per_sample,
-                                                      activation="leaky_relu"), (x, w, b),
-                fast_mode=True)
+                lambda *t: anatomask_fast.sparse_norm(
+                    t[0], active, t[1], t[2], per_sample=per_sample, activation="leaky_relu"
+                ),
+                (x, w, b),
+                fast_mode=True,
+            )
 
 
 @pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
@@ -124,9 +161,19 @@ def test_opcheck(backend, device):
     opcheck("sparse_norm", backend, device, x, active, w, b, True, 1e-5, "relu6")
     opcheck("sparse_norm", backend, device, x, active, None, None, False, 1e-5, "none")
     _, mean, rstd = torch.ops.anatomask_fast.sparse_norm(x, active, w, b, False, 1e-5, "leaky_relu")
-    opcheck("sparse_norm_backward", backend, device, torch.randn(x.shape), x.detach(), active,
-            w.detach(), b.detach(), mean,
-            rstd, "leaky_relu")
+    opcheck(
+        "sparse_norm_backward",
+        backend,
+        device,
+        torch.randn(x.shape),
+        x.detach(),
+        active,
+        w.detach(),
+        b.detach(),
+        mean,
+        rstd,
+        "leaky_relu",
+    )
 
 
 def test_torch_compile_fullgraph_on_cpu():
@@ -135,9 +182,13 @@ def test_torch_compile_fullgraph_on_cpu():
     active = random_mask(2, (2, 2, 2))
 
     def step(t, weight, norm):
-        return (norm(t * 2.0, active, weight, None, per_sample=True, activation="leaky_relu") ** 2).sum()
+        return (
+            norm(t * 2.0, active, weight, None, per_sample=True, activation="leaky_relu") ** 2
+        ).sum()
 
-    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w, anatomask_fast.sparse_norm)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(
+        x, w, anatomask_fast.sparse_norm
+    )
     loss.backward()
     x_ref, w_ref = x.detach().requires_grad_(), w.detach().requires_grad_()
     expected = step(x_ref, w_ref, sparse_norm_reference)
@@ -147,16 +198,22 @@ def test_torch_compile_fullgraph_on_cpu():
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(weight=torch.randn(4)), ValueError, r"'weight' must have shape \(3,\).*\(4,\)"),
-    (dict(bias=torch.randn(1, 3)), ValueError, r"'bias' must have shape \(3,\)"),
-    (dict(activation="gelu"), ValueError, r"'activation' must be one of.*'gelu'"),
-    (dict(eps=0.0), ValueError, r"'eps' must be positive"),
-    (dict(active=torch.ones(2, 1, 3, 2, 2, dtype=torch.bool)), ValueError, r"grid \(3, 2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(weight=torch.randn(4)), ValueError, r"'weight' must have shape \(3,\).*\(4,\)"),
+        (dict(bias=torch.randn(1, 3)), ValueError, r"'bias' must have shape \(3,\)"),
+        (dict(activation="gelu"), ValueError, r"'activation' must be one of.*'gelu'"),
+        (dict(eps=0.0), ValueError, r"'eps' must be positive"),
+        (dict(active=torch.ones(2, 1, 3, 2, 2, dtype=torch.bool)), ValueError, r"grid \(3, 2, 2\)"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, error, match):
-    args = dict(x=torch.randn(2, 3, 8, 8, 8), active=random_mask(2, (2, 2, 2)), weight=None, bias=None)
+    args = dict(
+        x=torch.randn(2, 3, 8, 8, 8), active=random_mask(2, (2, 2, 2)), weight=None, bias=None
+    )
     args.update(kwargs)
     with pytest.raises(error, match=match):
-        anatomask_fast.sparse_norm(args.pop("x"), args.pop("active"), args.pop("weight"),
-                                   args.pop("bias"), **args)
+        anatomask_fast.sparse_norm(
+            args.pop("x"), args.pop("active"), args.pop("weight"), args.pop("bias"), **args
+        )

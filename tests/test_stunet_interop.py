@@ -5,6 +5,7 @@ every stage's first block, ``Upsample_Layer_nearest`` = nearest up-sampling + 1x
 ``conv``, one ``seg_outputs`` head per decoder level), the parameter counts of
 STU-Net's README, the pretrained export through the real nnU-Net v2
 ``load_pretrained_weights``, and nnU-Net plans read as nnU-Net reads them."""
+
 import json
 
 import pytest
@@ -63,8 +64,13 @@ def test_names_and_shapes_are_stunets(size):
     base, depth = STUNET_TRAINERS[size]
     with torch.device("meta"):
         model = STUNet(size, 1, 105)
-        aniso = STUNet(size, 2, 3, strides=[(1, 2, 2)] + [(2, 2, 2)] * 3 + [(1, 1, 1)],
-                       kernels=[(1, 3, 3)] + [(3, 3, 3)] * 5)
+        aniso = STUNet(
+            size,
+            2,
+            3,
+            strides=[(1, 2, 2)] + [(2, 2, 2)] * 3 + [(1, 1, 1)],
+            kernels=[(1, 3, 3)] + [(3, 3, 3)] * 5,
+        )
     shapes = _shapes(model)
     assert list(shapes.items()) == list(stunet_table(base, depth, 1, 105, [(3, 3, 3)] * 6).items())
     params = sum(v.numel() for v in model.state_dict().values()) / 1e6
@@ -74,8 +80,11 @@ def test_names_and_shapes_are_stunets(size):
     # The pretraining encoder is STU-Net's stages 0-4, name for name.
     with torch.device("meta"):
         encoder = _shapes(STUNetEncoder.from_size(size, 1))
-    context = {k: v for k, v in shapes.items() if k.startswith("conv_blocks_context.")
-               and not k.startswith("conv_blocks_context.5.")}
+    context = {
+        k: v
+        for k, v in shapes.items()
+        if k.startswith("conv_blocks_context.") and not k.startswith("conv_blocks_context.5.")
+    }
     assert encoder == context
 
 
@@ -101,8 +110,14 @@ def test_nnunet_load_pretrained_weights_takes_the_export(tmp_path):
     nnunet = pytest.importorskip("nnunetv2.run.load_pretrained_weights")
     encoder = _random_encoder("S")
     strides = [(1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)]
-    path = export_pretrained(encoder, tmp_path / "stunet_S_pretrained.pth", size="S",
-                             in_channels=1, num_classes=3, strides=strides)
+    path = export_pretrained(
+        encoder,
+        tmp_path / "stunet_S_pretrained.pth",
+        size="S",
+        in_channels=1,
+        num_classes=3,
+        strides=strides,
+    )
     saved = torch.load(path, weights_only=True)
     assert saved["anatomask_fast"]["pretrained"] == [f"conv_blocks_context.{s}" for s in range(5)]
     assert "not pretrained" in saved["anatomask_fast"]["note"]
@@ -119,27 +134,47 @@ def test_nnunet_load_pretrained_weights_takes_the_export(tmp_path):
         nnunet.load_pretrained_weights(STUNet("S", 1, 3), str(tmp_path / "encoder_only.pth"))
     # And load_encoder takes only the pretrained stages from the export.
     report = load_encoder(STUNet("S", 1, 5, strides=strides), path, verbose=False)
-    assert report["fresh"] == ["conv_blocks_context.5", "upsample_layers",
-                               "conv_blocks_localization", "seg_outputs"]
+    assert report["fresh"] == [
+        "conv_blocks_context.5",
+        "upsample_layers",
+        "conv_blocks_localization",
+        "seg_outputs",
+    ]
 
 
 PLANS = {
-    "dataset_name": "Dataset001_Phantom", "plans_name": "nnUNetPlans",
+    "dataset_name": "Dataset001_Phantom",
+    "plans_name": "nnUNetPlans",
     "configurations": {
         "3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2,
-            "patch_size": [64, 128, 128], "spacing": [3.0, 0.8, 0.8],
-            "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+            "data_identifier": "nnUNetPlans_3d_fullres",
+            "batch_size": 2,
+            "patch_size": [64, 128, 128],
+            "spacing": [3.0, 0.8, 0.8],
+            "normalization_schemes": ["CTNormalization"],
+            "use_mask_for_norm": [False],
             "architecture": {
                 "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                "arch_kwargs": {"n_stages": 6,
-                                "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3],
-                                                 [3, 3, 3], [3, 3, 3]],
-                                "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2],
-                                            [1, 2, 2], [2, 2, 2]]},
-                "_kw_requires_import": []}},
-        "3d_lowres": {"inherits_from": "3d_fullres", "spacing": [6.0, 1.6, 1.6],
-                      "patch_size": [32, 64, 64]},
+                "arch_kwargs": {
+                    "n_stages": 6,
+                    "kernel_sizes": [
+                        [1, 3, 3],
+                        [1, 3, 3],
+                        [3, 3, 3],
+                        [3, 3, 3],
+                        [3, 3, 3],
+                        [3, 3, 3],
+                    ],
+                    "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [2, 2, 2]],
+                },
+                "_kw_requires_import": [],
+            },
+        },
+        "3d_lowres": {
+            "inherits_from": "3d_fullres",
+            "spacing": [6.0, 1.6, 1.6],
+            "patch_size": [32, 64, 64],
+        },
     },
 }
 
@@ -154,28 +189,59 @@ def test_plans_read_as_nnunet_reads_them(configuration):
     assert ours.kernels == ((3, 3, 3),) * 6
     assert list(ours.patch_size) == theirs.patch_size and list(ours.spacing) == theirs.spacing
     assert ours.modality == "CT"
-    assert [list(k) for k in geometry(PLANS, configuration, plans_kernels=True).kernels] == \
-        theirs.network_arch_init_kwargs["kernel_sizes"]
-    with pytest.raises(ValueError, match=r"configuration '2d' not found; the plans have "
-                                         r"\['3d_fullres', '3d_lowres'\]"):
+    assert [
+        list(k) for k in geometry(PLANS, configuration, plans_kernels=True).kernels
+    ] == theirs.network_arch_init_kwargs["kernel_sizes"]
+    with pytest.raises(
+        ValueError,
+        match=r"configuration '2d' not found; the plans have "
+        r"\['3d_fullres', '3d_lowres'\]",
+    ):
         geometry(PLANS, "2d")
 
 
 def test_export_cli_takes_the_plans_strides(tmp_path, capsys):
     encoder = _random_encoder("tiny")
-    torch.save({"format": "anatomask_fast.encoder/1", "size": "tiny", "in_channels": 1,
-                "state_dict": encoder}, tmp_path / "encoder.pt")
+    torch.save(
+        {
+            "format": "anatomask_fast.encoder/1",
+            "size": "tiny",
+            "in_channels": 1,
+            "state_dict": encoder,
+        },
+        tmp_path / "encoder.pt",
+    )
     (tmp_path / "plans.json").write_text(json.dumps(PLANS))
     out = tmp_path / "tiny.pth"
-    assert export_main(["--encoder", str(tmp_path / "encoder.pt"), "--plans",
-                        str(tmp_path / "plans.json"), "--num-classes", "4", "--out", str(out)]) == 0
+    assert (
+        export_main(
+            [
+                "--encoder",
+                str(tmp_path / "encoder.pt"),
+                "--plans",
+                str(tmp_path / "plans.json"),
+                "--num-classes",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = torch.load(out, weights_only=True)
-    assert saved["anatomask_fast"]["strides"] == [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2],
-                                                  [2, 2, 2]]
+    assert saved["anatomask_fast"]["strides"] == [
+        [1, 2, 2],
+        [2, 2, 2],
+        [2, 2, 2],
+        [1, 2, 2],
+        [2, 2, 2],
+    ]
     model = STUNet("tiny", 1, 4, strides=load_geometry(tmp_path / "plans.json").strides)
     model.load_state_dict(saved["network_weights"], strict=True)
     for name, value in encoder.items():
         assert torch.equal(model.state_dict()[name], value), name
-    assert export_main(["--encoder", str(tmp_path / "encoder.pt"), "--out",
-                        str(tmp_path / "x.pt")]) == 2
+    assert (
+        export_main(["--encoder", str(tmp_path / "encoder.pt"), "--out", str(tmp_path / "x.pt")])
+        == 2
+    )
     assert "--out must end in .pth" in capsys.readouterr().err

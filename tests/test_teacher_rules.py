@@ -3,6 +3,7 @@ computation on patchified copies, on fresh random inputs with odd grids and two
 channels, and the anatomical mask they feed: the hard patches are the top errors,
 and with ``foreground`` a patch of background (the sample's minimum) is never chosen
 while enough hidden foreground patches exist."""
+
 import pytest
 import torch
 
@@ -18,8 +19,9 @@ from anatomask_fast.train.teacher import (
 P = 4
 
 
-def literal(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, target: str,
-            foreground: bool) -> torch.Tensor:
+def literal(
+    rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, target: str, foreground: bool
+) -> torch.Tensor:
     """The rule written out on (B, L, N) patch copies in float64."""
     t, r = patchify(x.double(), P), patchify(rec.double(), P)
     if target == "normalized":
@@ -30,7 +32,7 @@ def literal(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, target: st
     if target == "centred":
         error = diff.var(-1, unbiased=False)
     else:
-        error = (diff ** 2).mean(-1)
+        error = (diff**2).mean(-1)
     if target == "relative":
         error = error / (t.var(-1) + 1e-6)
     error = error * (~active.flatten(1))
@@ -45,7 +47,7 @@ def literal(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, target: st
 def _inputs(seed: int, background: bool = False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 2, 3 * P, 5 * P, 2 * P, generator=gen) * 2 + 0.5
-    if background:      # clipped air: a block of patches at every channel's minimum
+    if background:  # clipped air: a block of patches at every channel's minimum
         x[:, :, :P] = x.amin((2, 3, 4), keepdim=True) - 1.0
     rec = torch.randn(x.shape, generator=gen) * 0.3
     mask = random_mask((3, 1, 3, 5, 2), 0.6, seed=seed)
@@ -70,12 +72,12 @@ def test_rules_against_the_literal_computation(target, foreground):
 
 def test_foreground_share_counts_voxels_above_the_minimum():
     x = torch.randn(2, 1, 2 * P, P, P)
-    x[0, 0, :P] = x[0].min() - 3.0            # sample 0: its first patch at the minimum
-    x[0, 0, P, 0, 0] = x[0].min()             # one voxel of the second patch too
+    x[0, 0, :P] = x[0].min() - 3.0  # sample 0: its first patch at the minimum
+    x[0, 0, P, 0, 0] = x[0].min()  # one voxel of the second patch too
     share = foreground_share(x, P)
-    assert share[0].tolist() == pytest.approx([0.0, 1 - 1 / P ** 3])
+    assert share[0].tolist() == pytest.approx([0.0, 1 - 1 / P**3])
     # Sample 1's minimum is a single voxel: every other voxel is foreground.
-    assert share[1].sum().item() == pytest.approx(2 - 1 / P ** 3)
+    assert share[1].sum().item() == pytest.approx(2 - 1 / P**3)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -2,6 +2,7 @@
 by group with choices and defaults), flags checked at parse time in the flag's name
 before any work, the same checks on a config built in Python, and files written with
 the usual permissions."""
+
 import os
 import re
 import stat
@@ -26,7 +27,7 @@ def test_top_level_help_lists_every_command_in_one_line(capsys):
         (line,) = [l for l in text.splitlines() if l.split()[:1] == [command]]
         index = text.splitlines().index(line)
         following = text.splitlines()[index + 1]
-        assert len(line.split()) > 4, line                   # the summary on the same line
+        assert len(line.split()) > 4, line  # the summary on the same line
         assert following.split()[:1] in ([c] for c in [*JOBS, "guidance"]) or not following
     assert "exit status" in text and "pretrain -> finetune -> predict" in text
 
@@ -55,50 +56,79 @@ def test_help_shows_choices_and_the_demo_defaults(capsys):
     assert "--input INPUT [INPUT ...]" in text and "--no-mirroring" in text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["pretrain", "--crop", "0", "0", "0"],
-     "argument --crop: expected a whole number >= 1, got 0"),
-    (["pretrain", "--crop", "24", "32", "32"],
-     "argument --crop: each size must be a multiple of 16 (the masking patch"),
-    (["pretrain", "--size", "XL"],
-     "argument --size: invalid choice: 'XL' (choose from 'tiny', 'S', 'B', 'L', 'H')"),
-    (["pretrain", "--mask-ratio", "1.5"], "argument --mask-ratio: expected a number in (0, 1)"),
-    (["pretrain", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1"),
-    (["pretrain", "--epochs", "two"], "argument --epochs: expected a whole number >= 1, got 'two'"),
-    (["pretrain", "--lr", "-1"], "argument --lr: expected a number > 0, got -1"),
-    (["pretrain", "--reference-compatible", "--decay-exempt"],
-     "argument --reference-compatible: the published step cannot be combined with "
-     "--decay-exempt"),
-    (["finetune", "--crop", "64", "64", "48"],
-     "argument --crop: each size must be a multiple of 32 (STU-Net's total stride"),
-    (["finetune", "--foreground", "1.5"], "argument --foreground: expected a number in [0, 1]"),
-    (["finetune", "--sw-overlap", "1"], "argument --sw-overlap: expected a number in [0, 1)"),
-    (["finetune", "--plans", "/nonexistent/plans.json"],
-     "argument --plans: plans file /nonexistent/plans.json does not exist"),
-    (["finetune", "--no-checkpointing", "--recompute-levels", "2"],
-     "argument --recompute-levels: needs --checkpointing"),
-    (["predict"], "the following arguments are required: --input"),
-    (["predict", "--input", "x", "--overlap", "-0.5"],
-     "argument --overlap: expected a number in [0, 1)"),
-    (["preprocess", "--data", "x"], "the following arguments are required: --out"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["pretrain", "--crop", "0", "0", "0"],
+            "argument --crop: expected a whole number >= 1, got 0",
+        ),
+        (
+            ["pretrain", "--crop", "24", "32", "32"],
+            "argument --crop: each size must be a multiple of 16 (the masking patch",
+        ),
+        (
+            ["pretrain", "--size", "XL"],
+            "argument --size: invalid choice: 'XL' (choose from 'tiny', 'S', 'B', 'L', 'H')",
+        ),
+        (["pretrain", "--mask-ratio", "1.5"], "argument --mask-ratio: expected a number in (0, 1)"),
+        (["pretrain", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1"),
+        (
+            ["pretrain", "--epochs", "two"],
+            "argument --epochs: expected a whole number >= 1, got 'two'",
+        ),
+        (["pretrain", "--lr", "-1"], "argument --lr: expected a number > 0, got -1"),
+        (
+            ["pretrain", "--reference-compatible", "--decay-exempt"],
+            "argument --reference-compatible: the published step cannot be combined with "
+            "--decay-exempt",
+        ),
+        (
+            ["finetune", "--crop", "64", "64", "48"],
+            "argument --crop: each size must be a multiple of 32 (STU-Net's total stride",
+        ),
+        (["finetune", "--foreground", "1.5"], "argument --foreground: expected a number in [0, 1]"),
+        (["finetune", "--sw-overlap", "1"], "argument --sw-overlap: expected a number in [0, 1)"),
+        (
+            ["finetune", "--plans", "/nonexistent/plans.json"],
+            "argument --plans: plans file /nonexistent/plans.json does not exist",
+        ),
+        (
+            ["finetune", "--no-checkpointing", "--recompute-levels", "2"],
+            "argument --recompute-levels: needs --checkpointing",
+        ),
+        (["predict"], "the following arguments are required: --input"),
+        (
+            ["predict", "--input", "x", "--overlap", "-0.5"],
+            "argument --overlap: expected a number in [0, 1)",
+        ),
+        (["preprocess", "--data", "x"], "the following arguments are required: --out"),
+    ],
+)
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
-        main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] in ("pretrain", "finetune")
-                       else [])])
+        main(
+            [
+                *argv,
+                *(["--out", str(tmp_path / "run")] if argv[0] in ("pretrain", "finetune") else []),
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()), err
-    assert len(err.strip().splitlines()) == 2      # the short usage, then the error
-    assert not (tmp_path / "run").exists()          # nothing started
+    assert len(err.strip().splitlines()) == 2  # the short usage, then the error
+    assert not (tmp_path / "run").exists()  # nothing started
 
 
-@pytest.mark.parametrize("config,message", [
-    (cfg.PretrainConfig(crop=(0, 32, 32)), "argument --crop: expected a whole number >= 1"),
-    (cfg.PretrainConfig(size="XL"), "argument --size: invalid choice: 'XL'"),
-    (cfg.FinetuneConfig(foreground=2.0), "argument --foreground: expected a number in [0, 1]"),
-    (cfg.PredictConfig(), "argument --input is required"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (cfg.PretrainConfig(crop=(0, 32, 32)), "argument --crop: expected a whole number >= 1"),
+        (cfg.PretrainConfig(size="XL"), "argument --size: invalid choice: 'XL'"),
+        (cfg.FinetuneConfig(foreground=2.0), "argument --foreground: expected a number in [0, 1]"),
+        (cfg.PredictConfig(), "argument --input is required"),
+    ],
+)
 def test_configs_built_in_python_get_the_same_checks(config, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         cfg.check(config.resolved() if hasattr(config, "resolved") else config)
@@ -115,9 +145,11 @@ def test_written_files_get_the_umask_s_mode_not_0600(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
         assert ckpt.file_mode() == mode
-        for write, name in ((lambda p: ckpt.atomic_save({"a": 1}, p), "c.pt"),
-                            (lambda p: ckpt.atomic_write_text("{}", p), "config.json"),
-                            (lambda p: ckpt.atomic_write_bytes(b"x", p), "label.nii.gz")):
+        for write, name in (
+            (lambda p: ckpt.atomic_save({"a": 1}, p), "c.pt"),
+            (lambda p: ckpt.atomic_write_text("{}", p), "config.json"),
+            (lambda p: ckpt.atomic_write_bytes(b"x", p), "label.nii.gz"),
+        ):
             write(tmp_path / name)
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
     finally:

@@ -1,6 +1,7 @@
 """Training data: discovery, the pre-processed store (round trip, resumable writing,
 dataset-wide CT normalization, label-map skipping, errors naming the file), crops as
 slices of the stored arrays, foreground oversampling and seeded augmentation."""
+
 import json
 import pickle
 
@@ -95,20 +96,23 @@ def test_dataset_wide_ct_normalization_equals_numpy(tmp_path):
     assert stats["mean"] == pytest.approx(foreground.mean())
     assert stats["std"] == pytest.approx(foreground.std())
     image, _ = open_store(root).whole(1)
-    direct = (np.clip(volumes[1], stats["lower"], stats["upper"]) - foreground.mean()) \
-        / foreground.std()
+    direct = (
+        np.clip(volumes[1], stats["lower"], stats["upper"]) - foreground.mean()
+    ) / foreground.std()
     np.testing.assert_allclose(image[0], direct, rtol=1e-5, atol=1e-5)
     # the per-volume option: the volume's own clip and z-score
     root = prepare(tmp_path, StoreOptions(ct_normalization="volume"), tmp_path / "per_volume")
     image, _ = open_store(root).whole(1)
     low, high = np.percentile(volumes[1], [0.5, 99.5])
     clipped = np.clip(volumes[1].astype(np.float64), low, high)
-    np.testing.assert_allclose(image[0], (clipped - clipped.mean()) / clipped.std(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        image[0], (clipped - clipped.mean()) / clipped.std(), rtol=1e-5, atol=1e-5
+    )
 
 
-def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, monkeypatch,
-                                                                      capsys):
+def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(
+    tmp_path, monkeypatch, capsys
+):
     rng = np.random.default_rng(1)
     for i in range(3):
         save(tmp_path / f"ct{i}.nii.gz", ct_like(rng))
@@ -118,7 +122,7 @@ def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, 
 
     def dies_on_the_second_case(array, path):
         calls.append(path)
-        if len(calls) == 2:             # half a file on disk, then the process is gone
+        if len(calls) == 2:  # half a file on disk, then the process is gone
             (path.parent / f".{path.stem}.tmp-999.b2nd").write_bytes(b"partial")
             raise KeyboardInterrupt
         real_write(array, path)
@@ -129,15 +133,19 @@ def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, 
     assert sorted(p.name for p in (root / "cases").glob("*.json")) == ["ct0.json"]
     assert not (root / "manifest.json").exists()
     # The partial store is kept, and said so: the next run resumes it.
-    assert f"the partial store {root} is kept (1 of 3 cases written): the next run with the " \
-           "same data and options resumes it" in capsys.readouterr().err
+    assert (
+        f"the partial store {root} is kept (1 of 3 cases written): the next run with the "
+        "same data and options resumes it" in capsys.readouterr().err
+    )
     first = (root / "cases" / "ct0.json").stat().st_mtime_ns
     monkeypatch.setattr(store_module, "_write_b2nd", real_write)
     prepare(tmp_path, StoreOptions(), root)
-    assert f"resuming the store {root}: 1 of 3 cases were written by an earlier run" in \
-        capsys.readouterr().out
+    assert (
+        f"resuming the store {root}: 1 of 3 cases were written by an earlier run"
+        in capsys.readouterr().out
+    )
     assert len(open_store(root)) == 3
-    assert (root / "cases" / "ct0.json").stat().st_mtime_ns == first    # not redone
+    assert (root / "cases" / "ct0.json").stat().st_mtime_ns == first  # not redone
     assert not list((root / "cases").glob(".*tmp-*"))
     # a changed source file is pre-processed again, the others are kept
     save(tmp_path / "ct2.nii.gz", ct_like(rng))
@@ -147,8 +155,9 @@ def test_killed_preprocessing_resumes_and_never_counts_a_partial_case(tmp_path, 
 
 def test_crops_are_slices_of_the_stored_arrays(labelled_store):
     volumes = open_store(labelled_store)
-    crops = RandomCrops(volumes, (32, 40, 24), seed=3, rank=0, batch_size=2,
-                        augmentation="none", labels=True)
+    crops = RandomCrops(
+        volumes, (32, 40, 24), seed=3, rank=0, batch_size=2, augmentation="none", labels=True
+    )
     for key in [(0, 0, 0), (0, 0, 1), (1, 4, 0)]:
         item = crops[key]
         index, start, matrix, _ = crops.draw(key)
@@ -159,33 +168,57 @@ def test_crops_are_slices_of_the_stored_arrays(labelled_store):
         assert torch.equal(item["label"], torch.from_numpy(label[(slice(None), *region)]))
     assert not torch.equal(crops[(0, 0, 0)]["image"], crops[(0, 0, 1)]["image"])
     assert torch.equal(crops[(0, 0, 0)]["image"], crops[(0, 0, 0)]["image"])
-    other_rank = RandomCrops(volumes, (32, 40, 24), seed=3, rank=1, batch_size=2,
-                             augmentation="none")
+    other_rank = RandomCrops(
+        volumes, (32, 40, 24), seed=3, rank=1, batch_size=2, augmentation="none"
+    )
     assert not torch.equal(other_rank[(0, 0, 0)]["image"], crops[(0, 0, 0)]["image"])
 
 
 def test_batches_are_full_and_independent_of_workers_and_resume(labelled_store):
-    crops = RandomCrops(open_store(labelled_store), (32, 32, 32), seed=0, rank=0,
-                        batch_size=4, augmentation="nnunet")
+    crops = RandomCrops(
+        open_store(labelled_store),
+        (32, 32, 32),
+        seed=0,
+        rank=0,
+        batch_size=4,
+        augmentation="nnunet",
+    )
     order = BatchOrder(steps_per_epoch=3, batch_size=4)
     batches = [b["image"] for b in epoch_loader(crops, order, epoch=2, start_step=0, workers=0)]
     assert [b.shape[0] for b in batches] == [4, 4, 4]
-    with_workers = [b["image"] for b in epoch_loader(crops, order, epoch=2, start_step=1,
-                                                      workers=2)]
+    with_workers = [
+        b["image"] for b in epoch_loader(crops, order, epoch=2, start_step=1, workers=2)
+    ]
     assert len(with_workers) == 2
     assert all(torch.equal(a, b) for a, b in zip(batches[1:], with_workers))
 
 
 def test_foreground_oversampling_centres_the_last_third_on_labels(labelled_store):
     volumes = open_store(labelled_store)
-    crops = RandomCrops(volumes, (16, 16, 16), seed=0, rank=0, batch_size=3,
-                        augmentation="none", labels=True, foreground=0.33)
+    crops = RandomCrops(
+        volumes,
+        (16, 16, 16),
+        seed=0,
+        rank=0,
+        batch_size=3,
+        augmentation="none",
+        labels=True,
+        foreground=0.33,
+    )
     forced = [crops[(0, step, 2)]["label"] for step in range(12)]
     assert all((label > 0).any() for label in forced)
     free = [crops[(0, step, 0)]["label"] for step in range(12)]
     assert sum(int(label[0, 8, 8, 8] > 0) for label in free) < 12
-    augmented = RandomCrops(volumes, (16, 16, 16), seed=0, rank=0, batch_size=3,
-                            augmentation="nnunet", labels=True, foreground=0.33)
+    augmented = RandomCrops(
+        volumes,
+        (16, 16, 16),
+        seed=0,
+        rank=0,
+        batch_size=3,
+        augmentation="nnunet",
+        labels=True,
+        foreground=0.33,
+    )
     for step in range(6):
         item = augmented[(0, step, 2)]
         assert item["image"].shape == (1, 16, 16, 16) and item["label"].dtype == torch.int64
@@ -200,7 +233,7 @@ def test_spatial_augmentation_without_rotation_or_scaling_is_the_crop():
     rng = np.random.default_rng(4)
     matrices = [spatial_matrix(rng, "nnunet") for _ in range(200)]
     drawn = [m for m in matrices if m is not None]
-    assert 40 < len(drawn) < 110                 # p(rotation or scaling) = 0.36
+    assert 40 < len(drawn) < 110  # p(rotation or scaling) = 0.36
     for m in drawn:
         assert all(r >= c for r, c in zip(region_size((32, 32, 32), m), (32, 32, 32)))
 
@@ -227,8 +260,9 @@ def test_small_volumes_are_zero_padded_mr_is_z_scored(tmp_path):
     volume = np.random.default_rng(0).normal(5, 2, (20, 24, 16)).astype(np.float32)
     save(tmp_path / "small.nii.gz", volume)
     volumes = open_store(prepare(tmp_path, StoreOptions(modality="MR"), tmp_path / "s"))
-    item = RandomCrops(volumes, (32, 32, 32), seed=0, rank=0, batch_size=1,
-                       augmentation="none")[(0, 0, 0)]["image"]
+    item = RandomCrops(volumes, (32, 32, 32), seed=0, rank=0, batch_size=1, augmentation="none")[
+        (0, 0, 0)
+    ]["image"]
     assert item.shape == (1, 32, 32, 32)
     inner = item[0, 6:26, 4:28, 8:24].numpy()
     np.testing.assert_allclose(inner, (volume - volume.mean()) / volume.std(), atol=1e-5)
@@ -278,14 +312,17 @@ def test_missing_label_is_named(tmp_path, phantom):
 def test_multichannel_nnunet_cases(tmp_path):
     (tmp_path / "imagesTr").mkdir()
     for c in range(2):
-        save(tmp_path / "imagesTr" / f"a_{c:04d}.nii.gz",
-             np.random.rand(16, 16, 16).astype(np.float32))
+        save(
+            tmp_path / "imagesTr" / f"a_{c:04d}.nii.gz",
+            np.random.rand(16, 16, 16).astype(np.float32),
+        )
     (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}}))
     dataset = discover(tmp_path)
     assert len(dataset.cases) == 1 and len(dataset.cases[0].images) == 2
     volumes = open_store(prepare(tmp_path, StoreOptions(), tmp_path / "store"))
-    item = RandomCrops(volumes, (16, 16, 16), seed=0, rank=0, batch_size=1,
-                       augmentation="light")[(0, 0, 0)]
+    item = RandomCrops(volumes, (16, 16, 16), seed=0, rank=0, batch_size=1, augmentation="light")[
+        (0, 0, 0)
+    ]
     assert item["image"].shape == (2, 16, 16, 16)
 
 
@@ -296,7 +333,7 @@ def _paired_folders(root, shape=(12, 10, 8), cases=3):
     for i in range(cases):
         save(root / "images" / f"case{i}.nii.gz", rng.normal(size=shape).astype(np.float32))
         label = np.zeros(shape, np.uint8)
-        label[2:5, 2:5, 2:5] = 1 + i % 2          # largest value: 2
+        label[2:5, 2:5, 2:5] = 1 + i % 2  # largest value: 2
         save(root / "labels" / f"case{i}.nii.gz", label)
     return root
 

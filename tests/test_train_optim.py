@@ -1,4 +1,5 @@
 """Optimizer groups, schedules, EMA and checkpoint writing of the training jobs."""
+
 import math
 
 import pytest
@@ -23,7 +24,11 @@ def test_no_decay_on_biases_norms_and_mask_tokens():
     assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
     assert [p is model.conv.weight for p in decay["params"]] == [True]
     assert {id(p) for p in no_decay["params"]} == {
-        id(model.conv.bias), id(model.norm.weight), id(model.norm.bias), id(model.mask_token)}
+        id(model.conv.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
+        id(model.mask_token),
+    }
 
 
 def test_warmup_then_cosine():

@@ -9,6 +9,7 @@ each epoch), the path the resume used to get wrong; the first stop is always at 
 ANATOMASK_RESUME_INTERRUPTIONS (default 2) sets how many interruptions a run gets
 (``scripts/kill_and_resume.sh`` runs a long version); the random seed of the timings
 is printed on failure."""
+
 import os
 import random
 import signal
@@ -23,26 +24,62 @@ import torch
 from anatomask_fast.train.runtime import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ["pretrain", "--size", "tiny", "--crop", "32", "32", "32", "--batch-size", "2",
-            "--phantom-cases", "3", "--steps-per-epoch", "4", "--epochs", "2",
-            "--latest-every-steps", "1", "--preview-every", "0", "--save-every", "0"]
+SETTINGS = [
+    "pretrain",
+    "--size",
+    "tiny",
+    "--crop",
+    "32",
+    "32",
+    "32",
+    "--batch-size",
+    "2",
+    "--phantom-cases",
+    "3",
+    "--steps-per-epoch",
+    "4",
+    "--epochs",
+    "2",
+    "--latest-every-steps",
+    "1",
+    "--preview-every",
+    "0",
+    "--save-every",
+    "0",
+]
 INTERRUPTIONS = int(os.environ.get("ANATOMASK_RESUME_INTERRUPTIONS", "2"))
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def launch(out: Path, workers: int, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "anatomask_fast.train", *SETTINGS, "--out", str(out),
-               "--workers", str(workers), *extra]
-    return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)    # its own process group
+    command = [
+        sys.executable,
+        "-m",
+        "anatomask_fast.train",
+        *SETTINGS,
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group
 
 
 def written_at(path: Path) -> int:
     return path.stat().st_mtime_ns if path.exists() else 0
 
 
-def interrupted_run(out: Path, workers: int, plan: list[signal.Signals],
-                    rng: random.Random) -> list[str]:
+def interrupted_run(
+    out: Path, workers: int, plan: list[signal.Signals], rng: random.Random
+) -> list[str]:
     """Runs to the end, interrupted by each signal of ``plan`` (to the whole process
     group, as a scheduler or a node failure does) at a random time after a checkpoint
     write; returns what happened, for the failure message."""
@@ -50,7 +87,10 @@ def interrupted_run(out: Path, workers: int, plan: list[signal.Signals],
     process = launch(out, workers, "--stop-after-steps", "3")
     assert process.wait(timeout=300) == 0, process.communicate()[1][-3000:]
     assert torch.load(latest, weights_only=True)["state"] == {
-        "epoch": 0, "step_in_epoch": 3, "global_step": 3}
+        "epoch": 0,
+        "step_in_epoch": 3,
+        "global_step": 3,
+    }
     log = ["--stop-after-steps 3"]
     for number in plan:
         before = written_at(latest)
@@ -64,7 +104,7 @@ def interrupted_run(out: Path, workers: int, plan: list[signal.Signals],
         _, errors = process.communicate()
         step = torch.load(latest, weights_only=True)["state"]["global_step"]
         log.append(f"{number.name} -> exit {code}, checkpoint at step {step}")
-        if code == 0:                       # it ended before the signal came
+        if code == 0:  # it ended before the signal came
             return log
         expected = -signal.SIGKILL if number == signal.SIGKILL else EXIT_PREEMPTED
         assert code == expected, (log, errors[-3000:])
@@ -99,10 +139,13 @@ def assert_identical(a, b, where: str) -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize("workers, plan", [
-    (0, [signal.SIGKILL, signal.SIGUSR1, signal.SIGKILL, signal.SIGTERM]),
-    (2, [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGUSR1]),
-])
+@pytest.mark.parametrize(
+    "workers, plan",
+    [
+        (0, [signal.SIGKILL, signal.SIGUSR1, signal.SIGKILL, signal.SIGTERM]),
+        (2, [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGUSR1]),
+    ],
+)
 def test_interrupted_run_is_bit_identical(tmp_path, uninterrupted, workers, plan):
     straight = torch.load(uninterrupted / "checkpoint_latest.pt", weights_only=True)
     seed = random.randrange(2**32)
@@ -110,10 +153,13 @@ def test_interrupted_run_is_bit_identical(tmp_path, uninterrupted, workers, plan
     log = interrupted_run(tmp_path, workers, plan, random.Random(seed))
     resumed = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
     context = f"timing seed {seed}: {log}"
-    assert resumed["state"] == straight["state"] == {
-        "epoch": 2, "step_in_epoch": 0, "global_step": 8}, context
+    assert (
+        resumed["state"] == straight["state"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 8}
+    ), context
     for key in ("model", "teacher", "optimizer", "scaler"):
         assert_identical(resumed[key], straight[key], f"{context}: {key}")
-    assert_identical(torch.load(tmp_path / "encoder.pt", weights_only=True),
-                     torch.load(uninterrupted / "encoder.pt", weights_only=True),
-                     f"{context}: encoder.pt")
+    assert_identical(
+        torch.load(tmp_path / "encoder.pt", weights_only=True),
+        torch.load(uninterrupted / "encoder.pt", weights_only=True),
+        f"{context}: encoder.pt",
+    )

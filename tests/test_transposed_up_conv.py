@@ -1,23 +1,24 @@
 """The decoder's up-sampling and first convolution composed into 8 low-resolution phase
 convolutions (models/transposed_up_conv.py) give the two modules' output and every
 gradient, borders included; the decoder and the pretraining network use it."""
+
 import copy
 
 import pytest
 import torch
 
 from anatomask_fast import patch_recon_loss, random_mask
+from anatomask_fast.models import decoder as decoder_module
 from anatomask_fast.models import transposed_up_conv as tuc
 from anatomask_fast.models.amp import memory_format_of
 from anatomask_fast.models.anatomask import AnatoMaskNet, reference_execution
-from anatomask_fast.models import decoder as decoder_module
 from anatomask_fast.models.decoder import LightDecoder
 
 
 def pair(inp, mid, out, bias, dtype=torch.float64):
     up = torch.nn.ConvTranspose3d(inp, mid, 4, stride=2, padding=1, bias=bias).to(dtype)
     conv = torch.nn.Conv3d(mid, out, 3, padding=1, bias=bias).to(dtype)
-    with torch.no_grad():       # away from the initialization's zero biases
+    with torch.no_grad():  # away from the initialization's zero biases
         for p in (*up.parameters(), *conv.parameters()):
             p.normal_()
     return up, conv
@@ -31,11 +32,14 @@ def grads(fn, s, modules, grad):
     return out, [s.grad] + [p.grad for m in modules for p in m.parameters()]
 
 
-@pytest.mark.parametrize("shape,bias,channels_last", [
-    ((2, 3, 3, 4, 5), True, False),
-    ((1, 2, 1, 2, 1), False, False),          # one voxel along two axes: both borders meet
-    ((2, 4, 3, 3, 2), True, True),
-])
+@pytest.mark.parametrize(
+    "shape,bias,channels_last",
+    [
+        ((2, 3, 3, 4, 5), True, False),
+        ((1, 2, 1, 2, 1), False, False),  # one voxel along two axes: both borders meet
+        ((2, 4, 3, 3, 2), True, True),
+    ],
+)
 def test_equals_up_sampling_then_convolution_float64(shape, bias, channels_last):
     torch.manual_seed(0)
     up, conv = pair(shape[1], 5, 6, bias)
@@ -113,12 +117,11 @@ def test_decoder_lean_and_eval_with_the_composition(composed_everywhere, sliced,
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=name)
     plain.eval()
     lean.eval()
-    with torch.no_grad():        # the teacher's pass: running statistics
+    with torch.no_grad():  # the teacher's pass: running statistics
         torch.testing.assert_close(lean(b, lean=True), plain(a), rtol=1e-10, atol=1e-12)
 
 
-def test_pretraining_network_with_the_composition_equals_reference_float64(
-        composed_everywhere):
+def test_pretraining_network_with_the_composition_equals_reference_float64(composed_everywhere):
     torch.manual_seed(0)
     net = AnatoMaskNet("tiny", 1).double().train()
     reference = copy.deepcopy(net)
@@ -129,8 +132,9 @@ def test_pretraining_network_with_the_composition_equals_reference_float64(
         with context if context is not None else torch.enable_grad():
             loss, _ = patch_recon_loss(model(x, active), x, active, 16)
             loss.backward()
-        results.append((loss, {n: p.grad for n, p in model.named_parameters()
-                               if p.grad is not None}))
+        results.append(
+            (loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
     (loss, got), (loss_r, want) = results
     torch.testing.assert_close(loss, loss_r, rtol=1e-11, atol=0)
     assert set(got) == set(want)

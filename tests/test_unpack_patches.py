@@ -1,5 +1,6 @@
 """unpack_patches on every backend against the reference, forward and backward (its
 backward is pack_patches: pure data movement, exact for every dtype)."""
+
 import pytest
 import torch
 
@@ -40,9 +41,15 @@ def test_opcheck(backend, device):
     opcheck("unpack_patches", backend, device, packed, layout.patches, layout.slots)
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x, lay: unpack_patches(x, lay.patches, lay.slots), ValueError,
-     r"'patches' must have 2 entries"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda x, lay: unpack_patches(x, lay.patches, lay.slots),
+            ValueError,
+            r"'patches' must have 2 entries",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(call, error, match):
     bad_layout_call(call, error, match)

@@ -2,6 +2,7 @@
 to up-sampling then convolving, forward and backward, for every stride / kernel kind
 STU-Net's plans give (isotropic, anisotropic, stride 1 along an axis, 1x1x1), odd
 sizes; and it keeps only the low-resolution map for backward."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,31 +12,49 @@ from anatomask_fast.models.upsampled_conv import upsampled_conv
 
 from .conftest import gpu
 
-CASES = [((2, 2, 2), (3, 3, 3)), ((1, 2, 2), (1, 3, 3)), ((2, 1, 2), (3, 3, 1)),
-         ((1, 1, 1), (3, 3, 3)), ((2, 2, 2), (1, 1, 1)), ((2, 2, 2), (1, 3, 3)),
-         ((3, 2, 1), (5, 3, 3)), ((2, 2, 2), (2, 2, 2))]
+CASES = [
+    ((2, 2, 2), (3, 3, 3)),
+    ((1, 2, 2), (1, 3, 3)),
+    ((2, 1, 2), (3, 3, 1)),
+    ((1, 1, 1), (3, 3, 3)),
+    ((2, 2, 2), (1, 1, 1)),
+    ((2, 2, 2), (1, 3, 3)),
+    ((3, 2, 1), (5, 3, 3)),
+    ((2, 2, 2), (2, 2, 2)),
+]
 
 
 def _plain(low, weight, scale):
-    return F.conv3d(F.interpolate(low, scale_factor=scale, mode="nearest"), weight,
-                    padding=[k // 2 for k in weight.shape[2:]])
+    return F.conv3d(
+        F.interpolate(low, scale_factor=scale, mode="nearest"),
+        weight,
+        padding=[k // 2 for k in weight.shape[2:]],
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])])
 @pytest.mark.parametrize("scale,kernel", CASES)
 def test_equals_upsampling_then_convolving(scale, kernel, device):
     generator = torch.Generator().manual_seed(sum(scale) * 7 + sum(kernel))
-    low = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, generator=generator
-                      ).to(device).requires_grad_()
-    weight = torch.randn(4, 3, *kernel, dtype=torch.float64, generator=generator
-                         ).to(device).requires_grad_()
+    low = (
+        torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, generator=generator)
+        .to(device)
+        .requires_grad_()
+    )
+    weight = (
+        torch.randn(4, 3, *kernel, dtype=torch.float64, generator=generator)
+        .to(device)
+        .requires_grad_()
+    )
     expected = _plain(low, weight, scale)
     got = upsampled_conv(low, weight, scale)
     # fp64: only the order of the sums differs (taps summed first), ~1e-15 relative.
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator).to(device)
-    for g, e in zip(torch.autograd.grad(got, (low, weight), grad),
-                    torch.autograd.grad(expected, (low, weight), grad)):
+    for g, e in zip(
+        torch.autograd.grad(got, (low, weight), grad),
+        torch.autograd.grad(expected, (low, weight), grad),
+    ):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-11)
 
 

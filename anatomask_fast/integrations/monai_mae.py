@@ -1,6 +1,7 @@
 """MONAI's ``MaskedAutoEncoderViT`` with AnatoMask's masks and the fused token
 gather/scatter, without editing MONAI: the adapter runs the model's own modules in
 the model's own order, taking the mask from the caller instead of drawing one."""
+
 from __future__ import annotations
 
 import torch
@@ -16,11 +17,21 @@ class MaskedViTAdapter(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        for name in ("patch_embedding", "cls_token", "blocks", "decoder_embed", "mask_tokens",
-                     "decoder_pos_embedding", "decoder_blocks", "decoder_pred"):
+        for name in (
+            "patch_embedding",
+            "cls_token",
+            "blocks",
+            "decoder_embed",
+            "mask_tokens",
+            "decoder_pos_embedding",
+            "decoder_blocks",
+            "decoder_pred",
+        ):
             if not hasattr(model, name):
-                raise TypeError(f"MaskedViTAdapter: argument 'model' must be a MONAI "
-                                f"MaskedAutoEncoderViT; {type(model).__name__} has no {name!r}")
+                raise TypeError(
+                    f"MaskedViTAdapter: argument 'model' must be a MONAI "
+                    f"MaskedAutoEncoderViT; {type(model).__name__} has no {name!r}"
+                )
         self.model = model
 
     @property
@@ -31,13 +42,16 @@ class MaskedViTAdapter(nn.Module):
         m = self.model
         tokens = m.patch_embedding(x)
         if mask.ids_restore.shape != tokens.shape[:2]:
-            raise ValueError(f"MaskedViTAdapter: the mask covers {tuple(mask.ids_restore.shape)} "
-                             f"patches, the model makes {tuple(tokens.shape[:2])}")
+            raise ValueError(
+                f"MaskedViTAdapter: the mask covers {tuple(mask.ids_restore.shape)} "
+                f"patches, the model makes {tuple(tokens.shape[:2])}"
+            )
         visible = gather_tokens(tokens, mask.ids_keep)
         cls = m.cls_token.expand(visible.shape[0], -1, -1)
         encoded = m.decoder_embed(m.blocks(torch.cat((cls, visible), dim=1)))
-        full = scatter_tokens(encoded[:, 1:], mask.ids_restore, m.mask_tokens,
-                              m.decoder_pos_embedding)
+        full = scatter_tokens(
+            encoded[:, 1:], mask.ids_restore, m.mask_tokens, m.decoder_pos_embedding
+        )
         decoded = m.decoder_pred(m.decoder_blocks(torch.cat((encoded[:, :1], full), dim=1)))
         return decoded[:, 1:], (~mask.active.reshape(full.shape[:2])).int()
 

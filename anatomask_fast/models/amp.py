@@ -4,6 +4,7 @@ restore the forward's autocast state (``torch.amp.custom_bwd`` does, but fixes t
 device type at definition); a backward that runs one sample at a time sums its
 half-precision parameter gradients in fp32. Memory format: the decoder runs
 channels-last on CPU, and its gradients keep the format of what they belong to."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,11 @@ class AutocastState:
 
     @classmethod
     def current(cls, device: torch.device) -> AutocastState:
-        return cls(device.type, torch.is_autocast_enabled(device.type),
-                   torch.get_autocast_dtype(device.type))
+        return cls(
+            device.type,
+            torch.is_autocast_enabled(device.type),
+            torch.get_autocast_dtype(device.type),
+        )
 
     def restored(self) -> contextlib.AbstractContextManager:
         """This state, for the block (autocast off when it was off)."""

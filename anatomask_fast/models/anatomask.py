@@ -13,6 +13,7 @@ Both give the same reconstruction. :func:`reference_execution` runs the networks
 published code's way (dense-masked encoder, plain-PyTorch reference ops, ``lean`` off):
 the baseline of the benchmarks and of the equivalence tests.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,7 @@ DECODER_WIDTHS = {"tiny": 128, "S": 512, "B": 512, "L": 512, "H": 512}
 # (see AnatoMaskNet._densify). Measured on CPU, STU-Net-B widths, up-sampling + conv
 # forward: 512 ch at 4^3 is 1.5x slower channels-last, 256 at 8^3 equal, 128 at 16^3
 # and 64 at 32^3 1.1x and 1.5x faster.
-CHANNELS_LAST_MIN_VOXELS = 16 ** 3
+CHANNELS_LAST_MIN_VOXELS = 16**3
 # The published densify norm (SparseInstanceNorm) uses eps 1e-6, not PyTorch's 1e-5.
 DENSIFY_EPS = 1e-6
 
@@ -47,25 +48,36 @@ class AnatoMaskNet(nn.Module):
     :class:`SparseEncoder`, built with the same ``per_sample_norm`` and
     ``packed_stages``) and ``decoder_width`` give another."""
 
-    def __init__(self, size: str = "B", in_channels: int = 1, *, per_sample_norm: bool = False,
-                 packed_stages: int | None = None, sync_bn: bool = False,
-                 encoder: SparseEncoder | None = None, decoder_width: int | None = None) -> None:
+    def __init__(
+        self,
+        size: str = "B",
+        in_channels: int = 1,
+        *,
+        per_sample_norm: bool = False,
+        packed_stages: int | None = None,
+        sync_bn: bool = False,
+        encoder: SparseEncoder | None = None,
+        decoder_width: int | None = None,
+    ) -> None:
         super().__init__()
         self.size = size
         self.per_sample_norm = per_sample_norm
         if encoder is None:
-            encoder = SparseSTUNetEncoder(STUNetEncoder.from_size(size, in_channels),
-                                          per_sample=per_sample_norm, packed_stages=packed_stages)
+            encoder = SparseSTUNetEncoder(
+                STUNetEncoder.from_size(size, in_channels),
+                per_sample=per_sample_norm,
+                packed_stages=packed_stages,
+            )
             decoder_width = DECODER_WIDTHS[size]
         self.encoder = encoder
-        widths = encoder.widths[::-1]                          # deepest first
+        widths = encoder.widths[::-1]  # deepest first
         # Stages coarser than the mask cells are unmasked: no mask token is ever used.
         self.masked_levels = getattr(encoder, "masked_stages", (True,) * len(widths))[::-1]
         self.mask_tokens = nn.ParameterList()
         self.densify_norms = nn.ModuleList()
         self.densify_projs = nn.ModuleList()
         for i, width in enumerate(widths):
-            out = decoder_width // 2 ** i
+            out = decoder_width // 2**i
             token = nn.Parameter(torch.zeros(1, width, 1, 1, 1))
             nn.init.trunc_normal_(token, mean=0, std=0.02, a=-0.02, b=0.02)
             self.mask_tokens.append(token)
@@ -75,22 +87,32 @@ class AnatoMaskNet(nn.Module):
             else:
                 proj = nn.Conv3d(width, out, 3, padding=1)
             self.densify_projs.append(proj)
-        self.decoder = LightDecoder(levels=len(widths) - 1, width=decoder_width,
-                                    out_channels=in_channels, sync_bn=sync_bn,
-                                    strides=encoder.strides[::-1])
+        self.decoder = LightDecoder(
+            levels=len(widths) - 1,
+            width=decoder_width,
+            out_channels=in_channels,
+            sync_bn=sync_bn,
+            strides=encoder.strides[::-1],
+        )
         patch = encoder.patch
         self.patch_size = patch[0] if len(set(patch)) == 1 else patch
-        self.lean = True       # False in reference_execution
+        self.lean = True  # False in reference_execution
 
     def unused_in_lean_mode(self) -> list[nn.Parameter]:
         """The full-resolution densify's parameters: computed by the reference, never read
         by the decoder, so they never receive a gradient either way; and the mask tokens
         of unmasked stages."""
         last = len(self.densify_projs) - 1
-        return [self.mask_tokens[last], *self.densify_norms[last].parameters(),
-                *self.densify_projs[last].parameters(),
-                *(token for token, masked in zip(self.mask_tokens[:last], self.masked_levels)
-                  if not masked)]
+        return [
+            self.mask_tokens[last],
+            *self.densify_norms[last].parameters(),
+            *self.densify_projs[last].parameters(),
+            *(
+                token
+                for token, masked in zip(self.mask_tokens[:last], self.masked_levels)
+                if not masked
+            ),
+        ]
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The dense encoder's weights (STU-Net: ``conv_blocks_context...``)."""
@@ -106,17 +128,19 @@ class AnatoMaskNet(nn.Module):
     def encode(self, x: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor | None]:
         """Every encoder stage's dense-masked output, deepest first; when lean, None for
         the stages the decoder does not read (the full-resolution one)."""
-        stages = len(self.densify_norms)     # one per encoder stage
+        stages = len(self.densify_norms)  # one per encoder stage
         first = stages - self._densified(stages)
         return self.encoder(x, active, first=first)[::-1]
 
-    def densify_features(self, features: list[torch.Tensor | None],
-                         active: torch.Tensor) -> list[torch.Tensor]:
+    def densify_features(
+        self, features: list[torch.Tensor | None], active: torch.Tensor
+    ) -> list[torch.Tensor]:
         """The decoder's inputs: per stage (deepest first) the sparse norm, mask tokens at
         hidden positions, the projection; the full-resolution stage only when not lean
         (the decoder never reads it)."""
-        return [self._densify(i, features[i], active)
-                for i in range(self._densified(len(features)))]
+        return [
+            self._densify(i, features[i], active) for i in range(self._densified(len(features)))
+        ]
 
     def _densified(self, stages: int) -> int:
         return len(self.decoder.dec) if self.lean else stages
@@ -127,8 +151,9 @@ class AnatoMaskNet(nn.Module):
     def _densify(self, i: int, feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         norm = self.densify_norms[i]
         visible = active if self.masked_levels[i] else all_visible(feature)
-        feature = sparse_norm(feature, visible, norm.weight, norm.bias,
-                              per_sample=self.per_sample_norm, eps=norm.eps)
+        feature = sparse_norm(
+            feature, visible, norm.weight, norm.bias, per_sample=self.per_sample_norm, eps=norm.eps
+        )
         if self.masked_levels[i]:
             feature = densify(feature, active, self.mask_tokens[i])
         if self.lean and feature.shape[2:].numel() >= CHANNELS_LAST_MIN_VOXELS:

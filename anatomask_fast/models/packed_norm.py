@@ -7,6 +7,7 @@ recomputed in backward, so the packed tensors stay the only stored activations.
 
 The statistics, the normalization and the backward are also used by the fused
 norm -> LeakyReLU -> conv of :mod:`anatomask_fast.models.packed_conv`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _group_mean(values: torch.Tensor, group: torch.Tensor, groups: int,
-                count: torch.Tensor) -> torch.Tensor:
+def _group_mean(
+    values: torch.Tensor, group: torch.Tensor, groups: int, count: torch.Tensor
+) -> torch.Tensor:
     """Per-group mean of per-patch sums ``values`` (N, C): (groups, C). A one-hot matmul:
     CPU index_add_ serializes on repeated indices (tens of ms for a few KB here)."""
-    members = F.one_hot(group, groups).to(values.dtype)                 # (N, groups)
+    members = F.one_hot(group, groups).to(values.dtype)  # (N, groups)
     return (members.T @ values) / count[:, None]
 
 
@@ -37,11 +39,12 @@ def _per_patch(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class NormStats:
     """Per-group statistics of one packed norm (accumulation dtype)."""
-    group: torch.Tensor   # (N,) int64 group of each patch
+
+    group: torch.Tensor  # (N,) int64 group of each patch
     groups: int
-    mean: torch.Tensor    # (groups, C)
-    rstd: torch.Tensor    # (groups, C)
-    count: torch.Tensor   # (groups,) voxels per group
+    mean: torch.Tensor  # (groups, C)
+    rstd: torch.Tensor  # (groups, C)
+    count: torch.Tensor  # (groups,) voxels per group
 
     @classmethod
     def of(cls, x: torch.Tensor, group: torch.Tensor, groups: int, eps: float) -> NormStats:
@@ -55,18 +58,25 @@ class NormStats:
         del centered
         return cls(group, groups, mean, (var + eps).rsqrt(), count)
 
-    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  slope: float | None) -> torch.Tensor:
+    def normalize(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: float | None
+    ) -> torch.Tensor:
         """``act(weight * (x - mean) * rstd + bias)``, a new tensor in ``x``'s shape
         (not a view: the encoder adds the residual into it in place)."""
-        scale = weight.to(self.mean.dtype) * _rows(self.rstd, self.group)            # (N, C)
+        scale = weight.to(self.mean.dtype) * _rows(self.rstd, self.group)  # (N, C)
         shift = bias.to(self.mean.dtype) - _rows(self.mean, self.group) * scale
         y = torch.addcmul(_per_patch(shift, x), x, _per_patch(scale, x))
         return F.leaky_relu_(y, slope) if slope is not None else y
 
-    def backward(self, x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor, slope: float | None, needs: tuple[bool, bool, bool],
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def backward(
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        slope: float | None,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Gradients of ``normalize`` in (x, weight, bias). ``grad`` may be overwritten.
         Few full-size temporaries: the weight is constant per group, so
         dx = w*rstd * (dy - mean(dy) - xhat*mean(dy*xhat)), built in xhat's storage."""
@@ -79,14 +89,18 @@ class NormStats:
             before = torch.addcmul(bias[:, None].to(x.dtype), xhat, weight[:, None].to(x.dtype))
             dy = torch.ops.aten.leaky_relu_backward(dy, before, slope, False)
             del before
-        sum_dy = dy.sum(-1)                                           # (N, C)
+        sum_dy = dy.sum(-1)  # (N, C)
         sum_dyx = (dy * xhat).sum(-1)
         dweight = sum_dyx.sum(0) if needs[1] else None
         dbias = sum_dy.sum(0) if needs[2] else None
         dx = None
         if needs[0]:
-            mean_dy = _rows(_group_mean(sum_dy, group, self.groups, self.count), group).unsqueeze(-1)
-            mean_dyx = _rows(_group_mean(sum_dyx, group, self.groups, self.count), group).unsqueeze(-1)
+            mean_dy = _rows(_group_mean(sum_dy, group, self.groups, self.count), group).unsqueeze(
+                -1
+            )
+            mean_dyx = _rows(_group_mean(sum_dyx, group, self.groups, self.count), group).unsqueeze(
+                -1
+            )
             coef = _rows(weight * self.rstd, group).unsqueeze(-1)
             dx = xhat.mul_(-mean_dyx.to(x.dtype)).add_(dy).sub_(mean_dy.to(x.dtype))
             dx = dx.mul_(coef.to(x.dtype)).view(x.shape)
@@ -103,8 +117,16 @@ class NormStats:
 
 class PackedNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                group: torch.Tensor, groups: int, eps: float, slope: float | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        group: torch.Tensor,
+        groups: int,
+        eps: float,
+        slope: float | None,
+    ) -> torch.Tensor:
         stats = NormStats.of(x, group, groups, eps)
         ctx.save_for_backward(x, weight, bias, *stats.saved())
         ctx.groups, ctx.slope = groups, slope
@@ -114,13 +136,22 @@ class PackedNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias, *saved = ctx.saved_tensors
         stats = NormStats.restore(tuple(saved), ctx.groups)
-        dx, dweight, dbias = stats.backward(x, grad, weight, bias, ctx.slope,
-                                            ctx.needs_input_grad[:3])
+        dx, dweight, dbias = stats.backward(
+            x, grad, weight, bias, ctx.slope, ctx.needs_input_grad[:3]
+        )
         return dx, dweight, dbias, None, None, None, None
 
 
-def packed_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group: torch.Tensor,
-                groups: int, *, eps: float = 1e-5, slope: float | None = None) -> torch.Tensor:
+def packed_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    group: torch.Tensor,
+    groups: int,
+    *,
+    eps: float = 1e-5,
+    slope: float | None = None,
+) -> torch.Tensor:
     """Normalizes packed ``x`` (N, C, ...) per channel over the patches of each of
     ``groups`` groups (``group`` (N,) int64), affine ``weight``/``bias`` (C,), then
     LeakyReLU with ``slope`` unless it is None."""

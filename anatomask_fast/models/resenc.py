@@ -20,6 +20,7 @@ The architecture comes from an nnU-Net plans configuration
 build dynamic-network-architectures' class from the same plans and compare every name,
 shape and output.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,11 @@ from .stunet import Triple, triple
 ARCH_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 # How nnU-Net's planners write the operators (torch's module paths), and the arch_kwargs
 # entries that name importable classes.
-CONV_OP, NORM_OP, NONLIN = ("torch.nn.modules.conv.Conv3d",
-                            "torch.nn.modules.instancenorm.InstanceNorm3d", "torch.nn.LeakyReLU")
+CONV_OP, NORM_OP, NONLIN = (
+    "torch.nn.modules.conv.Conv3d",
+    "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "torch.nn.LeakyReLU",
+)
 KWARGS_REQUIRING_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 # Where nnssl and nnU-Net's pretrained-weights adaptation find the encoder, the stem and
 # the input projection in the state_dict (the class's own attributes there).
@@ -49,6 +53,7 @@ KEYS_TO_IN_PROJ = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_module
 class ResEncArch:
     """One ResidualEncoderUNet: per stage its width, kernel, stride (the first is the
     stem stage's, usually (1, 1, 1)) and residual blocks; convs per decoder stage."""
+
     features: tuple[int, ...]
     kernels: tuple[Triple, ...]
     strides: tuple[Triple, ...]
@@ -60,17 +65,24 @@ class ResEncArch:
 
     def __post_init__(self) -> None:
         n = len(self.features)
-        counts = {"kernel_sizes": len(self.kernels), "strides": len(self.strides),
-                  "n_blocks_per_stage": len(self.blocks)}
+        counts = {
+            "kernel_sizes": len(self.kernels),
+            "strides": len(self.strides),
+            "n_blocks_per_stage": len(self.blocks),
+        }
         if n < 2 or any(c != n for c in counts.values()) or len(self.decoder_convs) != n - 1:
-            raise ValueError(f"ResidualEncoderUNet: {n} stages need as many kernel_sizes, "
-                             f"strides and n_blocks_per_stage and {n - 1} "
-                             f"n_conv_per_stage_decoder, got {counts} and "
-                             f"{len(self.decoder_convs)}")
+            raise ValueError(
+                f"ResidualEncoderUNet: {n} stages need as many kernel_sizes, "
+                f"strides and n_blocks_per_stage and {n - 1} "
+                f"n_conv_per_stage_decoder, got {counts} and "
+                f"{len(self.decoder_convs)}"
+            )
         if min(self.features) < 1 or min(self.blocks) < 1 or min(self.decoder_convs) < 1:
-            raise ValueError("ResidualEncoderUNet: features, blocks and decoder convs must be "
-                             f"positive, got {self.features}, {self.blocks}, "
-                             f"{self.decoder_convs}")
+            raise ValueError(
+                "ResidualEncoderUNet: features, blocks and decoder convs must be "
+                f"positive, got {self.features}, {self.blocks}, "
+                f"{self.decoder_convs}"
+            )
         if any(k % 2 == 0 for kernel in self.kernels for k in kernel):
             raise ValueError(f"ResidualEncoderUNet: kernel sizes must be odd, got {self.kernels}")
 
@@ -80,7 +92,7 @@ class ResEncArch:
 
     def cumulative_stride(self, stage: int) -> Triple:
         """The down-sampling of ``stage``'s output relative to the input, per axis."""
-        return tuple(math.prod(s[a] for s in self.strides[:stage + 1]) for a in range(3))
+        return tuple(math.prod(s[a] for s in self.strides[: stage + 1]) for a in range(3))
 
     @property
     def total_stride(self) -> Triple:
@@ -90,26 +102,39 @@ class ResEncArch:
         """nnU-Net's ``arch_kwargs`` of this network (plain values: JSON and
         ``weights_only`` loadable), exactly the keys nnssl's ``DynamicArchitecturePlans``
         has."""
-        return {"n_stages": self.stages, "features_per_stage": list(self.features),
-                "conv_op": CONV_OP, "kernel_sizes": [list(k) for k in self.kernels],
-                "strides": [list(s) for s in self.strides],
-                "n_blocks_per_stage": list(self.blocks),
-                "n_conv_per_stage_decoder": list(self.decoder_convs),
-                "conv_bias": self.conv_bias, "norm_op": NORM_OP,
-                "norm_op_kwargs": {"eps": self.eps, "affine": True}, "dropout_op": None,
-                "dropout_op_kwargs": None, "nonlin": NONLIN,
-                "nonlin_kwargs": {"inplace": True, **({} if self.slope == 1e-2
-                                                       else {"negative_slope": self.slope})}}
+        return {
+            "n_stages": self.stages,
+            "features_per_stage": list(self.features),
+            "conv_op": CONV_OP,
+            "kernel_sizes": [list(k) for k in self.kernels],
+            "strides": [list(s) for s in self.strides],
+            "n_blocks_per_stage": list(self.blocks),
+            "n_conv_per_stage_decoder": list(self.decoder_convs),
+            "conv_bias": self.conv_bias,
+            "norm_op": NORM_OP,
+            "norm_op_kwargs": {"eps": self.eps, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": NONLIN,
+            "nonlin_kwargs": {
+                "inplace": True,
+                **({} if self.slope == 1e-2 else {"negative_slope": self.slope}),
+            },
+        }
 
     def architecture(self) -> dict:
         """A plans configuration's ``architecture`` entry for this network."""
-        return {"network_class_name": ARCH_CLASS, "arch_kwargs": self.arch_kwargs(),
-                "_kw_requires_import": list(KWARGS_REQUIRING_IMPORT)}
+        return {
+            "network_class_name": ARCH_CLASS,
+            "arch_kwargs": self.arch_kwargs(),
+            "_kw_requires_import": list(KWARGS_REQUIRING_IMPORT),
+        }
 
     @classmethod
-    def from_arch_kwargs(cls, kwargs: Mapping, source: str = "arch_kwargs") -> "ResEncArch":
+    def from_arch_kwargs(cls, kwargs: Mapping, source: str = "arch_kwargs") -> ResEncArch:
         """The network of nnU-Net ``arch_kwargs`` (a ResEnc planner's); a ValueError
         naming ``source`` and the entry for anything this module does not build."""
+
         def op(key: str, expected: str) -> None:
             value = kwargs.get(key)
             name = value if isinstance(value, str) else getattr(value, "__name__", repr(value))
@@ -121,13 +146,19 @@ class ResEncArch:
         op("nonlin", NONLIN)
         if kwargs.get("dropout_op") is not None:
             raise ValueError(f"{source}: 'dropout_op' must be None, got {kwargs['dropout_op']!r}")
-        for key, default in (("block", "BasicBlockD"), ("bottleneck_channels", None),
-                             ("stem_channels", None)):
+        for key, default in (
+            ("block", "BasicBlockD"),
+            ("bottleneck_channels", None),
+            ("stem_channels", None),
+        ):
             value = kwargs.get(key, default)
-            if value is not None and str(getattr(value, "__name__", value)).rsplit(".", 1)[-1] \
-                    != str(default):
-                raise ValueError(f"{source}: '{key}' {value!r} is not supported (the ResEnc "
-                                 f"presets use {default!r})")
+            if value is not None and str(getattr(value, "__name__", value)).rsplit(".", 1)[
+                -1
+            ] != str(default):
+                raise ValueError(
+                    f"{source}: '{key}' {value!r} is not supported (the ResEnc "
+                    f"presets use {default!r})"
+                )
         norm = kwargs.get("norm_op_kwargs") or {}
         if not norm.get("affine", False):
             raise ValueError(f"{source}: 'norm_op_kwargs' must have affine=True, got {norm!r}")
@@ -140,13 +171,16 @@ class ResEncArch:
             return [value] * count if isinstance(value, int) else list(value or [])
 
         try:
-            return cls(tuple(int(f) for f in per_stage("features_per_stage", n)),
-                       tuple(triple(k, "kernel_sizes") for k in per_stage("kernel_sizes", n)),
-                       tuple(triple(s, "strides") for s in per_stage("strides", n)),
-                       tuple(int(b) for b in per_stage("n_blocks_per_stage", n)),
-                       tuple(int(c) for c in per_stage("n_conv_per_stage_decoder", n - 1)),
-                       bool(kwargs.get("conv_bias", False)), float(norm.get("eps", 1e-5)),
-                       float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2)))
+            return cls(
+                tuple(int(f) for f in per_stage("features_per_stage", n)),
+                tuple(triple(k, "kernel_sizes") for k in per_stage("kernel_sizes", n)),
+                tuple(triple(s, "strides") for s in per_stage("strides", n)),
+                tuple(int(b) for b in per_stage("n_blocks_per_stage", n)),
+                tuple(int(c) for c in per_stage("n_conv_per_stage_decoder", n - 1)),
+                bool(kwargs.get("conv_bias", False)),
+                float(norm.get("eps", 1e-5)),
+                float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2)),
+            )
         except (TypeError, ValueError) as error:
             raise ValueError(f"{source}: {error}") from None
 
@@ -154,7 +188,7 @@ class ResEncArch:
 @dataclass(frozen=True)
 class ResEncPreset:
     arch: ResEncArch
-    patch_size: Triple      # the planner's 3d_fullres patch size, the default crop
+    patch_size: Triple  # the planner's 3d_fullres patch size, the default crop
 
 
 # What nnU-Net's ResEnc planners (nnunetv2 2.8.1, nnUNetPlannerResEncM/L/XL) write as
@@ -162,29 +196,41 @@ class ResEncPreset:
 # one network, six stages (features min(32 * 2^s, 320), blocks 1, 3, 4, 6, 6, 6: also
 # nnssl's fixed ResEnc-L), and a patch size per GPU budget. tests/test_resenc_model.py
 # derives them again from the real planners.
-_PLANNED = ResEncArch(features=(32, 64, 128, 256, 320, 320), kernels=((3, 3, 3),) * 6,
-                      strides=((1, 1, 1),) + ((2, 2, 2),) * 5, blocks=(1, 3, 4, 6, 6, 6),
-                      decoder_convs=(1,) * 5)
-RESENC_PRESETS = {"resenc-m": ResEncPreset(_PLANNED, (128, 128, 128)),
-                  "resenc-l": ResEncPreset(_PLANNED, (192, 192, 192)),
-                  "resenc-xl": ResEncPreset(_PLANNED, (256, 224, 224))}
+_PLANNED = ResEncArch(
+    features=(32, 64, 128, 256, 320, 320),
+    kernels=((3, 3, 3),) * 6,
+    strides=((1, 1, 1),) + ((2, 2, 2),) * 5,
+    blocks=(1, 3, 4, 6, 6, 6),
+    decoder_convs=(1,) * 5,
+)
+RESENC_PRESETS = {
+    "resenc-m": ResEncPreset(_PLANNED, (128, 128, 128)),
+    "resenc-l": ResEncPreset(_PLANNED, (192, 192, 192)),
+    "resenc-xl": ResEncPreset(_PLANNED, (256, 224, 224)),
+}
 
 
-def arch_from_plans(plans: dict, configuration: str = "3d_fullres", *,
-                    source: str = "plans") -> tuple[ResEncArch, Triple]:
+def arch_from_plans(
+    plans: dict, configuration: str = "3d_fullres", *, source: str = "plans"
+) -> tuple[ResEncArch, Triple]:
     """The ResidualEncoderUNet of a plans configuration and its patch size."""
     config = resolve_configuration(plans, configuration, source)
     architecture = config.get("architecture") or {}
     name = str(architecture.get("network_class_name", ""))
     if not name.endswith("ResidualEncoderUNet"):
-        raise ValueError(f"{source}: configuration {configuration!r} builds {name or 'no network'}"
-                         f", not a ResidualEncoderUNet (plan it with nnUNetPlannerResEncM/L/XL)")
-    arch = ResEncArch.from_arch_kwargs(architecture.get("arch_kwargs") or {},
-                                       f"{source} ({configuration})")
+        raise ValueError(
+            f"{source}: configuration {configuration!r} builds {name or 'no network'}"
+            f", not a ResidualEncoderUNet (plan it with nnUNetPlannerResEncM/L/XL)"
+        )
+    arch = ResEncArch.from_arch_kwargs(
+        architecture.get("arch_kwargs") or {}, f"{source} ({configuration})"
+    )
     patch = config.get("patch_size") or []
     if len(patch) != 3:
-        raise ValueError(f"{source}: configuration {configuration!r} has patch_size {patch!r}; "
-                         "expected three sizes (a 3D configuration)")
+        raise ValueError(
+            f"{source}: configuration {configuration!r} has patch_size {patch!r}; "
+            "expected three sizes (a 3D configuration)"
+        )
     return arch, tuple(int(p) for p in patch)
 
 
@@ -198,11 +244,25 @@ class ConvNormAct(nn.Module):
     ``norm``, ``nonlin``) and also the ``all_modules`` sequence, as there: each tensor
     has both names in the state_dict."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Triple, stride: Triple,
-                 bias: bool, eps: float, slope: float | None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Triple,
+        stride: Triple,
+        bias: bool,
+        eps: float,
+        slope: float | None,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride,
-                              padding=[(k - 1) // 2 for k in kernel], bias=bias)
+        self.conv = nn.Conv3d(
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding=[(k - 1) // 2 for k in kernel],
+            bias=bias,
+        )
         self.norm = nn.InstanceNorm3d(out_channels, eps=eps, affine=True)
         layers: list[nn.Module] = [self.conv, self.norm]
         if slope is not None:
@@ -217,13 +277,30 @@ class ConvNormAct(nn.Module):
 class ConvStack(nn.Module):
     """``StackedConvBlocks``: ``convs``, the first with the stride."""
 
-    def __init__(self, count: int, in_channels: int, out_channels: int, kernel: Triple,
-                 stride: Triple, arch: ResEncArch) -> None:
+    def __init__(
+        self,
+        count: int,
+        in_channels: int,
+        out_channels: int,
+        kernel: Triple,
+        stride: Triple,
+        arch: ResEncArch,
+    ) -> None:
         super().__init__()
-        self.convs = nn.Sequential(*(
-            ConvNormAct(in_channels if i == 0 else out_channels, out_channels, kernel,
-                        stride if i == 0 else (1, 1, 1), arch.conv_bias, arch.eps, arch.slope)
-            for i in range(count)))
+        self.convs = nn.Sequential(
+            *(
+                ConvNormAct(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    kernel,
+                    stride if i == 0 else (1, 1, 1),
+                    arch.conv_bias,
+                    arch.eps,
+                    arch.slope,
+                )
+                for i in range(count)
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convs(x)
@@ -234,21 +311,25 @@ class BasicBlockD(nn.Module):
     by the stride when striding, then a 1x1x1 conv without bias and a norm when the
     channels change), add, LeakyReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Triple, stride: Triple,
-                 arch: ResEncArch) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: Triple, stride: Triple, arch: ResEncArch
+    ) -> None:
         super().__init__()
-        self.conv1 = ConvNormAct(in_channels, out_channels, kernel, stride, arch.conv_bias,
-                                 arch.eps, arch.slope)
-        self.conv2 = ConvNormAct(out_channels, out_channels, kernel, (1, 1, 1), arch.conv_bias,
-                                 arch.eps, None)
+        self.conv1 = ConvNormAct(
+            in_channels, out_channels, kernel, stride, arch.conv_bias, arch.eps, arch.slope
+        )
+        self.conv2 = ConvNormAct(
+            out_channels, out_channels, kernel, (1, 1, 1), arch.conv_bias, arch.eps, None
+        )
         self.nonlin2 = nn.LeakyReLU(arch.slope, inplace=True)
         self.stride = stride
         ops: list[nn.Module] = []
         if stride != (1, 1, 1):
             ops.append(nn.AvgPool3d(stride, stride))
         if in_channels != out_channels:
-            ops.append(ConvNormAct(in_channels, out_channels, (1, 1, 1), (1, 1, 1), False,
-                                   arch.eps, None))
+            ops.append(
+                ConvNormAct(in_channels, out_channels, (1, 1, 1), (1, 1, 1), False, arch.eps, None)
+            )
         self.skip = nn.Sequential(*ops) if ops else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,10 +345,18 @@ class ResidualStage(nn.Module):
     def __init__(self, in_channels: int, stage: int, arch: ResEncArch) -> None:
         super().__init__()
         width, kernel = arch.features[stage], arch.kernels[stage]
-        self.blocks = nn.Sequential(*(
-            BasicBlockD(in_channels if b == 0 else width, width, kernel,
-                        arch.strides[stage] if b == 0 else (1, 1, 1), arch)
-            for b in range(arch.blocks[stage])))
+        self.blocks = nn.Sequential(
+            *(
+                BasicBlockD(
+                    in_channels if b == 0 else width,
+                    width,
+                    kernel,
+                    arch.strides[stage] if b == 0 else (1, 1, 1),
+                    arch,
+                )
+                for b in range(arch.blocks[stage])
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
@@ -281,9 +370,12 @@ class ResidualEncoder(nn.Module):
         super().__init__()
         self.arch, self.in_channels = arch, in_channels
         self.stem = ConvStack(1, in_channels, arch.features[0], arch.kernels[0], (1, 1, 1), arch)
-        self.stages = nn.Sequential(*(
-            ResidualStage(arch.features[s - 1] if s else arch.features[0], s, arch)
-            for s in range(arch.stages)))
+        self.stages = nn.Sequential(
+            *(
+                ResidualStage(arch.features[s - 1] if s else arch.features[0], s, arch)
+                for s in range(arch.stages)
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -298,22 +390,36 @@ class UNetDecoder(nn.Module):
     """Transposed conv up-sampling, concatenation with the skip, convs, a head per
     level; holds the encoder (``decoder.encoder``) as nnU-Net's does."""
 
-    def __init__(self, encoder: ResidualEncoder, num_classes: int,
-                 deep_supervision: bool) -> None:
+    def __init__(self, encoder: ResidualEncoder, num_classes: int, deep_supervision: bool) -> None:
         super().__init__()
         arch = encoder.arch
         self.deep_supervision = deep_supervision
         self.encoder = encoder
         levels = range(1, arch.stages)
         self.stages = nn.ModuleList(
-            ConvStack(arch.decoder_convs[s - 1], 2 * arch.features[-(s + 1)],
-                      arch.features[-(s + 1)], arch.kernels[-(s + 1)], (1, 1, 1), arch)
-            for s in levels)
+            ConvStack(
+                arch.decoder_convs[s - 1],
+                2 * arch.features[-(s + 1)],
+                arch.features[-(s + 1)],
+                arch.kernels[-(s + 1)],
+                (1, 1, 1),
+                arch,
+            )
+            for s in levels
+        )
         self.transpconvs = nn.ModuleList(
-            nn.ConvTranspose3d(arch.features[-s], arch.features[-(s + 1)], arch.strides[-s],
-                               arch.strides[-s], bias=arch.conv_bias) for s in levels)
+            nn.ConvTranspose3d(
+                arch.features[-s],
+                arch.features[-(s + 1)],
+                arch.strides[-s],
+                arch.strides[-s],
+                bias=arch.conv_bias,
+            )
+            for s in levels
+        )
         self.seg_layers = nn.ModuleList(
-            nn.Conv3d(arch.features[-(s + 1)], num_classes, 1, 1, 0, bias=True) for s in levels)
+            nn.Conv3d(arch.features[-(s + 1)], num_classes, 1, 1, 0, bias=True) for s in levels
+        )
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = skips[-1]
@@ -333,8 +439,14 @@ class ResidualEncoderUNet(nn.Module):
 
     key_to_encoder, key_to_stem, keys_to_in_proj = KEY_TO_ENCODER, KEY_TO_STEM, KEYS_TO_IN_PROJ
 
-    def __init__(self, arch: ResEncArch, in_channels: int = 1, num_classes: int = 2, *,
-                 deep_supervision: bool = True) -> None:
+    def __init__(
+        self,
+        arch: ResEncArch,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        *,
+        deep_supervision: bool = True,
+    ) -> None:
         super().__init__()
         self.arch, self.in_channels, self.num_classes = arch, in_channels, num_classes
         self.encoder = ResidualEncoder(arch, in_channels)
@@ -350,20 +462,26 @@ class ResidualEncoderUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ResidualEncoderUNet: expected input (B, {self.in_channels}, D, H, "
-                             f"W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"ResidualEncoderUNet: expected input (B, {self.in_channels}, D, H, "
+                f"W), got {tuple(x.shape)}"
+            )
         total = self.arch.total_stride
         if any(s % t for s, t in zip(x.shape[2:], total)):
-            raise ValueError(f"ResidualEncoderUNet: the spatial shape {tuple(x.shape[2:])} must "
-                             f"be divisible by {total} (the product of the strides)")
+            raise ValueError(
+                f"ResidualEncoderUNet: the spatial shape {tuple(x.shape[2:])} must "
+                f"be divisible by {total} (the product of the strides)"
+            )
         if self.training and all(s == t for s, t in zip(x.shape[2:], total)):
-            raise ValueError(f"ResidualEncoderUNet: the spatial shape {tuple(x.shape[2:])} "
-                             f"leaves one voxel at the deepest stage, where InstanceNorm needs "
-                             f"more: train on crops of twice the total stride {total} on an "
-                             f"axis at least")
+            raise ValueError(
+                f"ResidualEncoderUNet: the spatial shape {tuple(x.shape[2:])} "
+                f"leaves one voxel at the deepest stage, where InstanceNorm needs "
+                f"more: train on crops of twice the total stride {total} on an "
+                f"axis at least"
+            )
         return self.decoder(self.encoder(x))
 
-    def initialize(self) -> "ResidualEncoderUNet":
+    def initialize(self) -> ResidualEncoderUNet:
         initialize(self)
         return self
 

@@ -23,6 +23,7 @@ Memory options (same weights, same function):
   an int ``n`` those of the ``n`` highest resolutions (where the activations are
   largest, so recomputing there frees the most memory per recomputed FLOP).
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,15 @@ class _RecomputedConv(torch.autograd.Function):
     backward of a 16-channel 32^3 convolution 25x slower as two single-sample calls)."""
 
     @staticmethod
-    def forward(ctx, fn, conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None,
-                x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        fn,
+        conv: nn.Conv3d,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        x: torch.Tensor,
+        *shared: torch.Tensor,
+    ) -> torch.Tensor:
         with torch.no_grad():
             out = F.conv3d(fn(x, *shared), weight, bias, conv.stride, conv.padding)
         ctx.fn, ctx.stride, ctx.padding = fn, conv.stride, conv.padding
@@ -121,14 +129,24 @@ class _RecomputedConv(torch.autograd.Function):
         compute_weight = weight.to(grad.dtype)
         step = x.shape[0] if x.numel() * x.element_size() <= BATCHED_BACKWARD_BYTES else 1
         for n in range(0, x.shape[0], step):
-            leaves = [t.detach().requires_grad_(t.requires_grad)
-                      for t in (x[n:n + step], *shared)]
+            leaves = [
+                t.detach().requires_grad_(t.requires_grad) for t in (x[n : n + step], *shared)
+            ]
             with torch.enable_grad():
                 a = ctx.fn(*leaves)
             grad_a, gw, gb = torch.ops.aten.convolution_backward(
-                grad[n:n + step], a.detach().to(grad.dtype), compute_weight,
-                [weight.shape[0]] if ctx.has_bias else None, list(ctx.stride),
-                list(ctx.padding), [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias])
+                grad[n : n + step],
+                a.detach().to(grad.dtype),
+                compute_weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                list(ctx.stride),
+                list(ctx.padding),
+                [1, 1, 1],
+                False,
+                [0, 0, 0],
+                1,
+                [True, True, ctx.has_bias],
+            )
             grad_w = accumulate_fp32(grad_w, gw)
             if ctx.has_bias:
                 grad_b = accumulate_fp32(grad_b, gb)
@@ -136,44 +154,60 @@ class _RecomputedConv(torch.autograd.Function):
             found = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)) if wanted else ())
             del a, grad_a
             if grad_x is not None:
-                grad_x[n:n + step] = next(found)
+                grad_x[n : n + step] = next(found)
             for i, t in enumerate(leaves[1:]):
                 if t.requires_grad:
                     grad_shared[i] = accumulate_fp32(grad_shared[i], next(found))
-        return (None, None, grad_w.to(weight.dtype),
-                grad_b.to(weight.dtype) if ctx.has_bias else None, grad_x,
-                *(None if g is None else g.to(t.dtype) for g, t in zip(grad_shared, shared)))
+        return (
+            None,
+            None,
+            grad_w.to(weight.dtype),
+            grad_b.to(weight.dtype) if ctx.has_bias else None,
+            grad_x,
+            *(None if g is None else g.to(t.dtype) for g, t in zip(grad_shared, shared)),
+        )
 
 
 def _all_visible(x: torch.Tensor) -> torch.Tensor:
     return torch.ones((x.shape[0], 1, 1, 1, 1), dtype=torch.bool, device=x.device)
 
 
-def norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-             activation: str | None) -> torch.Tensor:
+def norm_act(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, activation: str | None
+) -> torch.Tensor:
     """Fused instance norm (+ LeakyReLU) that keeps only its input and statistics."""
     # Under autocast the convolutions give half precision; the norm takes one dtype.
-    return sparse_norm(x, _all_visible(x), weight.to(x.dtype), bias.to(x.dtype),
-                       per_sample=True, eps=eps, activation=activation)
+    return sparse_norm(
+        x,
+        _all_visible(x),
+        weight.to(x.dtype),
+        bias.to(x.dtype),
+        per_sample=True,
+        eps=eps,
+        activation=activation,
+    )
 
 
-def _conv_pair(conv: nn.Conv3d, upsample: Upsample, low: torch.Tensor,
-               skip: torch.Tensor) -> torch.Tensor:
+def _conv_pair(
+    conv: nn.Conv3d, upsample: Upsample, low: torch.Tensor, skip: torch.Tensor
+) -> torch.Tensor:
     """``conv`` of the concatenation of the up-sampled ``low`` and ``skip``, without
     building it, and without the up-sampled map: its half of the convolution runs on
     ``low`` (:func:`upsampled_conv`)."""
     split = low.shape[1]
     out = upsampled_conv(low, conv.weight[:, :split], upsample.scale)
-    return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride,
-                             conv.padding))
+    return out.add_(F.conv3d(skip, conv.weight[:, split:], conv.bias, conv.stride, conv.padding))
 
 
 def _conv_of(conv: nn.Conv3d, fn, x: torch.Tensor, *shared: torch.Tensor) -> torch.Tensor:
     return _RecomputedConv.apply(fn, conv, conv.weight, conv.bias, x, *shared)
 
 
-def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                upsample: Upsample | None = None) -> torch.Tensor:
+def fused_block(
+    block: BasicResBlock,
+    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    upsample: Upsample | None = None,
+) -> torch.Tensor:
     """``block(x)`` with the fused ops; ``x`` a tensor, or a decoder level's pair (the
     low-resolution up-sampling output, already through its 1x1x1 conv; the skip) with
     the ``upsample`` that brings the first to the skip's resolution (default x2)."""
@@ -185,8 +219,13 @@ def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torc
         c1 = _conv_pair(block.conv1, upsample, *x)
     else:
         c1 = block.conv1(x)
-    c2 = _conv_of(block.conv2, lambda c, w, b: norm_act(c, w, b, norm1.eps, "leaky_relu"),
-                  c1, norm1.weight, norm1.bias)
+    c2 = _conv_of(
+        block.conv2,
+        lambda c, w, b: norm_act(c, w, b, norm1.eps, "leaky_relu"),
+        c1,
+        norm1.weight,
+        norm1.bias,
+    )
     del c1
     y = norm_act(c2, norm2.weight, norm2.bias, norm2.eps, None)
     del c2
@@ -197,8 +236,7 @@ def fused_block(block: BasicResBlock, x: torch.Tensor | tuple[torch.Tensor, torc
     return _ResidualLeakyReLU.apply(y, skip)
 
 
-def _stage(blocks: nn.Sequential, x, fused: bool, upsample: Upsample | None = None
-           ) -> torch.Tensor:
+def _stage(blocks: nn.Sequential, x, fused: bool, upsample: Upsample | None = None) -> torch.Tensor:
     if not fused:
         return blocks(torch.cat(x, 1) if isinstance(x, tuple) else x)
     for block in blocks:
@@ -215,30 +253,41 @@ class STUNet(nn.Module):
     ``deep_supervision`` a list of logits for every decoder level, highest resolution
     first."""
 
-    def __init__(self, size: str = "B", in_channels: int = 1, num_classes: int = 2, *,
-                 strides: Sequence[Sequence[int] | int] | None = None,
-                 kernels: Sequence[Sequence[int] | int] | None = None,
-                 deep_supervision: bool = True, fused: bool = True,
-                 checkpointing: bool | int = True) -> None:
+    def __init__(
+        self,
+        size: str = "B",
+        in_channels: int = 1,
+        num_classes: int = 2,
+        *,
+        strides: Sequence[Sequence[int] | int] | None = None,
+        kernels: Sequence[Sequence[int] | int] | None = None,
+        deep_supervision: bool = True,
+        fused: bool = True,
+        checkpointing: bool | int = True,
+    ) -> None:
         super().__init__()
         spec = size_spec(size)
         dims, depth = spec.dims, spec.depth
         strides = [(2, 2, 2)] * 5 if strides is None else [triple(s, "strides[]") for s in strides]
         kernels = [(3, 3, 3)] * 6 if kernels is None else [triple(k, "kernels[]") for k in kernels]
         if len(strides) != 5 or len(kernels) != 6:
-            raise ValueError(f"STUNet: arguments 'strides' and 'kernels': expected 5 strides "
-                             f"(one per down-sampling) and 6 kernels (one per stage), got "
-                             f"{len(strides)} and {len(kernels)}")
+            raise ValueError(
+                f"STUNet: arguments 'strides' and 'kernels': expected 5 strides "
+                f"(one per down-sampling) and 6 kernels (one per stage), got "
+                f"{len(strides)} and {len(kernels)}"
+            )
         self.size, self.in_channels, self.num_classes = size, in_channels, num_classes
         self.strides, self.kernels = strides, kernels
-        self.conv_blocks_context = STUNetEncoder(in_channels, dims, depth, strides,
-                                                 kernels).conv_blocks_context
+        self.conv_blocks_context = STUNetEncoder(
+            in_channels, dims, depth, strides, kernels
+        ).conv_blocks_context
         self.upsample_layers = nn.ModuleList(
-            UpsampleLayer(dims[-1 - u], dims[-2 - u], strides[-1 - u]) for u in range(5))
+            UpsampleLayer(dims[-1 - u], dims[-2 - u], strides[-1 - u]) for u in range(5)
+        )
         self.conv_blocks_localization = nn.ModuleList(
-            stage(2 * dims[-2 - u], dims[-2 - u], depth, kernels[-2 - u], 1) for u in range(5))
-        self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], num_classes, 1)
-                                         for u in range(5))
+            stage(2 * dims[-2 - u], dims[-2 - u], depth, kernels[-2 - u], 1) for u in range(5)
+        )
+        self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], num_classes, 1) for u in range(5))
         self.deep_supervision = deep_supervision
         self.fused = fused
         self.checkpointing = checkpointing
@@ -261,17 +310,21 @@ class STUNet(nn.Module):
 
     def _decode(self, u: int, x: torch.Tensor, skip: torch.Tensor, head: bool):
         up = self.upsample_layers[u]
-        x = _stage(self.conv_blocks_localization[u], (up(x, self.fused), skip), self.fused,
-                   up.upsample)
+        x = _stage(
+            self.conv_blocks_localization[u], (up(x, self.fused), skip), self.fused, up.upsample
+        )
         return x, (self.seg_outputs[u](x) if head else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"STUNet: expected input (B, {self.in_channels}, D, H, W), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"STUNet: expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}"
+            )
         if any(s % d for s, d in zip(x.shape[2:], self.downsampling)):
-            raise ValueError(f"STUNet: the spatial shape {tuple(x.shape[2:])} must be "
-                             f"divisible by {self.downsampling} (the product of the strides)")
+            raise ValueError(
+                f"STUNet: the spatial shape {tuple(x.shape[2:])} must be "
+                f"divisible by {self.downsampling} (the product of the strides)"
+            )
         skips = []
         for s in range(len(self.conv_blocks_context)):
             x = self._run(s, lambda i, t: self._encode(i, t), s, x)
@@ -280,8 +333,14 @@ class STUNet(nn.Module):
         levels = len(self.conv_blocks_localization)
         for u in range(levels):
             last = u == levels - 1
-            x, logits = self._run(levels - 1 - u, lambda i, t, k, h: self._decode(i, t, k, h),
-                                  u, x, skips[-2 - u], self.deep_supervision or last)
+            x, logits = self._run(
+                levels - 1 - u,
+                lambda i, t, k, h: self._decode(i, t, k, h),
+                u,
+                x,
+                skips[-2 - u],
+                self.deep_supervision or last,
+            )
             if logits is not None:
                 outputs.append(logits)
         return outputs[::-1] if self.deep_supervision else outputs[-1]
@@ -292,20 +351,23 @@ def _encoder_weights(saved: dict, source: Path) -> dict[str, torch.Tensor]:
     (``state_dict``), a pretrained STU-Net export (``network_weights``, only the stages
     its ``anatomask_fast`` metadata names as pretrained) or a pretraining checkpoint
     (``model`` with ``encoder.`` prefixes)."""
-    if isinstance(saved.get("anatomask_fast"), dict) and isinstance(saved.get("network_weights"),
-                                                                    dict):
+    if isinstance(saved.get("anatomask_fast"), dict) and isinstance(
+        saved.get("network_weights"), dict
+    ):
         prefixes = tuple(p + "." for p in saved["anatomask_fast"].get("pretrained", ()))
         return {k: v for k, v in saved["network_weights"].items() if k.startswith(prefixes)}
     if isinstance(saved.get("state_dict"), dict):
         return saved["state_dict"]
     if isinstance(saved.get("model"), dict):
         prefix = "encoder."
-        return {k[len(prefix):]: v for k, v in saved["model"].items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in saved["model"].items() if k.startswith(prefix)}
     if saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
         return saved
-    raise ValueError(f"{source}: not an encoder export (key 'state_dict'), a pretrained "
-                     f"STU-Net export (keys 'network_weights', 'anatomask_fast') or a "
-                     f"pretraining checkpoint (key 'model'); it has keys {sorted(saved)[:8]}")
+    raise ValueError(
+        f"{source}: not an encoder export (key 'state_dict'), a pretrained "
+        f"STU-Net export (keys 'network_weights', 'anatomask_fast') or a "
+        f"pretraining checkpoint (key 'model'); it has keys {sorted(saved)[:8]}"
+    )
 
 
 def _modules(names: list[str]) -> list[str]:
@@ -334,26 +396,33 @@ def load_encoder(model: STUNet, path: str | Path, *, verbose: bool = True) -> di
     for name, value in own.items():
         if name not in weights:
             if name.startswith("conv_blocks_context.") and _modules([name])[0] in _modules(
-                    list(weights)):
+                list(weights)
+            ):
                 report["missing"].append(name)
         elif tuple(weights[name].shape) != tuple(value.shape):
-            report["shape_mismatch"].append(f"{name}: file {tuple(weights[name].shape)}, "
-                                            f"model {tuple(value.shape)}")
+            report["shape_mismatch"].append(
+                f"{name}: file {tuple(weights[name].shape)}, model {tuple(value.shape)}"
+            )
         else:
             fitting[name] = weights[name]
             report["loaded"].append(name)
     if not fitting:
-        detail = report["shape_mismatch"][:3] or [f"no 'conv_blocks_context.' keys among "
-                                                  f"{sorted(weights)[:4]}"]
-        raise ValueError(f"{path}: no encoder weight fits STU-Net-{model.size} with "
-                         f"{model.in_channels} input channel(s) ({'; '.join(detail)})")
+        detail = report["shape_mismatch"][:3] or [
+            f"no 'conv_blocks_context.' keys among {sorted(weights)[:4]}"
+        ]
+        raise ValueError(
+            f"{path}: no encoder weight fits STU-Net-{model.size} with "
+            f"{model.in_channels} input channel(s) ({'; '.join(detail)})"
+        )
     model.load_state_dict(fitting, strict=False)
     report["fresh"] = _modules([k for k in own if k not in fitting])
     if verbose:
-        print(f"  encoder weights from {path}: {len(report['loaded'])}/{len(own)} tensors "
-              f"loaded ({', '.join(_modules(report['loaded']))}), "
-              f"{len(report['shape_mismatch'])} shape mismatches, "
-              f"{len(report['missing'])} missing; starting fresh: {', '.join(report['fresh'])}")
+        print(
+            f"  encoder weights from {path}: {len(report['loaded'])}/{len(own)} tensors "
+            f"loaded ({', '.join(_modules(report['loaded']))}), "
+            f"{len(report['shape_mismatch'])} shape mismatches, "
+            f"{len(report['missing'])} missing; starting fresh: {', '.join(report['fresh'])}"
+        )
         for line in report["shape_mismatch"][:5] + report["missing"][:5]:
             print(f"    not loaded: {line}")
     return report

@@ -19,6 +19,7 @@ those of the dense network: :class:`SparseSTUNetEncoder` a :class:`STUNetEncoder
 :class:`~anatomask_fast.models.sparse_resenc.SparseResidualEncoder` a nnU-Net residual
 encoder's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,27 +30,34 @@ from ..ops.gather_scatter import apply_mask, sparse_norm
 from ..ops.packing import pack_patches, unpack_patches
 from ..validation import check_active_mask, check_volume
 from .layout import MaskLayout
-from .stunet import Triple
 from .packed_conv import halo_conv, norm_act_halo_conv
 from .packed_norm import packed_norm
+from .stunet import Triple
 
 SLOPE = 0.01  # STU-Net's LeakyReLU
 
 
 def _unsupported(name: str, layer: nn.Module, why: str) -> ValueError:
-    return ValueError(f"SparseSTUNetEncoder: layer '{name}' ({layer!r}) cannot run in the "
-                      f"sparse engine: {why}")
+    return ValueError(
+        f"SparseSTUNetEncoder: layer '{name}' ({layer!r}) cannot run in the sparse engine: {why}"
+    )
 
 
 def _check_conv(name: str, conv: object, kernel: int, strides: tuple[int, ...]) -> None:
     if type(conv) is not nn.Conv3d:
         raise _unsupported(name, conv, "expected nn.Conv3d")
-    expected = dict(kernel_size=(kernel,) * 3, padding=(kernel // 2,) * 3, dilation=(1,) * 3,
-                    groups=1, padding_mode="zeros")
+    expected = dict(
+        kernel_size=(kernel,) * 3,
+        padding=(kernel // 2,) * 3,
+        dilation=(1,) * 3,
+        groups=1,
+        padding_mode="zeros",
+    )
     for attribute, value in expected.items():
         if getattr(conv, attribute) != value:
-            raise _unsupported(name, conv, f"{attribute} must be {value}, "
-                                           f"got {getattr(conv, attribute)}")
+            raise _unsupported(
+                name, conv, f"{attribute} must be {value}, got {getattr(conv, attribute)}"
+            )
     if conv.stride not in [(s,) * 3 for s in strides]:
         raise _unsupported(name, conv, f"stride must be one of {strides} here, got {conv.stride}")
 
@@ -73,8 +81,11 @@ def _check_block(name: str, block: nn.Module, stride: int) -> None:
     for child in ("norm1", "norm2"):
         norm = children[child]
         if type(norm) is not nn.InstanceNorm3d or not norm.affine or norm.track_running_stats:
-            raise _unsupported(f"{name}.{child}", norm, "expected nn.InstanceNorm3d with "
-                                                        "affine=True, track_running_stats=False")
+            raise _unsupported(
+                f"{name}.{child}",
+                norm,
+                "expected nn.InstanceNorm3d with affine=True, track_running_stats=False",
+            )
     for child in ("act1", "act2"):
         act = children[child]
         if type(act) is not nn.LeakyReLU or act.negative_slope != SLOPE:
@@ -93,8 +104,9 @@ class SparseEncoder(nn.Module):
 
     name = "SparseEncoder"
 
-    def __init__(self, *, per_sample: bool, packed_stages: int | None, patch: Triple,
-                 divisor: Triple) -> None:
+    def __init__(
+        self, *, per_sample: bool, packed_stages: int | None, patch: Triple, divisor: Triple
+    ) -> None:
         super().__init__()
         self.per_sample = per_sample
         self.packed_stages = packed_stages
@@ -107,25 +119,35 @@ class SparseEncoder(nn.Module):
         """Keyword arguments of :meth:`MaskLayout.build` beyond the mask."""
         raise NotImplementedError
 
-    def _stem(self, h: torch.Tensor, layout: MaskLayout, packed: bool, group: torch.Tensor,
-              groups: int) -> torch.Tensor:
+    def _stem(
+        self, h: torch.Tensor, layout: MaskLayout, packed: bool, group: torch.Tensor, groups: int
+    ) -> torch.Tensor:
         return h
 
-    def _packed_block(self, s: int, i: int, block: nn.Module, h: torch.Tensor,
-                      layout: MaskLayout, group: torch.Tensor, groups: int) -> torch.Tensor:
+    def _packed_block(
+        self,
+        s: int,
+        i: int,
+        block: nn.Module,
+        h: torch.Tensor,
+        layout: MaskLayout,
+        group: torch.Tensor,
+        groups: int,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def _dense_block(self, block: nn.Module, h: torch.Tensor,
-                     visible: torch.Tensor | None) -> torch.Tensor:
+    def _dense_block(
+        self, block: nn.Module, h: torch.Tensor, visible: torch.Tensor | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def layout(self, active: torch.Tensor) -> MaskLayout:
         """The mask layout of one step (share it between passes with the same mask)."""
-        return MaskLayout.build(active, packed_stages=self.packed_stages,
-                                **self._layout_options())
+        return MaskLayout.build(active, packed_stages=self.packed_stages, **self._layout_options())
 
-    def forward(self, x: torch.Tensor, active: torch.Tensor | MaskLayout, *,
-                first: int = 0) -> list[torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, active: torch.Tensor | MaskLayout, *, first: int = 0
+    ) -> list[torch.Tensor | None]:
         """Stages below ``first`` give None instead of their map (a packed one is then
         never unpacked): the lean decoder never reads the full-resolution stage."""
         layout = active if isinstance(active, MaskLayout) else None
@@ -138,18 +160,19 @@ class SparseEncoder(nn.Module):
         group = layout.sample if self.per_sample else torch.zeros_like(layout.sample)
         groups = layout.batch if self.per_sample else 1
         packed_input = layout.stages[0].packed
-        h = pack_patches(x, layout.patches, layout.slots) if packed_input \
-            else apply_mask(x, active)
+        h = pack_patches(x, layout.patches, layout.slots) if packed_input else apply_mask(x, active)
         h = self._stem(h, layout, packed_input, group, groups)
         for s, plan in enumerate(layout.stages):
             if not plan.packed and s and layout.stages[s - 1].packed:
                 # The dense-masked stages read the last packed stage's dense map.
-                h = features[-1] = unpack_patches(packed.pop(s - 1), layout.patches,
-                                                  layout.slots)
+                h = features[-1] = unpack_patches(packed.pop(s - 1), layout.patches, layout.slots)
             visible = active if plan.masked else None
             for i, block in enumerate(self._stage_blocks(s)):
-                h = (self._packed_block(s, i, block, h, layout, group, groups) if plan.packed
-                     else self._dense_block(block, h, visible))
+                h = (
+                    self._packed_block(s, i, block, h, layout, group, groups)
+                    if plan.packed
+                    else self._dense_block(block, h, visible)
+                )
             features.append(None if plan.packed else h)
             if plan.packed:
                 packed[s] = h
@@ -164,22 +187,37 @@ class SparseEncoder(nn.Module):
         check_volume(op, "x", x)
         spatial = tuple(x.shape[2:])
         if any(s % d for s, d in zip(spatial, self.divisor)):
-            raise ValueError(f"{op}: the spatial shape {spatial} of 'x' must be divisible by the "
-                             f"total downsampling {_short(self.divisor)}")
+            raise ValueError(
+                f"{op}: the spatial shape {spatial} of 'x' must be divisible by the "
+                f"total downsampling {_short(self.divisor)}"
+            )
         grid = tuple(s // p for s, p in zip(spatial, self.patch))
         check_active_mask(op, active, x)
         if tuple(active.shape[2:]) != grid:
-            raise ValueError(f"{op}: argument 'active' must have the grid {grid} (the spatial "
-                             f"shape of 'x' / {_short(self.patch)}), got "
-                             f"{tuple(active.shape[2:])}")
+            raise ValueError(
+                f"{op}: argument 'active' must have the grid {grid} (the spatial "
+                f"shape of 'x' / {_short(self.patch)}), got "
+                f"{tuple(active.shape[2:])}"
+            )
 
-    def norm(self, t: torch.Tensor, visible: torch.Tensor | None, layer: nn.Module,
-             activation: str | None) -> torch.Tensor:
+    def norm(
+        self,
+        t: torch.Tensor,
+        visible: torch.Tensor | None,
+        layer: nn.Module,
+        activation: str | None,
+    ) -> torch.Tensor:
         """``layer`` (an affine InstanceNorm) as a sparse norm over the visible voxels,
         or over all voxels where ``visible`` is None (an unmasked stage)."""
-        return sparse_norm(t, all_visible(t) if visible is None else visible, layer.weight,
-                           layer.bias, per_sample=self.per_sample, eps=layer.eps,
-                           activation=activation)
+        return sparse_norm(
+            t,
+            all_visible(t) if visible is None else visible,
+            layer.weight,
+            layer.bias,
+            per_sample=self.per_sample,
+            eps=layer.eps,
+            activation=activation,
+        )
 
 
 def all_visible(t: torch.Tensor) -> torch.Tensor:
@@ -212,25 +250,37 @@ class SparseSTUNetEncoder(SparseEncoder):
 
     name = "SparseSTUNetEncoder"
 
-    def __init__(self, encoder: nn.Module, *, per_sample: bool = False,
-                 packed_stages: int | None = None) -> None:
+    def __init__(
+        self, encoder: nn.Module, *, per_sample: bool = False, packed_stages: int | None = None
+    ) -> None:
         stages = getattr(encoder, "conv_blocks_context", None)
         if not isinstance(stages, nn.ModuleList):
-            raise ValueError(f"SparseSTUNetEncoder: argument 'encoder' must have a "
-                             f"'conv_blocks_context' nn.ModuleList of stages, got "
-                             f"{type(encoder).__name__}")
+            raise ValueError(
+                f"SparseSTUNetEncoder: argument 'encoder' must have a "
+                f"'conv_blocks_context' nn.ModuleList of stages, got "
+                f"{type(encoder).__name__}"
+            )
         for s, stage in enumerate(stages):
             blocks = stage if isinstance(stage, nn.Sequential) else [stage]
             for i, block in enumerate(blocks):
-                _check_block(f"conv_blocks_context.{s}.{i}" if isinstance(stage, nn.Sequential)
-                             else f"conv_blocks_context.{s}", block, 2 if s and not i else 1)
+                _check_block(
+                    f"conv_blocks_context.{s}.{i}"
+                    if isinstance(stage, nn.Sequential)
+                    else f"conv_blocks_context.{s}",
+                    block,
+                    2 if s and not i else 1,
+                )
         downsampling = 2 ** (len(stages) - 1)
-        super().__init__(per_sample=per_sample, packed_stages=packed_stages,
-                         patch=(downsampling,) * 3, divisor=(downsampling,) * 3)
+        super().__init__(
+            per_sample=per_sample,
+            packed_stages=packed_stages,
+            patch=(downsampling,) * 3,
+            divisor=(downsampling,) * 3,
+        )
         self.conv_blocks_context = stages
         self.downsampling = downsampling
         self.widths = tuple(_stage_list(stage)[-1].conv2.out_channels for stage in stages)
-        self.strides = ((2, 2, 2),) * (len(stages) - 1)   # between consecutive stages
+        self.strides = ((2, 2, 2),) * (len(stages) - 1)  # between consecutive stages
 
     def _stage_blocks(self, s: int) -> list[nn.Module]:
         return _stage_list(self.conv_blocks_context[s])
@@ -249,8 +299,9 @@ def _stage_list(stage: nn.Module) -> list[nn.Module]:
     return list(stage) if isinstance(stage, nn.Sequential) else [stage]
 
 
-def _dense_block(engine: SparseEncoder, block: nn.Module, x: torch.Tensor,
-                 visible: torch.Tensor | None) -> torch.Tensor:
+def _dense_block(
+    engine: SparseEncoder, block: nn.Module, x: torch.Tensor, visible: torch.Tensor | None
+) -> torch.Tensor:
     """One BasicResBlock, SparK-style: dense convs, outputs masked, sparse norms."""
     y = engine.norm(masked(block.conv1(x), visible), visible, block.norm1, "leaky_relu")
     y = engine.norm(masked(block.conv2(y), visible), visible, block.norm2, None)
@@ -258,21 +309,35 @@ def _dense_block(engine: SparseEncoder, block: nn.Module, x: torch.Tensor,
     return F.leaky_relu(y + skip, SLOPE)
 
 
-def _packed_block(block: nn.Module, x: torch.Tensor, layout: MaskLayout, stride: int,
-                  group: torch.Tensor, groups: int) -> torch.Tensor:
+def _packed_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    layout: MaskLayout,
+    stride: int,
+    group: torch.Tensor,
+    groups: int,
+) -> torch.Tensor:
     """One BasicResBlock on packed patches (N, C, q, q, q), storing for backward only
     the outputs of conv1 (unless recomputed) and conv2 (the norms' inputs) and the
     block's output (also the next block's input). A stride-2 3x3x3 conv (padding 1) reads input voxels
     2o-1..2o+1: a one-voxel halo on the low side."""
     conv1 = (block.conv1, 1, 1 if stride == 1 else 0)
-    if block.conv1.in_channels * stride ** 3 < block.conv1.out_channels:
+    if block.conv1.in_channels * stride**3 < block.conv1.out_channels:
         # conv1's input is smaller than its output (the image channels): recompute
         # conv1 in backward instead of storing its output.
-        y = norm_act_halo_conv(x, block.norm1, group, groups, SLOPE, layout.neighbours,
-                               block.conv2, first=conv1)
+        y = norm_act_halo_conv(
+            x, block.norm1, group, groups, SLOPE, layout.neighbours, block.conv2, first=conv1
+        )
     else:
-        y = norm_act_halo_conv(halo_conv(x, layout.neighbours, *conv1), block.norm1, group,
-                               groups, SLOPE, layout.neighbours, block.conv2)
+        y = norm_act_halo_conv(
+            halo_conv(x, layout.neighbours, *conv1),
+            block.norm1,
+            group,
+            groups,
+            SLOPE,
+            layout.neighbours,
+            block.conv2,
+        )
     y = packed_norm(y, block.norm2.weight, block.norm2.bias, group, groups, eps=block.norm2.eps)
     skip = halo_conv(x, layout.neighbours, block.conv3, 0, 0) if block.conv3 is not None else x
     # In place: the block's output is the one tensor LeakyReLU's backward keeps.

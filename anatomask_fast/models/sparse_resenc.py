@@ -17,6 +17,7 @@ ResEnc's last, at 1/32) runs dense with every voxel visible, as nnssl's SparK3D 
 Stages run packed while cheaper (as for STU-Net) and where their convs are 3x3x3 with
 one stride on every axis; the others (an anisotropic plan's) run dense-masked.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from .resenc import BasicBlockD, ConvNormAct, ResidualEncoder
 from .sparse_encoder import SparseEncoder, masked
 from .stunet import Triple
 
-MASK_CELL = 16      # the published AnatoMask's and nnssl's mask cell side
+MASK_CELL = 16  # the published AnatoMask's and nnssl's mask cell side
 
 
 class SparseResidualEncoder(SparseEncoder):
@@ -42,31 +43,46 @@ class SparseResidualEncoder(SparseEncoder):
 
     name = "SparseResidualEncoder"
 
-    def __init__(self, encoder: ResidualEncoder, *, per_sample: bool = False,
-                 packed_stages: int | None = None, cell: int = MASK_CELL) -> None:
+    def __init__(
+        self,
+        encoder: ResidualEncoder,
+        *,
+        per_sample: bool = False,
+        packed_stages: int | None = None,
+        cell: int = MASK_CELL,
+    ) -> None:
         if not isinstance(encoder, ResidualEncoder):
-            raise ValueError(f"SparseResidualEncoder: argument 'encoder' must be a "
-                             f"ResidualEncoder, got {type(encoder).__name__}")
+            raise ValueError(
+                f"SparseResidualEncoder: argument 'encoder' must be a "
+                f"ResidualEncoder, got {type(encoder).__name__}"
+            )
         arch = encoder.arch
         total = arch.total_stride
         patch = tuple(min(cell, t) for t in total)
-        super().__init__(per_sample=per_sample, packed_stages=packed_stages, patch=patch,
-                         divisor=total)
+        super().__init__(
+            per_sample=per_sample, packed_stages=packed_stages, patch=patch, divisor=total
+        )
         self.stem, self.stages = encoder.stem, encoder.stages
         self.arch, self.slope = arch, arch.slope
         self.widths, self.strides = arch.features, arch.strides[1:]
         sides: list[Triple | int | None] = []
         for s in range(arch.stages):
             cumulative = arch.cumulative_stride(s)
-            side = None if any(p % c for p, c in zip(patch, cumulative)) else \
-                tuple(p // c for p, c in zip(patch, cumulative))
+            side = (
+                None
+                if any(p % c for p, c in zip(patch, cumulative))
+                else tuple(p // c for p, c in zip(patch, cumulative))
+            )
             sides.append(side[0] if side and len(set(side)) == 1 else side)
         self.sides = tuple(sides)
         self.masked_stages = tuple(side is not None for side in sides)
         # Packed: 3x3x3 convs (the stem's too) and one stride (1 or 2) on every axis.
         self.packable = tuple(
-            arch.kernels[s] == (3, 3, 3) and len(set(arch.strides[s])) == 1
-            and arch.strides[s][0] in (1, 2) for s in range(arch.stages))
+            arch.kernels[s] == (3, 3, 3)
+            and len(set(arch.strides[s])) == 1
+            and arch.strides[s][0] in (1, 2)
+            for s in range(arch.stages)
+        )
 
     def _stage_blocks(self, s: int) -> list[nn.Module]:
         return list(self.stages[s].blocks)
@@ -77,11 +93,18 @@ class SparseResidualEncoder(SparseEncoder):
     def _stem(self, h, layout, packed, group, groups):
         stem: ConvNormAct = self.stem.convs[0]
         if packed:
-            return packed_norm(halo_conv(h, layout.neighbours, stem.conv, 1, 1),
-                               stem.norm.weight, stem.norm.bias, group, groups,
-                               eps=stem.norm.eps, slope=self.slope)
-        return self.norm(masked(stem.conv(h), layout.active), layout.active, stem.norm,
-                         "leaky_relu")
+            return packed_norm(
+                halo_conv(h, layout.neighbours, stem.conv, 1, 1),
+                stem.norm.weight,
+                stem.norm.bias,
+                group,
+                groups,
+                eps=stem.norm.eps,
+                slope=self.slope,
+            )
+        return self.norm(
+            masked(stem.conv(h), layout.active), layout.active, stem.norm, "leaky_relu"
+        )
 
     def _packed_block(self, s, i, block: BasicBlockD, h, layout, group, groups):
         """One BasicBlockD on packed patches, storing for backward the block's input
@@ -91,8 +114,9 @@ class SparseResidualEncoder(SparseEncoder):
         stride = block.stride[0]
         # A stride-2 3x3x3 conv (padding 1) reads voxels 2o-1..2o+1: a low-side halo.
         c1 = halo_conv(h, neighbours, block.conv1.conv, 1, 1 if stride == 1 else 0)
-        y = norm_act_halo_conv(c1, block.conv1.norm, group, groups, self.slope, neighbours,
-                               block.conv2.conv)
+        y = norm_act_halo_conv(
+            c1, block.conv1.norm, group, groups, self.slope, neighbours, block.conv2.conv
+        )
         del c1
         norm2 = block.conv2.norm
         y = packed_norm(y, norm2.weight, norm2.bias, group, groups, eps=norm2.eps)
@@ -101,16 +125,21 @@ class SparseResidualEncoder(SparseEncoder):
             if isinstance(op, nn.AvgPool3d):
                 skip = F.avg_pool3d(skip, op.kernel_size, op.stride)
             else:
-                skip = packed_norm(halo_conv(skip, neighbours, op.conv, 0, 0), op.norm.weight,
-                                   op.norm.bias, group, groups, eps=op.norm.eps)
+                skip = packed_norm(
+                    halo_conv(skip, neighbours, op.conv, 0, 0),
+                    op.norm.weight,
+                    op.norm.bias,
+                    group,
+                    groups,
+                    eps=op.norm.eps,
+                )
         # In place: the block's output is the one tensor LeakyReLU's backward keeps.
         return F.leaky_relu_(y.add_(skip), self.slope)
 
     def _dense_block(self, block: BasicBlockD, h, visible):
         """One BasicBlockD SparK-style: dense convs and pooling, outputs masked, sparse
         norms (over every voxel in an unmasked stage)."""
-        y = self.norm(masked(block.conv1.conv(h), visible), visible, block.conv1.norm,
-                      "leaky_relu")
+        y = self.norm(masked(block.conv1.conv(h), visible), visible, block.conv1.norm, "leaky_relu")
         y = self.norm(masked(block.conv2.conv(y), visible), visible, block.conv2.norm, None)
         skip = h
         for op in block.skip or ():

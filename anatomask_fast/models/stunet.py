@@ -8,6 +8,7 @@ STU-Net's trainers build six stages, ``dims = base * (1, 2, 4, 8, 16, 16)`` with
 pretraining encoder has five stages and the segmentation network
 (:class:`anatomask_fast.models.segmentation.STUNet`) six.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -58,8 +59,14 @@ class BasicResBlock(nn.Module):
     plus a 1x1x1 projection ``conv3`` (STU-Net: on every stage's first block; by default
     when channels or stride change), add, LeakyReLU. Padding ``kernel // 2``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int | Sequence[int] = 3,
-                 stride: int | Sequence[int] = 1, use_1x1conv: bool | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        use_1x1conv: bool | None = None,
+    ) -> None:
         super().__init__()
         kernel, stride = triple(kernel, "kernel"), triple(stride, "stride")
         padding = tuple(k // 2 for k in kernel)
@@ -78,12 +85,19 @@ class BasicResBlock(nn.Module):
         return self.act2(y + (self.conv3(x) if self.conv3 is not None else x))
 
 
-def stage(in_channels: int, width: int, depth: int, kernel: Sequence[int] | int,
-          stride: Sequence[int] | int) -> nn.Sequential:
+def stage(
+    in_channels: int,
+    width: int,
+    depth: int,
+    kernel: Sequence[int] | int,
+    stride: Sequence[int] | int,
+) -> nn.Sequential:
     """One STU-Net stage: a first block with the stride and a ``conv3`` projection, then
     ``depth - 1`` blocks at ``width``."""
-    return nn.Sequential(BasicResBlock(in_channels, width, kernel, stride, use_1x1conv=True),
-                         *(BasicResBlock(width, width, kernel) for _ in range(depth - 1)))
+    return nn.Sequential(
+        BasicResBlock(in_channels, width, kernel, stride, use_1x1conv=True),
+        *(BasicResBlock(width, width, kernel) for _ in range(depth - 1)),
+    )
 
 
 class STUNetEncoder(nn.Module):
@@ -93,20 +107,33 @@ class STUNetEncoder(nn.Module):
 
     downsampling = 16
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = STUNET_SIZES["B"].widths,
-                 depth: int = 1, strides: Sequence[Sequence[int]] | None = None,
-                 kernels: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        widths: tuple[int, ...] = STUNET_SIZES["B"].widths,
+        depth: int = 1,
+        strides: Sequence[Sequence[int]] | None = None,
+        kernels: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         super().__init__()
         strides = [(2, 2, 2)] * (len(widths) - 1) if strides is None else list(strides)
         kernels = [(3, 3, 3)] * len(widths) if kernels is None else list(kernels)
         if len(strides) != len(widths) - 1 or len(kernels) != len(widths):
-            raise ValueError(f"STUNetEncoder: {len(widths)} stages need {len(widths) - 1} "
-                             f"strides and {len(widths)} kernels, got {len(strides)} and "
-                             f"{len(kernels)}")
+            raise ValueError(
+                f"STUNetEncoder: {len(widths)} stages need {len(widths) - 1} "
+                f"strides and {len(widths)} kernels, got {len(strides)} and "
+                f"{len(kernels)}"
+            )
         self.conv_blocks_context = nn.ModuleList(
-            stage(widths[s - 1] if s else in_channels, width, depth, kernels[s],
-                  strides[s - 1] if s else 1)
-            for s, width in enumerate(widths))
+            stage(
+                widths[s - 1] if s else in_channels,
+                width,
+                depth,
+                kernels[s],
+                strides[s - 1] if s else 1,
+            )
+            for s, width in enumerate(widths)
+        )
 
     @classmethod
     def from_size(cls, size: str, in_channels: int = 1) -> STUNetEncoder:
@@ -125,6 +152,7 @@ class STUNetEncoder(nn.Module):
 
 def size_spec(size: str) -> STUNetSize:
     if size not in STUNET_SIZES:
-        raise ValueError(f"STU-Net size: unknown size {size!r}; expected one of "
-                         f"{tuple(STUNET_SIZES)}")
+        raise ValueError(
+            f"STU-Net size: unknown size {size!r}; expected one of {tuple(STUNET_SIZES)}"
+        )
     return STUNET_SIZES[size]

@@ -22,6 +22,7 @@ input and kernel gradients of one low-resolution convolution; the kernels' and t
 border planes' gradients reach the two weights and the bias through autograd on
 those small tensors. Same numbers as the two modules up to rounding.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,7 @@ from .amp import AutocastState, memory_format_of
 PHASES = [(r0, r1, r2) for r0 in (0, 1) for r1 in (0, 1) for r2 in (0, 1)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair_targets() -> tuple[int, ...]:
     """For each (a, t) pair of 3-D taps (conv tap a0 a1 a2, transposed-conv tap t0 t1 t2,
     flattened a-major, then t), the (phase, low-resolution tap) it sums into (r0 r1 r2, e0 e1 e2
@@ -70,8 +71,12 @@ def phase_weights(weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor
         up = up_weight.permute(1, 2, 3, 4, 0).reshape(mid, 64 * inp)
         taps = weight.reshape(out, mid, 27)
         index = torch.tensor(_pair_targets(), device=weight.device).view(27, 64)
-        kernels = torch.zeros(8 * 27, out * inp, dtype=torch.promote_types(
-            weight.dtype, up_weight.dtype), device=weight.device)
+        kernels = torch.zeros(
+            8 * 27,
+            out * inp,
+            dtype=torch.promote_types(weight.dtype, up_weight.dtype),
+            device=weight.device,
+        )
         for a in range(27):
             # (out, t, in) -> (t, out * in): one row per pair (a, t)
             pairs = (taps[:, :, a] @ up).view(out, 64, inp).transpose(0, 1).reshape(64, -1)
@@ -79,8 +84,9 @@ def phase_weights(weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor
     return kernels.view(8, 27, out, inp).permute(0, 2, 3, 1).reshape(8, out, inp, 3, 3, 3)
 
 
-def _constant(weight: torch.Tensor, up_bias: torch.Tensor | None,
-              bias: torch.Tensor | None) -> torch.Tensor | None:
+def _constant(
+    weight: torch.Tensor, up_bias: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor | None:
     """The up-sampled bias seen through every tap, plus the convolution's bias."""
     total = None if up_bias is None else weight.sum((2, 3, 4)) @ up_bias
     if bias is not None:
@@ -96,8 +102,12 @@ def _border(t: torch.Tensor, axis: int, side: int) -> torch.Tensor:
     return t.select(2 + axis, 0 if side == 0 else t.shape[2 + axis] - 1)
 
 
-def _border_terms(planes: list[torch.Tensor], up_weight: torch.Tensor,
-                  up_bias: torch.Tensor | None, weight: torch.Tensor) -> list[torch.Tensor]:
+def _border_terms(
+    planes: list[torch.Tensor],
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+) -> list[torch.Tensor]:
     """For each of ``BORDERS`` (given ``s``'s border planes): the contribution of the
     taps that read the up-sampled map just outside the volume along the axis (and
     inside along the axes before it, so that each tap counts once), which the phase
@@ -106,8 +116,9 @@ def _border_terms(planes: list[torch.Tensor], up_weight: torch.Tensor,
     for (axis, side), plane in zip(BORDERS, planes):
         # Axes before: inside only (zero padding); after: the one-voxel shell included.
         padding = tuple(1 if other < axis else 0 for other in range(3) if other != axis)
-        up = F.conv_transpose2d(plane, up_weight.select(2 + axis, 3 * side), up_bias, stride=2,
-                                padding=padding)
+        up = F.conv_transpose2d(
+            plane, up_weight.select(2 + axis, 3 * side), up_bias, stride=2, padding=padding
+        )
         terms.append(F.conv2d(up, weight.select(2 + axis, 2 * side), padding=padding))
     return terms
 
@@ -122,8 +133,13 @@ def _phase(view: torch.Tensor, phase: tuple[int, int, int]) -> torch.Tensor:
     return view[:, :, :, phase[0], :, phase[1], :, phase[2]]
 
 
-def composed(s: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
-             weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def composed(
+    s: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """``conv3d(conv_transpose3d(s, up_weight, up_bias, 2, 1), weight, bias, padding=1)``
     by the phase convolutions and the border corrections (no autograd)."""
     kernels = phase_weights(weight, up_weight)
@@ -131,10 +147,13 @@ def composed(s: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | N
     out = view = None
     for index, phase in enumerate(PHASES):
         part = F.conv3d(s, kernels[index], constant, padding=1)
-        if out is None:     # the convolution's dtype (autocast's, when it is on)
-            out = torch.empty((*part.shape[:2], *(2 * n for n in s.shape[2:])),
-                              dtype=part.dtype, device=part.device,
-                              memory_format=memory_format_of(part))
+        if out is None:  # the convolution's dtype (autocast's, when it is on)
+            out = torch.empty(
+                (*part.shape[:2], *(2 * n for n in s.shape[2:])),
+                dtype=part.dtype,
+                device=part.device,
+                memory_format=memory_format_of(part),
+            )
             view = _phase_view(out)
         _phase(view, phase).copy_(part)
         del part
@@ -152,27 +171,47 @@ class ComposedGradients:
     and ``s``'s border planes through autograd on those small tensors. A caller that
     produces the output's gradient in slices never holds all of it."""
 
-    def __init__(self, s: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
-                 weight: torch.Tensor, bias: torch.Tensor | None, grad_dtype: torch.dtype,
-                 needs_s: bool, autocast: AutocastState) -> None:
+    def __init__(
+        self,
+        s: torch.Tensor,
+        up_weight: torch.Tensor,
+        up_bias: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grad_dtype: torch.dtype,
+        needs_s: bool,
+        autocast: AutocastState,
+    ) -> None:
         self.s, self.needs_s, self.autocast = s, needs_s, autocast
         # The kernels once, with autograd: their gradients reach the two weights.
-        self.leaves = [t.detach().requires_grad_() if t is not None else None
-                       for t in (up_weight, up_bias, weight, bias)]
+        self.leaves = [
+            t.detach().requires_grad_() if t is not None else None
+            for t in (up_weight, up_bias, weight, bias)
+        ]
         with torch.enable_grad():
             self.kernels = phase_weights(self.leaves[2], self.leaves[0])
         acc = torch.promote_types(grad_dtype, torch.float32)
         self.layout = memory_format_of(s)
         self.compute = s.to(grad_dtype)
         self.compute_kernels = self.kernels.detach().to(grad_dtype)
-        self.grad_s = torch.zeros(s.shape, dtype=acc, device=s.device).contiguous(
-            memory_format=self.layout) if needs_s else None
+        self.grad_s = (
+            torch.zeros(s.shape, dtype=acc, device=s.device).contiguous(memory_format=self.layout)
+            if needs_s
+            else None
+        )
         self.grad_kernels = torch.zeros(self.kernels.shape, dtype=acc, device=s.device)
         self.grad_constant = torch.zeros(self.kernels.shape[1], dtype=acc, device=s.device)
         sizes = [2 * n for n in s.shape[2:]]
-        self.grad_planes = [torch.zeros(s.shape[0], weight.shape[0],
-                                        *(n for d, n in enumerate(sizes) if d != axis),
-                                        dtype=acc, device=s.device) for axis, _ in BORDERS]
+        self.grad_planes = [
+            torch.zeros(
+                s.shape[0],
+                weight.shape[0],
+                *(n for d, n in enumerate(sizes) if d != axis),
+                dtype=acc,
+                device=s.device,
+            )
+            for axis, _ in BORDERS
+        ]
 
     def add(self, grad: torch.Tensor, samples: slice, channels: slice) -> None:
         """``grad``: the output's gradient at ``samples`` x ``channels``."""
@@ -180,8 +219,17 @@ class ComposedGradients:
         for index, phase in enumerate(PHASES):
             g, gk, gc = torch.ops.aten.convolution_backward(
                 _phase(view, phase).contiguous(memory_format=self.layout),
-                self.compute[samples], self.compute_kernels[index, channels], [grad.shape[1]],
-                [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [self.needs_s, True, True])
+                self.compute[samples],
+                self.compute_kernels[index, channels],
+                [grad.shape[1]],
+                [1] * 3,
+                [1] * 3,
+                [1] * 3,
+                False,
+                [0] * 3,
+                1,
+                [self.needs_s, True, True],
+            )
             if self.needs_s:
                 self.grad_s[samples].add_(g)
             self.grad_kernels[index, channels] += gk
@@ -193,14 +241,17 @@ class ComposedGradients:
     def result(self) -> tuple[torch.Tensor | None, ...]:
         """(grad s, grad up_weight, grad up_bias, grad weight, grad bias)."""
         s, leaves = self.s, self.leaves
-        planes = [_border(s, axis, side).detach().requires_grad_(self.needs_s)
-                  for axis, side in BORDERS]
+        planes = [
+            _border(s, axis, side).detach().requires_grad_(self.needs_s) for axis, side in BORDERS
+        ]
         with torch.enable_grad(), self.autocast.restored():
             terms = _border_terms(planes, leaves[0], leaves[1], leaves[2])
             constant = _constant(leaves[2], leaves[1], leaves[3])
         outputs = [self.kernels, *terms]
-        grads = [self.grad_kernels.to(self.kernels.dtype),
-                 *(-g.to(term.dtype) for g, term in zip(self.grad_planes, terms))]
+        grads = [
+            self.grad_kernels.to(self.kernels.dtype),
+            *(-g.to(term.dtype) for g, term in zip(self.grad_planes, terms)),
+        ]
         if constant is not None:
             outputs.append(constant)
             grads.append(self.grad_constant.to(constant.dtype))
@@ -227,8 +278,9 @@ class _TransposedUpConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         s, up_weight, up_bias, weight, bias = ctx.saved_tensors
-        gradients = ComposedGradients(s, up_weight, up_bias, weight, bias, grad.dtype,
-                                      ctx.needs_input_grad[0], ctx.autocast)
+        gradients = ComposedGradients(
+            s, up_weight, up_bias, weight, bias, grad.dtype, ctx.needs_input_grad[0], ctx.autocast
+        )
         gradients.add(grad, slice(None), slice(None))
         return gradients.result()
 
@@ -243,19 +295,28 @@ MAX_PAIRS_TO_MAP = 0.25
 def pays(s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv3d) -> bool:
     """Whether the composition is worth it for input ``s`` (and covers this geometry:
     the published decoder's)."""
-    geometry = (up_sample.kernel_size == (4,) * 3 and up_sample.stride == (2,) * 3
-                and up_sample.padding == (1,) * 3 and up_sample.output_padding == (0,) * 3
-                and up_sample.dilation == (1,) * 3 and up_sample.groups == 1
-                and conv.kernel_size == (3,) * 3 and conv.stride == (1,) * 3
-                and conv.padding == (1,) * 3 and conv.dilation == (1,) * 3
-                and conv.groups == 1 and conv.padding_mode == "zeros")
+    geometry = (
+        up_sample.kernel_size == (4,) * 3
+        and up_sample.stride == (2,) * 3
+        and up_sample.padding == (1,) * 3
+        and up_sample.output_padding == (0,) * 3
+        and up_sample.dilation == (1,) * 3
+        and up_sample.groups == 1
+        and conv.kernel_size == (3,) * 3
+        and conv.stride == (1,) * 3
+        and conv.padding == (1,) * 3
+        and conv.dilation == (1,) * 3
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
     pairs = conv.out_channels * up_sample.in_channels * 27 * 64
     up_sampled = s.numel() // s.shape[1] * 8 * up_sample.out_channels
     return geometry and pairs <= MAX_PAIRS_TO_MAP * up_sampled
 
 
-def transposed_up_conv(s: torch.Tensor, up_sample: nn.ConvTranspose3d,
-                       conv: nn.Conv3d) -> torch.Tensor:
+def transposed_up_conv(
+    s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv3d
+) -> torch.Tensor:
     """``conv(up_sample(s))`` for the decoder's kernel-4, stride-2 up-sampling and a
     3x3x3 convolution (see the module's docstring)."""
     return _TransposedUpConv.apply(s, up_sample.weight, up_sample.bias, conv.weight, conv.bias)

@@ -9,6 +9,7 @@ The ``prod(s)`` phase convolutions together do ``prod(sum_r L_r) / prod(s * k)``
 multiply-adds (8 / 27 for 2x2x2 and 3x3x3), keep ``low`` only for backward (nothing to
 recompute), and give the same numbers up to the rounding of the tap sums.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,8 @@ from .amp import accumulate_fp32
 
 @dataclass(frozen=True)
 class _AxisPhase:
-    start: int              # first input index of this phase's slice of the padded map
-    taps: torch.Tensor      # (L, k) 0/1: which original taps sum into each of L taps
+    start: int  # first input index of this phase's slice of the padded map
+    taps: torch.Tensor  # (L, k) 0/1: which original taps sum into each of L taps
 
 
 def _axis_phases(scale: int, kernel: int) -> tuple[list[_AxisPhase], tuple[int, int]]:
@@ -42,7 +43,7 @@ def _axis_phases(scale: int, kernel: int) -> tuple[list[_AxisPhase], tuple[int, 
 
 
 def _phase_weight(weight: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    d, h, w = (t.to(weight) for t in taps)   # dtype and device
+    d, h, w = (t.to(weight) for t in taps)  # dtype and device
     return torch.einsum("it,ju,lv,octuv->ocijl", d, h, w, weight)
 
 
@@ -60,17 +61,18 @@ def nearest(z: torch.Tensor, scale: tuple[int, int, int]) -> torch.Tensor:
 
 class _UpsampledConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, int, int]
-                ) -> torch.Tensor:
+    def forward(
+        ctx, low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, int, int]
+    ) -> torch.Tensor:
         per_axis = [_axis_phases(s, k) for s, k in zip(scale, weight.shape[2:])]
-        padding = [p for _, pad in reversed(per_axis) for p in pad]   # F.pad: last axis first
+        padding = [p for _, pad in reversed(per_axis) for p in pad]  # F.pad: last axis first
         sizes = low.shape[2:]
         padded = F.pad(low, padding)
         out = None
         for index, phases in _each_phase(per_axis):
             taps = tuple(p.taps for p in phases)
             part = F.conv3d(_slice(padded, phases, sizes), _phase_weight(weight, taps))
-            if out is None:     # the convolution's dtype (autocast's, when it is on)
+            if out is None:  # the convolution's dtype (autocast's, when it is on)
                 out = part.new_empty((*part.shape[:2], *(n * s for n, s in zip(sizes, scale))))
             _phase_view(out, scale)[index] = part
         ctx.scale, ctx.per_axis, ctx.padding = scale, per_axis, padding
@@ -83,17 +85,33 @@ class _UpsampledConv(torch.autograd.Function):
         sizes = low.shape[2:]
         # The forward's convolutions ran in grad's dtype (autocast): their backward too.
         padded = F.pad(low.to(grad.dtype), ctx.padding)
-        grad_padded = torch.zeros(padded.shape, dtype=torch.promote_types(grad.dtype, torch.float32),
-                                  device=grad.device) if low.requires_grad else None
+        grad_padded = (
+            torch.zeros(
+                padded.shape,
+                dtype=torch.promote_types(grad.dtype, torch.float32),
+                device=grad.device,
+            )
+            if low.requires_grad
+            else None
+        )
         grad_weight = None
         phase_grads = _phase_view(grad, ctx.scale)
         for index, phases in _each_phase(ctx.per_axis):
             taps = tuple(p.taps for p in phases)
             source = _slice(padded, phases, sizes)
             grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-                phase_grads[index].contiguous(), source,
-                _phase_weight(weight, taps).to(grad.dtype), None, [1, 1, 1], [0, 0, 0],
-                [1, 1, 1], False, [0, 0, 0], 1, [grad_padded is not None, True, False])
+                phase_grads[index].contiguous(),
+                source,
+                _phase_weight(weight, taps).to(grad.dtype),
+                None,
+                [1, 1, 1],
+                [0, 0, 0],
+                [1, 1, 1],
+                False,
+                [0, 0, 0],
+                1,
+                [grad_padded is not None, True, False],
+            )
             if grad_padded is not None:
                 _slice(grad_padded, phases, sizes).add_(grad_in)
             grad_w = grad_w.to(torch.promote_types(grad_w.dtype, torch.float32))
@@ -109,8 +127,10 @@ class _UpsampledConv(torch.autograd.Function):
 def _each_phase(per_axis):
     """(index into the phase view, the three axis phases) for every phase."""
     for rd, rh, rw in itertools.product(*(range(len(phases)) for phases, _ in per_axis)):
-        yield ((slice(None), slice(None), slice(None), rd, slice(None), rh, slice(None), rw),
-               (per_axis[0][0][rd], per_axis[1][0][rh], per_axis[2][0][rw]))
+        yield (
+            (slice(None), slice(None), slice(None), rd, slice(None), rh, slice(None), rw),
+            (per_axis[0][0][rd], per_axis[1][0][rh], per_axis[2][0][rw]),
+        )
 
 
 def _phase_view(full: torch.Tensor, scale: tuple[int, int, int]) -> torch.Tensor:
@@ -122,17 +142,19 @@ def _phase_view(full: torch.Tensor, scale: tuple[int, int, int]) -> torch.Tensor
 
 def _slice(padded: torch.Tensor, phases, sizes) -> torch.Tensor:
     """The part of the padded map that one phase's convolution reads."""
-    return padded[(..., *(slice(p.start, p.start + n + p.taps.shape[0] - 1)
-                          for p, n in zip(phases, sizes)))]
+    return padded[
+        (..., *(slice(p.start, p.start + n + p.taps.shape[0] - 1) for p, n in zip(phases, sizes)))
+    ]
 
 
-def upsampled_conv(low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, int, int]
-                   ) -> torch.Tensor:
+def upsampled_conv(
+    low: torch.Tensor, weight: torch.Tensor, scale: tuple[int, int, int]
+) -> torch.Tensor:
     """``F.conv3d(F.interpolate(low, scale_factor=scale, mode="nearest"), weight,
     padding=[k // 2 for k in kernel])`` (no bias), computed on ``low`` (odd kernels; an
     even one, which STU-Net never uses, takes the plain path)."""
     if any(k % 2 == 0 for k in weight.shape[2:]):
         return F.conv3d(nearest(low, scale), weight, padding=[k // 2 for k in weight.shape[2:]])
-    if weight.shape[2:] == (1, 1, 1):   # a pointwise convolution commutes with the up-sampling
+    if weight.shape[2:] == (1, 1, 1):  # a pointwise convolution commutes with the up-sampling
         return nearest(F.conv3d(low, weight), scale)
     return _UpsampledConv.apply(low, weight, tuple(scale))

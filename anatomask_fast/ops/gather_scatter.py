@@ -1,6 +1,7 @@
 """Gather/scatter family: moving data around the visible mask, in the volumetric
 layout (B, C, H, W, D) with a low-resolution mask (B, 1, h, w, d) and in the token
 layout (B, L, C) with MAE's ``ids_keep`` / ``ids_restore``."""
+
 from __future__ import annotations
 
 import torch
@@ -30,16 +31,40 @@ from ..validation import (
 # moved 1.3-2.2x more bytes per second than the CUDA C++ ones at STU-Net stage-0 size
 # (H200, benchmarks/RESULTS.md); apply_mask's CUDA C++ kernel was the faster one.
 TRITON_FIRST = ("triton", "cuda")
-APPLY_MASK = Op("apply_mask", reference=apply_mask_reference, cpp="apply_mask",
-                triton="gather_scatter:apply_mask_triton")
-DENSIFY = Op("densify", reference=densify_reference, cpp="densify",
-             triton="gather_scatter:densify_triton", cuda_preference=TRITON_FIRST)
-SPARSE_NORM = Op("sparse_norm", reference=sparse_norm_reference, cpp="sparse_norm",
-                 triton="gather_scatter:sparse_norm_triton", cuda_preference=TRITON_FIRST)
-GATHER_TOKENS = Op("gather_tokens", reference=gather_tokens_reference, cpp="gather_tokens",
-                   triton="gather_scatter:gather_tokens_triton", cuda_preference=TRITON_FIRST)
-SCATTER_TOKENS = Op("scatter_tokens", reference=scatter_tokens_reference, cpp="scatter_tokens",
-                    triton="gather_scatter:scatter_tokens_triton", cuda_preference=TRITON_FIRST)
+APPLY_MASK = Op(
+    "apply_mask",
+    reference=apply_mask_reference,
+    cpp="apply_mask",
+    triton="gather_scatter:apply_mask_triton",
+)
+DENSIFY = Op(
+    "densify",
+    reference=densify_reference,
+    cpp="densify",
+    triton="gather_scatter:densify_triton",
+    cuda_preference=TRITON_FIRST,
+)
+SPARSE_NORM = Op(
+    "sparse_norm",
+    reference=sparse_norm_reference,
+    cpp="sparse_norm",
+    triton="gather_scatter:sparse_norm_triton",
+    cuda_preference=TRITON_FIRST,
+)
+GATHER_TOKENS = Op(
+    "gather_tokens",
+    reference=gather_tokens_reference,
+    cpp="gather_tokens",
+    triton="gather_scatter:gather_tokens_triton",
+    cuda_preference=TRITON_FIRST,
+)
+SCATTER_TOKENS = Op(
+    "scatter_tokens",
+    reference=scatter_tokens_reference,
+    cpp="scatter_tokens",
+    triton="gather_scatter:scatter_tokens_triton",
+    cuda_preference=TRITON_FIRST,
+)
 
 
 def apply_mask(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -51,14 +76,22 @@ def apply_mask(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return APPLY_MASK(x.device)(x, active)
 
 
-def _check_channels(op: str, name: str, value: object, channels: int,
-                    shapes: tuple[tuple[int, ...], ...], like: torch.Tensor) -> None:
+def _check_channels(
+    op: str,
+    name: str,
+    value: object,
+    channels: int,
+    shapes: tuple[tuple[int, ...], ...],
+    like: torch.Tensor,
+) -> None:
     """A float per-channel parameter of one of ``shapes`` on ``like``'s device."""
     check_tensor(op, name, value, dtypes=FLOAT_DTYPES)
     if tuple(value.shape) not in shapes:
         expected = " or ".join(str(s) for s in shapes)
-        raise ValueError(f"{op}: argument '{name}' must have shape {expected} (C={channels}), "
-                         f"got {tuple(value.shape)}")
+        raise ValueError(
+            f"{op}: argument '{name}' must have shape {expected} (C={channels}), "
+            f"got {tuple(value.shape)}"
+        )
     check_same_device(op, x=like, **{name: value})
 
 
@@ -74,9 +107,16 @@ def densify(x: torch.Tensor, active: torch.Tensor, mask_token: torch.Tensor) -> 
     return DENSIFY(x.device)(x, active, mask_token)
 
 
-def sparse_norm(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, *, per_sample: bool = False, eps: float = 1e-5,
-                activation: str | None = None) -> torch.Tensor:
+def sparse_norm(
+    x: torch.Tensor,
+    active: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    per_sample: bool = False,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> torch.Tensor:
     """Normalization of ``x`` (B, C, H, W, D) with statistics over the visible voxels
     only (biased variance), optional affine ``weight``/``bias`` (C,), hidden outputs
     exactly zero, fused with ``activation`` (None, "leaky_relu" (slope 0.01) or
@@ -94,23 +134,27 @@ def sparse_norm(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | No
     check_eps("sparse_norm", eps)
     backend = SPARSE_NORM.select(x.device)
     if backend == "reference":
-        return sparse_norm_reference(x, active, weight, bias, per_sample=per_sample, eps=eps,
-                                     activation=activation)
-    return SPARSE_NORM.kernel(backend)(x, active, weight, bias, bool(per_sample), float(eps),
-                                       activation or "none")[0]
+        return sparse_norm_reference(
+            x, active, weight, bias, per_sample=per_sample, eps=eps, activation=activation
+        )
+    return SPARSE_NORM.kernel(backend)(
+        x, active, weight, bias, bool(per_sample), float(eps), activation or "none"
+    )[0]
 
 
 def _check_ids(op: str, name: str, ids: object, batch: int, like: torch.Tensor) -> torch.Tensor:
     check_tensor(op, name, ids, ndim=2, dtypes=(torch.int64,))
     if ids.shape[0] != batch:
-        raise ValueError(f"{op}: argument '{name}' must have shape ({batch}, n), got "
-                         f"{tuple(ids.shape)}")
+        raise ValueError(
+            f"{op}: argument '{name}' must have shape ({batch}, n), got {tuple(ids.shape)}"
+        )
     check_same_device(op, x=like, **{name: ids})
     return ids
 
 
-def _check_ids_values(op: str, name: str, ids: torch.Tensor, bound: int, *,
-                      permutation: bool) -> None:
+def _check_ids_values(
+    op: str, name: str, ids: torch.Tensor, bound: int, *, permutation: bool
+) -> None:
     """Values are checked on CPU tensors only: on a GPU the check would synchronize.
     There the CUDA kernels assert on the device and the Triton kernels skip ids out of
     range (see kernels/gather_scatter.py)."""
@@ -126,14 +170,20 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     B, L, _ = x.shape
     _check_ids("gather_tokens", "ids_keep", ids_keep, B, x)
     if ids_keep.shape[1] > L:
-        raise ValueError(f"gather_tokens: argument 'ids_keep' must have at most L={L} "
-                         f"columns, got {tuple(ids_keep.shape)}")
+        raise ValueError(
+            f"gather_tokens: argument 'ids_keep' must have at most L={L} "
+            f"columns, got {tuple(ids_keep.shape)}"
+        )
     _check_ids_values("gather_tokens", "ids_keep", ids_keep, L, permutation=False)
     return GATHER_TOKENS(x.device)(x, ids_keep)
 
 
-def scatter_tokens(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                   pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+def scatter_tokens(
+    x_visible: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The full sequence ``(B, L, C)`` from the visible tokens ``x_visible``
     (B, len_keep, C): slot l of sample b holds ``x_visible[b, r]`` if
     ``r = ids_restore[b, l] < len_keep``, else ``mask_token`` ((1, 1, C) or (C,)), plus
@@ -147,8 +197,10 @@ def scatter_tokens(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_toke
     _check_ids(op, "ids_restore", ids_restore, B, x_visible)
     L = ids_restore.shape[1]
     if L < K:
-        raise ValueError(f"{op}: argument 'ids_restore' must have L >= len_keep={K} columns, "
-                         f"got {tuple(ids_restore.shape)}")
+        raise ValueError(
+            f"{op}: argument 'ids_restore' must have L >= len_keep={K} columns, "
+            f"got {tuple(ids_restore.shape)}"
+        )
     _check_channels(op, "mask_token", mask_token, C, ((1, 1, C), (C,)), x_visible)
     if pos_embed is not None:
         _check_channels(op, "pos_embed", pos_embed, C, ((1, L, C), (L, C)), x_visible)
@@ -170,7 +222,9 @@ def _register_fakes() -> None:
 
     @register_fake(f"{ns}densify_backward")
     def _(grad, active):
-        return grad.new_empty(grad.shape), grad.new_empty((grad.shape[1],), dtype=accumulation_dtype(grad.dtype))
+        return grad.new_empty(grad.shape), grad.new_empty(
+            (grad.shape[1],), dtype=accumulation_dtype(grad.dtype)
+        )
 
     @register_fake(f"{ns}sparse_norm")
     def _(x, active, weight, bias, per_sample, eps, activation):
@@ -199,8 +253,11 @@ def _register_fakes() -> None:
     def _(grad, ids_restore, len_keep, with_pos):
         B, L, C = grad.shape
         acc = accumulation_dtype(grad.dtype)
-        return (grad.new_empty((B, len_keep, C)), grad.new_empty((C,), dtype=acc),
-                grad.new_empty((L if with_pos else 0, C), dtype=acc))
+        return (
+            grad.new_empty((B, len_keep, C)),
+            grad.new_empty((C,), dtype=acc),
+            grad.new_empty((L if with_pos else 0, C), dtype=acc),
+        )
 
 
 def _register_cpp() -> None:

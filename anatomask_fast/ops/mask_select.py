@@ -9,6 +9,7 @@ no host synchronization: the random part comes from Philox in the kernel, keyed 
 ``(seed, offset)``. The seed defaults to a draw from torch's CPU generator (which
 does not touch the device), so ``torch.manual_seed`` makes runs reproducible.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,12 @@ from ..validation import (
     require,
 )
 
-ANATOMICAL_MASK = Op("anatomical_mask", reference=anatomical_mask_reference,
-                     cpp="anatomical_mask", triton="mask_select:anatomical_mask_triton")
+ANATOMICAL_MASK = Op(
+    "anatomical_mask",
+    reference=anatomical_mask_reference,
+    cpp="anatomical_mask",
+    triton="mask_select:anatomical_mask_triton",
+)
 
 SEED_LIMIT = 2**63
 
@@ -61,30 +66,32 @@ class MaskResult:
     @property
     def ids_keep(self) -> torch.Tensor:
         """(B, len_keep): the visible patches, ascending."""
-        return self.ids_shuffle[:, :self.len_keep]
+        return self.ids_shuffle[:, : self.len_keep]
 
     @property
     def ids_hidden(self) -> torch.Tensor:
         """(B, L - len_keep): the hidden patches, ascending."""
-        return self.ids_shuffle[:, self.len_keep:]
+        return self.ids_shuffle[:, self.len_keep :]
 
 
 def _check_mask_shape(op: str, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
     """(B, L) of a (B, L) or (B, 1, h, w, d) shape."""
     if not (len(shape) == 2 or (len(shape) == 5 and shape[1] == 1)):
-        raise ValueError(f"{op}: argument '{name}' must have shape (B, L) or (B, 1, h, w, d), "
-                         f"got {tuple(shape)}")
+        raise ValueError(
+            f"{op}: argument '{name}' must have shape (B, L) or (B, 1, h, w, d), got {tuple(shape)}"
+        )
     if shape[0] < 1 or math.prod(shape[1:]) < 2:
-        raise ValueError(f"{op}: argument '{name}' needs B >= 1 and L >= 2 patches, got shape "
-                         f"{tuple(shape)}")
+        raise ValueError(
+            f"{op}: argument '{name}' needs B >= 1 and L >= 2 patches, got shape {tuple(shape)}"
+        )
     return shape[0], math.prod(shape[1:])
 
 
-def _check_fraction(op: str, name: str, value: object, *, open_low: bool,
-                    open_high: bool) -> float:
+def _check_fraction(op: str, name: str, value: object, *, open_low: bool, open_high: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: argument '{name}' must be a real number, got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{op}: argument '{name}' must be a real number, got {type(value).__name__}"
+        )
     value = float(value)
     low_ok = value > 0 if open_low else value >= 0
     high_ok = value < 1 if open_high else value <= 1
@@ -94,16 +101,19 @@ def _check_fraction(op: str, name: str, value: object, *, open_low: bool,
     return value
 
 
-def mask_counts(L: int, mask_ratio: float, hard_frac: float = 0.0, *,
-                op: str = "anatomical_mask") -> tuple[int, int]:
+def mask_counts(
+    L: int, mask_ratio: float, hard_frac: float = 0.0, *, op: str = "anatomical_mask"
+) -> tuple[int, int]:
     """``(len_keep, n_hard)`` as the reference computes them:
     ``len_keep = round(L * (1 - mask_ratio))``, ``n_hard = floor((L - len_keep) * hard_frac)``."""
     mask_ratio = _check_fraction(op, "mask_ratio", mask_ratio, open_low=True, open_high=True)
     hard_frac = _check_fraction(op, "hard_frac", hard_frac, open_low=False, open_high=False)
     len_keep = round(L * (1 - mask_ratio))
     if not 1 <= len_keep < L:
-        raise ValueError(f"{op}: mask_ratio={mask_ratio} keeps {len_keep} of L={L} patches; "
-                         "at least one must be kept and one hidden")
+        raise ValueError(
+            f"{op}: mask_ratio={mask_ratio} keeps {len_keep} of L={L} patches; "
+            "at least one must be kept and one hidden"
+        )
     return len_keep, math.floor((L - len_keep) * hard_frac)
 
 
@@ -132,20 +142,31 @@ def _check_finite(op: str, name: str, value: torch.Tensor) -> None:
         torch._assert_async(finite, f"{op}: argument '{name}' must be finite (no NaN or Inf)")
 
 
-def _check_noise(op: str, noise: object, batch: int, length: int,
-                 like: torch.Tensor) -> torch.Tensor:
+def _check_noise(
+    op: str, noise: object, batch: int, length: int, like: torch.Tensor
+) -> torch.Tensor:
     check_tensor(op, "noise", noise, dtypes=FLOAT_DTYPES)
     if noise.dim() < 1 or noise.shape[0] != batch or noise.numel() != batch * length:
-        raise ValueError(f"{op}: argument 'noise' must have shape ({batch}, {length}) or the "
-                         f"errors' grid shape, got {tuple(noise.shape)}")
+        raise ValueError(
+            f"{op}: argument 'noise' must have shape ({batch}, {length}) or the "
+            f"errors' grid shape, got {tuple(noise.shape)}"
+        )
     check_same_device(op, errors=like, noise=noise)
     _check_finite(op, "noise", noise)
     return noise.reshape(batch, length).float()
 
 
-def _select(op: str, errors: torch.Tensor, shape: tuple[int, ...], len_keep: int, n_hard: int,
-            noise: object, seed: int | None, offset: int,
-            generator: torch.Generator | None) -> MaskResult:
+def _select(
+    op: str,
+    errors: torch.Tensor,
+    shape: tuple[int, ...],
+    len_keep: int,
+    n_hard: int,
+    noise: object,
+    seed: int | None,
+    offset: int,
+    generator: torch.Generator | None,
+) -> MaskResult:
     batch, length = errors.shape
     if noise is not None:
         noise = _check_noise(op, noise, batch, length, errors)
@@ -155,14 +176,23 @@ def _select(op: str, errors: torch.Tensor, shape: tuple[int, ...], len_keep: int
     # Given noise, the seed is unused: no draw (and nothing data-dependent to trace).
     seed = _draw_seed(op, seed, generator) if noise is None else 0
     active, hard, ids_shuffle, ids_restore = ANATOMICAL_MASK.kernel(backend)(
-        errors, noise, len_keep, n_hard, seed, _check_int(op, "offset", offset))
-    return MaskResult(active.view(shape), hard.view(shape), ids_shuffle, ids_restore,
-                      len_keep, n_hard)
+        errors, noise, len_keep, n_hard, seed, _check_int(op, "offset", offset)
+    )
+    return MaskResult(
+        active.view(shape), hard.view(shape), ids_shuffle, ids_restore, len_keep, n_hard
+    )
 
 
-def anatomical_mask(errors: torch.Tensor, mask_ratio: float, hard_frac: float, *,
-                    noise: torch.Tensor | None = None, seed: int | None = None,
-                    offset: int = 0, generator: torch.Generator | None = None) -> MaskResult:
+def anatomical_mask(
+    errors: torch.Tensor,
+    mask_ratio: float,
+    hard_frac: float,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+) -> MaskResult:
     """AnatoMask's mask from the teacher's per-patch errors (B, L) or (B, 1, h, w, d).
 
     Per sample: ``len_keep = round(L * (1 - mask_ratio))`` patches stay visible;
@@ -187,14 +217,19 @@ def anatomical_mask(errors: torch.Tensor, mask_ratio: float, hard_frac: float, *
     flat = errors.detach().reshape(batch, length)
     if flat.dtype == torch.float64:
         flat = flat.float()
-    return _select(op, flat, tuple(errors.shape), len_keep, n_hard, noise, seed, offset,
-                   generator)
+    return _select(op, flat, tuple(errors.shape), len_keep, n_hard, noise, seed, offset, generator)
 
 
-def random_mask(shape: tuple[int, ...] | torch.Size, mask_ratio: float, *,
-                device: torch.device | str | None = None, noise: torch.Tensor | None = None,
-                seed: int | None = None, offset: int = 0,
-                generator: torch.Generator | None = None) -> MaskResult:
+def random_mask(
+    shape: tuple[int, ...] | torch.Size,
+    mask_ratio: float,
+    *,
+    device: torch.device | str | None = None,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+) -> MaskResult:
     """A uniform random mask of ``shape`` (B, L) or (B, 1, h, w, d): exactly
     ``round(L * (1 - mask_ratio))`` visible patches per sample (the teacher's mask).
     Randomness as in :func:`anatomical_mask`."""
@@ -226,15 +261,20 @@ def ids_to_active(ids_keep: torch.Tensor, shape: tuple[int, ...] | torch.Size) -
     check_tensor(op, "ids_keep", ids_keep, ndim=2, dtypes=(torch.int64,))
     batch, length = _check_mask_shape(op, "shape", tuple(shape))
     if ids_keep.shape[0] != batch or ids_keep.shape[1] > length:
-        raise ValueError(f"{op}: argument 'ids_keep' must be ({batch}, len_keep <= {length}), "
-                         f"got {tuple(ids_keep.shape)}")
-    check_index_values(op, "ids_keep", ids_keep, 0, length,
-                       f"the L={length} patches of each sample")
+        raise ValueError(
+            f"{op}: argument 'ids_keep' must be ({batch}, len_keep <= {length}), "
+            f"got {tuple(ids_keep.shape)}"
+        )
+    check_index_values(
+        op, "ids_keep", ids_keep, 0, length, f"the L={length} patches of each sample"
+    )
     active = torch.zeros(batch, length, dtype=torch.bool, device=ids_keep.device)
     active.scatter_(1, ids_keep.clamp(0, length - 1), True)
     # Distinct ids: exactly len_keep visible patches per sample.
-    require((active.sum(1) == ids_keep.shape[1]).all(),
-            f"{op}: argument 'ids_keep' must hold distinct indices per sample")
+    require(
+        (active.sum(1) == ids_keep.shape[1]).all(),
+        f"{op}: argument 'ids_keep' must hold distinct indices per sample",
+    )
     return active.view(tuple(shape))
 
 

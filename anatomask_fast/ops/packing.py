@@ -1,6 +1,7 @@
 """Packing family: the visible patches of a feature map as a batch of small volumes
 (with halos from neighbouring patches), so that convolutions run on visible data only.
 Index conventions: anatomask_fast/reference/packing.py."""
+
 from __future__ import annotations
 
 import torch
@@ -22,14 +23,27 @@ from ..reference.packing import (
 )
 from ..validation import register_fake
 
-PACK_PATCHES = Op("pack_patches", reference=pack_patches_reference, cpp="pack_patches",
-                  triton="packing:pack_patches_triton")
-UNPACK_PATCHES = Op("unpack_patches", reference=unpack_patches_reference, cpp="unpack_patches",
-                    triton="packing:unpack_patches_triton")
-PAD_HALO = Op("pad_halo", reference=pad_halo_reference, cpp="pad_halo",
-              triton="packing:pad_halo_triton")
-PAD_HALO_BACKWARD = Op("pad_halo_backward", reference=pad_halo_backward_reference,
-                       cpp="pad_halo_backward", triton="packing:pad_halo_backward_triton")
+PACK_PATCHES = Op(
+    "pack_patches",
+    reference=pack_patches_reference,
+    cpp="pack_patches",
+    triton="packing:pack_patches_triton",
+)
+UNPACK_PATCHES = Op(
+    "unpack_patches",
+    reference=unpack_patches_reference,
+    cpp="unpack_patches",
+    triton="packing:unpack_patches_triton",
+)
+PAD_HALO = Op(
+    "pad_halo", reference=pad_halo_reference, cpp="pad_halo", triton="packing:pad_halo_triton"
+)
+PAD_HALO_BACKWARD = Op(
+    "pad_halo_backward",
+    reference=pad_halo_backward_reference,
+    cpp="pad_halo_backward",
+    triton="packing:pad_halo_backward_triton",
+)
 
 
 def pack_patches(x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -45,8 +59,9 @@ def pack_patches(x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor) ->
     return PACK_PATCHES.kernel(backend)(x, patches, slots)
 
 
-def unpack_patches(packed: torch.Tensor, patches: torch.Tensor,
-                   slots: torch.Tensor) -> torch.Tensor:
+def unpack_patches(
+    packed: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     """Packed patches (N, C, ph, pw, pd) scattered into a (B, C, h*ph, w*pw, d*pd) map,
     zero at hidden cells. Differentiable (the adjoint is :func:`pack_patches`). The
     layout contract of :func:`pack_patches` applies."""
@@ -71,8 +86,9 @@ def pad_halo(packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int) -
     return PAD_HALO.kernel(backend)(packed, neighbours, lo, hi)
 
 
-def pad_halo_backward(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
-                      hi: int) -> torch.Tensor:
+def pad_halo_backward(
+    grad: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
     """The adjoint of :func:`pad_halo` applied to ``grad`` (N, C, ph+lo+hi, pw+lo+hi,
     pd+lo+hi): each patch (N, C, ph, pw, pd) sums the gradient of every halo'd patch
     that read it (deterministic gather-add). For backward passes that rebuild a halo'd

@@ -1,5 +1,6 @@
 """Patch-loss family: the per-patch reconstruction loss computed straight from the
 dense volumes (no patchified copies, no normalized-target or squared-error tensor)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,8 +14,12 @@ from ..numerics import accumulation_dtype
 from ..reference.patch_loss import patch_recon_loss_reference
 from ..validation import check_active_mask, check_eps, check_volume, register_fake
 
-PATCH_RECON_LOSS = Op("patch_recon_loss", reference=patch_recon_loss_reference,
-                      cpp="patch_recon_loss", triton="patch_loss:patch_recon_loss_triton")
+PATCH_RECON_LOSS = Op(
+    "patch_recon_loss",
+    reference=patch_recon_loss_reference,
+    cpp="patch_recon_loss",
+    triton="patch_loss:patch_recon_loss_triton",
+)
 
 _NAME = "patch_recon_loss"
 
@@ -22,38 +27,52 @@ _NAME = "patch_recon_loss"
 def _check_patch_size(patch_size: object) -> tuple[int, int, int]:
     if isinstance(patch_size, int) and not isinstance(patch_size, bool):
         patch_size = (patch_size,) * 3
-    if (not isinstance(patch_size, Sequence) or
-            not all(isinstance(p, int) and not isinstance(p, bool) for p in patch_size)):
-        raise TypeError(f"{_NAME}: argument 'patch_size' must be an int or 3 ints, "
-                        f"got {patch_size!r}")
+    if not isinstance(patch_size, Sequence) or not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in patch_size
+    ):
+        raise TypeError(
+            f"{_NAME}: argument 'patch_size' must be an int or 3 ints, got {patch_size!r}"
+        )
     if len(patch_size) != 3 or min(patch_size) <= 0:
-        raise ValueError(f"{_NAME}: argument 'patch_size' must be 3 positive ints "
-                         f"(ph, pw, pd), got {tuple(patch_size)}")
+        raise ValueError(
+            f"{_NAME}: argument 'patch_size' must be 3 positive ints "
+            f"(ph, pw, pd), got {tuple(patch_size)}"
+        )
     return tuple(patch_size)
 
 
-def _check_inputs(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
-                  patch_size: object) -> tuple[int, int, int]:
+def _check_inputs(
+    rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, patch_size: object
+) -> tuple[int, int, int]:
     check_volume(_NAME, "x", x)
     check_like(_NAME, "rec", rec, x, "x")
     patch = _check_patch_size(patch_size)
     spatial = tuple(x.shape[2:])
     if any(s % p for s, p in zip(spatial, patch)):
-        raise ValueError(f"{_NAME}: the spatial shape {spatial} of 'x' must be divisible by "
-                         f"'patch_size' {patch}")
+        raise ValueError(
+            f"{_NAME}: the spatial shape {spatial} of 'x' must be divisible by 'patch_size' {patch}"
+        )
     cell = check_active_mask(_NAME, active, x)
     if cell != patch:
         grid = tuple(s // p for s, p in zip(spatial, patch))
-        raise ValueError(f"{_NAME}: argument 'active' must have the patch grid "
-                         f"{(x.shape[0], 1, *grid)} of 'x' at 'patch_size' {patch}, "
-                         f"got {tuple(active.shape)}")
+        raise ValueError(
+            f"{_NAME}: argument 'active' must have the patch grid "
+            f"{(x.shape[0], 1, *grid)} of 'x' at 'patch_size' {patch}, "
+            f"got {tuple(active.shape)}"
+        )
     return patch
 
 
-def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
-                     patch_size: int | Sequence[int], *, norm_pix: bool = True,
-                     eps: float = 1e-6,
-                     hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_recon_loss(
+    rec: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor,
+    patch_size: int | Sequence[int],
+    *,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    hidden_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The masked reconstruction loss of masked image modeling: per patch ``l`` of
     sample ``b``, with ``t`` the patch of ``x`` (N values) and ``r`` the same cells of
     ``rec``, ``e[b, l] = mean((r - t')^2)`` where ``t' = (t - mean(t)) / sqrt(var(t) +
@@ -82,8 +101,7 @@ def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
     backend = PATCH_RECON_LOSS.select(rec.device)
     kernel = PATCH_RECON_LOSS.kernel(backend)
     if backend == "reference":
-        return kernel(rec, x, active, patch, norm_pix=norm_pix, eps=eps,
-                      hidden_only=hidden_only)
+        return kernel(rec, x, active, patch, norm_pix=norm_pix, eps=eps, hidden_only=hidden_only)
     per_patch, _, _ = kernel(rec, x, active, norm_pix, float(eps), hidden_only)
     n_hidden = active.numel() - active.sum(dtype=per_patch.dtype)
     return per_patch.sum() / (n_hidden + 1e-8), per_patch
@@ -91,6 +109,7 @@ def patch_recon_loss(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
 
 def _register_cpp() -> None:
     """Fake kernels and autograd for the C++ operators (schemas in csrc/ops.cpp)."""
+
     @register_fake("anatomask_fast::patch_recon_loss")
     def _(rec, x, active, norm_pix, eps, hidden_only):
         return patch_stats_like(rec, active)
@@ -102,8 +121,9 @@ def _register_cpp() -> None:
     autograd.register_cpp(autograd.patch_loss)
 
 
-def patch_stats_like(rec: torch.Tensor,
-                     active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def patch_stats_like(
+    rec: torch.Tensor, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty (per_patch, mean, rstd), each (B, L), for the fake kernels."""
     shape = (active.shape[0], active[0].numel())
     dtype = accumulation_dtype(rec.dtype)

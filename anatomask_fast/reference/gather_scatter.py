@@ -1,4 +1,5 @@
 """Reference gather/scatter ops, computed the way the published SparK/AnatoMask code does."""
+
 from __future__ import annotations
 
 import torch
@@ -11,9 +12,11 @@ def upsample_mask(active: torch.Tensor, spatial: tuple[int, int, int]) -> torch.
     three times."""
     h, w, d = active.shape[2:]
     H, W, D = spatial
-    return (active.repeat_interleave(H // h, dim=2)
-                  .repeat_interleave(W // w, dim=3)
-                  .repeat_interleave(D // d, dim=4))
+    return (
+        active.repeat_interleave(H // h, dim=2)
+        .repeat_interleave(W // w, dim=3)
+        .repeat_interleave(D // d, dim=4)
+    )
 
 
 def apply_mask_reference(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -21,8 +24,9 @@ def apply_mask_reference(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return x * upsample_mask(active, tuple(x.shape[2:]))
 
 
-def densify_reference(x: torch.Tensor, active: torch.Tensor,
-                      mask_token: torch.Tensor) -> torch.Tensor:
+def densify_reference(
+    x: torch.Tensor, active: torch.Tensor, mask_token: torch.Tensor
+) -> torch.Tensor:
     """Features at visible positions, the learned per-channel ``mask_token`` (shape
     ``(1, C, 1, 1, 1)`` as in the reference, or ``(C,)``) at hidden ones: the
     reference's ``torch.where(active_ex, x, mask_token.expand_as(x))``."""
@@ -30,9 +34,16 @@ def densify_reference(x: torch.Tensor, active: torch.Tensor,
     return torch.where(upsample_mask(active, tuple(x.shape[2:])).expand_as(x), x, token)
 
 
-def sparse_norm_reference(x: torch.Tensor, active: torch.Tensor, weight: torch.Tensor | None,
-                          bias: torch.Tensor | None, *, per_sample: bool = False,
-                          eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
+def sparse_norm_reference(
+    x: torch.Tensor,
+    active: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    per_sample: bool = False,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> torch.Tensor:
     """Normalization with statistics over visible voxels only, hidden outputs zero, the
     reference's way: gather the visible voxels into a ``(n, C)`` matrix by boolean
     indexing, normalize per channel (biased variance, ``eps`` inside the square root,
@@ -43,15 +54,23 @@ def sparse_norm_reference(x: torch.Tensor, active: torch.Tensor, weight: torch.T
     batch, so statistics are per channel over the batch. ``per_sample=True`` gives
     per-sample instance statistics (what the dense network computes at fine-tuning).
     """
-    ii = upsample_mask(active, tuple(x.shape[2:]))[:, 0]           # (B, H, W, D)
+    ii = upsample_mask(active, tuple(x.shape[2:]))[:, 0]  # (B, H, W, D)
     bhwdc = x.permute(0, 2, 3, 4, 1)
     out = torch.zeros_like(bhwdc)
-    groups = [(ii[b:b + 1], slice(b, b + 1)) for b in range(x.shape[0])] if per_sample \
+    groups = (
+        [(ii[b : b + 1], slice(b, b + 1)) for b in range(x.shape[0])]
+        if per_sample
         else [(ii, slice(None))]
+    )
     for visible, batch in groups:
-        nc = bhwdc[batch][visible]                                    # (n, C)
-        normed = torch.nn.functional.instance_norm(
-            nc.t().unsqueeze(0), weight=weight, bias=bias, eps=eps).squeeze(0).t()
+        nc = bhwdc[batch][visible]  # (n, C)
+        normed = (
+            torch.nn.functional.instance_norm(
+                nc.t().unsqueeze(0), weight=weight, bias=bias, eps=eps
+            )
+            .squeeze(0)
+            .t()
+        )
         part = torch.zeros_like(bhwdc[batch])
         part[visible] = normed
         out[batch] = part
@@ -65,9 +84,12 @@ def gather_tokens_reference(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Te
     return torch.gather(x, dim=1, index=index)
 
 
-def scatter_tokens_reference(x_visible: torch.Tensor, ids_restore: torch.Tensor,
-                             mask_token: torch.Tensor,
-                             pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+def scatter_tokens_reference(
+    x_visible: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The full sequence ``(B, L, C)``, MAE's way: append ``mask_token`` repeated over
     the hidden slots, unshuffle with ``torch.gather`` by ``ids_restore``, then add
     ``pos_embed`` (``(1, L, C)`` or ``(L, C)``) when given."""

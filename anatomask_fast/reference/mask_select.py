@@ -15,6 +15,7 @@ Conventions shared by every backend, so that they can be compared exactly:
 Without noise, the reference draws from numpy's generator seeded with
 ``(seed, offset)``: reproducible, but not the kernels' Philox stream.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,9 +34,14 @@ def _rng(seed: int, offset: int) -> np.random.Generator:
     return np.random.default_rng([seed, offset])
 
 
-def anatomical_mask_reference(errors: torch.Tensor, noise: torch.Tensor | None, len_keep: int,
-                              n_hard: int, seed: int, offset: int
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def anatomical_mask_reference(
+    errors: torch.Tensor,
+    noise: torch.Tensor | None,
+    len_keep: int,
+    n_hard: int,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(active, hard, ids_shuffle, ids_restore)`` for errors (B, L): ``active`` True =
     visible, ``hard`` True = hidden because of a top error. ``errors`` is not read when
     ``n_hard <= 0``."""
@@ -60,7 +66,7 @@ def anatomical_mask_reference(errors: torch.Tensor, noise: torch.Tensor | None, 
                 rng.shuffle(rest)
             else:
                 rest = rest[np.argsort(noise[b].float().cpu().numpy()[rest], kind="stable")]
-            rows.append(np.concatenate([top, rest[:n_mask - n_hard]]))
+            rows.append(np.concatenate([top, rest[: n_mask - n_hard]]))
         hidden = torch.from_numpy(np.stack(rows)).to(device)
     active = torch.ones(B, L, dtype=torch.bool, device=device).scatter_(1, hidden, False)
     hard = torch.zeros(B, L, dtype=torch.bool, device=device)

@@ -9,6 +9,7 @@ Conventions shared by every backend (see anatomask_fast/models/layout.py):
   ``(oi, oj, ok)`` in {-1, 0, 1}^3 (column ``(oi+1)*9 + (oj+1)*3 + ok+1``), -1 where
   that cell is hidden or outside the volume.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,14 +23,16 @@ def _cells(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     return v.reshape(B * h * w * d, C, H // h, W // w, D // d)
 
 
-def pack_patches_reference(x: torch.Tensor, patches: torch.Tensor,
-                           slots: torch.Tensor) -> torch.Tensor:
+def pack_patches_reference(
+    x: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     """The visible patches of ``x`` (B, C, H, W, D) as (N, C, ph, pw, pd)."""
     return _cells(x, tuple(slots.shape[1:]))[patches]
 
 
-def unpack_patches_reference(packed: torch.Tensor, patches: torch.Tensor,
-                             slots: torch.Tensor) -> torch.Tensor:
+def unpack_patches_reference(
+    packed: torch.Tensor, patches: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     """Packed patches (N, C, ph, pw, pd) back into a zero-filled (B, C, H, W, D) map."""
     B, h, w, d = slots.shape
     _, C, ph, pw, pd = packed.shape
@@ -38,8 +41,9 @@ def unpack_patches_reference(packed: torch.Tensor, patches: torch.Tensor,
     return v.reshape(B, C, h * ph, w * pw, d * pd)
 
 
-def pad_halo_reference(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
-                       hi: int) -> torch.Tensor:
+def pad_halo_reference(
+    packed: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
     """Each packed patch (N, C, ph, pw, pd) extended by ``lo`` voxels on the low side
     and ``hi`` on the high side of every axis, read from its neighbours (zero where a
     neighbour is hidden or outside): (N, C, ph+lo+hi, pw+lo+hi, pd+lo+hi). A conv with
@@ -51,8 +55,11 @@ def pad_halo_reference(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
 
     def ranges(s: int) -> list[tuple[int, slice, slice]]:
         """(offset, source slice, destination slice) along one axis of side s."""
-        return [(-1, slice(s - lo, s), slice(0, lo)), (0, slice(0, s), slice(lo, lo + s)),
-                (1, slice(0, hi), slice(lo + s, lo + s + hi))]
+        return [
+            (-1, slice(s - lo, s), slice(0, lo)),
+            (0, slice(0, s), slice(lo, lo + s)),
+            (1, slice(0, hi), slice(lo + s, lo + s + hi)),
+        ]
 
     for oi, si, ti in ranges(side[0]):
         for oj, sj, tj in ranges(side[1]):
@@ -63,8 +70,9 @@ def pad_halo_reference(packed: torch.Tensor, neighbours: torch.Tensor, lo: int,
     return out
 
 
-def pad_halo_backward_reference(grad: torch.Tensor, neighbours: torch.Tensor, lo: int,
-                                hi: int) -> torch.Tensor:
+def pad_halo_backward_reference(
+    grad: torch.Tensor, neighbours: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
     """The adjoint of :func:`pad_halo_reference` applied to ``grad`` (N, C, ph+lo+hi,
     ...): its vector-Jacobian product (the op is linear, so at any input)."""
     N, C, *side = grad.shape

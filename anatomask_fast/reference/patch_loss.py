@@ -3,6 +3,7 @@ patch normalized ``t' = (t - mean(t)) / sqrt(var(t) + eps)`` (unbiased variance;
 raw patch for the teacher's error) and ``loss = sum(e * hidden) / (sum(hidden) + 1e-8)``,
 computed the way the published SparK/AnatoMask code does: patchified copies, a
 normalized-target tensor, a squared-error tensor."""
+
 from __future__ import annotations
 
 import torch
@@ -18,10 +19,16 @@ def patchify(x: torch.Tensor, patch_size: int | tuple[int, int, int]) -> torch.T
     return x.reshape(B, h * w * d, C * ph * pw * pd)
 
 
-def patch_recon_loss_reference(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor,
-                               patch_size: int | tuple[int, int, int], *, norm_pix: bool = True,
-                               eps: float = 1e-6,
-                               hidden_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_recon_loss_reference(
+    rec: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor,
+    patch_size: int | tuple[int, int, int],
+    *,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    hidden_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, per_patch)``: the masked mean of the per-patch squared error and the
     ``(B, L)`` map ``e * hidden``. The target is data (no gradient to ``x``);
     ``norm_pix`` normalizes it per patch with the unbiased variance and ``eps`` inside
@@ -36,7 +43,7 @@ def patch_recon_loss_reference(rec: torch.Tensor, x: torch.Tensor, active: torch
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps) ** .5
+        target = (target - mean) / (var + eps) ** 0.5
     error = ((pred - target) ** 2).mean(dim=-1)
     hidden = active.logical_not().to(dtype).view(active.shape[0], -1)
     per_patch = torch.where(hidden.bool(), error, 0) if hidden_only else error * hidden

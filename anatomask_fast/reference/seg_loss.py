@@ -1,15 +1,22 @@
 """Reference segmentation loss: nnU-Net's DC_and_CE_loss (MemoryEfficientSoftDiceLoss
 + RobustCrossEntropyLoss) computed the plain way, with a softmax tensor, a one-hot
 tensor built by scatter, products and sums, and F.cross_entropy."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def soft_dice_from_sums(intersect: torch.Tensor, sum_pred: torch.Tensor,
-                        sum_gt: torch.Tensor, *, batch_dice: bool, do_bg: bool,
-                        smooth: float) -> torch.Tensor:
+def soft_dice_from_sums(
+    intersect: torch.Tensor,
+    sum_pred: torch.Tensor,
+    sum_gt: torch.Tensor,
+    *,
+    batch_dice: bool,
+    do_bg: bool,
+    smooth: float,
+) -> torch.Tensor:
     """-mean(dc) from the (B, K) per-sample, per-class sums, as nnU-Net's
     MemoryEfficientSoftDiceLoss combines them."""
     if not do_bg:
@@ -20,11 +27,17 @@ def soft_dice_from_sums(intersect: torch.Tensor, sum_pred: torch.Tensor,
     return -dc.mean()
 
 
-def dice_ce_loss_reference(logits: torch.Tensor, labels: torch.Tensor, *,
-                           batch_dice: bool = False, do_bg: bool = False,
-                           smooth: float = 1e-5, weight_ce: float = 1.0,
-                           weight_dice: float = 1.0,
-                           ignore_label: int | None = None) -> torch.Tensor:
+def dice_ce_loss_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_dice: bool = False,
+    do_bg: bool = False,
+    smooth: float = 1e-5,
+    weight_ce: float = 1.0,
+    weight_dice: float = 1.0,
+    ignore_label: int | None = None,
+) -> torch.Tensor:
     """``weight_ce * CE + weight_dice * soft Dice loss`` of ``logits`` (B, K, H, W, D)
     against the integer ``labels`` (B, H, W, D) or (B, 1, H, W, D).
 
@@ -45,11 +58,13 @@ def dice_ce_loss_reference(logits: torch.Tensor, labels: torch.Tensor, *,
     weighted = probs if mask is None else probs * mask
     intersect = (weighted * onehot).sum(axes)
     sum_pred = weighted.sum(axes)
-    dice = soft_dice_from_sums(intersect, sum_pred, sum_gt, batch_dice=batch_dice,
-                               do_bg=do_bg, smooth=smooth)
+    dice = soft_dice_from_sums(
+        intersect, sum_pred, sum_gt, batch_dice=batch_dice, do_bg=do_bg, smooth=smooth
+    )
     if mask is not None and not bool(mask.any()):
         ce = work.new_zeros(())
     else:
-        ce = F.cross_entropy(work, target[:, 0],
-                             ignore_index=-100 if ignore_label is None else ignore_label)
+        ce = F.cross_entropy(
+            work, target[:, 0], ignore_index=-100 if ignore_label is None else ignore_label
+        )
     return weight_ce * ce + weight_dice * dice

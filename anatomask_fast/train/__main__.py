@@ -10,6 +10,7 @@ error naming the flag, exit status 2.
 Exit status: 0 done (or stopped by --stop-after-steps, resumable); 2 a usage or input
 fault (one line on stderr naming the file or flag; the last checkpoint is intact);
 3 stopped by SIGTERM / SIGUSR1 after writing a resumable checkpoint."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,12 @@ from . import config as cfg
 # name -> (configuration, the one line of the top-level help)
 JOBS = {
     "pretrain": (cfg.PretrainConfig, "AnatoMask pretraining of an STU-Net encoder (the default)"),
-    "finetune": (cfg.FinetuneConfig, "STU-Net segmentation, from a pretrained encoder or from "
-                 "scratch"),
+    "finetune": (
+        cfg.FinetuneConfig,
+        "STU-Net segmentation, from a pretrained encoder or from scratch",
+    ),
     "predict": (cfg.PredictConfig, "label maps (NIfTI) of new volumes from a fine-tuned model"),
-    "preprocess": (cfg.PreprocessConfig, "a raw dataset into a store, once (training does it "
-                   "too)"),
+    "preprocess": (cfg.PreprocessConfig, "a raw dataset into a store, once (training does it too)"),
 }
 GUIDANCE = "does a pretraining run's mask hide anatomy? (its own flags)"
 
@@ -47,23 +49,29 @@ class _Commands(argparse.RawDescriptionHelpFormatter):
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
-        prog="python -m anatomask_fast.train", formatter_class=_Commands,
+        prog="python -m anatomask_fast.train",
+        formatter_class=_Commands,
         description="AnatoMask training on anatomask_fast kernels. Without a command: "
-                    "pretrain (with no flags, the embedded demonstration). The usual order: "
-                    "pretrain -> finetune -> predict, and guidance to inspect a pretraining "
-                    "run. 'COMMAND --help' lists a command's flags by group, with choices "
-                    "and defaults.",
+        "pretrain (with no flags, the embedded demonstration). The usual order: "
+        "pretrain -> finetune -> predict, and guidance to inspect a pretraining "
+        "run. 'COMMAND --help' lists a command's flags by group, with choices "
+        "and defaults.",
         epilog="exit status: 0 done or stopped by --stop-after-steps; 2 bad input (a "
-               "one-line error naming the flag or file); 3 stopped by SIGTERM/SIGUSR1 with a "
-               "resumable checkpoint")
-    jobs = parser.add_subparsers(dest="job", required=True, title="commands",
-                                 metavar="COMMAND [flags]")
+        "one-line error naming the flag or file); 3 stopped by SIGTERM/SIGUSR1 with a "
+        "resumable checkpoint",
+    )
+    jobs = parser.add_subparsers(
+        dest="job", required=True, title="commands", metavar="COMMAND [flags]"
+    )
     commands = {}
     for name, (config_type, summary) in JOBS.items():
-        commands[name] = jobs.add_parser(name, help=summary,
-                                         description=inspect.cleandoc(config_type.__doc__),
-                                         usage="%(prog)s [flags]  (--help lists them by group)",
-                                         formatter_class=_Help)
+        commands[name] = jobs.add_parser(
+            name,
+            help=summary,
+            description=inspect.cleandoc(config_type.__doc__),
+            usage="%(prog)s [flags]  (--help lists them by group)",
+            formatter_class=_Help,
+        )
         cfg.add_arguments(commands[name], config_type)
     jobs.add_parser("guidance", help=GUIDANCE, add_help=False)
     return parser, commands

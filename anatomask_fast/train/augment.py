@@ -9,6 +9,7 @@ kept), low resolution (p 0.25, zoom 0.5-1, each channel p 0.5), gamma (inverted 
 then p 0.3; 0.7-1.5, statistics kept) and mirroring (p 0.5 per axis).
 ``light``: mirroring only. ``none``: nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,26 +58,28 @@ def region_size(crop: Sequence[int], matrix: np.ndarray | None) -> tuple[int, ..
     return tuple(c + 2 * max(0, math.ceil((e - c) / 2) + 2) for c, e in zip(crop, extent))
 
 
-def warp(image: torch.Tensor, label: torch.Tensor | None, matrix: np.ndarray,
-         crop: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def warp(
+    image: torch.Tensor, label: torch.Tensor | None, matrix: np.ndarray, crop: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The centred ``crop`` of the region under ``matrix`` (trilinear for the image,
     nearest for labels; zeros outside)."""
     size = image.shape[1:]
     affine = matrix * np.asarray(crop)[None, :] / np.asarray(size)[:, None]
     theta = torch.zeros(1, 3, 4, dtype=torch.float32)
-    theta[0, :, :3] = torch.from_numpy(affine[::-1, ::-1].copy())   # grid's (x, y, z) = (Z, Y, X)
+    theta[0, :, :3] = torch.from_numpy(affine[::-1, ::-1].copy())  # grid's (x, y, z) = (Z, Y, X)
     grid = F.affine_grid(theta, [1, 1, *crop], align_corners=False)
     image = F.grid_sample(image[None], grid, mode="bilinear", align_corners=False)[0]
     if label is not None:
-        label = F.grid_sample(label[None].float(), grid, mode="nearest",
-                              align_corners=False)[0].long()
+        label = F.grid_sample(label[None].float(), grid, mode="nearest", align_corners=False)[
+            0
+        ].long()
     return image, label
 
 
 def _blur(channel: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel /= kernel.sum()
     out = channel[None, None]
     for axis in range(3):
@@ -84,8 +87,10 @@ def _blur(channel: torch.Tensor, sigma: float) -> torch.Tensor:
         shape[2 + axis] = kernel.numel()
         padding = [0, 0, 0]
         padding[axis] = radius
-        out = F.conv3d(F.pad(out, [p for p in reversed(padding) for _ in (0, 1)], mode="replicate"),
-                       kernel.view(shape))
+        out = F.conv3d(
+            F.pad(out, [p for p in reversed(padding) for _ in (0, 1)], mode="replicate"),
+            kernel.view(shape),
+        )
     return out[0, 0]
 
 
@@ -107,7 +112,7 @@ def _draw_gamma(rng: np.random.Generator) -> float:
 def intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """nnU-Net's intensity transforms, in its order, on a (C, X, Y, Z) crop."""
     image = image.clone()
-    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     if rng.random() < 0.1:
         variance = rng.uniform(0.0, 0.1)
         image += torch.randn(image.shape, generator=generator) * math.sqrt(variance)
@@ -128,8 +133,9 @@ def intensity(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
                 zoom = rng.uniform(0.5, 1.0)
                 size = [max(1, round(s * zoom)) for s in image.shape[1:]]
                 small = F.interpolate(image[c][None, None], size=size, mode="nearest")
-                image[c] = F.interpolate(small, size=image.shape[1:], mode="trilinear",
-                                         align_corners=False)[0, 0]
+                image[c] = F.interpolate(
+                    small, size=image.shape[1:], mode="trilinear", align_corners=False
+                )[0, 0]
     for invert, probability in ((True, 0.1), (False, 0.3)):
         if rng.random() < probability:
             gamma = _draw_gamma(rng)

@@ -3,6 +3,7 @@ flushed, then renamed over the old one (atomic on POSIX); a write that fails (re
 folder, full disk) leaves the previous file intact and raises one error naming the
 file. Loaded with ``weights_only=True`` (``anatomask_fast.serialization``): what is saved
 is plain (tensors, numbers, strings, lists, tuples, dicts)."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,8 @@ from ..serialization import CheckpointError, safe_load
 
 # How torch's zip writer reports a failed write (full disk, file size limit).
 _WRITER_FAILURE = re.compile(
-    r"PytorchStreamWriter|unexpected pos|inline_container|file write failed")
+    r"PytorchStreamWriter|unexpected pos|inline_container|file write failed"
+)
 
 
 class WriteError(OSError):
@@ -28,11 +30,11 @@ class WriteError(OSError):
 def file_mode() -> int:
     """The mode a new file gets from ``open``: 0666 less the process's umask (0644 under
     the usual 022). ``mkstemp`` creates 0600, which other users and tools cannot read."""
-    with open("/proc/self/status") as status:     # reading it leaves the umask alone
+    with open("/proc/self/status") as status:  # reading it leaves the umask alone
         for line in status:
             if line.startswith("Umask:"):
                 return 0o666 & ~int(line.split()[1], 8)
-    umask = os.umask(0o022)        # not Linux: read it by setting it, then restore it
+    umask = os.umask(0o022)  # not Linux: read it by setting it, then restore it
     os.umask(umask)
     return 0o666 & ~umask
 
@@ -53,9 +55,12 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if not isinstance(error, OSError) and not _WRITER_FAILURE.search(str(error)):
-            raise           # not the file: e.g. an object that cannot be pickled
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else \
-            "the write failed (disk full or file size limit?)"
+            raise  # not the file: e.g. an object that cannot be pickled
+        reason = (
+            error.strerror
+            if isinstance(error, OSError) and error.strerror
+            else "the write failed (disk full or file size limit?)"
+        )
         intact = " (the previous version is intact)" if path.exists() else ""
         raise WriteError(f"cannot write {path}: {reason}{intact}") from None
     except BaseException:
@@ -84,9 +89,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 
 def check_compatible(saved: dict, expected: dict, source: str | Path) -> None:
     """Raises when a checkpoint was written for another model (names the mismatch)."""
-    differences = {key: (saved.get(key), value) for key, value in expected.items()
-                   if saved.get(key) != value}
+    differences = {
+        key: (saved.get(key), value) for key, value in expected.items() if saved.get(key) != value
+    }
     if differences:
-        detail = ", ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}"
-                           for k, (a, b) in differences.items())
+        detail = ", ".join(
+            f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in differences.items()
+        )
         raise CheckpointError(f"checkpoint {source} does not fit this model ({detail})")

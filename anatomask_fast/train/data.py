@@ -2,6 +2,7 @@
 images/ and labels/ folders) and the MONAI pre-processing of whole volumes that
 prediction uses. Training reads a pre-processed store instead (``store``,
 ``volumes``, ``sampling``)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +36,14 @@ def check_modality(modality: str) -> str:
 @dataclass(frozen=True)
 class Case:
     name: str
-    images: tuple[Path, ...]          # one file per channel
+    images: tuple[Path, ...]  # one file per channel
     label: Path | None = None
 
 
 @dataclass(frozen=True)
 class Dataset:
     cases: tuple[Case, ...]
-    modality: str                     # "CT", "MR" or "PET": picks the normalization
+    modality: str  # "CT", "MR" or "PET": picks the normalization
     description: str
     labels: dict[str, int] | None = None
 
@@ -59,11 +60,18 @@ def phantom_root(out: Path, runtime, *, cases: int, seed: int) -> Path:
     return root
 
 
-def job_dataset(data: str | None, out: Path, runtime, *, modality: str, phantom_cases: int,
-                seed: int, with_labels: bool = False) -> Dataset:
+def job_dataset(
+    data: str | None,
+    out: Path,
+    runtime,
+    *,
+    modality: str,
+    phantom_cases: int,
+    seed: int,
+    with_labels: bool = False,
+) -> Dataset:
     """The raw dataset of a training job: ``data`` discovered, or the embedded phantom."""
-    root = data if data is not None else phantom_root(out, runtime, cases=phantom_cases,
-                                                      seed=seed)
+    root = data if data is not None else phantom_root(out, runtime, cases=phantom_cases, seed=seed)
     return discover(root, modality=modality, with_labels=with_labels)
 
 
@@ -85,8 +93,10 @@ def _nnunet(root: Path, with_labels: bool) -> Dataset:
         raise DataError(f"no nnU-Net images (CASE_0000.nii.gz) found in {root / 'imagesTr'}")
     cases = []
     for name in names:
-        images = tuple(root / "imagesTr" / f"{name}_{int(c):04d}{_suffix(files)}"
-                       for c in sorted(channels, key=int))
+        images = tuple(
+            root / "imagesTr" / f"{name}_{int(c):04d}{_suffix(files)}"
+            for c in sorted(channels, key=int)
+        )
         missing = [str(p) for p in images if not p.exists()]
         if missing:
             raise DataError(f"case {name!r} lacks channel files: {missing}")
@@ -98,8 +108,12 @@ def _nnunet(root: Path, with_labels: bool) -> Dataset:
         cases.append(Case(name, images, label))
     modality = str(channels[sorted(channels, key=int)[0]]).upper()
     labels = meta.get("labels")
-    return Dataset(tuple(cases), "CT" if modality == "CT" else modality,
-                   f"nnU-Net raw dataset {root} ({len(cases)} cases, {modality})", labels)
+    return Dataset(
+        tuple(cases),
+        "CT" if modality == "CT" else modality,
+        f"nnU-Net raw dataset {root} ({len(cases)} cases, {modality})",
+        labels,
+    )
 
 
 def _suffix(files: Sequence[Path]) -> str:
@@ -124,7 +138,9 @@ def _paired(root: Path, modality: str) -> Dataset:
     for path in files:
         label = root / "labels" / path.name
         if not label.exists():
-            raise DataError(f"case {strip_suffix(path.name)!r} has no label file: {label} is missing")
+            raise DataError(
+                f"case {strip_suffix(path.name)!r} has no label file: {label} is missing"
+            )
         cases.append(Case(strip_suffix(path.name), (path,), label))
     meta_path = root / "dataset.json"
     if meta_path.exists():
@@ -133,8 +149,12 @@ def _paired(root: Path, modality: str) -> Dataset:
         largest = max(_largest_value(case.label) for case in cases)
         labels = {"background": 0, **{f"class_{k}": k for k in range(1, largest + 1)}}
         note = f"; {largest + 1} classes read off the label maps: no dataset.json"
-    return Dataset(tuple(cases), check_modality(modality), f"paired folders {root}/images and labels "
-                   f"({len(cases)} cases, {modality}{note})", labels)
+    return Dataset(
+        tuple(cases),
+        check_modality(modality),
+        f"paired folders {root}/images and labels ({len(cases)} cases, {modality}{note})",
+        labels,
+    )
 
 
 def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = False) -> Dataset:
@@ -151,14 +171,18 @@ def discover(root: str | Path, *, modality: str = "CT", with_labels: bool = Fals
     if with_labels:
         if (root / "images").is_dir() and (root / "labels").is_dir():
             return _paired(root, modality)
-        raise DataError(f"{root} is neither an nnU-Net raw dataset (imagesTr/, labelsTr/, "
-                        "dataset.json) nor paired images/ and labels/ folders: labels "
-                        "cannot be paired")
+        raise DataError(
+            f"{root} is neither an nnU-Net raw dataset (imagesTr/, labelsTr/, "
+            "dataset.json) nor paired images/ and labels/ folders: labels "
+            "cannot be paired"
+        )
     files = sorted(p for p in root.rglob("*") if _is_nifti(p))
     if not files:
         raise DataError(f"no .nii or .nii.gz volumes found in {root}")
     cases = tuple(Case(strip_suffix(p.name), (p,)) for p in files)
-    return Dataset(cases, check_modality(modality), f"folder {root} ({len(cases)} volumes, {modality})")
+    return Dataset(
+        cases, check_modality(modality), f"folder {root} ({len(cases)} volumes, {modality})"
+    )
 
 
 class _NamedLoad(mt.LoadImaged):
@@ -177,8 +201,9 @@ class _NamedLoad(mt.LoadImaged):
 def refuse_nonfinite(source, bad: int, total: int) -> None:
     """A DataError naming ``source`` when ``bad`` of its ``total`` voxels are NaN or Inf."""
     if bad:
-        raise DataError(f"{source}: {bad} of {total} voxels are NaN or infinite; expected "
-                        "finite intensities")
+        raise DataError(
+            f"{source}: {bad} of {total} voxels are NaN or infinite; expected finite intensities"
+        )
 
 
 class _Check3D(mt.MapTransform):
@@ -194,42 +219,57 @@ class _Check3D(mt.MapTransform):
             image = data[key]
             source = image.meta.get("filename_or_obj", "?") if hasattr(image, "meta") else "?"
             if image.ndim != 4:
-                raise DataError(f"{source}: expected a 3D volume, got spatial shape "
-                                f"{tuple(image.shape[1:])}")
+                raise DataError(
+                    f"{source}: expected a 3D volume, got spatial shape {tuple(image.shape[1:])}"
+                )
             refuse_nonfinite(source, int((~torch.isfinite(image)).sum()), image.numel())
             if any(s < c for s, c in zip(image.shape[1:], self.crop)):
-                warnings.warn(f"{source}: shape {tuple(image.shape[1:])} is smaller than the "
-                              f"crop {self.crop}; it is padded", stacklevel=2)
+                warnings.warn(
+                    f"{source}: shape {tuple(image.shape[1:])} is smaller than the "
+                    f"crop {self.crop}; it is padded",
+                    stacklevel=2,
+                )
         return data
 
 
-def preprocessing(dataset: Dataset, crop: Sequence[int], spacing: Sequence[float] | None,
-                  normalization: dict | None = None) -> mt.Compose:
+def preprocessing(
+    dataset: Dataset,
+    crop: Sequence[int],
+    spacing: Sequence[float] | None,
+    normalization: dict | None = None,
+) -> mt.Compose:
     """Deterministic part: load, check, optional resampling, intensity normalization,
     padding. ``normalization`` (``Volumes.normalization``, saved by fine-tuning): with
     the scheme ``dataset``, the store's dataset-wide CT clip bounds, mean and std; else
     per volume (CT: clip to the 0.5/99.5 percentiles then z-score; MR/PET: z-score)."""
     keys = ["image", "label"] if dataset.cases[0].label is not None else ["image"]
     # One loader a key, so that a read error names the one file that failed.
-    steps: list = [*(_NamedLoad(key, reader="NibabelReader", ensure_channel_first=True,
-                                image_only=True) for key in keys),
-                   _Check3D(["image"], crop)]
+    steps: list = [
+        *(
+            _NamedLoad(key, reader="NibabelReader", ensure_channel_first=True, image_only=True)
+            for key in keys
+        ),
+        _Check3D(["image"], crop),
+    ]
     if len(dataset.cases[0].images) > 1:
         steps.insert(len(keys), mt.ConcatItemsd(["image"], "image"))
     if spacing is not None:
         modes = ["bilinear", "nearest"][: len(keys)]
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
     if normalization is not None and normalization.get("scheme") == "dataset":
-        steps.append(mt.Lambdad(["image"], lambda x: _fixed_normalization(
-            x, normalization["channels"])))
+        steps.append(
+            mt.Lambdad(["image"], lambda x: _fixed_normalization(x, normalization["channels"]))
+        )
     else:
         if dataset.modality == "CT":
-            steps.append(mt.ClipIntensityPercentilesd(["image"], lower=0.5, upper=99.5,
-                                                      channel_wise=True))
+            steps.append(
+                mt.ClipIntensityPercentilesd(["image"], lower=0.5, upper=99.5, channel_wise=True)
+            )
         steps.append(mt.NormalizeIntensityd(["image"], channel_wise=True))
-    steps += [mt.SpatialPadd(keys, spatial_size=tuple(crop)),
-              mt.EnsureTyped(keys, dtype=[torch.float32, torch.int64][: len(keys)],
-                             track_meta=False)]
+    steps += [
+        mt.SpatialPadd(keys, spatial_size=tuple(crop)),
+        mt.EnsureTyped(keys, dtype=[torch.float32, torch.int64][: len(keys)], track_meta=False),
+    ]
     return mt.Compose(steps)
 
 
@@ -237,8 +277,9 @@ def _fixed_normalization(image: torch.Tensor, channels: Sequence[dict]) -> torch
     """Clip and z-score each channel with given statistics (the store's, on reading)."""
     out = image.float().clone()
     for c, stats in enumerate(channels):
-        out[c] = (out[c].clamp(stats["lower"], stats["upper"]) - stats["mean"]) \
-            / max(stats["std"], 1e-8)
+        out[c] = (out[c].clamp(stats["lower"], stats["upper"]) - stats["mean"]) / max(
+            stats["std"], 1e-8
+        )
     return out
 
 
@@ -260,8 +301,10 @@ def check_readable(dataset: Dataset) -> None:
             except Exception as error:  # nibabel raises several types for bad files
                 raise DataError(f"{path}: cannot be read as NIfTI ({error})") from None
             if len(shape) < 3 or any(s != 1 for s in shape[3:]):
-                raise DataError(f"{path}: expected a 3D volume, got shape {tuple(shape)} "
-                                "(a 4D file is not a case: one file per channel)")
+                raise DataError(
+                    f"{path}: expected a 3D volume, got shape {tuple(shape)} "
+                    "(a 4D file is not a case: one file per channel)"
+                )
 
 
 @contextlib.contextmanager

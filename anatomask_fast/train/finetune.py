@@ -5,6 +5,7 @@ with foreground oversampling and flips, sliding-window validation (Gaussian weig
 with per-class Dice, best and latest checkpoints, exact resume (data seeded from
 (seed, rank, epoch, step, sample), as in pretraining).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,12 @@ from .step import autocast, optimizer_step
 from .volumes import Volumes
 
 # STU-Net's nnU-Net v2 trainers that build the same network for each size.
-TRAINER_NAMES = {"S": "STUNetTrainer_small", "B": "STUNetTrainer_base",
-                 "L": "STUNetTrainer_large", "H": "STUNetTrainer_huge"}
+TRAINER_NAMES = {
+    "S": "STUNetTrainer_small",
+    "B": "STUNetTrainer_base",
+    "L": "STUNetTrainer_large",
+    "H": "STUNetTrainer_huge",
+}
 
 
 def num_classes(dataset: Dataset, source: str) -> int:
@@ -47,8 +52,7 @@ def num_classes(dataset: Dataset, source: str) -> int:
         raise DataError(f"{source}: dataset.json must list the classes under 'labels'")
     values = sorted(int(v) for v in dataset.labels.values())
     if values != list(range(len(values))):
-        raise DataError(f"{source}: dataset.json 'labels' must be the values 0..K-1, got "
-                        f"{values}")
+        raise DataError(f"{source}: dataset.json 'labels' must be the values 0..K-1, got {values}")
     return len(values)
 
 
@@ -60,20 +64,27 @@ def check_cases(dataset: Dataset, classes: int) -> None:
         for image_path in case.images:
             image = nib.load(image_path)
             if image.shape[:3] != label.shape[:3]:
-                raise DataError(f"case {case.name!r}: image {image_path} has shape "
-                                f"{image.shape} but label {case.label} has {label.shape}")
+                raise DataError(
+                    f"case {case.name!r}: image {image_path} has shape "
+                    f"{image.shape} but label {case.label} has {label.shape}"
+                )
             if not np.allclose(image.affine, label.affine, atol=1e-4):
-                raise DataError(f"case {case.name!r}: image {image_path} and label "
-                                f"{case.label} have different affines")
+                raise DataError(
+                    f"case {case.name!r}: image {image_path} and label "
+                    f"{case.label} have different affines"
+                )
         try:
             values = np.unique(np.asanyarray(label.dataobj))
         except Exception as error:  # nibabel / gzip raise several types for a bad file
-            raise DataError(f"case {case.name!r}: label {case.label} cannot be read as NIfTI "
-                            f"({error})") from None
+            raise DataError(
+                f"case {case.name!r}: label {case.label} cannot be read as NIfTI ({error})"
+            ) from None
         bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < classes]
         if bad:
-            raise DataError(f"case {case.name!r}: label {case.label} holds values {bad[:8]} "
-                            f"outside the {classes} classes of dataset.json (0..{classes - 1})")
+            raise DataError(
+                f"case {case.name!r}: label {case.label} holds values {bad[:8]} "
+                f"outside the {classes} classes of dataset.json (0..{classes - 1})"
+            )
 
 
 def split(dataset: Dataset, fraction: float, seed: int, path: Path) -> dict[str, list[str]]:
@@ -87,12 +98,15 @@ def split(dataset: Dataset, fraction: float, seed: int, path: Path) -> dict[str,
             raise DataError(f"{path} names cases the dataset lacks: {unknown[:5]}")
         return saved
     if len(names) < 2:
-        raise DataError(f"{dataset.description}: at least 2 cases are needed "
-                        "(training and validation)")
+        raise DataError(
+            f"{dataset.description}: at least 2 cases are needed (training and validation)"
+        )
     order = np.random.default_rng(seed).permutation(len(names)).tolist()
     n_val = min(len(names) - 1, max(1, round(fraction * len(names))))
-    chosen = {"train": sorted(names[i] for i in order[n_val:]),
-              "val": sorted(names[i] for i in order[:n_val])}
+    chosen = {
+        "train": sorted(names[i] for i in order[n_val:]),
+        "val": sorted(names[i] for i in order[:n_val]),
+    }
     ckpt.atomic_write_text(json.dumps(chosen, indent=2) + "\n", path)
     return chosen
 
@@ -120,18 +134,35 @@ def _pretrained(config: FinetuneConfig) -> tuple[str | None, str]:
         return config.pretrained, f"encoder from {config.pretrained}"
     if config.demo and Path(DEMO_ENCODER).is_file():
         return DEMO_ENCODER, f"encoder from {DEMO_ENCODER} (the embedded pretraining's output)"
-    hint = (f" ({DEMO_ENCODER} not found: run `python -m anatomask_fast.train pretrain` "
-            "first to start from it)") if config.demo else ""
+    hint = (
+        (
+            f" ({DEMO_ENCODER} not found: run `python -m anatomask_fast.train pretrain` "
+            "first to start from it)"
+        )
+        if config.demo
+        else ""
+    )
     return None, "from scratch" + hint
 
 
-def signature(config: FinetuneConfig, in_channels: int, classes: int,
-              network: STUNet | None = None, spec: NetworkSpec | None = None) -> dict:
-    meta = {"format": SEGMENTATION_FORMAT, "size": config.size, "in_channels": in_channels,
-            "num_classes": classes, **(spec.signature() if spec is not None else {})}
+def signature(
+    config: FinetuneConfig,
+    in_channels: int,
+    classes: int,
+    network: STUNet | None = None,
+    spec: NetworkSpec | None = None,
+) -> dict:
+    meta = {
+        "format": SEGMENTATION_FORMAT,
+        "size": config.size,
+        "in_channels": in_channels,
+        "num_classes": classes,
+        **(spec.signature() if spec is not None else {}),
+    }
     if isinstance(network, STUNet):
-        meta.update(strides=[list(s) for s in network.strides],
-                    kernels=[list(k) for k in network.kernels])
+        meta.update(
+            strides=[list(s) for s in network.strides], kernels=[list(k) for k in network.kernels]
+        )
     return meta
 
 
@@ -141,21 +172,32 @@ def with_plans(config: FinetuneConfig) -> tuple[FinetuneConfig, PlansGeometry | 
     if not config.plans:
         return config, None
     plans = load_geometry(config.plans, config.configuration, plans_kernels=config.plans_kernels)
-    return dataclasses.replace(config, crop=config.crop or plans.patch_size,
-                               spacing=config.spacing or plans.spacing), plans
+    return dataclasses.replace(
+        config, crop=config.crop or plans.patch_size, spacing=config.spacing or plans.spacing
+    ), plans
 
 
-def build_network(config: FinetuneConfig, in_channels: int, classes: int,
-                  plans: PlansGeometry | None, spec: NetworkSpec | None = None):
+def build_network(
+    config: FinetuneConfig,
+    in_channels: int,
+    classes: int,
+    plans: PlansGeometry | None,
+    spec: NetworkSpec | None = None,
+):
     """STU-Net of ``config.size``, strides and kernels from the plans (else STU-Net's
     isotropic defaults), with the memory options; or ``spec``'s ResidualEncoderUNet."""
     if spec is not None and not spec.is_stunet:
         return segmentation_network(spec, in_channels, classes)
     checkpointing = config.checkpointing and (config.recompute_levels or True)
-    return STUNet(config.size, in_channels, classes,
-                  strides=plans.strides if plans else None,
-                  kernels=plans.kernels if plans else None,
-                  fused=config.fused, checkpointing=checkpointing)
+    return STUNet(
+        config.size,
+        in_channels,
+        classes,
+        strides=plans.strides if plans else None,
+        kernels=plans.kernels if plans else None,
+        fused=config.fused,
+        checkpointing=checkpointing,
+    )
 
 
 def run_plans(config: FinetuneConfig, model, volumes: Volumes, modality: str) -> dict:
@@ -168,33 +210,63 @@ def run_plans(config: FinetuneConfig, model, volumes: Volumes, modality: str) ->
     if config.plans:
         return json.loads(Path(config.plans).read_text())
     if not isinstance(model, STUNet):
-        return minimal_plans(model.arch, model.in_channels, config.crop, config.spacing,
-                             modality, config.configuration)
+        return minimal_plans(
+            model.arch,
+            model.in_channels,
+            config.crop,
+            config.spacing,
+            modality,
+            config.configuration,
+        )
     norm = volumes.normalization
     dataset_ct = norm.get("scheme") == "dataset" and bool(norm.get("channels"))
     shapes = np.array([volumes.shape(i) for i in range(len(volumes))])
     spec = size_spec(config.size)
     return stunet_plans(
-        size=config.size, dims=spec.dims, depth=spec.depth, strides=model.strides,
-        kernels=model.kernels, patch_size=config.crop, spacing=config.spacing,
+        size=config.size,
+        dims=spec.dims,
+        depth=spec.depth,
+        strides=model.strides,
+        kernels=model.kernels,
+        patch_size=config.crop,
+        spacing=config.spacing,
         schemes=["CTNormalization" if dataset_ct else "ZScoreNormalization"] * model.in_channels,
         intensity=norm["channels"] if dataset_ct else None,
         median_shape=np.median(shapes, axis=0).round().astype(int).tolist(),
-        batch_size=config.batch_size, configuration=config.configuration)
+        batch_size=config.batch_size,
+        configuration=config.configuration,
+    )
 
 
-def nnunet_fields(config: FinetuneConfig, model, dataset: Dataset, epoch: int,
-                  preprocessing_info: dict, plans: dict) -> dict:
+def nnunet_fields(
+    config: FinetuneConfig,
+    model,
+    dataset: Dataset,
+    epoch: int,
+    preprocessing_info: dict,
+    plans: dict,
+) -> dict:
     """What nnU-Net v2's checkpoints carry for inference (``init_args`` with the plans,
     configuration and dataset.json, ``trainer_name``,
     ``inference_allowed_mirroring_axes``, ``current_epoch``); plain JSON-like values."""
-    dataset_json = {"channel_names": {str(i): dataset.modality for i in range(model.in_channels)},
-                    "labels": preprocessing_info["labels"], "file_ending": ".nii.gz"}
-    return {"init_args": {"plans": plans, "configuration": config.configuration, "fold": 0,
-                          "dataset_json": dataset_json},
-            "trainer_name": "nnUNetTrainer" if not isinstance(model, STUNet) else
-            TRAINER_NAMES.get(config.size, f"anatomask_fast_STUNet_{config.size}"),
-            "inference_allowed_mirroring_axes": [0, 1, 2], "current_epoch": epoch}
+    dataset_json = {
+        "channel_names": {str(i): dataset.modality for i in range(model.in_channels)},
+        "labels": preprocessing_info["labels"],
+        "file_ending": ".nii.gz",
+    }
+    return {
+        "init_args": {
+            "plans": plans,
+            "configuration": config.configuration,
+            "fold": 0,
+            "dataset_json": dataset_json,
+        },
+        "trainer_name": "nnUNetTrainer"
+        if not isinstance(model, STUNet)
+        else TRAINER_NAMES.get(config.size, f"anatomask_fast_STUNet_{config.size}"),
+        "inference_allowed_mirroring_axes": [0, 1, 2],
+        "current_epoch": epoch,
+    }
 
 
 @dataclasses.dataclass
@@ -216,59 +288,86 @@ class Finetuning(Trainer):
         torch.manual_seed(config.seed)
         spec = network_spec(config.network, config.size, config.plans, config.configuration)
         config, plans = with_plans(config)
-        if config.crop is None:                     # a ResEnc preset's: its patch size
+        if config.crop is None:  # a ResEnc preset's: its patch size
             config = dataclasses.replace(config, crop=spec.patch_size)
         self.config = config
-        dataset = job_dataset(config.data, out, runtime, modality=config.modality,
-                              phantom_cases=config.phantom_cases, seed=config.seed,
-                              with_labels=True)
-        if plans is not None:       # nnU-Net's normalization scheme picks the pre-processing
+        dataset = job_dataset(
+            config.data,
+            out,
+            runtime,
+            modality=config.modality,
+            phantom_cases=config.phantom_cases,
+            seed=config.seed,
+            with_labels=True,
+        )
+        if plans is not None:  # nnU-Net's normalization scheme picks the pre-processing
             dataset = dataclasses.replace(dataset, modality=plans.modality)
         self.dataset = dataset
         self.classes = num_classes(dataset, dataset.description)
         self.class_names = class_names(dataset.labels, self.classes)
-        self.shown_dice = {"val Dice": "not yet"}      # the last validation's, on the bar
+        self.shown_dice = {"val Dice": "not yet"}  # the last validation's, on the bar
         check_cases(dataset, self.classes)
         in_channels = len(dataset.cases[0].images)
         chosen = split(dataset, config.val_fraction, config.seed, out / "splits.json")
         train_set, self.val_set = _subset(dataset, chosen["train"]), _subset(dataset, chosen["val"])
         pretrained, self.origin = _pretrained(config)
-        self.say(f"anatomask_fast finetune: data = {dataset.description}"
-                 + (" (embedded demonstration: labelled phantom)" if config.demo else ""))
-        self.say(f"  model {spec.describe()}, {self.classes} classes, {self.origin}; crop "
-                 f"{config.crop}, batch {config.batch_size} x {runtime.world_size} process(es), "
-                 f"{config.epochs} epochs, {len(train_set.cases)} training / "
-                 f"{len(self.val_set.cases)} validation cases, device {runtime.device}")
-        self.say("  the bar's loss (CE - Dice) is nnU-Net's Dice + CE loss: cross-entropy plus "
-                 "the negative soft Dice, so it falls below 0 as the Dice grows (-1 would be "
-                 "perfect); val Dice is the last validation's mean over the foreground classes")
+        self.say(
+            f"anatomask_fast finetune: data = {dataset.description}"
+            + (" (embedded demonstration: labelled phantom)" if config.demo else "")
+        )
+        self.say(
+            f"  model {spec.describe()}, {self.classes} classes, {self.origin}; crop "
+            f"{config.crop}, batch {config.batch_size} x {runtime.world_size} process(es), "
+            f"{config.epochs} epochs, {len(train_set.cases)} training / "
+            f"{len(self.val_set.cases)} validation cases, device {runtime.device}"
+        )
+        self.say(
+            "  the bar's loss (CE - Dice) is nnU-Net's Dice + CE loss: cross-entropy plus "
+            "the negative soft Dice, so it falls below 0 as the Dice grows (-1 would be "
+            "perfect); val Dice is the last validation's mean over the foreground classes"
+        )
         if plans is not None:
-            self.say(f"  from {config.plans} ({plans.configuration}): patch {plans.patch_size}, "
-                     f"spacing {plans.spacing}, strides {list(plans.strides)}, {plans.modality} "
-                     "normalization")
+            self.say(
+                f"  from {config.plans} ({plans.configuration}): patch {plans.patch_size}, "
+                f"spacing {plans.spacing}, strides {list(plans.strides)}, {plans.modality} "
+                "normalization"
+            )
         self.model = build_network(config, in_channels, self.classes, plans, spec)
         if pretrained is not None and not config.resume:
-            (load_encoder if spec.is_stunet else load_pretrained)(self.model, pretrained,
-                                                                   verbose=runtime.main)
+            (load_encoder if spec.is_stunet else load_pretrained)(
+                self.model, pretrained, verbose=runtime.main
+            )
         self.model.to(runtime.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay),
-                                           lr=config.lr)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay), lr=config.lr
+        )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
         self.signature = signature(config, in_channels, self.classes, self.model, spec)
         self.state = FinetuneState()
         volumes = job_volumes(config, out, runtime, with_labels=True)
-        self.data = RandomCrops(volumes.subset(chosen["train"]), config.crop, seed=config.seed,
-                                rank=runtime.rank, batch_size=config.batch_size,
-                                augmentation=config.augmentation, labels=True,
-                                foreground=config.foreground)
+        self.data = RandomCrops(
+            volumes.subset(chosen["train"]),
+            config.crop,
+            seed=config.seed,
+            rank=runtime.rank,
+            batch_size=config.batch_size,
+            augmentation=config.augmentation,
+            labels=True,
+            foreground=config.foreground,
+        )
         self.validation = volumes.subset(chosen["val"])
         self.steps_per_epoch = config.steps_per_epoch or max(
-            1, len(self.data) // (config.batch_size * runtime.world_size))  # demo: a pass over the cases
+            1, len(self.data) // (config.batch_size * runtime.world_size)
+        )  # demo: a pass over the cases
         self.sampler = BatchOrder(self.steps_per_epoch, config.batch_size)
         self.network = DistributedDataParallel(self.model) if runtime.distributed else self.model
-        self.preprocessing_info = {"modality": dataset.modality, "spacing": config.spacing,
-                                   "crop": config.crop, "labels": dataset.labels,
-                                   "normalization": volumes.normalization}
+        self.preprocessing_info = {
+            "modality": dataset.modality,
+            "spacing": config.spacing,
+            "crop": config.crop,
+            "labels": dataset.labels,
+            "normalization": volumes.normalization,
+        }
         self.plans = run_plans(config, self.model, volumes, dataset.modality)
 
     def on_epoch_start(self) -> None:
@@ -278,49 +377,65 @@ class Finetuning(Trainer):
         config, state = self.config, self.state
         x = batch["image"].to(self.runtime.device, non_blocking=True)
         y = batch["label"].to(self.runtime.device, non_blocking=True)
-        lr = warmup_cosine(state.epoch + state.step_in_epoch / self.steps_per_epoch,
-                           base_lr=config.lr, min_lr=config.min_lr, warmup_epochs=0,
-                           total_epochs=config.epochs)
+        lr = warmup_cosine(
+            state.epoch + state.step_in_epoch / self.steps_per_epoch,
+            base_lr=config.lr,
+            min_lr=config.min_lr,
+            warmup_epochs=0,
+            total_epochs=config.epochs,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(self.runtime.device, config.amp):
             outputs = self.network(x)
         loss = deep_supervision_loss([o.float() for o in outputs], y)
-        optimizer_step(loss, self.optimizer, self.scaler, self.model.parameters(),
-                       config.clip_grad)
+        optimizer_step(loss, self.optimizer, self.scaler, self.model.parameters(), config.clip_grad)
         return StepLog(loss, x.shape[0], {"lr": lr}, self.shown_dice)
 
     def on_epoch_end(self) -> None:
         config, state = self.config, self.state
-        if not self.runtime.main or (state.epoch % config.val_every and
-                                     state.epoch != config.epochs):
+        if not self.runtime.main or (
+            state.epoch % config.val_every and state.epoch != config.epochs
+        ):
             return
         scores = _validate(self)
         mean = float(np.nanmean(scores)) if not all(map(math.isnan, scores)) else 0.0
         self.log({"epoch": state.epoch - 1, "val_dice": mean, "val_dice_per_class": scores})
-        self.say(f"  epoch {state.epoch} of {config.epochs}: validation Dice {mean:.4f} (mean "
-                 f"over the {len(scores)} foreground classes of {len(self.val_set.cases)} "
-                 "case(s)): " + ", ".join(f"{name} {score:.3f}" for name, score in
-                                          zip(self.class_names[1:], scores)))
+        self.say(
+            f"  epoch {state.epoch} of {config.epochs}: validation Dice {mean:.4f} (mean "
+            f"over the {len(scores)} foreground classes of {len(self.val_set.cases)} "
+            "case(s)): "
+            + ", ".join(f"{name} {score:.3f}" for name, score in zip(self.class_names[1:], scores))
+        )
         self.shown_dice = {"val Dice": f"{mean:.3f}"}
         if mean > state.best_dice:
             state.best_dice = mean
-            ckpt.atomic_save({**self.checkpoint(full=False), "state": dataclasses.asdict(state)},
-                             self.out / "checkpoint_best.pt")
+            ckpt.atomic_save(
+                {**self.checkpoint(full=False), "state": dataclasses.asdict(state)},
+                self.out / "checkpoint_best.pt",
+            )
 
     def on_train_end(self) -> None:
         out = self.out
-        self.say(f"  done: best validation Dice {self.state.best_dice:.4f} ({self.origin}); "
-                 f"outputs in {out}/: checkpoint_best.pt, checkpoint_latest.pt, overlays/, "
-                 "splits.json, metrics.jsonl")
-        self.say(f"  next: label new volumes: python -m anatomask_fast.train predict --checkpoint "
-                 f"{out / 'checkpoint_best.pt'} --input VOLUMES (files or folders) --output "
-                 "predictions")
-        if self.config.demo:     # the other start, for the comparison the README gives measured
-            other = ("after `python -m anatomask_fast.train` (pretraining)"
-                     if self.origin.startswith("from scratch") else "with --from-scratch")
-            self.say(f"  compare: run it {other} into another --out; README, Fine-tuning, "
-                     "gives both")
+        self.say(
+            f"  done: best validation Dice {self.state.best_dice:.4f} ({self.origin}); "
+            f"outputs in {out}/: checkpoint_best.pt, checkpoint_latest.pt, overlays/, "
+            "splits.json, metrics.jsonl"
+        )
+        self.say(
+            f"  next: label new volumes: python -m anatomask_fast.train predict --checkpoint "
+            f"{out / 'checkpoint_best.pt'} --input VOLUMES (files or folders) --output "
+            "predictions"
+        )
+        if self.config.demo:  # the other start, for the comparison the README gives measured
+            other = (
+                "after `python -m anatomask_fast.train` (pretraining)"
+                if self.origin.startswith("from scratch")
+                else "with --from-scratch"
+            )
+            self.say(
+                f"  compare: run it {other} into another --out; README, Fine-tuning, gives both"
+            )
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model}
@@ -329,11 +444,22 @@ class Finetuning(Trainer):
         """The weights under STU-Net's names (``network_weights``, the same tensors as
         ``model``), what nnU-Net's inference reads, and with ``full`` what resuming
         needs."""
-        saved = super().checkpoint() if full else {**self.signature,
-                                                   "model": self.model.state_dict()}
-        return {**saved, **self.preprocessing_info, "network_weights": saved["model"],
-                **nnunet_fields(self.config, self.model, self.dataset, self.state.epoch,
-                                self.preprocessing_info, self.plans)}
+        saved = (
+            super().checkpoint() if full else {**self.signature, "model": self.model.state_dict()}
+        )
+        return {
+            **saved,
+            **self.preprocessing_info,
+            "network_weights": saved["model"],
+            **nnunet_fields(
+                self.config,
+                self.model,
+                self.dataset,
+                self.state.epoch,
+                self.preprocessing_info,
+                self.plans,
+            ),
+        }
 
 
 def run(config: FinetuneConfig) -> Path:
@@ -348,21 +474,37 @@ def _validate(trainer: Finetuning) -> list[float]:
     shapes = [validation.shape(index) for index in range(len(validation))]
     total = sum(window_count(shape, config.crop, config.sw_overlap) for shape in shapes)
     per_case = []
-    with progress_bar(total, f"validation of epoch {trainer.state.epoch}", "window",
-                      leave=False) as bar:
+    with progress_bar(
+        total, f"validation of epoch {trainer.state.epoch}", "window", leave=False
+    ) as bar:
         for index in range(len(validation)):
             volume, label = (torch.from_numpy(a) for a in validation.whole(index, label=True))
             image, label = volume[None].to(trainer.runtime.device), label[0]
-            prediction = infer(trainer.model, image, config.crop, overlap=config.sw_overlap,
-                               amp=config.amp, progress=bar).argmax(1)[0].cpu()
+            prediction = (
+                infer(
+                    trainer.model,
+                    image,
+                    config.crop,
+                    overlap=config.sw_overlap,
+                    amp=config.amp,
+                    progress=bar,
+                )
+                .argmax(1)[0]
+                .cpu()
+            )
             per_case.append(dice_per_class(prediction, label, trainer.classes))
             if index == 0:
                 case = trainer.val_set.cases[0].name
                 dice = ", ".join(f"{n} {d:.2f}" for n, d in zip(names[1:], per_case[0]))
-                overlay(trainer.out / "overlays" / f"epoch_{trainer.state.epoch:04d}_{case}.png",
-                        volume[0], label, prediction, names=names,
-                        title=f"validation case {case}, epoch {trainer.state.epoch} of "
-                              f"{config.epochs}: Dice {dice}")
+                overlay(
+                    trainer.out / "overlays" / f"epoch_{trainer.state.epoch:04d}_{case}.png",
+                    volume[0],
+                    label,
+                    prediction,
+                    names=names,
+                    title=f"validation case {case}, epoch {trainer.state.epoch} of "
+                    f"{config.epochs}: Dice {dice}",
+                )
     trainer.model.train()
     table = np.array(per_case, dtype=np.float64)
     return [float(np.nanmean(col)) if not np.isnan(col).all() else math.nan for col in table.T]

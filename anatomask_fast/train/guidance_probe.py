@@ -11,6 +11,7 @@ the training loader makes (without augmentation). Used by ``python -m
 anatomask_fast.guidance`` and by ``pretrain --guidance-data`` (per epoch or every N
 steps, into ``metrics.jsonl`` and ``previews/guidance.png``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,8 @@ class Counts:
 
     total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SETS, 0))
     found: dict[str, dict[str, int]] = field(
-        default_factory=lambda: {p: dict.fromkeys(SETS, 0) for p in PROPERTIES})
+        default_factory=lambda: {p: dict.fromkeys(SETS, 0) for p in PROPERTIES}
+    )
 
     def add(self, name: str, chosen: torch.Tensor, properties: dict[str, torch.Tensor]) -> None:
         self.total[name] += int(chosen.sum())
@@ -72,8 +74,10 @@ class Counts:
             self.found[prop][name] += int((chosen & has).sum())
 
     def shares(self) -> dict:
-        return {prop: {name: self.found[prop][name] / max(self.total[name], 1) for name in SETS}
-                for prop in PROPERTIES} | {"patches": dict(self.total)}
+        return {
+            prop: {name: self.found[prop][name] / max(self.total[name], 1) for name in SETS}
+            for prop in PROPERTIES
+        } | {"patches": dict(self.total)}
 
 
 def patch_properties(label: torch.Tensor, patch: int) -> dict[str, torch.Tensor]:
@@ -81,12 +85,13 @@ def patch_properties(label: torch.Tensor, patch: int) -> dict[str, torch.Tensor]
     different labels in the patch."""
     B, _, H, W, D = label.shape
     cells = label.view(B, H // patch, patch, W // patch, patch, D // patch, patch)
-    cells = cells.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, patch ** 3)
+    cells = cells.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, patch**3)
     top, bottom = cells.amax(-1), cells.amin(-1)
     return {"structure": top > 0, "boundary": top != bottom}
 
 
 # --- the run's data path ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RunData:
@@ -96,17 +101,21 @@ class RunData:
     spacing: tuple[float, float, float] | None
     modality: str
     ct_normalization: str
-    normalization: dict          # the run's Volumes.normalization
+    normalization: dict  # the run's Volumes.normalization
 
 
 def run_data(saved: dict, config: dict, run_folder: Path) -> RunData:
     """The run's data path; its normalization as saved in the checkpoint (runs from
     before it was saved: read from the run's store, scheme "unknown" if it is gone)."""
     normalization = saved.get("normalization") or _store_normalization(config, run_folder)
-    spacing = normalization.get("spacing") or config.get("spacing")    # the store's
-    return RunData(tuple(config["crop"]), tuple(spacing) if spacing else None,
-                   normalization.get("modality", config["modality"]),
-                   config.get("ct_normalization", "dataset"), normalization)
+    spacing = normalization.get("spacing") or config.get("spacing")  # the store's
+    return RunData(
+        tuple(config["crop"]),
+        tuple(spacing) if spacing else None,
+        normalization.get("modality", config["modality"]),
+        config.get("ct_normalization", "dataset"),
+        normalization,
+    )
 
 
 def _store_normalization(config: dict, run_folder: Path) -> dict:
@@ -117,8 +126,11 @@ def _store_normalization(config: dict, run_folder: Path) -> dict:
         data = next(iter(sorted((run_folder / "data").glob("phantom_*"))), None)
     candidates = [Path(p) for p in (data, config.get("cache")) if p]
     if data is not None:
-        options = StoreOptions(modality=config["modality"], spacing=config.get("spacing"),
-                               ct_normalization=config.get("ct_normalization", "dataset"))
+        options = StoreOptions(
+            modality=config["modality"],
+            spacing=config.get("spacing"),
+            ct_normalization=config.get("ct_normalization", "dataset"),
+        )
         candidates.append(default_cache(data, options, run_folder))
     for candidate in candidates:
         if is_store(candidate) or is_nnunet_preprocessed(candidate):
@@ -126,8 +138,14 @@ def _store_normalization(config: dict, run_folder: Path) -> dict:
     return {"scheme": "unknown", "modality": config["modality"]}
 
 
-def labelled_volumes(data: str | Path, run: RunData, *, out: Path, cache: Path | None = None,
-                     per_volume: bool = False) -> tuple[Volumes, str]:
+def labelled_volumes(
+    data: str | Path,
+    run: RunData,
+    *,
+    out: Path,
+    cache: Path | None = None,
+    per_volume: bool = False,
+) -> tuple[Volumes, str]:
     """Labelled volumes read as the run's training reads its data, and a sentence
     saying how they were normalized. ``data``: a store with labels, an nnU-Net
     pre-processed folder, or a raw labelled folder (nnU-Net raw dataset or paired
@@ -141,17 +159,24 @@ def labelled_volumes(data: str | Path, run: RunData, *, out: Path, cache: Path |
             raise DataError("--normalization volume needs the raw labelled folder as --data")
         volumes = open_volumes(path, cache or out / ".unpacked")
     else:
-        options = StoreOptions(modality=run.modality, spacing=run.spacing,
-                               ct_normalization="volume" if per_volume else run.ct_normalization,
-                               with_labels=True)
+        options = StoreOptions(
+            modality=run.modality,
+            spacing=run.spacing,
+            ct_normalization="volume" if per_volume else run.ct_normalization,
+            with_labels=True,
+        )
         root = cache or default_cache(path, options, out)
         volumes = open_store(prepare(path, options, root, workers=0))
     if any(entry.label is None for entry in volumes.entries):
-        raise DataError(f"--data {path}: every case needs a label map (a store written with "
-                        "--labels, or a labelled folder)")
+        raise DataError(
+            f"--data {path}: every case needs a label map (a store written with "
+            "--labels, or a labelled folder)"
+        )
     if per_volume:
-        return volumes, ("each volume by its own statistics (asked for; the run's scheme is "
-                         f"{run.normalization['scheme']!r})")
+        return volumes, (
+            "each volume by its own statistics (asked for; the run's scheme is "
+            f"{run.normalization['scheme']!r})"
+        )
     return matched(volumes, run.normalization)
 
 
@@ -159,27 +184,42 @@ def matched(volumes: Volumes, normalization: dict) -> tuple[Volumes, str]:
     """``volumes`` normalized as the run's training normalized its data."""
     scheme = normalization["scheme"]
     if scheme == "unknown":
-        raise DataError("the checkpoint holds no 'normalization' (a run from before it was "
-                        "saved) and the store it read is not found (its --data, --cache or "
-                        "default cache); measure with --normalization volume (a deviation), "
-                        "or rerun the pretraining")
+        raise DataError(
+            "the checkpoint holds no 'normalization' (a run from before it was "
+            "saved) and the store it read is not found (its --data, --cache or "
+            "default cache); measure with --normalization volume (a deviation), "
+            "or rerun the pretraining"
+        )
     if scheme == "dataset":
         channels = tuple(normalization["channels"])
         if len(channels) != volumes.channels:
-            raise DataError(f"the run's normalization has {len(channels)} channel(s), the "
-                            f"labelled data {volumes.channels}")
+            raise DataError(
+                f"the run's normalization has {len(channels)} channel(s), the "
+                f"labelled data {volumes.channels}"
+            )
         entries = [dataclasses.replace(e, normalization=channels) for e in volumes.entries]
-        stats = ", ".join(f"clip [{c['lower']:.1f}, {c['upper']:.1f}], mean {c['mean']:.1f}, "
-                          f"std {c['std']:.1f}" for c in channels)
-        return Volumes(entries, channels=volumes.channels, labels=volumes.labels,
-                       description=volumes.description, normalization=normalization), \
-            f"the run's dataset-wide CT normalization ({stats})"
+        stats = ", ".join(
+            f"clip [{c['lower']:.1f}, {c['upper']:.1f}], mean {c['mean']:.1f}, std {c['std']:.1f}"
+            for c in channels
+        )
+        return Volumes(
+            entries,
+            channels=volumes.channels,
+            labels=volumes.labels,
+            description=volumes.description,
+            normalization=normalization,
+        ), f"the run's dataset-wide CT normalization ({stats})"
     if volumes.normalization["scheme"] != scheme:
-        raise DataError(f"the run normalized its data by the scheme {scheme!r}, the labelled "
-                        f"data is stored by {volumes.normalization['scheme']!r}: give the raw "
-                        "labelled folder (or, for an nnU-Net run, its pre-processed folder)")
-    what = "each volume by its own statistics, as the run" if scheme == "volume" else \
-        "nnU-Net's pre-processed values, as the run read them"
+        raise DataError(
+            f"the run normalized its data by the scheme {scheme!r}, the labelled "
+            f"data is stored by {volumes.normalization['scheme']!r}: give the raw "
+            "labelled folder (or, for an nnU-Net run, its pre-processed folder)"
+        )
+    what = (
+        "each volume by its own statistics, as the run"
+        if scheme == "volume"
+        else "nnU-Net's pre-processed values, as the run read them"
+    )
     return volumes, what
 
 
@@ -198,14 +238,16 @@ def windows(volumes: Volumes, crop: Sequence[int]) -> list[tuple[int, tuple[int,
     return found
 
 
-def read_window(volumes: Volumes, index: int, start: Sequence[int], crop: Sequence[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def read_window(
+    volumes: Volumes, index: int, start: Sequence[int], crop: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (C, *crop) image and (1, *crop) label of a window, by the loader's call."""
     image, label = volumes.region(index, start, crop, label=True)
     return torch.from_numpy(image), torch.from_numpy(label)
 
 
 # --- measuring ------------------------------------------------------------------------
+
 
 def _seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
@@ -216,22 +258,37 @@ class GuidanceProbe:
     network as the teacher on them (a random mask, ``repeats`` times) and counts
     hard, hidden-random, random and all patches for every rule."""
 
-    def __init__(self, volumes: Volumes, crop: Sequence[int], *, batch_size: int,
-                 mask_ratio: float, hard_frac: float, repeats: int = 1, seed: int = 0,
-                 rules: Sequence[Rule] = ALL_RULES) -> None:
+    def __init__(
+        self,
+        volumes: Volumes,
+        crop: Sequence[int],
+        *,
+        batch_size: int,
+        mask_ratio: float,
+        hard_frac: float,
+        repeats: int = 1,
+        seed: int = 0,
+        rules: Sequence[Rule] = ALL_RULES,
+    ) -> None:
         if any(c % 16 for c in crop):
-            raise ValueError(f"the guidance crop must be divisible by 16 in every axis, "
-                             f"got {tuple(crop)}")
+            raise ValueError(
+                f"the guidance crop must be divisible by 16 in every axis, got {tuple(crop)}"
+            )
         self.crop, self.mask_ratio, self.hard_frac = tuple(crop), mask_ratio, hard_frac
         self.repeats, self.seed, self.rules = repeats, seed, tuple(rules)
         read = [read_window(volumes, i, s, crop) for i, s in windows(volumes, crop)]
         self.crops = len(read)
-        self.batches = [(torch.stack([x for x, _ in read[k:k + batch_size]]),
-                         torch.stack([y for _, y in read[k:k + batch_size]]))
-                        for k in range(0, len(read), batch_size)]
+        self.batches = [
+            (
+                torch.stack([x for x, _ in read[k : k + batch_size]]),
+                torch.stack([y for _, y in read[k : k + batch_size]]),
+            )
+            for k in range(0, len(read), batch_size)
+        ]
 
-    def measure(self, network: torch.nn.Module, device: torch.device | None = None,
-                progress=None) -> dict[str, dict]:
+    def measure(
+        self, network: torch.nn.Module, device: torch.device | None = None, progress=None
+    ) -> dict[str, dict]:
         """{rule name: shares} for ``network`` as the teacher (eval mode)."""
         device = device or next(network.parameters()).device
         counts = {rule.name: Counts() for rule in self.rules}
@@ -242,8 +299,14 @@ class GuidanceProbe:
                     progress.update(1)
         return {name: c.shares() for name, c in counts.items()}
 
-    def _count(self, counts: dict[str, Counts], network: torch.nn.Module, x: torch.Tensor,
-               label: torch.Tensor, seed: int) -> None:
+    def _count(
+        self,
+        counts: dict[str, Counts],
+        network: torch.nn.Module,
+        x: torch.Tensor,
+        label: torch.Tensor,
+        seed: int,
+    ) -> None:
         patch = network.patch_size
         shape = (x.shape[0], 1, *(s // patch for s in x.shape[2:]))
         teacher_mask = random_mask(shape, self.mask_ratio, device=x.device, seed=seed)
@@ -253,13 +316,19 @@ class GuidanceProbe:
         everything = torch.ones_like(hidden_pool)
         generator = torch.Generator().manual_seed(seed)
         for rule in self.rules:
-            errors = ranking_errors(rec, x, teacher_mask.active, patch, target=rule.target,
-                                    foreground=rule.foreground)
-            hard = anatomical_mask(errors.view(shape), self.mask_ratio, self.hard_frac,
-                                   seed=seed + 1).hard.view(x.shape[0], -1)
+            errors = ranking_errors(
+                rec, x, teacher_mask.active, patch, target=rule.target, foreground=rule.foreground
+            )
+            hard = anatomical_mask(
+                errors.view(shape), self.mask_ratio, self.hard_frac, seed=seed + 1
+            ).hard.view(x.shape[0], -1)
             n_hard = int(hard[0].sum())
-            chosen = {"hard": hard, "hidden": _draw(hidden_pool, n_hard, generator),
-                      "random": _draw(everything, n_hard, generator), "all": everything}
+            chosen = {
+                "hard": hard,
+                "hidden": _draw(hidden_pool, n_hard, generator),
+                "random": _draw(everything, n_hard, generator),
+                "all": everything,
+            }
             for name, patches in chosen.items():
                 counts[rule.name].add(name, patches, properties)
 
@@ -276,10 +345,12 @@ def _draw(pool: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tenso
 
 # --- during pretraining --------------------------------------------------------------
 
+
 def plot(metrics: Path, path: Path, rule: str, data: str) -> Path | None:
     """``previews/guidance.png``: the teacher's hard / hidden-random / random shares of
     structure and boundary patches against epochs, from ``metrics.jsonl``."""
     import matplotlib
+
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
@@ -291,17 +362,28 @@ def plot(metrics: Path, path: Path, rule: str, data: str) -> Path | None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, prop in zip(axes, PROPERTIES):
         for name, style in (("hard", "-o"), ("hidden", "--s"), ("random", ":^")):
-            axis.plot(epochs, [r["guidance"]["teacher"][rule][prop][name] for r in rows],
-                      style, label={"hard": "hard (teacher's top errors)",
-                                    "hidden": "random among hidden",
-                                    "random": "random"}[name], markersize=4)
-        axis.set_title(f"patches with a {'labelled structure' if prop == 'structure' else 'structure boundary'}")
+            axis.plot(
+                epochs,
+                [r["guidance"]["teacher"][rule][prop][name] for r in rows],
+                style,
+                label={
+                    "hard": "hard (teacher's top errors)",
+                    "hidden": "random among hidden",
+                    "random": "random",
+                }[name],
+                markersize=4,
+            )
+        axis.set_title(
+            f"patches with a {'labelled structure' if prop == 'structure' else 'structure boundary'}"
+        )
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("share of chosen patches")
     axes[0].legend(loc="best", fontsize=8)
-    figure.suptitle(f"Anatomical guidance of the EMA teacher during pretraining "
-                    f"(rule {rule}, on {Path(data).name})")
+    figure.suptitle(
+        f"Anatomical guidance of the EMA teacher during pretraining "
+        f"(rule {rule}, on {Path(data).name})"
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -318,14 +400,23 @@ class TrainingGuidance:
 
     def __init__(self, config, normalization: dict, out: Path, steps_per_epoch: int) -> None:
         spacing = normalization.get("spacing") or config.spacing
-        run = RunData(tuple(config.crop), tuple(spacing) if spacing else None,
-                      normalization.get("modality", config.modality), config.ct_normalization,
-                      normalization)
+        run = RunData(
+            tuple(config.crop),
+            tuple(spacing) if spacing else None,
+            normalization.get("modality", config.modality),
+            config.ct_normalization,
+            normalization,
+        )
         volumes, self.normalized = labelled_volumes(config.guidance_data, run, out=out)
         self.rule = Rule(config.teacher_target, config.teacher_foreground)
-        self.probe = GuidanceProbe(volumes, config.crop, batch_size=config.batch_size,
-                                   mask_ratio=config.mask_ratio, hard_frac=config.hard_max,
-                                   seed=config.seed)
+        self.probe = GuidanceProbe(
+            volumes,
+            config.crop,
+            batch_size=config.batch_size,
+            mask_ratio=config.mask_ratio,
+            hard_frac=config.hard_max,
+            seed=config.seed,
+        )
         self.every, self.steps_per_epoch = config.guidance_every, steps_per_epoch
         self.data, self.out = config.guidance_data, out
 
@@ -336,10 +427,19 @@ class TrainingGuidance:
 
     def record(self, teacher: torch.nn.Module, state, metrics) -> dict:
         results = self.probe.measure(teacher)
-        record = {"epochs": state.global_step / self.steps_per_epoch, "rule": self.rule.name,
-                  "hard_frac": self.probe.hard_frac, "crops": self.probe.crops,
-                  "normalized": self.normalized, "teacher": results}
+        record = {
+            "epochs": state.global_step / self.steps_per_epoch,
+            "rule": self.rule.name,
+            "hard_frac": self.probe.hard_frac,
+            "crops": self.probe.crops,
+            "normalized": self.normalized,
+            "teacher": results,
+        }
         metrics.write(state.global_step, {"epoch": state.epoch, "guidance": record})
-        plot(self.out / "metrics.jsonl", self.out / "previews" / "guidance.png", self.rule.name,
-             self.data)
+        plot(
+            self.out / "metrics.jsonl",
+            self.out / "previews" / "guidance.png",
+            self.rule.name,
+            self.data,
+        )
         return record

@@ -3,6 +3,7 @@
 checkpoint, sliding-window inference with Gaussian weighting and test-time mirroring,
 the inverse of the pre-processing's geometry, and overlay figures. Imports neither
 ``finetune`` nor ``predict``."""
+
 from __future__ import annotations
 
 import itertools
@@ -26,15 +27,29 @@ from .step import autocast
 # The checkpoint format fine-tuning writes and inference reads.
 SEGMENTATION_FORMAT = "anatomask_fast.segmentation/2"
 
-COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 80], [70, 120, 240], [240, 200, 40],
-                   [200, 80, 220], [40, 210, 220], [250, 140, 40]], dtype=np.float32)
+COLORS = np.array(
+    [
+        [0, 0, 0],
+        [230, 60, 60],
+        [60, 200, 80],
+        [70, 120, 240],
+        [240, 200, 40],
+        [200, 80, 220],
+        [40, 210, 220],
+        [250, 140, 40],
+    ],
+    dtype=np.float32,
+)
 
 
 def class_names(labels: dict | None, classes: int) -> list[str]:
     """Names of the classes 0..K-1 from ``dataset.json``'s ``labels`` (name -> value);
     ``class k`` where it names none."""
-    named = {int(v): name for name, v in (labels or {}).items()
-             if isinstance(v, int) or (isinstance(v, str) and v.isdigit())}
+    named = {
+        int(v): name
+        for name, v in (labels or {}).items()
+        if isinstance(v, int) or (isinstance(v, str) and v.isdigit())
+    }
     return [named.get(k, f"class {k}") for k in range(classes)]
 
 
@@ -63,8 +78,16 @@ def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> in
     return count
 
 
-def infer(model: STUNet, image: torch.Tensor, roi: tuple[int, ...], *, overlap: float = 0.5,
-          amp: str = "none", mirror_axes: Sequence[int] = (), progress: Any = None) -> torch.Tensor:
+def infer(
+    model: STUNet,
+    image: torch.Tensor,
+    roi: tuple[int, ...],
+    *,
+    overlap: float = 0.5,
+    amp: str = "none",
+    mirror_axes: Sequence[int] = (),
+    progress: Any = None,
+) -> torch.Tensor:
     """Class logits (B, K, ...) of ``image`` (B, C, ...) by MONAI's sliding-window
     inference with Gaussian weighting, the model in eval mode, highest-resolution head
     only; with ``mirror_axes``, each window's logits averaged over its flips along
@@ -89,9 +112,14 @@ def infer(model: STUNet, image: torch.Tensor, roi: tuple[int, ...], *, overlap: 
 
     try:
         with torch.no_grad():
-            return sliding_window_inference(image, tuple(roi), sw_batch_size=2,
-                                            predictor=predictor, overlap=overlap,
-                                            mode="gaussian")
+            return sliding_window_inference(
+                image,
+                tuple(roi),
+                sw_batch_size=2,
+                predictor=predictor,
+                overlap=overlap,
+                mode="gaussian",
+            )
     finally:
         model.deep_supervision = deep
 
@@ -102,36 +130,61 @@ def restore_grid(logits: torch.Tensor, shape: tuple[int, ...], resampled: bool) 
     if resampled:
         return F.interpolate(logits, size=shape, mode="trilinear", align_corners=False)
     start = [(p - s) // 2 for s, p in zip(shape, logits.shape[2:])]
-    return logits[:, :, start[0]:start[0] + shape[0], start[1]:start[1] + shape[1],
-                  start[2]:start[2] + shape[2]]
+    return logits[
+        :,
+        :,
+        start[0] : start[0] + shape[0],
+        start[1] : start[1] + shape[1],
+        start[2] : start[2] + shape[2],
+    ]
 
 
-def load_model(path: str | Path, device: torch.device
-               ) -> tuple[STUNet | ResidualEncoderUNet, dict]:
+def load_model(path: str | Path, device: torch.device) -> tuple[STUNet | ResidualEncoderUNet, dict]:
     """The fine-tuned network of a checkpoint (best or latest: STU-Net or a
     ResidualEncoderUNet) and its metadata; a ValueError naming the file when it does
     not hold a segmentation model that fits."""
     saved = ckpt.load(path)
     if saved.get("format") != SEGMENTATION_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a fine-tuned segmentation model "
-                         f"(format {saved.get('format')!r}, expected {SEGMENTATION_FORMAT!r})")
+        raise ValueError(
+            f"checkpoint {path} is not a fine-tuned segmentation model "
+            f"(format {saved.get('format')!r}, expected {SEGMENTATION_FORMAT!r})"
+        )
     spec = spec_of(saved)
-    model = STUNet(saved["size"], saved["in_channels"], saved["num_classes"],
-                   strides=saved.get("strides"), kernels=saved.get("kernels"),
-                   deep_supervision=False, checkpointing=False) if spec.is_stunet else \
-        ResidualEncoderUNet(spec.arch, saved["in_channels"], saved["num_classes"],
-                            deep_supervision=False)
+    model = (
+        STUNet(
+            saved["size"],
+            saved["in_channels"],
+            saved["num_classes"],
+            strides=saved.get("strides"),
+            kernels=saved.get("kernels"),
+            deep_supervision=False,
+            checkpointing=False,
+        )
+        if spec.is_stunet
+        else ResidualEncoderUNet(
+            spec.arch, saved["in_channels"], saved["num_classes"], deep_supervision=False
+        )
+    )
     try:
         model.load_state_dict(saved["network_weights"])
     except RuntimeError as error:
         first = str(error).splitlines()[1:3]
-        raise ValueError(f"checkpoint {path} does not fit {spec.describe()} with "
-                         f"{saved['num_classes']} classes: {' '.join(first).strip()}") from None
+        raise ValueError(
+            f"checkpoint {path} does not fit {spec.describe()} with "
+            f"{saved['num_classes']} classes: {' '.join(first).strip()}"
+        ) from None
     return model.to(device), saved
 
 
-def overlay(path: Path, image: torch.Tensor, label: torch.Tensor | None,
-            prediction: torch.Tensor, *, title: str, names: Sequence[str]) -> Path:
+def overlay(
+    path: Path,
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    prediction: torch.Tensor,
+    *,
+    title: str,
+    names: Sequence[str],
+) -> Path:
     """PNG: image | ground truth | prediction on the axial slice (last axis) with the
     most labelled voxels, classes in colour over the image, a legend with the class
     ``names`` (index = voxel value) and the image's intensity bar, under ``title``."""
@@ -151,5 +204,10 @@ def overlay(path: Path, image: torch.Tensor, label: torch.Tensor | None,
         panels.append(("ground truth", colored(label)))
     panels.append(("prediction", colored(prediction)))
     legend = [(COLORS[k % len(COLORS)], name) for k, name in enumerate(names) if k > 0]
-    return save_figure(path, panels, f"{title}; slice {depth} of the last axis", legend=legend,
-                       colorbar=(*shown, "normalized intensity"))
+    return save_figure(
+        path,
+        panels,
+        f"{title}; slice {depth} of the last axis",
+        legend=legend,
+        colorbar=(*shown, "normalized intensity"),
+    )

@@ -16,6 +16,7 @@ Order of one run::
                 this epoch's end)
     on_train_end
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,8 @@ class Trainer:
     :meth:`train_step` and :meth:`modules`; the ``on_*`` hooks do nothing unless
     overridden, but ``on_train_start``, which writes ``config.json``."""
 
-    job = "train"                  # the progress bar's and the messages' name
-    loss_label = "loss"            # how the progress bar labels the loss
+    job = "train"  # the progress bar's and the messages' name
+    loss_label = "loss"  # how the progress bar labels the loss
     data: RandomCrops
     sampler: BatchOrder
     steps_per_epoch: int
@@ -100,9 +101,13 @@ class Trainer:
     def checkpoint(self) -> dict:
         """Everything a checkpoint holds besides the loop's ``state``: the signature,
         the modules' weights, the optimizer, the gradient scaler and the config."""
-        return {**self.signature, **{key: m.state_dict() for key, m in self.modules().items()},
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "config": dataclasses.asdict(self.config)}
+        return {
+            **self.signature,
+            **{key: m.state_dict() for key, m in self.modules().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": dataclasses.asdict(self.config),
+        }
 
     def load_checkpoint(self, saved: dict, path: Path) -> None:
         """Restores from a checkpoint (the loop restores ``state``); a CheckpointError
@@ -131,8 +136,9 @@ class Trainer:
     # ---- provided
     def batches(self, epoch: int, start_step: int) -> Iterable[dict]:
         """The epoch's batches from ``start_step`` on (a resumed epoch skips the rest)."""
-        return epoch_loader(self.data, self.sampler, epoch=epoch, start_step=start_step,
-                            workers=self.config.workers)
+        return epoch_loader(
+            self.data, self.sampler, epoch=epoch, start_step=start_step, workers=self.config.workers
+        )
 
     def save(self, path: Path) -> None:
         if self.runtime.main:
@@ -142,9 +148,11 @@ class Trainer:
         saved = ckpt.load(self.latest)
         self.load_checkpoint(saved, self.latest)
         self.state = type(self.state)(**saved["state"])
-        self.say(f"  resumed from {self.latest} at epoch {self.state.epoch + 1} of "
-                 f"{self.config.epochs}, step {self.state.global_step} of "
-                 f"{self.config.epochs * self.steps_per_epoch}")
+        self.say(
+            f"  resumed from {self.latest} at epoch {self.state.epoch + 1} of "
+            f"{self.config.epochs}, step {self.state.global_step} of "
+            f"{self.config.epochs * self.steps_per_epoch}"
+        )
 
     def log(self, values: dict[str, Any]) -> None:
         """One line of ``metrics.jsonl`` at the current step."""
@@ -154,8 +162,9 @@ class Trainer:
 def train(trainer_type: type[Trainer], config: Any) -> Path:
     """Runs a job: the process set-up and run folder of ``runtime.run_job``, then
     ``trainer_type``'s run in the loop."""
-    return run_job(config, lambda config, runtime, out: run_training(
-        trainer_type(config, runtime, out)))
+    return run_job(
+        config, lambda config, runtime, out: run_training(trainer_type(config, runtime, out))
+    )
 
 
 def run_training(trainer: Trainer) -> Path:
@@ -168,8 +177,9 @@ def run_training(trainer: Trainer) -> Path:
     trainer.metrics = MetricsLog(trainer.out, runtime.main)
     trainer.on_train_start()
     total = config.epochs * trainer.steps_per_epoch
-    trainer.progress = progress_bar(total, trainer.job, "step", done=trainer.state.global_step,
-                                    enabled=runtime.main)
+    trainer.progress = progress_bar(
+        total, trainer.job, "step", done=trainer.state.global_step, enabled=runtime.main
+    )
     try:
         while trainer.state.epoch < config.epochs:
             state = trainer.state
@@ -187,9 +197,11 @@ def run_training(trainer: Trainer) -> Path:
                 if stop:
                     trainer.progress.close()
                     trainer.progress = None
-                    trainer.say(f"  stopped after step {state.global_step} of {total} "
-                                f"(--stop-after-steps): {trainer.latest} written; continue "
-                                "with the same command and --resume")
+                    trainer.say(
+                        f"  stopped after step {state.global_step} of {total} "
+                        f"(--stop-after-steps): {trainer.latest} written; continue "
+                        "with the same command and --resume"
+                    )
                     return trainer.out
             trainer.on_train_epoch_end()
             state.epoch += 1
@@ -216,25 +228,42 @@ def _finish_step(trainer: Trainer, loss: float, step: StepLog, seconds: float) -
     state.step_in_epoch += 1
     state.global_step += 1
     peak = peak_memory_bytes(runtime.device)
-    trainer.log({"epoch": state.epoch, "loss": loss, **step.values,
-                 "batch_size": step.batch_size, "step_seconds": seconds,
-                 "samples_per_second": step.batch_size / seconds,
-                 "peak_memory_mb": peak / 2**20})
-    trainer.progress.set_postfix({
-        "epoch": f"{state.epoch + 1}/{config.epochs}", trainer.loss_label: f"{loss:.4f}",
-        **step.shown,
-        "vol/s": f"{step.batch_size * runtime.world_size / seconds:.2f}",
-        "peak mem": f"{peak / 2**30:.2f}G"}, refresh=False)
-    trainer.progress.update(1)              # shows this step's values
+    trainer.log(
+        {
+            "epoch": state.epoch,
+            "loss": loss,
+            **step.values,
+            "batch_size": step.batch_size,
+            "step_seconds": seconds,
+            "samples_per_second": step.batch_size / seconds,
+            "peak_memory_mb": peak / 2**20,
+        }
+    )
+    trainer.progress.set_postfix(
+        {
+            "epoch": f"{state.epoch + 1}/{config.epochs}",
+            trainer.loss_label: f"{loss:.4f}",
+            **step.shown,
+            "vol/s": f"{step.batch_size * runtime.world_size / seconds:.2f}",
+            "peak mem": f"{peak / 2**30:.2f}G",
+        },
+        refresh=False,
+    )
+    trainer.progress.update(1)  # shows this step's values
     preempted = STOP.requested(runtime)
     stop = bool(config.stop_after_steps and state.global_step >= config.stop_after_steps)
-    if preempted or stop or (config.latest_every_steps
-                             and state.global_step % config.latest_every_steps == 0):
+    if (
+        preempted
+        or stop
+        or (config.latest_every_steps and state.global_step % config.latest_every_steps == 0)
+    ):
         trainer.save(trainer.latest)
     if preempted:
-        raise Preempted(f"stopped by {STOP.received or 'a signal on another rank'} after step "
-                        f"{state.global_step}; the checkpoint {trainer.latest} is written, "
-                        "continue with the same command and --resume")
+        raise Preempted(
+            f"stopped by {STOP.received or 'a signal on another rank'} after step "
+            f"{state.global_step}; the checkpoint {trainer.latest} is written, "
+            "continue with the same command and --resume"
+        )
     return stop
 
 
@@ -248,6 +277,7 @@ class MetricsLog:
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(folder / "tensorboard"))
             except ImportError:
                 pass

@@ -6,6 +6,7 @@ lightning-bolts' ``LinearWarmupCosineAnnealingLR``, and a timm ``ModelEma`` teac
 whose decay is set once per epoch. Fine-tuning uses :func:`param_groups` and the
 per-step :func:`warmup_cosine`.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,12 +23,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or "mask_token" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
-def warmup_cosine(progress_epochs: float, *, base_lr: float, min_lr: float,
-                  warmup_epochs: float, total_epochs: float) -> float:
+def warmup_cosine(
+    progress_epochs: float,
+    *,
+    base_lr: float,
+    min_lr: float,
+    warmup_epochs: float,
+    total_epochs: float,
+) -> float:
     """Learning rate at a (fractional) epoch: linear from 0 over the warm-up, then a
     cosine from ``base_lr`` to ``min_lr`` at ``total_epochs``."""
     if progress_epochs < warmup_epochs:
@@ -37,9 +46,15 @@ def warmup_cosine(progress_epochs: float, *, base_lr: float, min_lr: float,
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
-def linear_warmup_cosine_annealing(epoch: int, *, base_lr: float, warmup_epochs: int,
-                                   max_epochs: int, warmup_start_lr: float = 0.0,
-                                   eta_min: float = 0.0) -> float:
+def linear_warmup_cosine_annealing(
+    epoch: int,
+    *,
+    base_lr: float,
+    warmup_epochs: int,
+    max_epochs: int,
+    warmup_start_lr: float = 0.0,
+    eta_min: float = 0.0,
+) -> float:
     """The learning rate of epoch ``epoch`` (0-based) under lightning-bolts'
     ``LinearWarmupCosineAnnealingLR`` stepped once per epoch (its closed form): linear
     from ``warmup_start_lr`` at epoch 0 to ``base_lr`` at epoch ``warmup_epochs - 1``,
@@ -50,11 +65,13 @@ def linear_warmup_cosine_annealing(epoch: int, *, base_lr: float, warmup_epochs:
         return warmup_start_lr + epoch * (base_lr - warmup_start_lr) / max(warmup_epochs - 1, 1)
     span = max(max_epochs - warmup_epochs, 1)
     return eta_min + 0.5 * (base_lr - eta_min) * (
-        1 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+        1 + math.cos(math.pi * (epoch - warmup_epochs) / span)
+    )
 
 
-def ema_decay_at_epoch(epoch: int, total_epochs: int, start: float = 0.999,
-                       end: float = 0.9999) -> float:
+def ema_decay_at_epoch(
+    epoch: int, total_epochs: int, start: float = 0.999, end: float = 0.9999
+) -> float:
     """The published teacher decay of epoch ``epoch``: ``start + epoch / (E // 4) * (end -
     start)`` for ``epoch < E // 4`` (integer division), else ``end``. With fewer than 4
     epochs ``E // 4`` is 0 and every epoch uses ``end``."""

@@ -9,6 +9,7 @@ mark the organs. Intensities are those of a portal-venous contrast-enhanced abdo
 CT (Hounsfield units: fat about -100, muscle / soft tissue 50, liver 105, spleen 125,
 kidney cortex 170, bone 400), the phase most abdominal segmentation datasets use.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int) 
     import torch
 
     coarse = torch.from_numpy(rng.standard_normal(tuple(s // scale + 2 for s in shape)))
-    fine = torch.nn.functional.interpolate(coarse[None, None].float(), size=shape,
-                                           mode="trilinear", align_corners=False)[0, 0]
+    fine = torch.nn.functional.interpolate(
+        coarse[None, None].float(), size=shape, mode="trilinear", align_corners=False
+    )[0, 0]
     return (fine / (fine.std() + 1e-6)).numpy()
 
 
@@ -42,13 +44,13 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
     grid = np.indices(SHAPE, dtype=np.float32)
     center = np.array(SHAPE, dtype=np.float32) / 2 + rng.uniform(-4, 4, 3)
     scale = rng.uniform(0.85, 1.1)
-    image = np.full(SHAPE, -1000.0, dtype=np.float32)               # air
+    image = np.full(SHAPE, -1000.0, dtype=np.float32)  # air
     label = np.zeros(SHAPE, dtype=np.uint8)
     radii = np.array([40, 30, 38]) * scale
     body = _ellipsoid(grid, center, radii)
-    image[body] = -100.0 + 20.0 * _smooth_noise(rng, SHAPE, 8)[body]           # fat
+    image[body] = -100.0 + 20.0 * _smooth_noise(rng, SHAPE, 8)[body]  # fat
     inner = _ellipsoid(grid, center, radii - rng.uniform(2.5, 4.0))
-    image[inner] = 50.0 + 15.0 * _smooth_noise(rng, SHAPE, 8)[inner]          # soft tissue
+    image[inner] = 50.0 + 15.0 * _smooth_noise(rng, SHAPE, 8)[inner]  # soft tissue
     organs = [
         ("liver", (-12, -6, 4), (20, 15, 17), 105.0),
         ("kidney", (8, 15, -8), (7, 6, 11), 170.0),
@@ -59,15 +61,16 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
         jitter = rng.uniform(-2, 2, 3)
         where = center + (np.array(offset) + jitter) * scale
         size = np.array(organ_radii) * scale * rng.uniform(0.9, 1.1, 3)
-        if name == "kidney":    # perirenal fat around the kidney
+        if name == "kidney":  # perirenal fat around the kidney
             image[_ellipsoid(grid, where, size + 3) & inner] = -90.0
         region = _ellipsoid(grid, where, size) & inner
         image[region] = hu + 10.0 * _smooth_noise(rng, SHAPE, 4)[region]
         label[region] = LABELS[name]
-    spine = (((grid[0] - center[0] - 18 * scale) / 5) ** 2
-             + ((grid[1] - center[1]) / 5) ** 2 <= 1.0) & inner
+    spine = (
+        ((grid[0] - center[0] - 18 * scale) / 5) ** 2 + ((grid[1] - center[1]) / 5) ** 2 <= 1.0
+    ) & inner
     image[spine] = 400.0 + 50.0 * rng.standard_normal(int(spine.sum()))
-    image += 8.0 * rng.standard_normal(SHAPE).astype(np.float32)      # scanner noise
+    image += 8.0 * rng.standard_normal(SHAPE).astype(np.float32)  # scanner noise
     return image, label
 
 
@@ -87,9 +90,18 @@ def write_phantom_dataset(root: Path, cases: int = 8, seed: int = 0) -> Path:
         name = f"phantom_{index:03d}"
         nib.save(nib.Nifti1Image(image, affine), partial / "imagesTr" / f"{name}_0000.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), partial / "labelsTr" / f"{name}.nii.gz")
-    (partial / "dataset.json").write_text(json.dumps({
-        "name": "AnatoMaskPhantom", "description": "procedural CT-like phantom (anatomask_fast)",
-        "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases,
-        "file_ending": ".nii.gz"}, indent=2))
+    (partial / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "AnatoMaskPhantom",
+                "description": "procedural CT-like phantom (anatomask_fast)",
+                "channel_names": {"0": "CT"},
+                "labels": LABELS,
+                "numTraining": cases,
+                "file_ending": ".nii.gz",
+            },
+            indent=2,
+        )
+    )
     partial.rename(folder)
     return folder

@@ -1,6 +1,7 @@
 """Process set-up of the training jobs: the device and torchrun's process group, the
 run folder, and the preemption signals the loop stops at. What each step does is in
 ``step``; the loop in ``loop``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,7 @@ class _StopRequest:
     def installed(self) -> Any:
         self.received = None
         if threading.current_thread() is not threading.main_thread():
-            yield               # Python delivers signals to the main thread only
+            yield  # Python delivers signals to the main thread only
             return
         previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
         try:
@@ -93,8 +94,7 @@ class _StopRequest:
         """True on every rank once any rank got a signal (all stop at the same step)."""
         if not runtime.distributed:
             return self.received is not None
-        flag = torch.tensor([self.received is not None], dtype=torch.int32,
-                            device=runtime.device)
+        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -123,9 +123,13 @@ def run_job(config: Any, train: Callable[[Any, Runtime, Path], Path]) -> Path:
     except BaseException:
         if created and runtime.main and not any(out.glob("checkpoint_*.pt")):
             shutil.rmtree(out, ignore_errors=True)
-            print(f"the run folder {out} was removed: no checkpoint had been written (a store "
-                  "this run built is kept and reused by the next run with the same data and "
-                  "options)", file=sys.stderr, flush=True)
+            print(
+                f"the run folder {out} was removed: no checkpoint had been written (a store "
+                "this run built is kept and reused by the next run with the same data and "
+                "options)",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     finally:
         teardown()

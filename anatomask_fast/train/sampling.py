@@ -8,6 +8,7 @@ Fine-tuning oversamples foreground as nnU-Net does: the last
 ``round(batch * foreground)`` samples of every batch are centred on a random voxel of
 a random class present in the case.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,12 @@ def forced_foreground(sample: int, batch_size: int, foreground: float | None) ->
     return foreground is not None and sample >= round(batch_size * (1.0 - foreground))
 
 
-def _start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator,
-           centre: Sequence[int] | None) -> list[int]:
+def _start(
+    shape: Sequence[int],
+    size: Sequence[int],
+    rng: np.random.Generator,
+    centre: Sequence[int] | None,
+) -> list[int]:
     """The region's first voxel: random inside the volume, or with ``centre`` the region
     centred there, kept inside; along an axis shorter than the region: centred
     (zero-padded)."""
@@ -52,9 +57,18 @@ class RandomCrops(torch.utils.data.Dataset):
     """Indexed by (epoch, step, sample); returns {"image": (C, *crop) float32} and,
     with ``labels``, {"label": (1, *crop) int64}."""
 
-    def __init__(self, volumes: Volumes, crop: Sequence[int], *, seed: int, rank: int,
-                 batch_size: int, augmentation: str, labels: bool = False,
-                 foreground: float | None = None) -> None:
+    def __init__(
+        self,
+        volumes: Volumes,
+        crop: Sequence[int],
+        *,
+        seed: int,
+        rank: int,
+        batch_size: int,
+        augmentation: str,
+        labels: bool = False,
+        foreground: float | None = None,
+    ) -> None:
         self.volumes, self.crop = volumes, tuple(crop)
         self.seed, self.rank, self.batch_size = seed, rank, batch_size
         self.augmentation = augment.check_mode(augmentation)
@@ -63,8 +77,9 @@ class RandomCrops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.volumes)
 
-    def draw(self, key: tuple[int, int, int]) -> tuple[int, list[int], np.ndarray | None,
-                                                        np.random.Generator]:
+    def draw(
+        self, key: tuple[int, int, int]
+    ) -> tuple[int, list[int], np.ndarray | None, np.random.Generator]:
         """(case, region start, spatial matrix, the rest of the sample's stream)."""
         epoch, step, sample = key
         rng = sample_rng(self.seed, self.rank, epoch, step, sample)
@@ -117,13 +132,20 @@ class BatchOrder(torch.utils.data.Sampler):
         return (self.steps_per_epoch - self.start_step) * self.batch_size
 
 
-def epoch_loader(crops: RandomCrops, order: BatchOrder, *, epoch: int, start_step: int,
-                 workers: int) -> torch.utils.data.DataLoader:
+def epoch_loader(
+    crops: RandomCrops, order: BatchOrder, *, epoch: int, start_step: int, workers: int
+) -> torch.utils.data.DataLoader:
     """Full batches of epoch ``epoch`` from step ``start_step`` on."""
     order.set_epoch(epoch, start_step)
-    return _SignalSafeLoader(crops, batch_size=crops.batch_size, sampler=order,
-                             num_workers=workers, persistent_workers=False, drop_last=False,
-                             worker_init_fn=_worker_signals)
+    return _SignalSafeLoader(
+        crops,
+        batch_size=crops.batch_size,
+        sampler=order,
+        num_workers=workers,
+        persistent_workers=False,
+        drop_last=False,
+        worker_init_fn=_worker_signals,
+    )
 
 
 class _SignalSafeLoader(torch.utils.data.DataLoader):

@@ -1,6 +1,7 @@
 """What every training step does around its own computation: seeding the global
 generators, autocast, the optimizer step with clipping, the loss check, and the peak
 memory it reports. Process set-up is in ``runtime``; the loop in ``loop``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,13 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, parameters, clip: float) -> None:
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    parameters,
+    clip: float,
+) -> None:
     """Backward (scaled for fp16), gradient clipping at ``clip``, optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -51,8 +57,10 @@ def checked_loss(loss: torch.Tensor, epoch: int, step: int, latest: Path) -> flo
     loss stops the run with the checkpoint that is still intact named."""
     value = loss.item()
     if not math.isfinite(value):
-        raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step}; the last "
-                            f"good checkpoint {latest} is intact (lower --lr or use --amp none)")
+        raise NonFiniteLoss(
+            f"the loss became {value} at epoch {epoch}, step {step}; the last "
+            f"good checkpoint {latest} is intact (lower --lr or use --amp none)"
+        )
     return value
 
 

@@ -19,6 +19,7 @@ patches so that they feed :func:`anatomask_fast.anatomical_mask` unchanged:
   takes it for its statistics): clipped air and padding, which carry nothing to
   reconstruct, rank last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,9 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def teacher_reconstruction(teacher: torch.nn.Module, x: torch.Tensor, active: torch.Tensor,
-                           amp: str = "none") -> torch.Tensor:
+def teacher_reconstruction(
+    teacher: torch.nn.Module, x: torch.Tensor, active: torch.Tensor, amp: str = "none"
+) -> torch.Tensor:
     """The EMA teacher's reconstruction under the visible mask ``active``, in ``x``'s
     dtype. The teacher runs in eval mode (timm ``ModelEma``: decoder BatchNorm with its
     running statistics, left unchanged), without gradients."""
@@ -63,7 +65,7 @@ def patch_means(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 def patch_variance(x: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, L) unbiased variance of each patch's values (all channels)."""
-    n = x.shape[1] * patch ** 3
+    n = x.shape[1] * patch**3
     means = F.avg_pool3d(x.mean(1, keepdim=True), patch)
     # Deviations from the patch mean first: E[x^2] - E[x]^2 cancels in fp32 where the
     # variance is small against the mean (clipped air), exactly the patches that matter.
@@ -85,14 +87,22 @@ def check_target(target: str) -> str:
     return target
 
 
-def ranking_errors(rec: torch.Tensor, x: torch.Tensor, active: torch.Tensor, patch: int, *,
-                   target: str = "raw", foreground: bool = False) -> torch.Tensor:
+def ranking_errors(
+    rec: torch.Tensor,
+    x: torch.Tensor,
+    active: torch.Tensor,
+    patch: int,
+    *,
+    target: str = "raw",
+    foreground: bool = False,
+) -> torch.Tensor:
     """Per-patch errors (B, L) of a teacher reconstruction by one ranking rule (see the
     module's docstring), zero at visible patches."""
     check_target(target)
     with torch.no_grad():
-        errors = patch_recon_loss(rec, x, active, patch, norm_pix=target == "normalized",
-                                  hidden_only=True)[1]
+        errors = patch_recon_loss(
+            rec, x, active, patch, norm_pix=target == "normalized", hidden_only=True
+        )[1]
         if target == "centred":
             hidden = ~active.flatten(1)
             offset = (patch_means(rec, patch) - patch_means(x, patch)) ** 2

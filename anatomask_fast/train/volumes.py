@@ -5,6 +5,7 @@ releases). Arrays are opened memory-mapped, per process, on first use; a region
 read decompresses only the chunks it touches, so memory does not grow with the
 number or size of the volumes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,13 +27,14 @@ class Entry:
     name: str
     image: Path
     label: Path | None
-    locations: Path | None            # (N, 4) rows (class, x, y, z), .npy or nnU-Net .pkl
-    normalization: tuple[dict, ...]   # per channel: lower/upper (None: no clip), mean, std
+    locations: Path | None  # (N, 4) rows (class, x, y, z), .npy or nnU-Net .pkl
+    normalization: tuple[dict, ...]  # per channel: lower/upper (None: no clip), mean, std
 
 
 def _open(path: Path):
     if path.suffix == ".b2nd":
         import blosc2
+
         # One decompression thread: a loader worker is one of many processes (and a
         # forked one would not have the parent's blosc2 thread pool).
         return blosc2.open(str(path), mode="r", mmap_mode="r", dparams={"nthreads": 1})
@@ -43,15 +45,22 @@ class Volumes:
     """The cases of a store or an nnU-Net folder, opened lazily (each DataLoader
     worker opens its own memory maps; pickling drops them)."""
 
-    def __init__(self, entries: Sequence[Entry], *, channels: int, labels: dict | None,
-                 description: str, normalization: dict) -> None:
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        *,
+        channels: int,
+        labels: dict | None,
+        description: str,
+        normalization: dict,
+    ) -> None:
         if not entries:
             raise DataError(f"{description}: no cases")
         self.entries = tuple(entries)
         self.channels = channels
         self.labels = labels
         self.description = description
-        self.normalization = normalization     # what predict needs to repeat it
+        self.normalization = normalization  # what predict needs to repeat it
         self._arrays: dict[Path, object] = {}
         self._pid = os.getpid()
 
@@ -73,9 +82,13 @@ class Volumes:
 
     def subset(self, names: Sequence[str]) -> Volumes:
         keep = set(names)
-        return Volumes([e for e in self.entries if e.name in keep], channels=self.channels,
-                       labels=self.labels, description=self.description,
-                       normalization=self.normalization)
+        return Volumes(
+            [e for e in self.entries if e.name in keep],
+            channels=self.channels,
+            labels=self.labels,
+            description=self.description,
+            normalization=self.normalization,
+        )
 
     def array(self, path: Path):
         arrays = self._opened()
@@ -86,8 +99,9 @@ class Volumes:
     def shape(self, index: int) -> tuple[int, int, int]:
         return tuple(self.array(self.entries[index].image).shape[1:])
 
-    def region(self, index: int, start: Sequence[int], size: Sequence[int],
-               label: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def region(
+        self, index: int, start: Sequence[int], size: Sequence[int], label: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """The normalized image (C, *size) float32 and the label map (1, *size) int64
         (or None) of case ``index`` from voxel ``start``; outside the volume: zeros."""
         entry = self.entries[index]
@@ -97,7 +111,8 @@ class Volumes:
         image = np.zeros((self.channels, *size), np.float32)
         if all(i.stop > i.start for i in inside):
             image[(slice(None), *at)] = normalize(
-                np.asarray(self.array(entry.image)[(slice(None), *inside)]), entry.normalization)
+                np.asarray(self.array(entry.image)[(slice(None), *inside)]), entry.normalization
+            )
         labels = None
         if label:
             if entry.label is None:
@@ -105,7 +120,7 @@ class Volumes:
             labels = np.zeros((1, *size), np.int64)
             if all(i.stop > i.start for i in inside):
                 part = np.asarray(self.array(entry.label)[(slice(None), *inside)])
-                labels[(slice(None), *at)] = np.maximum(part, 0)   # nnU-Net's -1: outside
+                labels[(slice(None), *at)] = np.maximum(part, 0)  # nnU-Net's -1: outside
         return image, labels
 
     def whole(self, index: int, label: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -139,35 +154,62 @@ def open_store(root: Path) -> Volumes:
     for record in manifest["cases"]:
         name = record["name"]
         has_label = (folder / f"{name}_seg.b2nd").exists()
-        entries.append(Entry(name, folder / f"{name}.b2nd",
-                             folder / f"{name}_seg.b2nd" if has_label else None,
-                             folder / f"{name}_fg.npy" if has_label else None,
-                             tuple(case_normalization(record, manifest))))
+        entries.append(
+            Entry(
+                name,
+                folder / f"{name}.b2nd",
+                folder / f"{name}_seg.b2nd" if has_label else None,
+                folder / f"{name}_fg.npy" if has_label else None,
+                tuple(case_normalization(record, manifest)),
+            )
+        )
     options = manifest["options"]
-    scheme = "dataset" if options["modality"] == "CT" and \
-        options["ct_normalization"] == "dataset" else "volume"
-    return Volumes(entries, channels=manifest["cases"][0]["channels"],
-                   labels=manifest["labels"],
-                   description=f"{manifest['description']}, read from the store {root}",
-                   normalization={"scheme": scheme, "modality": options["modality"],
-                                  "spacing": options["spacing"],
-                                  "channels": manifest["normalization"]})
+    scheme = (
+        "dataset"
+        if options["modality"] == "CT" and options["ct_normalization"] == "dataset"
+        else "volume"
+    )
+    return Volumes(
+        entries,
+        channels=manifest["cases"][0]["channels"],
+        labels=manifest["labels"],
+        description=f"{manifest['description']}, read from the store {root}",
+        normalization={
+            "scheme": scheme,
+            "modality": options["modality"],
+            "spacing": options["spacing"],
+            "channels": manifest["normalization"],
+        },
+    )
 
 
 # --- nnU-Net pre-processed folders ----------------------------------------------------
+
 
 class _PlainUnpickler(pickle.Unpickler):
     """Unpickles builtins, numpy arrays and dtypes only: nothing else is constructed,
     so no code of the file runs."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
-               ("builtins", "slice"), ("builtins", "tuple"), ("builtins", "list"),
-               ("builtins", "dict"), ("builtins", "set"), ("builtins", "frozenset")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("collections", "OrderedDict"),
+        ("builtins", "slice"),
+        ("builtins", "tuple"),
+        ("builtins", "list"),
+        ("builtins", "dict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED or (module.startswith("numpy") and name.endswith("DType")):
+        if (module, name) in self.ALLOWED or (
+            module.startswith("numpy") and name.endswith("DType")
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a plain value")
 
@@ -177,22 +219,29 @@ def read_properties(path: Path) -> dict:
     try:
         return _PlainUnpickler(io.BytesIO(Path(path).read_bytes())).load()
     except Exception as error:
-        raise DataError(f"{path}: cannot be read as an nnU-Net properties pickle "
-                        f"({error})") from None
+        raise DataError(
+            f"{path}: cannot be read as an nnU-Net properties pickle ({error})"
+        ) from None
 
 
 def _pkl_locations(path: Path) -> np.ndarray:
     """nnU-Net's ``class_locations`` ({class: (N, 4) rows (0, x, y, z)}) as (class, x, y, z)."""
     found = read_properties(path).get("class_locations") or {}
-    rows = [np.concatenate([np.full((len(v), 1), int(c)), np.asarray(v)[:, 1:4]], 1)
-            for c, v in found.items() if np.asarray(v).size and not isinstance(c, tuple)]
+    rows = [
+        np.concatenate([np.full((len(v), 1), int(c)), np.asarray(v)[:, 1:4]], 1)
+        for c, v in found.items()
+        if np.asarray(v).size and not isinstance(c, tuple)
+    ]
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 4), np.int64)
 
 
 def is_nnunet_preprocessed(folder: Path) -> bool:
     folder = Path(folder)
-    return folder.is_dir() and (folder.parent / "dataset.json").is_file() and any(
-        p.suffix in (".b2nd", ".npy", ".npz") for p in folder.iterdir())
+    return (
+        folder.is_dir()
+        and (folder.parent / "dataset.json").is_file()
+        and any(p.suffix in (".b2nd", ".npy", ".npz") for p in folder.iterdir())
+    )
 
 
 def _unpack(npz: Path, cache: Path) -> tuple[Path, Path | None]:
@@ -218,12 +267,16 @@ def open_nnunet(folder: Path, cache: Path) -> Volumes:
     files = sorted(folder.iterdir())
     entries = []
     for path in files:
-        if path.name.endswith(("_seg.b2nd", "_seg.npy")) or path.suffix not in (".b2nd", ".npy", ".npz"):
+        if path.name.endswith(("_seg.b2nd", "_seg.npy")) or path.suffix not in (
+            ".b2nd",
+            ".npy",
+            ".npz",
+        ):
             continue
         name = path.name[: -len(path.suffix)]
         if path.suffix == ".npz":
             if (folder / f"{name}.npy").exists():
-                continue          # already unpacked by nnU-Net itself
+                continue  # already unpacked by nnU-Net itself
             image, seg = _unpack(path, cache)
         else:
             image = path
@@ -231,17 +284,29 @@ def open_nnunet(folder: Path, cache: Path) -> Volumes:
             seg = seg if seg.exists() else None
         pkl = folder / f"{name}.pkl"
         channels = len(meta.get("channel_names") or meta.get("modality") or {"0": ""})
-        entries.append(Entry(name, image, seg, pkl if pkl.exists() and seg else None,
-                             tuple({"lower": None, "upper": None, "mean": 0.0, "std": 1.0}
-                                   for _ in range(channels))))
+        entries.append(
+            Entry(
+                name,
+                image,
+                seg,
+                pkl if pkl.exists() and seg else None,
+                tuple(
+                    {"lower": None, "upper": None, "mean": 0.0, "std": 1.0} for _ in range(channels)
+                ),
+            )
+        )
     if not entries:
         raise DataError(f"{folder}: no nnU-Net pre-processed cases (.b2nd, .npy, .npz)")
     labels = {k: v for k, v in (meta.get("labels") or {}).items() if isinstance(v, int)}
     plans = sorted(p.name for p in folder.parent.glob("*Plans*.json"))
-    return Volumes(entries, channels=len(entries[0].normalization), labels=labels or None,
-                   description=f"nnU-Net pre-processed {folder} ({len(entries)} cases; "
-                   f"plans {', '.join(plans) or 'none found'})",
-                   normalization={"scheme": "nnunet", "channels": []})
+    return Volumes(
+        entries,
+        channels=len(entries[0].normalization),
+        labels=labels or None,
+        description=f"nnU-Net pre-processed {folder} ({len(entries)} cases; "
+        f"plans {', '.join(plans) or 'none found'})",
+        normalization={"scheme": "nnunet", "channels": []},
+    )
 
 
 def open_volumes(path: Path, cache: Path) -> Volumes:
@@ -250,5 +315,6 @@ def open_volumes(path: Path, cache: Path) -> Volumes:
         return open_store(path)
     if is_nnunet_preprocessed(path):
         return open_nnunet(path, cache)
-    raise DataError(f"{path} is neither a store (manifest.json) nor an nnU-Net "
-                    "pre-processed folder")
+    raise DataError(
+        f"{path} is neither a store (manifest.json) nor an nnU-Net pre-processed folder"
+    )

@@ -38,7 +38,8 @@ void apply_mask_rows(const Word* src, Word* dst, const bool* mask, const MaskGeo
     const bool* cells = mask + ((b * g.h + i / g.ph) * g.w + j / g.pw) * g.d;
     if (cells != built_for) {
       for (int64_t c = 0; c < g.d; ++c) {
-        std::fill_n(keep.begin() + c * g.pd, g.pd, cells[c] ? static_cast<Word>(~Word{0}) : Word{0});
+        std::fill_n(keep.begin() + c * g.pd, g.pd,
+                    cells[c] ? static_cast<Word>(~Word{0}) : Word{0});
       }
       built_for = cells;
     }
@@ -62,11 +63,20 @@ at::Tensor apply_mask_cpu(const at::Tensor& x, const at::Tensor& active) {
   const int64_t grain = std::max<int64_t>(1, 32768 / g.D);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     switch (xc.element_size()) {
-      case 1: return apply_mask_rows(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), mask, g, begin, end);
-      case 2: return apply_mask_rows(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), mask, g, begin, end);
-      case 4: return apply_mask_rows(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), mask, g, begin, end);
-      case 8: return apply_mask_rows(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), mask, g, begin, end);
-      default: TORCH_CHECK(false, "apply_mask: unsupported element size ", xc.element_size());
+      case 1:
+        return apply_mask_rows(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), mask,
+                               g, begin, end);
+      case 2:
+        return apply_mask_rows(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), mask,
+                               g, begin, end);
+      case 4:
+        return apply_mask_rows(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), mask,
+                               g, begin, end);
+      case 8:
+        return apply_mask_rows(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), mask,
+                               g, begin, end);
+      default:
+        TORCH_CHECK(false, "apply_mask: unsupported element size ", xc.element_size());
     }
   });
   return y;
@@ -84,11 +94,16 @@ using acc_t = at::opmath_type<T>;
 template <typename Fn>
 void dispatch_float(at::ScalarType type, const char* op, Fn&& fn) {
   switch (type) {
-    case at::kFloat: return fn(float{});
-    case at::kDouble: return fn(double{});
-    case at::kHalf: return fn(c10::Half{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", type);
+    case at::kFloat:
+      return fn(float{});
+    case at::kDouble:
+      return fn(double{});
+    case at::kHalf:
+      return fn(c10::Half{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", type);
   }
 }
 
@@ -141,19 +156,19 @@ ANATOMASK_INLINE void for_each_line(LineMask& lines, const MaskGeometry& g, int6
 
 // Rows [begin, end) of the (B*C, H*W*D) view: the token at hidden voxels.
 template <typename scalar_t>
-ANATOMASK_SIMD_CLONES void densify_rows(const scalar_t* src, const bool* mask,
-                                        const scalar_t* tok, const MaskGeometry& g,
-                                        scalar_t* dst, int64_t begin, int64_t end) {
+ANATOMASK_SIMD_CLONES void densify_rows(const scalar_t* src, const bool* mask, const scalar_t* tok,
+                                        const MaskGeometry& g, scalar_t* dst, int64_t begin,
+                                        int64_t end) {
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t fill = tok[row % g.C];
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
-      const scalar_t* s = src + off;
-      scalar_t* t = dst + off;
+                    const scalar_t* s = src + off;
+                    scalar_t* t = dst + off;
 #pragma omp simd
-      for (int64_t k = 0; k < g.D; ++k) t[k] = keep[k] ? s[k] : fill;
-    });
+                    for (int64_t k = 0; k < g.D; ++k) t[k] = keep[k] ? s[k] : fill;
+                  });
   }
 }
 
@@ -169,17 +184,17 @@ ANATOMASK_SIMD_CLONES void densify_backward_rows(const scalar_t* src, const bool
     double total = 0;
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
-      const scalar_t* s = src + off;
-      scalar_t* t = dst + off;
-      acc hidden = 0;
+                    const scalar_t* s = src + off;
+                    scalar_t* t = dst + off;
+                    acc hidden = 0;
 #pragma omp simd reduction(+ : hidden)
-      for (int64_t k = 0; k < g.D; ++k) {
-        const acc v = static_cast<acc>(s[k]);
-        t[k] = keep[k] ? s[k] : scalar_t(0);
-        hidden += keep[k] ? acc(0) : v;
-      }
-      total += hidden;
-    });
+                    for (int64_t k = 0; k < g.D; ++k) {
+                      const acc v = static_cast<acc>(s[k]);
+                      t[k] = keep[k] ? s[k] : scalar_t(0);
+                      hidden += keep[k] ? acc(0) : v;
+                    }
+                    total += hidden;
+                  });
     row_sums[row] = total;
   }
 }
@@ -236,8 +251,8 @@ Activation parse_activation(const std::string& name, const char* op) {
   if (name == "none") return Activation::kNone;
   if (name == "leaky_relu") return Activation::kLeakyRelu;
   if (name == "relu6") return Activation::kRelu6;
-  TORCH_CHECK_VALUE(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ",
-              name);
+  TORCH_CHECK_VALUE(false, op,
+                    ": argument 'activation' must be one of none, leaky_relu, relu6, got ", name);
 }
 
 template <Activation A, typename T>
@@ -258,9 +273,12 @@ ANATOMASK_INLINE T activation_slope(T v) {
 template <typename Fn>
 void dispatch_activation(Activation a, Fn&& fn) {
   switch (a) {
-    case Activation::kLeakyRelu: return fn(std::integral_constant<Activation, Activation::kLeakyRelu>{});
-    case Activation::kRelu6: return fn(std::integral_constant<Activation, Activation::kRelu6>{});
-    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
+    case Activation::kLeakyRelu:
+      return fn(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+    case Activation::kRelu6:
+      return fn(std::integral_constant<Activation, Activation::kRelu6>{});
+    default:
+      return fn(std::integral_constant<Activation, Activation::kNone>{});
   }
 }
 
@@ -329,25 +347,26 @@ ANATOMASK_SIMD_CLONES void moments_rows(const scalar_t* src, const bool* mask,
     acc shift = 0;
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t visible) ANATOMASK_INLINE_LAMBDA {
-      if (visible == 0) return;
-      const scalar_t* s = src + off;
-      if (n == 0) {
-        acc sum = 0;
+                    if (visible == 0) return;
+                    const scalar_t* s = src + off;
+                    if (n == 0) {
+                      acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < g.D; ++k) sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
-        shift = sum / static_cast<acc>(visible);
-      }
-      acc line1 = 0, line2 = 0;
+                      for (int64_t k = 0; k < g.D; ++k)
+                        sum += keep[k] ? static_cast<acc>(s[k]) : acc(0);
+                      shift = sum / static_cast<acc>(visible);
+                    }
+                    acc line1 = 0, line2 = 0;
 #pragma omp simd reduction(+ : line1, line2)
-      for (int64_t k = 0; k < g.D; ++k) {
-        const acc t = keep[k] ? static_cast<acc>(s[k]) - shift : acc(0);
-        line1 += t;
-        line2 += t * t;
-      }
-      n += static_cast<double>(visible);
-      s1 += line1;
-      s2 += line2;
-    });
+                    for (int64_t k = 0; k < g.D; ++k) {
+                      const acc t = keep[k] ? static_cast<acc>(s[k]) - shift : acc(0);
+                      line1 += t;
+                      line2 += t * t;
+                    }
+                    n += static_cast<double>(visible);
+                    s1 += line1;
+                    s2 += line2;
+                  });
     rows[row] = n > 0 ? Moments{n, shift + s1 / n, std::max(0.0, s2 - s1 * s1 / n)} : Moments{};
   }
 }
@@ -360,16 +379,16 @@ ANATOMASK_SIMD_CLONES void normalize_rows(const scalar_t* src, const bool* mask,
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
     const RowCoefs<acc> k = stats.at(row, g);
-    for_each_line(lines, g, row,
-                  [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
-      const scalar_t* s = src + off;
-      scalar_t* t = dst + off;
+    for_each_line(
+        lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
+          const scalar_t* s = src + off;
+          scalar_t* t = dst + off;
 #pragma omp simd
-      for (int64_t v = 0; v < g.D; ++v) {
-        const acc out = activate<A>((static_cast<acc>(s[v]) - k.mu) * k.r * k.w + k.bs);
-        t[v] = keep[v] ? static_cast<scalar_t>(out) : scalar_t(0);
-      }
-    });
+          for (int64_t v = 0; v < g.D; ++v) {
+            const acc out = activate<A>((static_cast<acc>(s[v]) - k.mu) * k.r * k.w + k.bs);
+            t[v] = keep[v] ? static_cast<scalar_t>(out) : scalar_t(0);
+          }
+        });
   }
 }
 
@@ -387,19 +406,20 @@ ANATOMASK_SIMD_CLONES void gradient_sums_rows(const scalar_t* gp, const scalar_t
     double n = 0, sg = 0, sgx = 0;
     for_each_line(lines, g, row,
                   [&](int64_t off, const uint8_t* keep, int64_t visible) ANATOMASK_INLINE_LAMBDA {
-      if (visible == 0) return;
-      acc line_g = 0, line_gx = 0;
+                    if (visible == 0) return;
+                    acc line_g = 0, line_gx = 0;
 #pragma omp simd reduction(+ : line_g, line_gx)
-      for (int64_t v = 0; v < g.D; ++v) {
-        const acc xhat = (static_cast<acc>(xp[off + v]) - k.mu) * k.r;
-        const acc gv = static_cast<acc>(gp[off + v]) * activation_slope<A>(xhat * k.w + k.bs);
-        line_g += keep[v] ? gv : acc(0);
-        line_gx += keep[v] ? gv * xhat : acc(0);
-      }
-      n += static_cast<double>(visible);
-      sg += line_g;
-      sgx += line_gx;
-    });
+                    for (int64_t v = 0; v < g.D; ++v) {
+                      const acc xhat = (static_cast<acc>(xp[off + v]) - k.mu) * k.r;
+                      const acc gv =
+                          static_cast<acc>(gp[off + v]) * activation_slope<A>(xhat * k.w + k.bs);
+                      line_g += keep[v] ? gv : acc(0);
+                      line_gx += keep[v] ? gv * xhat : acc(0);
+                    }
+                    n += static_cast<double>(visible);
+                    sg += line_g;
+                    sgx += line_gx;
+                  });
     count[row] = n;
     sum_g[row] = sg;
     sum_gx[row] = sgx;
@@ -412,22 +432,22 @@ template <Activation A, typename scalar_t, typename acc>
 ANATOMASK_SIMD_CLONES void input_gradient_rows(const scalar_t* gp, const scalar_t* xp,
                                                const bool* mask, const MaskGeometry& g,
                                                const RowStats<acc>& stats, const acc* coef_g,
-                                               const acc* coef_gx, scalar_t* dst,
-                                               int64_t begin, int64_t end) {
+                                               const acc* coef_gx, scalar_t* dst, int64_t begin,
+                                               int64_t end) {
   LineMask lines(mask, g);
   for (int64_t row = begin; row < end; ++row) {
     const RowCoefs<acc> k = stats.at(row, g);
     const acc mg = coef_g[k.stat], mgx = coef_gx[k.stat], scale = k.r * k.w;
-    for_each_line(lines, g, row,
-                  [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
+    for_each_line(
+        lines, g, row, [&](int64_t off, const uint8_t* keep, int64_t) ANATOMASK_INLINE_LAMBDA {
 #pragma omp simd
-      for (int64_t v = 0; v < g.D; ++v) {
-        const acc xhat = (static_cast<acc>(xp[off + v]) - k.mu) * k.r;
-        const acc gv = static_cast<acc>(gp[off + v]) * activation_slope<A>(xhat * k.w + k.bs);
-        const acc out = scale * (gv - mg - xhat * mgx);
-        dst[off + v] = keep[v] ? static_cast<scalar_t>(out) : scalar_t(0);
-      }
-    });
+          for (int64_t v = 0; v < g.D; ++v) {
+            const acc xhat = (static_cast<acc>(xp[off + v]) - k.mu) * k.r;
+            const acc gv = static_cast<acc>(gp[off + v]) * activation_slope<A>(xhat * k.w + k.bs);
+            const acc out = scale * (gv - mg - xhat * mgx);
+            dst[off + v] = keep[v] ? static_cast<scalar_t>(out) : scalar_t(0);
+          }
+        });
   }
 }
 
@@ -476,8 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cpu(
     const RowStats<acc> stats{mean_p, rstd_p, affine, per_sample};
     dispatch_activation(act, [&](auto a) {
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        normalize_rows<decltype(a)::value>(src, mask, g, stats, y.data_ptr<scalar_t>(), begin,
-                                           end);
+        normalize_rows<decltype(a)::value>(src, mask, g, stats, y.data_ptr<scalar_t>(), begin, end);
       });
     });
   });
@@ -516,8 +535,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
     dispatch_activation(act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        gradient_sums_rows<A>(gp, xp, mask, g, stats, count.data(), sum_g.data(),
-                              sum_gx.data(), begin, end);
+        gradient_sums_rows<A>(gp, xp, mask, g, stats, count.data(), sum_g.data(), sum_gx.data(),
+                              begin, end);
       });
       // Group totals; grad bias / weight are the totals over the whole batch.
       const auto stat_options = xc.options().dtype(c10::CppTypeToScalarType<acc>::value);
@@ -542,8 +561,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cpu(
         grad_w.data_ptr<acc>()[c] = static_cast<acc>(all_gx);
       }
       at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-        input_gradient_rows<A>(gp, xp, mask, g, stats, coef_g.data(), coef_gx.data(), dst,
-                               begin, end);
+        input_gradient_rows<A>(gp, xp, mask, g, stats, coef_g.data(), coef_gx.data(), dst, begin,
+                               end);
       });
     });
   });
@@ -580,29 +599,31 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep) {
   const int64_t* ids = ic.const_data_ptr<int64_t>();
   at::parallel_for(0, B * K, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      copy_row(src + ((r / K) * L + ids[r]) * bytes, dst + r * bytes, bytes);
-    }
-  });
+                     for (int64_t r = begin; r < end; ++r) {
+                       copy_row(src + ((r / K) * L + ids[r]) * bytes, dst + r * bytes, bytes);
+                     }
+                   });
   return out;
 }
 
 at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& ids_keep,
                                       int64_t length) {
-  check_token_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep", "grad", grad.dim() == 3 ? grad.size(1) : -1);
+  check_token_ids(ids_keep, grad, "gather_tokens_backward", "ids_keep", "grad",
+                  grad.dim() == 3 ? grad.size(1) : -1);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor ic = ids_keep.contiguous();
   const int64_t B = gc.size(0), K = gc.size(1), C = gc.size(2), L = length;
-  check_length(length, K, std::numeric_limits<int64_t>::max(), "gather_tokens_backward",
-               "length");
+  check_length(length, K, std::numeric_limits<int64_t>::max(), "gather_tokens_backward", "length");
   check_ids_range(ic, L, "gather_tokens_backward", "ids_keep");
   // Which kept row lands in each slot (-1: none), so every output row is written once.
   std::vector<int64_t> source(B * L, -1);
   const int64_t* ids = ic.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < B * K; ++r) {
     int64_t& slot = source[(r / K) * L + ids[r]];
-    TORCH_CHECK_VALUE(slot < 0, "gather_tokens_backward: argument 'ids_keep' must hold "
-                      "distinct indices per sample, got ", ids[r], " twice in sample ", r / K);
+    TORCH_CHECK_VALUE(slot < 0,
+                      "gather_tokens_backward: argument 'ids_keep' must hold "
+                      "distinct indices per sample, got ",
+                      ids[r], " twice in sample ", r / K);
     slot = r;
   }
   at::Tensor out = new_output({B, L, C}, gc.options());
@@ -611,10 +632,11 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   char* dst = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, B * L, std::max<int64_t>(1, 65536 / std::max<int64_t>(bytes, 1)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      copy_row(source[r] >= 0 ? src + source[r] * bytes : nullptr, dst + r * bytes, bytes);
-    }
-  });
+                     for (int64_t r = begin; r < end; ++r) {
+                       copy_row(source[r] >= 0 ? src + source[r] * bytes : nullptr, dst + r * bytes,
+                                bytes);
+                     }
+                   });
   return out;
 }
 
@@ -628,8 +650,10 @@ void check_permutation(const at::Tensor& ids, const char* op) {
   for (int64_t b = 0; b < B; ++b) {
     std::fill(seen.begin(), seen.end(), 0);
     for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK_VALUE(!seen[p[b * L + l]], op, ": argument 'ids_restore' must be a permutation of "
-                  "[0, ", L, ") per sample, got ", p[b * L + l], " twice in sample ", b);
+      TORCH_CHECK_VALUE(!seen[p[b * L + l]], op,
+                        ": argument 'ids_restore' must be a permutation of "
+                        "[0, ",
+                        L, ") per sample, got ", p[b * L + l], " twice in sample ", b);
       seen[p[b * L + l]] = 1;
     }
   }
@@ -643,8 +667,8 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& x_visible, const at::Tensor& ids
   const at::Tensor xc = x_visible.contiguous();
   const at::Tensor ic = ids_restore.contiguous();
   const int64_t B = xc.size(0), K = xc.size(1), C = xc.size(2), L = ic.size(1);
-  TORCH_CHECK_VALUE(K <= L, op, ": argument 'x_visible' has ", K, " tokens, more than the L=",
-                    L, " slots of 'ids_restore'");
+  TORCH_CHECK_VALUE(K <= L, op, ": argument 'x_visible' has ", K, " tokens, more than the L=", L,
+                    " slots of 'ids_restore'");
   check_param(mask_token, C, x_visible, op, "mask_token", "x_visible");
   const bool with_pos = pos_embed.has_value() && pos_embed->defined();
   if (with_pos) check_param(*pos_embed, L * C, x_visible, op, "pos_embed", "x_visible");
@@ -661,19 +685,19 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& x_visible, const at::Tensor& ids
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * L, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t id = ids[r];
-        const scalar_t* s = id < K ? src + ((r / L) * K + id) * C : tok;
-        scalar_t* t = dst + r * C;
-        if (pos == nullptr) {
-          std::memcpy(t, s, C * sizeof(scalar_t));
-          continue;
-        }
-        const scalar_t* pe = pos + (r % L) * C;
+                       for (int64_t r = begin; r < end; ++r) {
+                         const int64_t id = ids[r];
+                         const scalar_t* s = id < K ? src + ((r / L) * K + id) * C : tok;
+                         scalar_t* t = dst + r * C;
+                         if (pos == nullptr) {
+                           std::memcpy(t, s, C * sizeof(scalar_t));
+                           continue;
+                         }
+                         const scalar_t* pe = pos + (r % L) * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) t[c] = s[c] + pe[c];
-      }
-    });
+                         for (int64_t c = 0; c < C; ++c) t[c] = s[c] + pe[c];
+                       }
+                     });
   });
   return out;
 }
@@ -681,7 +705,8 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& x_visible, const at::Tensor& ids
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cpu(
     const at::Tensor& grad, const at::Tensor& ids_restore, int64_t len_keep, bool with_pos) {
   const char* op = "scatter_tokens_backward";
-  check_token_ids(ids_restore, grad, op, "ids_restore", "grad", grad.dim() == 3 ? grad.size(1) : -1);
+  check_token_ids(ids_restore, grad, op, "ids_restore", "grad",
+                  grad.dim() == 3 ? grad.size(1) : -1);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor ic = ids_restore.contiguous();
   const int64_t B = gc.size(0), L = gc.size(1), C = gc.size(2), K = len_keep;

@@ -117,9 +117,10 @@ void select_hard(const scalar_t* errors, int64_t b, int64_t L, int64_t k, Scratc
     return error_key(e);
   });
   if (!finite) {
-    const int64_t bad = std::find_if(errors, errors + L, [](scalar_t e) {
-      return !std::isfinite(static_cast<float>(e));
-    }) - errors;
+    const int64_t bad =
+        std::find_if(errors, errors + L,
+                     [](scalar_t e) { return !std::isfinite(static_cast<float>(e)); }) -
+        errors;
     TORCH_CHECK_VALUE(false, "anatomical_mask: argument 'errors' must be finite, got ",
                       static_cast<float>(errors[bad]), " at (", b, ", ", bad, ")");
   }
@@ -146,8 +147,7 @@ void select_random(const float* noise, uint64_t seed, uint64_t offset, int64_t b
 
 template <typename scalar_t>
 void select_samples(const Sizes& z, const scalar_t* errors, const float* noise, int64_t seed,
-                    int64_t offset, bool* active, bool* hard, int64_t* shuffle,
-                    int64_t* restore) {
+                    int64_t offset, bool* active, bool* hard, int64_t* shuffle, int64_t* restore) {
   const int64_t L = z.L;
   // A sample costs about 10 ns per patch; waking the thread pool costs tens of
   // microseconds on an idle machine and up to a scheduler time slice on a busy one,
@@ -197,9 +197,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anatomical_mask_cpu(
                    t.restore.data_ptr<int64_t>());
   };
   switch (t.errors.scalar_type()) {
-    case at::kHalf: run(static_cast<const c10::Half*>(t.errors.const_data_ptr())); break;
-    case at::kBFloat16: run(static_cast<const c10::BFloat16*>(t.errors.const_data_ptr())); break;
-    default: run(static_cast<const float*>(t.errors.const_data_ptr())); break;
+    case at::kHalf:
+      run(static_cast<const c10::Half*>(t.errors.const_data_ptr()));
+      break;
+    case at::kBFloat16:
+      run(static_cast<const c10::BFloat16*>(t.errors.const_data_ptr()));
+      break;
+    default:
+      run(static_cast<const float*>(t.errors.const_data_ptr()));
+      break;
   }
   return t.outputs();
 }

@@ -27,7 +27,9 @@ inline void copy_or_zero(char* dst, const char* src, int64_t count, int64_t byte
   }
 }
 
-int64_t grain_rows(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1)); }
+int64_t grain_rows(int64_t row_length) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1));
+}
 
 at::Tensor pack_patches_cpu(const at::Tensor& x, const at::Tensor& patches,
                             const at::Tensor& slots) {
@@ -77,8 +79,8 @@ at::Tensor unpack_patches_cpu(const at::Tensor& packed, const at::Tensor& patche
       for (int64_t k0 = 0; k0 < g.d; ++k0) {
         const int64_t slot = row_slots[k0];
         const int64_t s = (((slot * g.C + c) * g.ph + I % g.ph) * g.pw + J % g.pw) * g.pd;
-        copy_or_zero(dst + (r * D + k0 * g.pd) * bytes, slot < 0 ? nullptr : src + s * bytes,
-                     g.pd, bytes);
+        copy_or_zero(dst + (r * D + k0 * g.pd) * bytes, slot < 0 ? nullptr : src + s * bytes, g.pd,
+                     bytes);
       }
     }
   });
@@ -133,9 +135,9 @@ at::Tensor pad_halo_cpu(const at::Tensor& packed, const at::Tensor& neighbours, 
 // in a fixed order: deterministic, no atomics. Patch n reads m at offset o exactly
 // when m is n's neighbour at o, i.e. n is m's neighbour at -o.
 template <typename scalar_t>
-void pad_halo_backward_rows(const scalar_t* grad, scalar_t* out, const int64_t* table,
-                            int64_t C, int64_t ph, int64_t pw, int64_t pd, int64_t lo,
-                            int64_t hi, int64_t begin, int64_t end) {
+void pad_halo_backward_rows(const scalar_t* grad, scalar_t* out, const int64_t* table, int64_t C,
+                            int64_t ph, int64_t pw, int64_t pd, int64_t lo, int64_t hi,
+                            int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t th = ph + lo + hi, tw = pw + lo + hi, td = pd + lo + hi;
   std::vector<acc_t> acc(pd);
@@ -164,22 +166,24 @@ void pad_halo_backward_rows(const scalar_t* grad, scalar_t* out, const int64_t* 
   }
 }
 
-at::Tensor pad_halo_backward_cpu(const at::Tensor& grad, const at::Tensor& neighbours,
-                                 int64_t lo, int64_t hi) {
+at::Tensor pad_halo_backward_cpu(const at::Tensor& grad, const at::Tensor& neighbours, int64_t lo,
+                                 int64_t hi) {
   at::Tensor out = new_output(pad_halo_backward_sizes(grad, neighbours, lo, hi), grad.options());
-  const int64_t N = out.size(0), C = out.size(1), ph = out.size(2), pw = out.size(3), pd = out.size(4);
+  const int64_t N = out.size(0), C = out.size(1), ph = out.size(2), pw = out.size(3),
+                pd = out.size(4);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor nb = neighbours.contiguous();
   check_neighbour_values(nb, "pad_halo_backward");
   if (out.numel() == 0) return out;
   const int64_t* table = nb.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {
-    const scalar_t* g = gc.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C * ph * pw, grain_rows(pd), [&](int64_t begin, int64_t end) {
-      pad_halo_backward_rows<scalar_t>(g, o, table, C, ph, pw, pd, lo, hi, begin, end);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {
+        const scalar_t* g = gc.const_data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        at::parallel_for(0, N * C * ph * pw, grain_rows(pd), [&](int64_t begin, int64_t end) {
+          pad_halo_backward_rows<scalar_t>(g, o, table, C, ph, pw, pd, lo, hi, begin, end);
+        });
+      });
   return out;
 }
 

@@ -29,8 +29,8 @@ namespace {
 
 struct Column {
   const MaskGeometry& g;
-  int64_t rows;       // C*ph*pw rows of D values
-  int64_t n;          // values per patch, N = C*ph*pw*pd
+  int64_t rows;  // C*ph*pw rows of D values
+  int64_t n;     // values per patch, N = C*ph*pw*pd
   // Offset of row r of column `col` (b, i, j) in the (B, C, H, W, D) volume.
   ANATOMASK_INLINE int64_t row_offset(int64_t col, int64_t r) const {
     const int64_t j = col % g.w, i = (col / g.w) % g.h, b = col / (g.w * g.h);
@@ -79,17 +79,15 @@ ANATOMASK_INLINE void spread(acc_t* lanes, int64_t k, int64_t pd, acc_t value) {
 }
 
 template <typename scalar_t, typename acc_t>
-ANATOMASK_SIMD_CLONES void forward_column(const scalar_t* rec, const scalar_t* x,
-                                          const bool* cell, acc_t* per_patch, acc_t* mean,
-                                          acc_t* rstd, const Column& geo, int64_t col,
-                                          bool norm_pix, acc_t eps, bool hidden_only,
-                                          Scratch<acc_t>& s) {
+ANATOMASK_SIMD_CLONES void forward_column(const scalar_t* rec, const scalar_t* x, const bool* cell,
+                                          acc_t* per_patch, acc_t* mean, acc_t* rstd,
+                                          const Column& geo, int64_t col, bool norm_pix, acc_t eps,
+                                          bool hidden_only, Scratch<acc_t>& s) {
   const int64_t D = geo.g.D, d = geo.g.d, pd = geo.g.pd, rows = geo.rows;
   char* needed = s.needed.data();
   const int64_t* first = s.first.data();
   const int64_t* last = s.last.data();
-  const int64_t count = segments(cell, d, pd, hidden_only, needed, s.first.data(),
-                                 s.last.data());
+  const int64_t count = segments(cell, d, pd, hidden_only, needed, s.first.data(), s.last.data());
   acc_t* __restrict lanes = s.lanes.data();
   acc_t* __restrict mu = s.mu.data();
   acc_t* __restrict scale = s.scale.data();
@@ -164,24 +162,21 @@ ANATOMASK_SIMD_CLONES void forward_column(const scalar_t* rec, const scalar_t* x
 
 template <typename scalar_t, typename acc_t>
 ANATOMASK_SIMD_CLONES void backward_column(const acc_t* grad_per_patch, const scalar_t* rec,
-                                           const scalar_t* x, const bool* cell,
-                                           const acc_t* mean, const acc_t* rstd,
-                                           scalar_t* grad_rec, const Column& geo, int64_t col,
-                                           bool hidden_only, Scratch<acc_t>& s) {
+                                           const scalar_t* x, const bool* cell, const acc_t* mean,
+                                           const acc_t* rstd, scalar_t* grad_rec, const Column& geo,
+                                           int64_t col, bool hidden_only, Scratch<acc_t>& s) {
   const int64_t d = geo.g.d, pd = geo.g.pd;
   char* needed = s.needed.data();
   const int64_t* first = s.first.data();
   const int64_t* last = s.last.data();
-  const int64_t count = segments(cell, d, pd, hidden_only, needed, s.first.data(),
-                                 s.last.data());
+  const int64_t count = segments(cell, d, pd, hidden_only, needed, s.first.data(), s.last.data());
   acc_t* __restrict coef = s.coef.data();
   acc_t* __restrict mu = s.mu.data();
   acc_t* __restrict scale = s.scale.data();
   for (int64_t k = 0; k < d; ++k) {
     const int64_t l = col * d + k;
     // d(e * hidden)/dr = hidden * 2/N * (r - t').
-    spread(coef, k, pd,
-           grad_per_patch[l] * acc_t(cell[k] ? 0 : 1) * acc_t(2) / acc_t(geo.n));
+    spread(coef, k, pd, grad_per_patch[l] * acc_t(cell[k] ? 0 : 1) * acc_t(2) / acc_t(geo.n));
     spread(mu, k, pd, mean[l]);
     spread(scale, k, pd, rstd[l]);
   }
@@ -205,25 +200,24 @@ ANATOMASK_SIMD_CLONES void backward_column(const acc_t* grad_per_patch, const sc
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_columns(const scalar_t* rec, const scalar_t* x, const bool* active,
-                     acc_t* per_patch, acc_t* mean, acc_t* rstd, const Column& geo,
-                     bool norm_pix, acc_t eps, bool hidden_only, int64_t begin, int64_t end) {
+void forward_columns(const scalar_t* rec, const scalar_t* x, const bool* active, acc_t* per_patch,
+                     acc_t* mean, acc_t* rstd, const Column& geo, bool norm_pix, acc_t eps,
+                     bool hidden_only, int64_t begin, int64_t end) {
   Scratch<acc_t> scratch(geo.rows, geo.g.D, geo.g.d);
   for (int64_t col = begin; col < end; ++col) {
-    forward_column(rec, x, active + col * geo.g.d, per_patch, mean, rstd, geo, col, norm_pix,
-                   eps, hidden_only, scratch);
+    forward_column(rec, x, active + col * geo.g.d, per_patch, mean, rstd, geo, col, norm_pix, eps,
+                   hidden_only, scratch);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_columns(const acc_t* grad_per_patch, const scalar_t* rec, const scalar_t* x,
-                      const bool* active, const acc_t* mean, const acc_t* rstd,
-                      scalar_t* grad_rec, const Column& geo, bool hidden_only,
-                      int64_t begin, int64_t end) {
+                      const bool* active, const acc_t* mean, const acc_t* rstd, scalar_t* grad_rec,
+                      const Column& geo, bool hidden_only, int64_t begin, int64_t end) {
   Scratch<acc_t> scratch(0, geo.g.D, geo.g.d);
   for (int64_t col = begin; col < end; ++col) {
-    backward_column(grad_per_patch, rec, x, active + col * geo.g.d, mean, rstd, grad_rec, geo,
-                    col, hidden_only, scratch);
+    backward_column(grad_per_patch, rec, x, active + col * geo.g.d, mean, rstd, grad_rec, geo, col,
+                    hidden_only, scratch);
   }
 }
 
@@ -234,9 +228,11 @@ Column column_geometry(const MaskGeometry& g) {
 // One column is a few hundred KiB of work: parallelize over columns, one at a time.
 constexpr int64_t kGrain = 1;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cpu(
-    const at::Tensor& rec, const at::Tensor& x, const at::Tensor& active, bool norm_pix,
-    double eps, bool hidden_only) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cpu(const at::Tensor& rec,
+                                                                    const at::Tensor& x,
+                                                                    const at::Tensor& active,
+                                                                    bool norm_pix, double eps,
+                                                                    bool hidden_only) {
   const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss");
   check_eps(eps, "patch_recon_loss");
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
@@ -248,17 +244,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cpu(
   at::Tensor rstd = new_output({g.B, L}, stats_options);
   if (per_patch.numel() == 0) return {per_patch, mean, rstd};
   const Column col_geo = column_geometry(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(),
-                                  "patch_recon_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, g.B * g.h * g.w, kGrain, [&](int64_t begin, int64_t end) {
-      forward_columns<scalar_t, acc_t>(
-          rc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-          mc.const_data_ptr<bool>(), per_patch.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
-          rstd.data_ptr<acc_t>(), col_geo, norm_pix, static_cast<acc_t>(eps), hidden_only,
-          begin, end);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "patch_recon_loss_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::parallel_for(0, g.B * g.h * g.w, kGrain, [&](int64_t begin, int64_t end) {
+          forward_columns<scalar_t, acc_t>(rc.const_data_ptr<scalar_t>(),
+                                           xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
+                                           per_patch.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
+                                           rstd.data_ptr<acc_t>(), col_geo, norm_pix,
+                                           static_cast<acc_t>(eps), hidden_only, begin, end);
+        });
+      });
   return {per_patch, mean, rstd};
 }
 
@@ -269,22 +265,21 @@ at::Tensor patch_recon_loss_backward_cpu(const at::Tensor& grad_per_patch, const
   const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss_backward");
   check_patch_tables(g, x, grad_per_patch, mean, rstd, "patch_recon_loss_backward");
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
-  const at::Tensor gc = grad_per_patch.contiguous(), mu = mean.contiguous(),
-                   rs = rstd.contiguous();
+  const at::Tensor gc = grad_per_patch.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor grad_rec = new_output(rc.sizes(), rc.options());
   if (grad_rec.numel() == 0) return grad_rec;
   const Column col_geo = column_geometry(g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(),
-                                  "patch_recon_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, g.B * g.h * g.w, kGrain, [&](int64_t begin, int64_t end) {
-      backward_columns<scalar_t, acc_t>(
-          gc.const_data_ptr<acc_t>(), rc.const_data_ptr<scalar_t>(),
-          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), mu.const_data_ptr<acc_t>(),
-          rs.const_data_ptr<acc_t>(), grad_rec.data_ptr<scalar_t>(), col_geo, hidden_only,
-          begin, end);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "patch_recon_loss_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::parallel_for(0, g.B * g.h * g.w, kGrain, [&](int64_t begin, int64_t end) {
+          backward_columns<scalar_t, acc_t>(
+              gc.const_data_ptr<acc_t>(), rc.const_data_ptr<scalar_t>(),
+              xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), mu.const_data_ptr<acc_t>(),
+              rs.const_data_ptr<acc_t>(), grad_rec.data_ptr<scalar_t>(), col_geo, hidden_only,
+              begin, end);
+        });
+      });
   return grad_rec;
 }
 

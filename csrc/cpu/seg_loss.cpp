@@ -50,7 +50,9 @@ ANATOMASK_INLINE float exp_nonpositive(float x) {
   return y * scale;
 }
 
-inline double exp_nonpositive(double x) { return std::exp(x); }
+inline double exp_nonpositive(double x) {
+  return std::exp(x);
+}
 
 // log for x >= 1 (a softmax denominator), branch-free: x = 2^e * m with m in
 // [sqrt(1/2), sqrt(2)), then Cephes' logf polynomial in m - 1; relative error ~1e-7.
@@ -58,7 +60,7 @@ ANATOMASK_INLINE float log_at_least_one(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   // Exponent and mantissa of x / sqrt(2)'s binade, so that m lands around 1.
-  const int32_t shifted = bits - 0x3f3504f3;                    // bits of sqrt(1/2)
+  const int32_t shifted = bits - 0x3f3504f3;  // bits of sqrt(1/2)
   const int32_t e = shifted >> 23;
   const int32_t mbits = (shifted & 0x007fffff) + 0x3f3504f3;
   float m;
@@ -78,7 +80,9 @@ ANATOMASK_INLINE float log_at_least_one(float x) {
   return (r + r2 * (r * p - 0.5f)) + fe * 0.693147180559945f;
 }
 
-inline double log_at_least_one(double x) { return std::log(x); }
+inline double log_at_least_one(double x) {
+  return std::log(x);
+}
 
 // One chunk's labels: y[v] = class or -1 (ignored or invalid), w[v] = 1 where counted.
 // Returns the number of labels outside [0, K) that are not the ignored label.
@@ -145,9 +149,8 @@ struct Chunk {
 // One chunk's partial sums: out = intersect[K], sum_pred[K], sum_gt[K], ce (NaN when a
 // label is out of range).
 template <typename T, typename L, typename Acc>
-ANATOMASK_SIMD_CLONES void forward_chunk(const T* logits, const L* labels,
-                                         const SegLossGeometry& g, int64_t n, Chunk<Acc>& c,
-                                         Acc* out) {
+ANATOMASK_SIMD_CLONES void forward_chunk(const T* logits, const L* labels, const SegLossGeometry& g,
+                                         int64_t n, Chunk<Acc>& c, Acc* out) {
   const int64_t K = g.K;
   const int64_t bad = load_labels(labels, n, g, c.y.data(), c.w.data());
   c.softmax(logits, g.S, K, n);
@@ -182,8 +185,8 @@ ANATOMASK_SIMD_CLONES void forward_chunk(const T* logits, const L* labels,
 }
 
 template <typename T, typename L, typename Acc = at::opmath_type<T>>
-void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g,
-                    Acc* class_sums, Acc* ce_sums) {
+void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g, Acc* class_sums,
+                    Acc* ce_sums) {
   const int64_t K = g.K, S = g.S, per_sample = (S + kChunk - 1) / kChunk;
   const int64_t row = 3 * K + 1;  // intersect[K], sum_pred[K], sum_gt[K], ce
   std::vector<Acc> partials(g.B * per_sample * row);
@@ -191,8 +194,8 @@ void forward_kernel(const T* logits, const L* labels, const SegLossGeometry& g,
     Chunk<Acc> c(K);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t b = chunk / per_sample, v0 = (chunk % per_sample) * kChunk;
-      forward_chunk(logits + b * K * S + v0, labels + b * S + v0, g,
-                    std::min(kChunk, S - v0), c, partials.data() + chunk * row);
+      forward_chunk(logits + b * K * S + v0, labels + b * S + v0, g, std::min(kChunk, S - v0), c,
+                    partials.data() + chunk * row);
     }
   });
   // Serial: a few adds per chunk, less than a second parallel region costs.
@@ -252,8 +255,8 @@ ANATOMASK_SIMD_CLONES void backward_chunk(const Acc* g_inter, const Acc* g_pred,
 }
 
 template <typename T, typename L, typename Acc = at::opmath_type<T>>
-void backward_kernel(const Acc* grad_sums, const Acc* grad_ce, const T* logits,
-                     const L* labels, const SegLossGeometry& g, T* grad) {
+void backward_kernel(const Acc* grad_sums, const Acc* grad_ce, const T* logits, const L* labels,
+                     const SegLossGeometry& g, T* grad) {
   const int64_t K = g.K, S = g.S, per_sample = (S + kChunk - 1) / kChunk;
   at::parallel_for(0, g.B * per_sample, 1, [&](int64_t begin, int64_t end) {
     Chunk<Acc> c(K);
@@ -261,9 +264,8 @@ void backward_kernel(const Acc* grad_sums, const Acc* grad_ce, const T* logits,
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t b = chunk / per_sample, v0 = (chunk % per_sample) * kChunk;
       const Acc* g_inter = grad_sums + b * 3 * K;
-      backward_chunk(g_inter, g_inter + K, grad_ce[b], logits + b * K * S + v0,
-                     labels + b * S + v0, g, std::min(kChunk, S - v0), c, dot.data(),
-                     grad + b * K * S + v0);
+      backward_chunk(g_inter, g_inter + K, grad_ce[b], logits + b * K * S + v0, labels + b * S + v0,
+                     g, std::min(kChunk, S - v0), c, dot.data(), grad + b * K * S + v0);
     }
   });
 }
@@ -293,16 +295,16 @@ at::Tensor dice_ce_loss_backward_cpu(const at::Tensor& grad_class_sums,
   const SegLossBackwardInputs in =
       seg_loss_backward_inputs(grad_class_sums, grad_ce_sums, logits, labels, ignore_index);
   const SegLossGeometry& g = in.g;
-  const at::Tensor &x = in.logits, &y = in.labels, &gs = in.grad_class_sums,
-                   &gc = in.grad_ce_sums;
+  const at::Tensor &x = in.logits, &y = in.labels, &gs = in.grad_class_sums, &gc = in.grad_ce_sums;
   at::Tensor grad = new_output(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dice_ce_loss_backward", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    with_labels(y, [&](const auto* label_ptr) {
-      backward_kernel(gs.const_data_ptr<Acc>(), gc.const_data_ptr<Acc>(),
-                      x.const_data_ptr<scalar_t>(), label_ptr, g, grad.data_ptr<scalar_t>());
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "dice_ce_loss_backward", [&] {
+        using Acc = at::opmath_type<scalar_t>;
+        with_labels(y, [&](const auto* label_ptr) {
+          backward_kernel(gs.const_data_ptr<Acc>(), gc.const_data_ptr<Acc>(),
+                          x.const_data_ptr<scalar_t>(), label_ptr, g, grad.data_ptr<scalar_t>());
+        });
+      });
   return grad;
 }
 

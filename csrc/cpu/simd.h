@@ -12,8 +12,8 @@
 // Building with -DANATOMASK_NO_SIMD_CLONES gives the baseline code only.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(__CUDACC__) && !defined(ANATOMASK_NO_SIMD_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && \
+    !defined(ANATOMASK_NO_SIMD_CLONES)
 #define ANATOMASK_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -28,16 +28,15 @@ constexpr int kThreads = 256;
 // Hidden words are not read at all.
 template <typename V>
 __global__ void apply_mask_kernel(const V* __restrict__ x, const bool* __restrict__ mask,
-                                  V* __restrict__ y, int64_t n_words,
-                                  int64_t words_per_cell, int64_t d, int64_t W,
-                                  int64_t H, int64_t C, int64_t h, int64_t w,
+                                  V* __restrict__ y, int64_t n_words, int64_t words_per_cell,
+                                  int64_t d, int64_t W, int64_t H, int64_t C, int64_t h, int64_t w,
                                   int64_t ph, int64_t pw) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       v < n_words; v += stride) {
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_words;
+       v += stride) {
     const int64_t cell = v / words_per_cell;  // index over (B, C, H, W, d)
     const int64_t k = cell % d;
-    const int64_t row = cell / d;             // index over (B, C, H, W)
+    const int64_t row = cell / d;  // index over (B, C, H, W)
     const int64_t j = row % W;
     const int64_t i = (row / W) % H;
     const int64_t b = row / (W * H * C);
@@ -58,8 +57,8 @@ void launch_apply_mask(const at::Tensor& x, const at::Tensor& mask, at::Tensor& 
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(blocks64, 1 << 20));
   apply_mask_kernel<V><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<const V*>(x.const_data_ptr()), mask.const_data_ptr<bool>(),
-      static_cast<V*>(y.data_ptr()), n_words, cell_bytes / static_cast<int64_t>(sizeof(V)),
-      g.d, g.W, g.H, g.C, g.h, g.w, g.ph, g.pw);
+      static_cast<V*>(y.data_ptr()), n_words, cell_bytes / static_cast<int64_t>(sizeof(V)), g.d,
+      g.W, g.H, g.C, g.h, g.w, g.ph, g.pw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -109,10 +108,14 @@ struct Geo {
 
 Geo make_geo(const MaskGeometry& g) {
   const int64_t S = g.H * g.W * g.D;
-  TORCH_CHECK_VALUE(S < (int64_t{1} << 31), "the CUDA kernels index one (b, c) map of at most "
-                    "2^31 voxels in 32-bit arithmetic, got ", g.H, " x ", g.W, " x ", g.D);
-  TORCH_CHECK_VALUE(g.B * g.C <= 65535, "the CUDA kernels take one grid row per (b, c) map: "
-                    "at most 65535 maps, got B * C = ", g.B * g.C);
+  TORCH_CHECK_VALUE(S < (int64_t{1} << 31),
+                    "the CUDA kernels index one (b, c) map of at most "
+                    "2^31 voxels in 32-bit arithmetic, got ",
+                    g.H, " x ", g.W, " x ", g.D);
+  TORCH_CHECK_VALUE(g.B * g.C <= 65535,
+                    "the CUDA kernels take one grid row per (b, c) map: "
+                    "at most 65535 maps, got B * C = ",
+                    g.B * g.C);
   return {g.C, S, g.H, g.W, g.D, g.h, g.w, g.d, g.ph, g.pw, g.pd};
 }
 
@@ -182,10 +185,10 @@ at::Tensor densify_cuda(const at::Tensor& x, const at::Tensor& active, const at:
   if (n == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "densify", [&] {
     const Geo g = make_geo(mg);
-    densify_kernel<scalar_t><<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0,
-                               c10::cuda::getCurrentCUDAStream()>>>(
-        xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), tc.const_data_ptr<scalar_t>(),
-        y.data_ptr<scalar_t>(), g);
+    densify_kernel<scalar_t>
+        <<<row_chunk_blocks(g, mg.B * mg.C), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), tc.const_data_ptr<scalar_t>(),
+            y.data_ptr<scalar_t>(), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -194,7 +197,8 @@ at::Tensor densify_cuda(const at::Tensor& x, const at::Tensor& active, const at:
 // Block (chunk, row): grad_x of kChunk voxels of a (b, c) row and their hidden sum.
 template <typename T>
 __global__ void densify_backward_kernel(const T* __restrict__ grad, const bool* __restrict__ mask,
-                                        T* __restrict__ grad_x, acc_t<T>* __restrict__ part, Geo g) {
+                                        T* __restrict__ grad_x, acc_t<T>* __restrict__ part,
+                                        Geo g) {
   const int64_t row = blockIdx.y;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int64_t stop = std::min<int64_t>(start + kChunk, g.S);
@@ -232,24 +236,25 @@ std::tuple<at::Tensor, at::Tensor> densify_backward_cuda(const at::Tensor& grad,
   const int64_t chunks = std::max<int64_t>(1, (g.S + kChunk - 1) / kChunk);
   at::Tensor grad_x = new_output(gc.sizes(), gc.options());
   at::Tensor grad_token;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "densify_backward", [&] {
-    using A = acc_t<scalar_t>;
-    const auto opts = gc.options().dtype(c10::CppTypeToScalarType<A>::value);
-    at::Tensor part = at::empty({mg.B * mg.C * chunks}, opts);
-    grad_token = new_output({mg.C}, opts);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    if (gc.numel() > 0) {
-      densify_backward_kernel<scalar_t><<<dim3(chunks, mg.B * mg.C), kThreads, 0, stream>>>(
-          gc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), grad_x.data_ptr<scalar_t>(),
-          part.data_ptr<A>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      part.zero_();
-    }
-    sum_rows_kernel<A><<<(mg.C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        part.const_data_ptr<A>(), grad_token.data_ptr<A>(), mg.B, mg.C, chunks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gc.scalar_type(), "densify_backward", [&] {
+        using A = acc_t<scalar_t>;
+        const auto opts = gc.options().dtype(c10::CppTypeToScalarType<A>::value);
+        at::Tensor part = at::empty({mg.B * mg.C * chunks}, opts);
+        grad_token = new_output({mg.C}, opts);
+        const auto stream = c10::cuda::getCurrentCUDAStream();
+        if (gc.numel() > 0) {
+          densify_backward_kernel<scalar_t><<<dim3(chunks, mg.B * mg.C), kThreads, 0, stream>>>(
+              gc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), grad_x.data_ptr<scalar_t>(),
+              part.data_ptr<A>(), g);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          part.zero_();
+        }
+        sum_rows_kernel<A><<<(mg.C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+            part.const_data_ptr<A>(), grad_token.data_ptr<A>(), mg.B, mg.C, chunks);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {grad_x, grad_token};
 }
 
@@ -259,7 +264,8 @@ int activation_code(const std::string& name, const char* op) {
   if (name == "none") return 0;
   if (name == "leaky_relu") return 1;
   if (name == "relu6") return 2;
-  TORCH_CHECK_VALUE(false, op, ": argument 'activation' must be one of none, leaky_relu, relu6, got ", name);
+  TORCH_CHECK_VALUE(false, op,
+                    ": argument 'activation' must be one of none, leaky_relu, relu6, got ", name);
 }
 
 template <typename A>
@@ -349,7 +355,8 @@ __global__ void normalize_kernel(const T* __restrict__ x, const bool* __restrict
                                  NormParams<acc_t<T>> p, T* __restrict__ y, int64_t n, Geo g) {
   using A = acc_t<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
     const int64_t row = e / g.S, b = row / g.C, c = row % g.C;
     if (!visible(mask, g, b, e % g.S)) {
       y[e] = T(0);
@@ -411,10 +418,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cuda(
     const at::Tensor w = affine_param<A>(weight);
     const at::Tensor b = affine_param<A>(bias);
     if (n > 0) {
-      const NormParams<A> p{mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
-                            data_or_null<A>(w), data_or_null<A>(b), groups, act};
+      const NormParams<A> p{mean.const_data_ptr<A>(),
+                            rstd.const_data_ptr<A>(),
+                            data_or_null<A>(w),
+                            data_or_null<A>(b),
+                            groups,
+                            act};
       normalize_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), p, y.data_ptr<scalar_t>(), n, g);
+          xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), p, y.data_ptr<scalar_t>(), n,
+          g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -423,9 +435,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_cuda(
 
 // (xhat, g') of voxel e of row (b, c): g' is the gradient before the activation.
 template <typename T>
-__device__ __forceinline__ void norm_grad_terms(const T* grad, const T* x, const NormParams<acc_t<T>>& p,
-                                                int64_t e, int64_t s, int64_t c, acc_t<T>& xhat,
-                                                acc_t<T>& gv) {
+__device__ __forceinline__ void norm_grad_terms(const T* grad, const T* x,
+                                                const NormParams<acc_t<T>>& p, int64_t e, int64_t s,
+                                                int64_t c, acc_t<T>& xhat, acc_t<T>& gv) {
   using A = acc_t<T>;
   xhat = (static_cast<A>(x[e]) - p.mean[s]) * p.rstd[s];
   const A pre = xhat * (p.weight ? p.weight[c] : A(1)) + (p.bias ? p.bias[c] : A(0));
@@ -497,7 +509,8 @@ __global__ void norm_grad_kernel(const T* __restrict__ grad, const T* __restrict
                                  int64_t n, Geo g) {
   using A = acc_t<T>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
     const int64_t row = e / g.S, b = row / g.C, c = row % g.C;
     if (!visible(mask, g, b, e % g.S)) {
       grad_x[e] = T(0);
@@ -527,37 +540,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_norm_backward_cuda(
   const int64_t n = xc.numel();
   at::Tensor grad_x = new_output(xc.sizes(), xc.options());
   at::Tensor grad_w, grad_b;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "sparse_norm_backward", [&] {
-    using A = acc_t<scalar_t>;
-    const auto opts = xc.options().dtype(c10::CppTypeToScalarType<A>::value);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    const at::Tensor w = affine_param<A>(weight);
-    const at::Tensor b = affine_param<A>(bias);
-    const NormParams<A> p{mean_c.const_data_ptr<A>(), rstd_c.const_data_ptr<A>(),
-                          data_or_null<A>(w), data_or_null<A>(b), groups, act};
-    at::Tensor part = at::empty({mg.B * mg.C * chunks * 3}, opts);
-    at::Tensor coef = at::empty({groups * mg.C * 2}, opts);
-    grad_w = new_output({mg.C}, opts);
-    grad_b = new_output({mg.C}, opts);
-    if (n > 0) {
-      norm_grad_sums_kernel<scalar_t><<<dim3(chunks, mg.B * mg.C), kThreads, 0, stream>>>(
-          gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
-          p, part.data_ptr<A>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      part.zero_();
-    }
-    combine_grad_kernel<A><<<(mg.C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        part.const_data_ptr<A>(), coef.data_ptr<A>(), grad_w.data_ptr<A>(), grad_b.data_ptr<A>(),
-        mg.B, mg.C, chunks, groups);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (n > 0) {
-      norm_grad_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-          gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
-          p, coef.const_data_ptr<A>(), grad_x.data_ptr<scalar_t>(), n, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "sparse_norm_backward", [&] {
+        using A = acc_t<scalar_t>;
+        const auto opts = xc.options().dtype(c10::CppTypeToScalarType<A>::value);
+        const auto stream = c10::cuda::getCurrentCUDAStream();
+        const at::Tensor w = affine_param<A>(weight);
+        const at::Tensor b = affine_param<A>(bias);
+        const NormParams<A> p{mean_c.const_data_ptr<A>(),
+                              rstd_c.const_data_ptr<A>(),
+                              data_or_null<A>(w),
+                              data_or_null<A>(b),
+                              groups,
+                              act};
+        at::Tensor part = at::empty({mg.B * mg.C * chunks * 3}, opts);
+        at::Tensor coef = at::empty({groups * mg.C * 2}, opts);
+        grad_w = new_output({mg.C}, opts);
+        grad_b = new_output({mg.C}, opts);
+        if (n > 0) {
+          norm_grad_sums_kernel<scalar_t><<<dim3(chunks, mg.B * mg.C), kThreads, 0, stream>>>(
+              gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+              mc.const_data_ptr<bool>(), p, part.data_ptr<A>(), g);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          part.zero_();
+        }
+        combine_grad_kernel<A><<<(mg.C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+            part.const_data_ptr<A>(), coef.data_ptr<A>(), grad_w.data_ptr<A>(),
+            grad_b.data_ptr<A>(), mg.B, mg.C, chunks, groups);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (n > 0) {
+          norm_grad_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+              gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+              mc.const_data_ptr<bool>(), p, coef.const_data_ptr<A>(), grad_x.data_ptr<scalar_t>(),
+              n, g);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
   return {grad_x, grad_w, grad_b};
 }
 
@@ -580,8 +599,9 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, const int64_t* __r
   for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < C;
        c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     const T value = s != nullptr ? s[c] : T(0);
-    out[r * C + c] = pos != nullptr ? static_cast<T>(static_cast<acc_t<T>>(value) + pos[(r % n_idx) * C + c])
-                                    : value;
+    out[r * C + c] = pos != nullptr
+                         ? static_cast<T>(static_cast<acc_t<T>>(value) + pos[(r % n_idx) * C + c])
+                         : value;
   }
 }
 
@@ -626,8 +646,7 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor ic = ids_keep.contiguous();
   const int64_t B = ic.size(0), K = ic.size(1);
-  check_length(length, K, std::numeric_limits<int64_t>::max(), "gather_tokens_backward",
-               "length");
+  check_length(length, K, std::numeric_limits<int64_t>::max(), "gather_tokens_backward", "length");
   at::Tensor source = at::full({B, length}, -1, ic.options());
   if (ic.numel() > 0) {
     invert_ids_kernel<<<(ic.numel() + kThreads - 1) / kThreads, kThreads, 0,
@@ -639,12 +658,13 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor&
 }
 
 at::Tensor scatter_tokens_cuda(const at::Tensor& x_visible, const at::Tensor& ids_restore,
-                               const at::Tensor& mask_token, const c10::optional<at::Tensor>& pos_embed) {
+                               const at::Tensor& mask_token,
+                               const c10::optional<at::Tensor>& pos_embed) {
   const char* op = "scatter_tokens";
   check_token_ids(ids_restore, x_visible, op, "ids_restore", "x_visible");
   const int64_t K = x_visible.size(1), C = x_visible.size(2), L = ids_restore.size(1);
-  TORCH_CHECK_VALUE(K <= L, op, ": argument 'x_visible' has ", K, " tokens, more than the L=",
-                    L, " slots of 'ids_restore'");
+  TORCH_CHECK_VALUE(K <= L, op, ": argument 'x_visible' has ", K, " tokens, more than the L=", L,
+                    " slots of 'ids_restore'");
   check_param(mask_token, C, x_visible, op, "mask_token", "x_visible");
   const bool with_pos = pos_embed.has_value() && pos_embed->defined();
   if (with_pos) check_param(*pos_embed, L * C, x_visible, op, "pos_embed", "x_visible");
@@ -652,18 +672,20 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& x_visible, const at::Tensor& id
   const auto acc = x_visible.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Tokens past len_keep (ids >= K, < L) take the mask token; ids >= L assert.
   const at::Tensor ic = ids_restore.contiguous();
-  return gather_rows(x_visible.contiguous(), ic, mask_token.to(x_visible.scalar_type()).contiguous(),
-                     with_pos ? pos_embed->to(x_visible.scalar_type()).to(acc).contiguous() : at::Tensor(),
-                     true);
+  return gather_rows(
+      x_visible.contiguous(), ic, mask_token.to(x_visible.scalar_type()).contiguous(),
+      with_pos ? pos_embed->to(x_visible.scalar_type()).to(acc).contiguous() : at::Tensor(), true);
 }
 
 // Block (slot l, channel block): sends grad[b, l] to grad_x[b, ids[b, l]] when visible,
 // else into the mask token's partial for l; sums over b into grad_pos[l]. One pass.
 template <typename T>
-__global__ void scatter_tokens_backward_kernel(const T* __restrict__ grad, const int64_t* __restrict__ ids,
-                                               T* __restrict__ grad_x, acc_t<T>* __restrict__ token_part,
-                                               acc_t<T>* __restrict__ grad_pos, int64_t B, int64_t L,
-                                               int64_t K, int64_t C) {
+__global__ void scatter_tokens_backward_kernel(const T* __restrict__ grad,
+                                               const int64_t* __restrict__ ids,
+                                               T* __restrict__ grad_x,
+                                               acc_t<T>* __restrict__ token_part,
+                                               acc_t<T>* __restrict__ grad_pos, int64_t B,
+                                               int64_t L, int64_t K, int64_t C) {
   using A = acc_t<T>;
   const int64_t l = blockIdx.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < C;
@@ -688,35 +710,38 @@ __global__ void scatter_tokens_backward_kernel(const T* __restrict__ grad, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward_cuda(
     const at::Tensor& grad, const at::Tensor& ids_restore, int64_t len_keep, bool with_pos) {
   const char* op = "scatter_tokens_backward";
-  check_token_ids(ids_restore, grad, op, "ids_restore", "grad", grad.dim() == 3 ? grad.size(1) : -1);
+  check_token_ids(ids_restore, grad, op, "ids_restore", "grad",
+                  grad.dim() == 3 ? grad.size(1) : -1);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor gc = grad.contiguous(), ic = ids_restore.contiguous();
   const int64_t B = gc.size(0), L = gc.size(1), C = gc.size(2), K = len_keep;
   check_length(len_keep, 0, L, op, "len_keep");
   at::Tensor grad_x = new_output({B, K, C}, gc.options());
   at::Tensor grad_token, grad_pos;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "scatter_tokens_backward", [&] {
-    using A = acc_t<scalar_t>;
-    const auto opts = gc.options().dtype(c10::CppTypeToScalarType<A>::value);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    at::Tensor token_part = at::empty({L * C}, opts);
-    grad_token = new_output({C}, opts);
-    grad_pos = new_output({with_pos ? L : 0, C}, opts);
-    if (L * C > 0) {
-      const dim3 grid(static_cast<unsigned>(L),
-                      static_cast<unsigned>(std::min<int64_t>((C + kThreads - 1) / kThreads, 65535)));
-      scatter_tokens_backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          gc.const_data_ptr<scalar_t>(), ic.const_data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
-          token_part.data_ptr<A>(), with_pos ? grad_pos.data_ptr<A>() : nullptr, B, L, K, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      token_part.zero_();
-    }
-    // The token's gradient: the (L, C) partials summed over L (as L rows of one chunk).
-    sum_rows_kernel<A><<<(C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        token_part.const_data_ptr<A>(), grad_token.data_ptr<A>(), L, C, 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gc.scalar_type(), "scatter_tokens_backward", [&] {
+        using A = acc_t<scalar_t>;
+        const auto opts = gc.options().dtype(c10::CppTypeToScalarType<A>::value);
+        const auto stream = c10::cuda::getCurrentCUDAStream();
+        at::Tensor token_part = at::empty({L * C}, opts);
+        grad_token = new_output({C}, opts);
+        grad_pos = new_output({with_pos ? L : 0, C}, opts);
+        if (L * C > 0) {
+          const dim3 grid(static_cast<unsigned>(L), static_cast<unsigned>(std::min<int64_t>(
+                                                        (C + kThreads - 1) / kThreads, 65535)));
+          scatter_tokens_backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+              gc.const_data_ptr<scalar_t>(), ic.const_data_ptr<int64_t>(),
+              grad_x.data_ptr<scalar_t>(), token_part.data_ptr<A>(),
+              with_pos ? grad_pos.data_ptr<A>() : nullptr, B, L, K, C);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          token_part.zero_();
+        }
+        // The token's gradient: the (L, C) partials summed over L (as L rows of one chunk).
+        sum_rows_kernel<A><<<(C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+            token_part.const_data_ptr<A>(), grad_token.data_ptr<A>(), L, C, 1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {grad_x, grad_token, grad_pos};
 }
 

@@ -111,8 +111,7 @@ __device__ void select_smallest(const uint32_t* key, uint8_t* cls, int L, int k,
 template <typename scalar_t>
 __global__ void anatomical_mask_kernel(const scalar_t* errors, const float* noise, bool* active,
                                        bool* hard, int64_t* shuffle, int64_t* restore, int L,
-                                       int len_keep, int n_hard, uint64_t seed,
-                                       uint64_t offset) {
+                                       int len_keep, int n_hard, uint64_t seed, uint64_t offset) {
   extern __shared__ uint32_t key[];
   uint8_t* cls = reinterpret_cast<uint8_t*>(key + L);
   __shared__ Shared sh;
@@ -192,9 +191,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anatomical_mask_cuda(
   const c10::cuda::CUDAGuard guard(errors.device());
   Buffers t = prepare(errors, noise, z);
   switch (t.errors.scalar_type()) {
-    case at::kHalf: launch<c10::Half>(t, z, seed, offset); break;
-    case at::kBFloat16: launch<c10::BFloat16>(t, z, seed, offset); break;
-    default: launch<float>(t, z, seed, offset); break;
+    case at::kHalf:
+      launch<c10::Half>(t, z, seed, offset);
+      break;
+    case at::kBFloat16:
+      launch<c10::BFloat16>(t, z, seed, offset);
+      break;
+    default:
+      launch<float>(t, z, seed, offset);
+      break;
   }
   return t.outputs();
 }

@@ -58,8 +58,8 @@ void check_neighbours_on_device(const at::Tensor& table) {
   const int64_t n = table.numel();
   if (n == 0) return;
   check_neighbours_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
-                            c10::cuda::getCurrentCUDAStream()>>>(
-      table.const_data_ptr<int64_t>(), table.size(0));
+                            c10::cuda::getCurrentCUDAStream()>>>(table.const_data_ptr<int64_t>(),
+                                                                 table.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -92,8 +92,8 @@ __global__ void pack_kernel(const V* __restrict__ x, const int64_t* __restrict__
 
 template <typename V>
 __global__ void unpack_kernel(const V* __restrict__ packed, const int64_t* __restrict__ slots,
-                              V* __restrict__ out, int64_t slabs, int64_t C, int64_t h,
-                              int64_t w, int64_t d, int ph, int pw, int pd) {
+                              V* __restrict__ out, int64_t slabs, int64_t C, int64_t h, int64_t w,
+                              int64_t d, int ph, int pw, int pd) {
   const int W = static_cast<int>(w) * pw, D = static_cast<int>(d) * pd, plane = W * D;
   const int patch = ph * pw * pd;
   for (int64_t s = blockIdx.x; s < slabs; s += gridDim.x) {
@@ -104,8 +104,7 @@ __global__ void unpack_kernel(const V* __restrict__ packed, const int64_t* __res
     for (int q = threadIdx.x; q < plane; q += blockDim.x) {
       const int J = q / D, K = q - J * D;
       const int64_t slot = row_slots[(J / pw) * d + K / pd];
-      const V* from = slot < 0 ? nullptr
-                               : packed + (slot * C + c) * patch + (J % pw) * pd + K % pd;
+      const V* from = slot < 0 ? nullptr : packed + (slot * C + c) * patch + (J % pw) * pd + K % pd;
       for (int i = 0; i < ph; ++i) band[i * plane + q] = from ? from[i * pw * pd] : V{};
     }
   }
@@ -118,9 +117,8 @@ __device__ __forceinline__ void halo_source(int t, int lo, int p, int& o, int& l
 }
 
 // The 27 neighbours of patch m, read once per slab into shared memory.
-__device__ __forceinline__ void load_neighbours(int64_t* shared, const int64_t* table,
-                                                int64_t m) {
-  __syncthreads();    // the previous slab's readers are done
+__device__ __forceinline__ void load_neighbours(int64_t* shared, const int64_t* table, int64_t m) {
+  __syncthreads();  // the previous slab's readers are done
   if (threadIdx.x < 27) shared[threadIdx.x] = table[m * 27 + threadIdx.x];
   __syncthreads();
 }
@@ -145,9 +143,8 @@ __global__ void pad_halo_kernel(const V* __restrict__ packed, const int64_t* __r
         int oi, li;
         halo_source(ti, lo, ph, oi, li);
         const int64_t source = neighbours[neighbour_column(oi, oj, ok)];
-        tile[ti * plane + q] = source < 0 ? V{}
-                                          : packed[(source * C + c) * patch +
-                                                   (li * pw + lj) * pd + lk];
+        tile[ti * plane + q] =
+            source < 0 ? V{} : packed[(source * C + c) * patch + (li * pw + lj) * pd + lk];
       }
     }
   }
@@ -182,7 +179,8 @@ __global__ void pad_halo_backward_kernel(const scalar_t* __restrict__ grad,
               if (tk < 0 || tk >= td) continue;
               const int64_t src = neighbours[neighbour_column(-oi, -oj, -ok)];
               if (src >= 0)
-                acc += static_cast<acc_t>(grad[(src * C + c) * halo_tile + (ti * tw + tj) * td + tk]);
+                acc +=
+                    static_cast<acc_t>(grad[(src * C + c) * halo_tile + (ti * tw + tj) * td + tk]);
             }
           }
         }
@@ -203,19 +201,26 @@ unsigned slab_blocks(int64_t slabs) {
 
 // The kernels index within one tile or band in 32-bit arithmetic.
 void check_tile_fits(int64_t elements, const char* op) {
-  TORCH_CHECK_VALUE(elements < (int64_t{1} << 31), op, ": a patch tile (or a band of patch rows) "
-                    "of ", elements, " elements exceeds the CUDA kernels' 32-bit tile indexing");
+  TORCH_CHECK_VALUE(elements < (int64_t{1} << 31), op,
+                    ": a patch tile (or a band of patch rows) "
+                    "of ",
+                    elements, " elements exceeds the CUDA kernels' 32-bit tile indexing");
 }
 
 // Copies are dtype-agnostic: dispatch on the element width only.
 template <template <typename> class Launch, typename... Args>
 void by_width(int64_t bytes, Args&&... args) {
   switch (bytes) {
-    case 1: return Launch<uint8_t>::run(args...);
-    case 2: return Launch<uint16_t>::run(args...);
-    case 4: return Launch<uint32_t>::run(args...);
-    case 8: return Launch<uint64_t>::run(args...);
-    default: TORCH_CHECK(false, "packing: unsupported element size ", bytes);
+    case 1:
+      return Launch<uint8_t>::run(args...);
+    case 2:
+      return Launch<uint16_t>::run(args...);
+    case 4:
+      return Launch<uint32_t>::run(args...);
+    case 8:
+      return Launch<uint64_t>::run(args...);
+    default:
+      TORCH_CHECK(false, "packing: unsupported element size ", bytes);
   }
 }
 
@@ -224,10 +229,10 @@ struct LaunchPack {
   static void run(const at::Tensor& x, const at::Tensor& patches, at::Tensor& out,
                   const PackGeometry& g) {
     const int64_t slabs = g.N * g.C;
-    pack_kernel<V><<<slab_blocks(slabs), slab_threads(g.pw * g.pd), 0,
-                     c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const V*>(x.const_data_ptr()), patches.const_data_ptr<int64_t>(),
-        static_cast<V*>(out.data_ptr()), slabs, g.C, g.h, g.w, g.d, g.ph, g.pw, g.pd);
+    pack_kernel<V>
+        <<<slab_blocks(slabs), slab_threads(g.pw * g.pd), 0, c10::cuda::getCurrentCUDAStream()>>>(
+            static_cast<const V*>(x.const_data_ptr()), patches.const_data_ptr<int64_t>(),
+            static_cast<V*>(out.data_ptr()), slabs, g.C, g.h, g.w, g.d, g.ph, g.pw, g.pd);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -247,8 +252,8 @@ struct LaunchUnpack {
 
 template <typename V>
 struct LaunchPadHalo {
-  static void run(const at::Tensor& packed, const at::Tensor& table, at::Tensor& out,
-                  int64_t lo, int64_t hi) {
+  static void run(const at::Tensor& packed, const at::Tensor& table, at::Tensor& out, int64_t lo,
+                  int64_t hi) {
     const int64_t slabs = packed.size(0) * packed.size(1);
     pad_halo_kernel<V><<<slab_blocks(slabs), slab_threads(out.size(3) * out.size(4)), 0,
                          c10::cuda::getCurrentCUDAStream()>>>(
@@ -298,8 +303,8 @@ at::Tensor pad_halo_cuda(const at::Tensor& packed, const at::Tensor& neighbours,
   return out;
 }
 
-at::Tensor pad_halo_backward_cuda(const at::Tensor& grad, const at::Tensor& neighbours,
-                                  int64_t lo, int64_t hi) {
+at::Tensor pad_halo_backward_cuda(const at::Tensor& grad, const at::Tensor& neighbours, int64_t lo,
+                                  int64_t hi) {
   const std::vector<int64_t> sizes = pad_halo_backward_sizes(grad, neighbours, lo, hi);
   const int64_t ph = sizes[2], pw = sizes[3], pd = sizes[4];
   check_tile_fits(grad.size(2) * grad.size(3) * grad.size(4), "pad_halo_backward");
@@ -309,14 +314,15 @@ at::Tensor pad_halo_backward_cuda(const at::Tensor& grad, const at::Tensor& neig
   check_neighbours_on_device(nb);
   at::Tensor out = new_output(sizes, gc.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {
-    const int64_t slabs = out.size(0) * out.size(1);
-    pad_halo_backward_kernel<scalar_t>
-        <<<slab_blocks(slabs), slab_threads(pw * pd), 0, c10::cuda::getCurrentCUDAStream()>>>(
-            gc.const_data_ptr<scalar_t>(), nb.const_data_ptr<int64_t>(),
-            out.data_ptr<scalar_t>(), slabs, gc.size(1), ph, pw, pd, lo, hi);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gc.scalar_type(), "pad_halo_backward", [&] {
+        const int64_t slabs = out.size(0) * out.size(1);
+        pad_halo_backward_kernel<scalar_t>
+            <<<slab_blocks(slabs), slab_threads(pw * pd), 0, c10::cuda::getCurrentCUDAStream()>>>(
+                gc.const_data_ptr<scalar_t>(), nb.const_data_ptr<int64_t>(),
+                out.data_ptr<scalar_t>(), slabs, gc.size(1), ph, pw, pd, lo, hi);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return out;
 }
 

@@ -30,8 +30,8 @@ struct alignas(sizeof(T) * V) Pack {
 struct PatchGeometry {
   int64_t L, C, H, W, D, w, d;
   int32_t ph, pw, pd;
-  int32_t units;          // packs per patch, N / V
-  int32_t n;              // values per patch, N
+  int32_t units;  // packs per patch, N / V
+  int32_t n;      // values per patch, N
 };
 
 // Offset of pack u (channel-major within the patch) of patch `patch` = b*L + l.
@@ -52,7 +52,8 @@ struct Moments {
 };
 
 template <typename acc_t>
-__device__ __forceinline__ Moments<acc_t> combine(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+__device__ __forceinline__ Moments<acc_t> combine(const Moments<acc_t>& a,
+                                                  const Moments<acc_t>& b) {
   const acc_t n = a.n + b.n;
   if (n == acc_t(0)) return a;
   const acc_t delta = b.mean - a.mean, wb = b.n / n;
@@ -60,7 +61,9 @@ __device__ __forceinline__ Moments<acc_t> combine(const Moments<acc_t>& a, const
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t combine(acc_t a, acc_t b) { return a + b; }
+__device__ __forceinline__ acc_t combine(acc_t a, acc_t b) {
+  return a + b;
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t shuffle_down(acc_t v, int offset) {
@@ -77,7 +80,8 @@ template <typename T>
 __device__ T block_reduce(T value) {
   __shared__ T partial[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int offset = 16; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));
+  for (int offset = 16; offset > 0; offset /= 2)
+    value = combine(value, shuffle_down(value, offset));
   if (lane == 0) partial[warp] = value;
   __syncthreads();
   if (warp == 0) {
@@ -95,10 +99,11 @@ __device__ T block_reduce(T value) {
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads) patch_loss_forward_kernel(
-    const scalar_t* __restrict__ rec, const scalar_t* __restrict__ x,
-    const bool* __restrict__ active, acc_t* __restrict__ per_patch, acc_t* __restrict__ mean_out,
-    acc_t* __restrict__ rstd_out, PatchGeometry g, bool norm_pix, acc_t eps, bool hidden_only) {
+__global__ void __launch_bounds__(kThreads)
+    patch_loss_forward_kernel(const scalar_t* __restrict__ rec, const scalar_t* __restrict__ x,
+                              const bool* __restrict__ active, acc_t* __restrict__ per_patch,
+                              acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
+                              PatchGeometry g, bool norm_pix, acc_t eps, bool hidden_only) {
   using P = Pack<scalar_t, V>;
   const int64_t patch = blockIdx.x;
   const bool visible = active[patch];
@@ -131,8 +136,7 @@ __global__ void __launch_bounds__(kThreads) patch_loss_forward_kernel(
     const P r = *reinterpret_cast<const P*>(rec + offset);
 #pragma unroll
     for (int q = 0; q < V; ++q) {
-      const acc_t diff =
-          static_cast<acc_t>(r.v[q]) - (static_cast<acc_t>(t.v[q]) - mean) * scale;
+      const acc_t diff = static_cast<acc_t>(r.v[q]) - (static_cast<acc_t>(t.v[q]) - mean) * scale;
       err += diff * diff;
     }
   }
@@ -146,11 +150,12 @@ __global__ void __launch_bounds__(kThreads) patch_loss_forward_kernel(
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads) patch_loss_backward_kernel(
-    const acc_t* __restrict__ grad_per_patch, const scalar_t* __restrict__ rec,
-    const scalar_t* __restrict__ x, const bool* __restrict__ active,
-    const acc_t* __restrict__ mean_in, const acc_t* __restrict__ rstd_in,
-    scalar_t* __restrict__ grad_rec, PatchGeometry g, bool hidden_only) {
+__global__ void __launch_bounds__(kThreads)
+    patch_loss_backward_kernel(const acc_t* __restrict__ grad_per_patch,
+                               const scalar_t* __restrict__ rec, const scalar_t* __restrict__ x,
+                               const bool* __restrict__ active, const acc_t* __restrict__ mean_in,
+                               const acc_t* __restrict__ rstd_in, scalar_t* __restrict__ grad_rec,
+                               PatchGeometry g, bool hidden_only) {
   using P = Pack<scalar_t, V>;
   const int64_t patch = blockIdx.x;
   const bool visible = active[patch];
@@ -198,25 +203,39 @@ PatchGeometry patch_geometry(const MaskGeometry& g, int v) {
   const int64_t n = g.C * g.ph * g.pw * g.pd;
   TORCH_CHECK(n < (int64_t{1} << 31), "patch_recon_loss: a patch of ", n,
               " values exceeds the CUDA kernel's 2^31 limit");
-  return PatchGeometry{g.h * g.w * g.d, g.C, g.H, g.W, g.D, g.w, g.d,
-                       static_cast<int32_t>(g.ph), static_cast<int32_t>(g.pw),
-                       static_cast<int32_t>(g.pd), static_cast<int32_t>(n / v),
+  return PatchGeometry{g.h * g.w * g.d,
+                       g.C,
+                       g.H,
+                       g.W,
+                       g.D,
+                       g.w,
+                       g.d,
+                       static_cast<int32_t>(g.ph),
+                       static_cast<int32_t>(g.pw),
+                       static_cast<int32_t>(g.pd),
+                       static_cast<int32_t>(n / v),
                        static_cast<int32_t>(n)};
 }
 
 template <typename Launch>
 void with_pack_width(int v, const Launch& launch) {
   switch (v) {
-    case 8: return launch(std::integral_constant<int, 8>{});
-    case 4: return launch(std::integral_constant<int, 4>{});
-    case 2: return launch(std::integral_constant<int, 2>{});
-    default: return launch(std::integral_constant<int, 1>{});
+    case 8:
+      return launch(std::integral_constant<int, 8>{});
+    case 4:
+      return launch(std::integral_constant<int, 4>{});
+    case 2:
+      return launch(std::integral_constant<int, 2>{});
+    default:
+      return launch(std::integral_constant<int, 1>{});
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cuda(
-    const at::Tensor& rec, const at::Tensor& x, const at::Tensor& active, bool norm_pix,
-    double eps, bool hidden_only) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cuda(const at::Tensor& rec,
+                                                                     const at::Tensor& x,
+                                                                     const at::Tensor& active,
+                                                                     bool norm_pix, double eps,
+                                                                     bool hidden_only) {
   const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss");
   check_eps(eps, "patch_recon_loss");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -228,52 +247,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_recon_loss_cuda(
   at::Tensor mean = new_output({g.B, L}, options);
   at::Tensor rstd = new_output({g.B, L}, options);
   if (per_patch.numel() == 0 || xc.numel() == 0) return {per_patch, mean, rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(),
-                                  "patch_recon_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int v = pack_width<scalar_t>(g, {rc.const_data_ptr(), xc.const_data_ptr()});
-    const PatchGeometry pg = patch_geometry(g, v);
-    with_pack_width(v, [&](auto width) {
-      patch_loss_forward_kernel<scalar_t, acc_t, decltype(width)::value>
-          <<<static_cast<unsigned>(g.B * L), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              rc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-              mc.const_data_ptr<bool>(), per_patch.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
-              rstd.data_ptr<acc_t>(), pg, norm_pix, static_cast<acc_t>(eps), hidden_only);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "patch_recon_loss_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int v = pack_width<scalar_t>(g, {rc.const_data_ptr(), xc.const_data_ptr()});
+        const PatchGeometry pg = patch_geometry(g, v);
+        with_pack_width(v, [&](auto width) {
+          patch_loss_forward_kernel<scalar_t, acc_t, decltype(width)::value>
+              <<<static_cast<unsigned>(g.B * L), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                  rc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                  mc.const_data_ptr<bool>(), per_patch.data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
+                  rstd.data_ptr<acc_t>(), pg, norm_pix, static_cast<acc_t>(eps), hidden_only);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return {per_patch, mean, rstd};
 }
 
-at::Tensor patch_recon_loss_backward_cuda(const at::Tensor& grad_per_patch,
-                                          const at::Tensor& rec, const at::Tensor& x,
-                                          const at::Tensor& active, const at::Tensor& mean,
-                                          const at::Tensor& rstd, bool hidden_only) {
+at::Tensor patch_recon_loss_backward_cuda(const at::Tensor& grad_per_patch, const at::Tensor& rec,
+                                          const at::Tensor& x, const at::Tensor& active,
+                                          const at::Tensor& mean, const at::Tensor& rstd,
+                                          bool hidden_only) {
   const MaskGeometry g = patch_loss_geometry(rec, x, active, "patch_recon_loss_backward");
   check_patch_tables(g, x, grad_per_patch, mean, rstd, "patch_recon_loss_backward");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rc = rec.contiguous(), xc = x.contiguous(), mc = active.contiguous();
-  const at::Tensor gc = grad_per_patch.contiguous(), mu = mean.contiguous(),
-                   rs = rstd.contiguous();
+  const at::Tensor gc = grad_per_patch.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor grad_rec = new_output(rc.sizes(), rc.options());
   if (grad_rec.numel() == 0) return grad_rec;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(),
-                                  "patch_recon_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int v = pack_width<scalar_t>(
-        g, {rc.const_data_ptr(), xc.const_data_ptr(), grad_rec.const_data_ptr()});
-    const PatchGeometry pg = patch_geometry(g, v);
-    with_pack_width(v, [&](auto width) {
-      patch_loss_backward_kernel<scalar_t, acc_t, decltype(width)::value>
-          <<<static_cast<unsigned>(mc.numel()), kThreads, 0,
-             c10::cuda::getCurrentCUDAStream()>>>(
-              gc.const_data_ptr<acc_t>(), rc.const_data_ptr<scalar_t>(),
-              xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
-              mu.const_data_ptr<acc_t>(), rs.const_data_ptr<acc_t>(),
-              grad_rec.data_ptr<scalar_t>(), pg, hidden_only);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "patch_recon_loss_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int v = pack_width<scalar_t>(
+            g, {rc.const_data_ptr(), xc.const_data_ptr(), grad_rec.const_data_ptr()});
+        const PatchGeometry pg = patch_geometry(g, v);
+        with_pack_width(v, [&](auto width) {
+          patch_loss_backward_kernel<scalar_t, acc_t, decltype(width)::value>
+              <<<static_cast<unsigned>(mc.numel()), kThreads, 0,
+                 c10::cuda::getCurrentCUDAStream()>>>(
+                  gc.const_data_ptr<acc_t>(), rc.const_data_ptr<scalar_t>(),
+                  xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(),
+                  mu.const_data_ptr<acc_t>(), rs.const_data_ptr<acc_t>(),
+                  grad_rec.data_ptr<scalar_t>(), pg, hidden_only);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return grad_rec;
 }
 

@@ -28,10 +28,18 @@ constexpr int kThreads = 256;
 constexpr int kVoxelsPerThread = 4;  // per tile; amortizes the per-class warp sums
 constexpr int kTile = kThreads * kVoxelsPerThread;
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float exp_acc(float x) {
+  return expf(x);
+}
+__device__ __forceinline__ double exp_acc(double x) {
+  return exp(x);
+}
+__device__ __forceinline__ float log_acc(float x) {
+  return logf(x);
+}
+__device__ __forceinline__ double log_acc(double x) {
+  return log(x);
+}
 
 template <typename Acc>
 __device__ __forceinline__ Acc warp_sum(Acc value) {
@@ -54,8 +62,8 @@ __device__ __forceinline__ int64_t read_label(const L* labels, int64_t v, int64_
 // Online softmax statistics of voxel v over the K classes: max m, sum of exp(x - m),
 // and the logit at class y.
 template <typename T, typename Acc>
-__device__ __forceinline__ void softmax_stats(const T* x, int64_t S, int64_t K, int64_t y,
-                                              Acc* m, Acc* s, Acc* x_label) {
+__device__ __forceinline__ void softmax_stats(const T* x, int64_t S, int64_t K, int64_t y, Acc* m,
+                                              Acc* s, Acc* x_label) {
   Acc mx = static_cast<Acc>(x[0]), sum = 1, xl = y == 0 ? mx : Acc(0);
   for (int64_t k = 1; k < K; ++k) {
     const Acc value = static_cast<Acc>(x[k * S]);
@@ -112,8 +120,8 @@ __global__ void dice_ce_forward_kernel(const T* __restrict logits, const L* __re
       int count = 0;
 #pragma unroll
       for (int j = 0; j < kVoxelsPerThread; ++j) {
-        const Acc p = y[j] >= 0 ? exp_acc(static_cast<Acc>(x[k * S + v[j]]) - m[j]) * inv[j]
-                                : Acc(0);
+        const Acc p =
+            y[j] >= 0 ? exp_acc(static_cast<Acc>(x[k * S + v[j]]) - m[j]) * inv[j] : Acc(0);
         pred += p;
         inter += y[j] == k ? p : Acc(0);
         count += __popc(__ballot_sync(0xffffffffu, y[j] == k));
@@ -142,10 +150,9 @@ __global__ void dice_ce_forward_kernel(const T* __restrict logits, const L* __re
 // softmax Jacobian, plus g_ce (p - onehot).
 template <typename T, typename L, typename Acc>
 __global__ void dice_ce_backward_kernel(const Acc* __restrict grad_sums,
-                                        const Acc* __restrict grad_ce,
-                                        const T* __restrict logits, const L* __restrict labels,
-                                        T* __restrict grad, int64_t S, int64_t K,
-                                        bool has_ignore, int64_t ignore) {
+                                        const Acc* __restrict grad_ce, const T* __restrict logits,
+                                        const L* __restrict labels, T* __restrict grad, int64_t S,
+                                        int64_t K, bool has_ignore, int64_t ignore) {
   extern __shared__ unsigned char shared_raw[];
   Acc* g_inter = reinterpret_cast<Acc*>(shared_raw);  // then g_pred
   const int64_t b = blockIdx.y;
@@ -178,8 +185,8 @@ __global__ void dice_ce_backward_kernel(const Acc* __restrict grad_sums,
 
 int multiprocessors(const at::Tensor& x) {
   int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount,
-                                        x.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.device().index()));
   return count;
 }
 
@@ -222,23 +229,23 @@ at::Tensor dice_ce_loss_backward_cuda(const at::Tensor& grad_class_sums,
   const SegLossBackwardInputs in =
       seg_loss_backward_inputs(grad_class_sums, grad_ce_sums, logits, labels, ignore_index);
   const SegLossGeometry& g = in.g;
-  const at::Tensor &x = in.logits, &y = in.labels, &gs = in.grad_class_sums,
-                   &gc = in.grad_ce_sums;
+  const at::Tensor &x = in.logits, &y = in.labels, &gs = in.grad_class_sums, &gc = in.grad_ce_sums;
   at::Tensor grad = new_output(x.sizes(), x.options());
   if (x.numel() == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dice_ce_loss_backward", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    with_labels(y, [&](const auto* label_ptr) {
-      using L = std::remove_cv_t<std::remove_pointer_t<decltype(label_ptr)>>;
-      const dim3 grid(static_cast<unsigned>((g.S + kThreads - 1) / kThreads),
-                      static_cast<unsigned>(g.B));
-      dice_ce_backward_kernel<scalar_t, L, Acc>
-          <<<grid, kThreads, 2 * g.K * sizeof(Acc), c10::cuda::getCurrentCUDAStream()>>>(
-              gs.const_data_ptr<Acc>(), gc.const_data_ptr<Acc>(), x.const_data_ptr<scalar_t>(),
-              label_ptr, grad.data_ptr<scalar_t>(), g.S, g.K, g.has_ignore, g.ignore);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "dice_ce_loss_backward", [&] {
+        using Acc = at::opmath_type<scalar_t>;
+        with_labels(y, [&](const auto* label_ptr) {
+          using L = std::remove_cv_t<std::remove_pointer_t<decltype(label_ptr)>>;
+          const dim3 grid(static_cast<unsigned>((g.S + kThreads - 1) / kThreads),
+                          static_cast<unsigned>(g.B));
+          dice_ce_backward_kernel<scalar_t, L, Acc>
+              <<<grid, kThreads, 2 * g.K * sizeof(Acc), c10::cuda::getCurrentCUDAStream()>>>(
+                  gs.const_data_ptr<Acc>(), gc.const_data_ptr<Acc>(), x.const_data_ptr<scalar_t>(),
+                  label_ptr, grad.data_ptr<scalar_t>(), g.S, g.K, g.has_ignore, g.ignore);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return grad;
 }
 

@@ -13,6 +13,7 @@ reference on the same device, with the machine and versions that measured it) an
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -205,16 +206,18 @@ def document(entries: list[dict], command: str) -> str:
             "in parentheses, over the time the device spends in the op's kernels (profiler).",
             "",
             *table(entries),
-            *data_pipeline(),
+            *saved_section("bench_pretrain_phases"),
+            *saved_section("bench_data_pipeline"),
         ]
     )
 
 
-def data_pipeline() -> list[str]:
-    """The data-pipeline section, from the last full ``benchmarks.bench_data_pipeline`` run."""
-    from .bench_data_pipeline import RESULTS, markdown
-
-    return markdown(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
+def saved_section(module: str) -> list[str]:
+    """The section of a standalone benchmark (``bench_pretrain_phases``: the per-phase
+    profile of a pretraining step; ``bench_data_pipeline``) from its last full run's
+    JSON, through the module's own ``markdown``."""
+    found = importlib.import_module(f".{module}", __package__)
+    return found.markdown(json.loads(found.RESULTS.read_text())) if found.RESULTS.exists() else []
 
 
 def merged(kept: list[dict], fresh: list[dict]) -> list[dict]:

@@ -576,7 +576,7 @@ def plot(result: dict, path: Path) -> None:
             )
         memory_ax.set_xticks(list(xs), PHASES, rotation=60, ha="right", fontsize=8)
         memory_ax.set_ylabel("peak beyond set-up (MiB)")
-        memory_ax.set_title(f"{name}: memory peak per phase (plain: reference, hatched: library)")
+        memory_ax.set_title(f"{name}: memory peak per phase\n(plain: reference, hatched: library)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=8, fontsize=8, title="phase")
     stamps = sorted({f"{e['machine']}, {e['date']}" for e in result["sizes"].values()})

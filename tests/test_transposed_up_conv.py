@@ -87,7 +87,7 @@ def test_pays_at_the_full_resolution_level_only():
     assert not tuc.pays(torch.empty(2, 128, 16, 16, 16), up128, conv128)
     odd = torch.nn.ConvTranspose3d(64, 64, 2, stride=2)
     assert not tuc.pays(torch.empty(2, 64, 32, 32, 32), odd, conv64)
-    # STU-Net-tiny's 16-channel full-resolution level: narrow, plain
+    # STU-Net-tiny's 16-channel full-resolution level: narrow, plain (below MIN_CHANNELS)
     up16, conv16 = pair(16, 16, 16, True, torch.float32)
     assert not tuc.pays(torch.empty(2, 16, 32, 32, 32), up16, conv16)
 

@@ -292,9 +292,10 @@ class _TransposedUpConv(torch.autograd.Function):
 MAX_PAIRS_TO_MAP = 0.25
 # ... and where the level is at least this wide: below, oneDNN runs the eight narrow
 # phase convolutions slowly (CPU, 1x64^3 B2 step: STU-Net-tiny's 16-channel level 3.9 s
-# composed vs 2.2 s plain; STU-Net-B's 64-channel level the same time either way, the
-# composed block's memory saved).
-MIN_CHANNELS = 64
+# composed vs 2.2 s plain). STU-Net-B's 64-channel level: the same time either way, the
+# composed block's memory saved; ResEnc-L's 32-channel level: library step 33.5 s
+# composed vs 45.4 s plain (one alternating step each, machine under load).
+MIN_CHANNELS = 32
 
 
 def pays(s: torch.Tensor, up_sample: nn.ConvTranspose3d, conv: nn.Conv3d) -> bool:

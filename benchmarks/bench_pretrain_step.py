@@ -40,35 +40,27 @@ SIZES = sizes(
 def setup_pretrain_step(backend: str, size: dict, device: str):
     torch.manual_seed(0)
     student = AnatoMaskNet(size["model"], 1).to(device)
-    for unused in student.unused_in_lean_mode():
-        unused.requires_grad_(False)
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    x = torch.randn(size["B"], 1, *size["spatial"], device=device)
-    return step_runner(
-        student,
-        teacher,
-        x,
-        backend,
-        device,
-        amp=size.get("amp", "none"),
-        mask_ratio=0.6,
-        hard_frac=0.25,
-    )
+    return step_runner(student, size, backend, device, mask_ratio=0.6, hard_frac=0.25)
 
 
 def step_runner(
     student,
-    teacher,
-    x: torch.Tensor,
+    size: dict,
     backend: str,
     device: str,
     *,
-    amp: str,
     mask_ratio: float,
     hard_frac: float | None,
 ):
     """One pretraining step's forward and backward (the reference-faithful execution for
-    the "reference" backend), the gradients dropped after it."""
+    the "reference" backend), the gradients dropped after it: ``student`` without the
+    parameters the lean execution leaves unused, its frozen copy as the teacher, a random
+    batch of ``size`` (B, spatial; amp)."""
+    for unused in student.unused_in_lean_mode():
+        unused.requires_grad_(False)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    x = torch.randn(size["B"], 1, *size["spatial"], device=device)
+    amp = size.get("amp", "none")
 
     def execution():
         return (

@@ -21,7 +21,6 @@ processes (memory), with the spread over repeats::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import statistics
 import sys
@@ -84,19 +83,8 @@ def setup_resenc_pretrain_step(backend: str, size: dict, device: str):
     student = pretraining_network(
         spec, 1, **({"decoder_width": size["decoder"]} if "decoder" in size else {})
     ).to(device)
-    for unused in student.unused_in_lean_mode():
-        unused.requires_grad_(False)
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    x = torch.randn(size["B"], 1, *size["spatial"], device=device)
     return step_runner(
-        student,
-        teacher,
-        x,
-        backend,
-        device,
-        amp=size.get("amp", "none"),
-        mask_ratio=size["ratio"],
-        hard_frac=METHODS[size["ratio"]],
+        student, size, backend, device, mask_ratio=size["ratio"], hard_frac=METHODS[size["ratio"]]
     )
 
 

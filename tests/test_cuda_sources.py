@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,15 +28,13 @@ def nvcc() -> str:
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("source", SOURCES, ids=[Path(s).name for s in SOURCES])
-def test_cuda_source_compiles(source, tmp_path):
-    command = [
+def compile_command(source: str, out: Path) -> list[str]:
+    return [
         nvcc(),
         "-c",
         source,
         "-o",
-        str(tmp_path / "kernel.o"),
+        str(out),
         "-std=c++20",
         "-arch=sm_90",
         "--expt-relaxed-constexpr",
@@ -48,7 +47,28 @@ def test_cuda_source_compiles(source, tmp_path):
         *[f"-I{path}" for path in include_paths()],
         f"-I{sysconfig.get_paths()['include']}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every source compiled once, as many at a time as there are cores (each nvcc run
+    is a chain of single-threaded phases: one at a time left CI's cores half idle)."""
+    out = tmp_path_factory.mktemp("cuda")
+    commands = {
+        source: compile_command(source, out / f"{Path(source).stem}.o") for source in SOURCES
+    }
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(
+            lambda command: subprocess.run(command, capture_output=True, text=True),
+            commands.values(),
+        )
+        return dict(zip(commands, results))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES, ids=[Path(s).name for s in SOURCES])
+def test_cuda_source_compiles(source, compiled):
+    result = compiled[source]
     assert result.returncode == 0, result.stderr[-4000:]
 
 
